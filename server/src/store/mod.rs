@@ -1,0 +1,306 @@
+//! The storage seam: everything the chat logic needs from durable storage,
+//! behind one small trait.
+//!
+//! [`Store`] is implemented by the embedded single-node store
+//! ([`sqlite::SqliteStore`]) and, in production, by the Redis Streams +
+//! MySQL pipeline; the session code in [`crate::chat`] is the same for both.
+//! Implementations own durability, per-conversation sequencing, send
+//! deduplication and membership checks on append; authorization of group
+//! administration and every wire concern stay in the chat layer.
+
+pub mod sqlite;
+
+use std::future::Future;
+
+use im_proto::ConversationId;
+use im_proto::pb;
+
+/// A user id, in `[1, 2^31)`.
+pub type UserId = u64;
+/// A group id, in `[1, 2^62)`.
+pub type GroupId = u64;
+
+/// A stored account.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserRecord {
+    /// The user's id.
+    pub id: UserId,
+    /// Unique username.
+    pub username: String,
+    /// PHC-format argon2id hash of the password.
+    pub password_hash: String,
+}
+
+/// A stored group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRecord {
+    /// The group's id.
+    pub id: GroupId,
+    /// Display name.
+    pub name: String,
+    /// The member who may remove others.
+    pub owner: UserId,
+    /// Current number of members.
+    pub member_count: u32,
+}
+
+/// A message to append.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewMessage {
+    /// The authenticated sender; 0 for notices written by the server, which
+    /// skip the membership check.
+    pub sender: UserId,
+    /// Target conversation.
+    pub conversation: ConversationId,
+    /// Sender-chosen idempotency key (empty for server notices, which are
+    /// never deduplicated).
+    pub client_msg_id: String,
+    /// What the message says.
+    pub content: pb::Content,
+    /// Server time assigned by the caller, in Unix milliseconds.
+    pub server_time_ms: i64,
+}
+
+/// Where an appended message landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    /// Store-wide unique message id.
+    pub message_id: u64,
+    /// The conversation.
+    pub conversation_id: u64,
+    /// Its sequence number in the conversation.
+    pub seq: u64,
+    /// Server time of the original append.
+    pub server_time_ms: i64,
+}
+
+/// Result of appending one message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AppendOutcome {
+    /// Newly stored; the message is returned whole for fan-out.
+    Stored(pb::Message),
+    /// The sender already stored a message with this `client_msg_id`: this
+    /// is the original ack, and nothing new was stored.
+    Duplicate(Ack),
+}
+
+/// Why one message of a batch was refused (the rest of the batch is
+/// unaffected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AppendRejection {
+    /// The sender is not a participant of the conversation.
+    #[error("sender is not a member of the conversation")]
+    NotMember,
+    /// A direct conversation names a user that does not exist.
+    #[error("no such user")]
+    NoSuchUser,
+}
+
+/// Result of one message in [`Store::append_batch`].
+pub type AppendResult = Result<AppendOutcome, AppendRejection>;
+
+/// One page of messages.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Page {
+    /// Messages in ascending (conversation, seq) order.
+    pub messages: Vec<pb::Message>,
+    /// Whether more messages remain beyond this page.
+    pub has_more: bool,
+}
+
+/// Which per-user cursor an ack moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CursorKind {
+    /// Received up to seq.
+    Delivered,
+    /// Read up to seq.
+    Read,
+}
+
+/// A cursor that moved forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CursorMove {
+    /// Previous value.
+    pub from: u64,
+    /// New value.
+    pub to: u64,
+}
+
+/// Failures of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Registration with a username that exists.
+    #[error("username already taken")]
+    UsernameTaken,
+    /// A user or group that does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The user is not a member of the conversation or group.
+    #[error("not a member")]
+    NotMember,
+    /// The operation would exceed a configured limit (e.g. group size).
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(&'static str),
+    /// Too much work is queued; the caller should retry later.
+    #[error("store overloaded")]
+    Overloaded,
+    /// The store is shutting down and takes no more work.
+    #[error("store closed")]
+    Closed,
+    /// The backend failed (disk, database, network).
+    #[error("storage backend failure: {0}")]
+    Backend(String),
+}
+
+/// Shorthand for store results.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Durable storage used by the chat logic.
+///
+/// Every method may be called concurrently from many tasks. Futures are
+/// `Send` so they can be awaited on any runtime worker.
+pub trait Store: Send + Sync + 'static {
+    // ---- accounts ----
+
+    /// Creates a user; [`StoreError::UsernameTaken`] if the name exists.
+    fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+    ) -> impl Future<Output = StoreResult<UserId>> + Send;
+
+    /// Looks up an account by username.
+    fn user_by_name(
+        &self,
+        username: &str,
+    ) -> impl Future<Output = StoreResult<Option<UserRecord>>> + Send;
+
+    /// The users among `ids` and `names` that exist, as (id, username),
+    /// each at most once, in no particular order.
+    fn lookup_users(
+        &self,
+        ids: &[UserId],
+        names: &[String],
+    ) -> impl Future<Output = StoreResult<Vec<(UserId, String)>>> + Send;
+
+    // ---- messages ----
+
+    /// Appends a batch of messages durably and returns one result per input,
+    /// in input order.
+    ///
+    /// Contract, relied on for ordering: the batch is submitted before this
+    /// method returns (the returned future only waits for the outcome), and
+    /// batches are applied in call order, so messages of one conversation
+    /// get increasing seqs in the order they were passed in, across calls.
+    /// Each conversation's seqs are dense: 1, 2, 3, ...
+    ///
+    /// A non-empty `client_msg_id` already stored for the same sender yields
+    /// [`AppendOutcome::Duplicate`] with the original ack. Sending advances
+    /// the sender's read cursor to the new seq. The message is durable when
+    /// the future resolves with `Ok`.
+    fn append_batch(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> impl Future<Output = StoreResult<Vec<AppendResult>>> + Send + 'static;
+
+    /// Messages with seq above each cursor in the conversations `user`
+    /// belongs to, ascending by (conversation, seq), at most `limit` in all.
+    /// Conversations the user is not a member of are skipped. A group member
+    /// sees only messages stored after they joined.
+    fn sync(
+        &self,
+        user: UserId,
+        cursors: &[(ConversationId, u64)],
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<Page>> + Send;
+
+    /// Up to `limit` messages with seq below `before_seq` (0 = the newest),
+    /// the newest of them, in ascending seq order.
+    /// [`StoreError::NotMember`] if `user` may not read the conversation.
+    fn history(
+        &self,
+        user: UserId,
+        conversation: ConversationId,
+        before_seq: u64,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<Page>> + Send;
+
+    /// The user's conversations with id above `after`, ascending by id, at
+    /// most `limit`; the flag says whether more remain.
+    fn conversations(
+        &self,
+        user: UserId,
+        after: u64,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<(Vec<pb::ConversationSummary>, bool)>> + Send;
+
+    /// Moves the user's delivered or read cursor forward to `seq` (clamped
+    /// to the conversation's last seq). `None` when it did not move.
+    /// [`StoreError::NotMember`] if the user is not in the conversation.
+    fn advance_cursor(
+        &self,
+        user: UserId,
+        conversation: ConversationId,
+        kind: CursorKind,
+        seq: u64,
+    ) -> impl Future<Output = StoreResult<Option<CursorMove>>> + Send;
+
+    /// Distinct senders (server notices excluded) of the messages with seq
+    /// in `(after, upto]`, at most `limit` of them.
+    fn senders_between(
+        &self,
+        conversation: ConversationId,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<Vec<UserId>>> + Send;
+
+    // ---- groups ----
+
+    /// Creates a group owned by `owner` with `owner` and `members` in it.
+    /// [`StoreError::NotFound`] if a member does not exist;
+    /// [`StoreError::LimitExceeded`] above `max_members`.
+    fn create_group(
+        &self,
+        owner: UserId,
+        name: &str,
+        members: &[UserId],
+        max_members: usize,
+    ) -> impl Future<Output = StoreResult<GroupRecord>> + Send;
+
+    /// Adds users (already-members are skipped) and returns the group and
+    /// the users actually added. Errors as for `create_group`.
+    fn add_members(
+        &self,
+        group: GroupId,
+        users: &[UserId],
+        max_members: usize,
+    ) -> impl Future<Output = StoreResult<(GroupRecord, Vec<UserId>)>> + Send;
+
+    /// Removes users (non-members are skipped) and returns the group and the
+    /// users actually removed. When the owner goes, the longest-standing
+    /// remaining member becomes owner.
+    fn remove_members(
+        &self,
+        group: GroupId,
+        users: &[UserId],
+    ) -> impl Future<Output = StoreResult<(GroupRecord, Vec<UserId>)>> + Send;
+
+    /// A group by id.
+    fn group(
+        &self,
+        group: GroupId,
+    ) -> impl Future<Output = StoreResult<Option<GroupRecord>>> + Send;
+
+    /// Member ids of a group, in joining order.
+    fn group_members(
+        &self,
+        group: GroupId,
+    ) -> impl Future<Output = StoreResult<Vec<UserId>>> + Send;
+
+    /// Groups the user belongs to.
+    fn user_groups(
+        &self,
+        user: UserId,
+    ) -> impl Future<Output = StoreResult<Vec<GroupRecord>>> + Send;
+}

@@ -1,0 +1,1 @@
+//! Embedded, durable single-node store on SQLite.
