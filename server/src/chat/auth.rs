@@ -1,0 +1,422 @@
+//! Accounts: password hashing off the reactor, signed session tokens, and
+//! rate limiting of failed logins.
+//!
+//! Passwords are hashed with argon2id on tokio's blocking pool, at most
+//! `hash_concurrency` at a time and with a bounded queue, so a login flood
+//! costs bounded CPU and memory and never stalls the reactor. Reconnects
+//! present an HMAC-signed token instead, which costs one SHA-256 and no
+//! storage access, so reconnect storms stay cheap.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
+use argon2::{Algorithm, Argon2, Params, Version};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::sync::{OnceCell, Semaphore};
+
+use super::ChatError;
+
+/// Argon2id cost parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct HashCost {
+    /// Memory in KiB.
+    pub memory_kib: u32,
+    /// Passes over memory.
+    pub iterations: u32,
+    /// Lanes.
+    pub parallelism: u32,
+}
+
+/// Hashes and verifies passwords on the blocking pool, bounded.
+pub struct Passwords {
+    argon: Argon2<'static>,
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    max_waiting: usize,
+    /// A hash of a random password, verified against when the username is
+    /// unknown so that the reply takes as long as for a wrong password.
+    decoy: OnceCell<String>,
+}
+
+impl Passwords {
+    /// `concurrency` hashes run at once; at most `max_waiting` more queue.
+    pub fn new(cost: HashCost, concurrency: usize, max_waiting: usize) -> Result<Self, String> {
+        let params = Params::new(cost.memory_kib, cost.iterations, cost.parallelism, None)
+            .map_err(|e| format!("invalid argon2 parameters: {e}"))?;
+        Ok(Passwords {
+            argon: Argon2::new(Algorithm::Argon2id, Version::V0x13, params),
+            permits: Arc::new(Semaphore::new(concurrency.max(1))),
+            waiting: AtomicUsize::new(0),
+            max_waiting,
+            decoy: OnceCell::new(),
+        })
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Argon2<'static>) -> T + Send + 'static,
+    ) -> Result<T, ChatError> {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(ChatError::Overloaded);
+        }
+        let permit = self.permits.clone().acquire_owned().await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        let permit = permit.map_err(|_| ChatError::Overloaded)?;
+        let argon = self.argon.clone();
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work(&argon)
+        })
+        .await
+        .map_err(|_| ChatError::Internal)
+    }
+
+    /// A PHC-format argon2id hash of `password` with a fresh salt.
+    pub async fn hash(&self, password: String) -> Result<String, ChatError> {
+        self.run(move |argon| {
+            // rand's thread generator is a CSPRNG seeded from the OS.
+            let salt = SaltString::encode_b64(&rand::random::<[u8; 16]>())?;
+            argon
+                .hash_password(password.as_bytes(), &salt)
+                .map(|h| h.to_string())
+        })
+        .await?
+        .map_err(|e| {
+            tracing::error!(error = %e, "password hashing failed");
+            ChatError::Internal
+        })
+    }
+
+    /// Whether `password` matches `hash`. With `None` (unknown user) a
+    /// decoy hash is checked so timing does not reveal which usernames
+    /// exist; the answer is then always false.
+    pub async fn verify(&self, password: String, hash: Option<String>) -> Result<bool, ChatError> {
+        let known = hash.is_some();
+        let hash = match hash {
+            Some(h) => h,
+            None => self
+                .decoy
+                .get_or_try_init(|| self.hash(format!("{:x}", rand::random::<u128>())))
+                .await?
+                .clone(),
+        };
+        let ok = self
+            .run(move |argon| match PasswordHash::new(&hash) {
+                Ok(parsed) => argon.verify_password(password.as_bytes(), &parsed).is_ok(),
+                Err(e) => {
+                    tracing::error!(error = %e, "stored password hash is malformed");
+                    false
+                }
+            })
+            .await?;
+        Ok(ok && known)
+    }
+}
+
+/// What a valid token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claims {
+    /// The user.
+    pub user_id: u64,
+    /// The user's name at issue time.
+    pub username: String,
+    /// Expiry, Unix seconds.
+    pub expires_at: u64,
+}
+
+/// Issues and checks session tokens: `v1.<payload>.<mac>` in unpadded
+/// base64url, where payload = user id (8 bytes BE) | expiry (8 bytes BE,
+/// Unix seconds) | username, and mac = HMAC-SHA256 over "v1." + payload.
+/// Every node that shares the key accepts every node's tokens.
+pub struct Tokens {
+    key: Vec<u8>,
+    ttl: Duration,
+}
+
+const TOKEN_PREFIX: &str = "v1.";
+
+impl Tokens {
+    /// Signs with `key`; tokens live `ttl`.
+    pub fn new(key: Vec<u8>, ttl: Duration) -> Self {
+        Tokens { key, ttl }
+    }
+
+    fn mac(&self, payload: &[u8]) -> Hmac<Sha256> {
+        // HMAC accepts keys of any length.
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(TOKEN_PREFIX.as_bytes());
+        mac.update(payload);
+        mac
+    }
+
+    /// A fresh token and its expiry in Unix milliseconds.
+    pub fn issue(&self, user_id: u64, username: &str) -> (String, i64) {
+        let expires_at = unix_secs() + self.ttl.as_secs();
+        let mut payload = Vec::with_capacity(16 + username.len());
+        payload.extend_from_slice(&user_id.to_be_bytes());
+        payload.extend_from_slice(&expires_at.to_be_bytes());
+        payload.extend_from_slice(username.as_bytes());
+        let tag = self.mac(&payload).finalize().into_bytes();
+        let token = format!(
+            "{TOKEN_PREFIX}{}.{}",
+            URL_SAFE_NO_PAD.encode(&payload),
+            URL_SAFE_NO_PAD.encode(tag)
+        );
+        (token, (expires_at as i64).saturating_mul(1000))
+    }
+
+    /// Checks signature and expiry.
+    pub fn verify(&self, token: &str) -> Result<Claims, ChatError> {
+        let rest = token.strip_prefix(TOKEN_PREFIX).ok_or(ChatError::InvalidToken)?;
+        let (payload, tag) = rest.split_once('.').ok_or(ChatError::InvalidToken)?;
+        let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| ChatError::InvalidToken)?;
+        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| ChatError::InvalidToken)?;
+        self.mac(&payload)
+            .verify_slice(&tag)
+            .map_err(|_| ChatError::InvalidToken)?;
+        if payload.len() < 16 {
+            return Err(ChatError::InvalidToken);
+        }
+        let (head, name) = payload.split_at(16);
+        let user_id = u64::from_be_bytes(head[..8].try_into().map_err(|_| ChatError::InvalidToken)?);
+        let expires_at = u64::from_be_bytes(head[8..].try_into().map_err(|_| ChatError::InvalidToken)?);
+        if expires_at <= unix_secs() {
+            return Err(ChatError::InvalidToken);
+        }
+        let username = String::from_utf8(name.to_vec()).map_err(|_| ChatError::InvalidToken)?;
+        Ok(Claims {
+            user_id,
+            username,
+            expires_at,
+        })
+    }
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Counts failed logins per (peer address, username) and per peer address
+/// in fixed windows, and refuses attempts once a count reaches its limit.
+///
+/// Keys are hashed to 64 bits, so memory per key is fixed; each shard is a
+/// plain mutex held only for a map operation (never across an await), and
+/// shards are pruned of expired windows when they grow.
+pub struct LoginLimiter {
+    shards: Box<[Mutex<HashMap<u64, Window>>]>,
+    hasher: std::collections::hash_map::RandomState,
+    per_user: u32,
+    per_peer: u32,
+    window: Duration,
+    max_keys_per_shard: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    started: Instant,
+    failures: u32,
+}
+
+const LIMITER_SHARDS: usize = 16;
+
+impl LoginLimiter {
+    /// Allows `per_user` failures per (peer, username) and `per_peer`
+    /// failures per peer within `window`, tracking at most `max_keys`.
+    pub fn new(per_user: u32, per_peer: u32, window: Duration, max_keys: usize) -> Self {
+        LoginLimiter {
+            shards: (0..LIMITER_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+            per_user,
+            per_peer,
+            window,
+            max_keys_per_shard: (max_keys / LIMITER_SHARDS).max(16),
+        }
+    }
+
+    fn keys(&self, peer: Option<IpAddr>, username: &str) -> [u64; 2] {
+        let name = username.to_ascii_lowercase();
+        [
+            self.hasher.hash_one((peer, name.as_str())),
+            self.hasher.hash_one(peer),
+        ]
+    }
+
+    fn shard(&self, key: u64) -> &Mutex<HashMap<u64, Window>> {
+        &self.shards[(key as usize) % LIMITER_SHARDS]
+    }
+
+    /// `Err(RateLimited)` if either count has reached its limit.
+    pub fn check(&self, peer: Option<IpAddr>, username: &str) -> Result<(), ChatError> {
+        let now = Instant::now();
+        let keys = self.keys(peer, username);
+        for (key, limit) in keys.into_iter().zip([self.per_user, self.per_peer]) {
+            let map = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(w) = map.get(&key) {
+                let age = now.duration_since(w.started);
+                if age < self.window && w.failures >= limit {
+                    return Err(ChatError::RateLimited((self.window - age).as_secs().max(1)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts one failure.
+    pub fn record_failure(&self, peer: Option<IpAddr>, username: &str) {
+        let now = Instant::now();
+        for key in self.keys(peer, username) {
+            let mut map = self.shard(key).lock().unwrap_or_else(|p| p.into_inner());
+            if map.len() >= self.max_keys_per_shard {
+                let window = self.window;
+                map.retain(|_, w| now.duration_since(w.started) < window);
+                if map.len() >= self.max_keys_per_shard {
+                    // Still full of live windows: forget the oldest half
+                    // rather than grow without bound.
+                    let mut ages: Vec<Instant> = map.values().map(|w| w.started).collect();
+                    ages.sort_unstable();
+                    let cut = ages[ages.len() / 2];
+                    map.retain(|_, w| w.started > cut);
+                }
+            }
+            let w = map.entry(key).or_insert(Window {
+                started: now,
+                failures: 0,
+            });
+            if now.duration_since(w.started) >= self.window {
+                *w = Window {
+                    started: now,
+                    failures: 0,
+                };
+            }
+            w.failures += 1;
+        }
+    }
+
+    /// Forgets the (peer, username) failures after a successful login.
+    pub fn record_success(&self, peer: Option<IpAddr>, username: &str) {
+        let [key, _] = self.keys(peer, username);
+        self.shard(key)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
+}
+
+/// Checks a username: 3 to 32 characters of `[A-Za-z0-9_.-]`.
+pub fn validate_username(name: &str) -> Result<(), ChatError> {
+    let ok_len = (3..=32).contains(&name.len());
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if ok_len && ok_chars {
+        Ok(())
+    } else {
+        Err(ChatError::invalid(
+            "username must be 3 to 32 characters of letters, digits, '_', '.' or '-'",
+        ))
+    }
+}
+
+/// Checks a password: 8 to 128 bytes.
+pub fn validate_password(password: &str) -> Result<(), ChatError> {
+    if (8..=128).contains(&password.len()) {
+        Ok(())
+    } else {
+        Err(ChatError::invalid("password must be 8 to 128 bytes"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_reject_tampering() {
+        let tokens = Tokens::new(b"k".repeat(32), Duration::from_secs(60));
+        let (token, expires_ms) = tokens.issue(42, "alice");
+        assert!(expires_ms > im_proto::now_ms());
+        let claims = tokens.verify(&token).unwrap();
+        assert_eq!((claims.user_id, claims.username.as_str()), (42, "alice"));
+
+        let other = Tokens::new(b"x".repeat(32), Duration::from_secs(60));
+        assert!(other.verify(&token).is_err(), "foreign key accepted");
+        let mut forged = token.clone().into_bytes();
+        let i = TOKEN_PREFIX.len() + 3;
+        forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+        assert!(tokens.verify(&String::from_utf8(forged).unwrap()).is_err());
+        assert!(tokens.verify("garbage").is_err());
+        assert!(tokens.verify("v1..").is_err());
+    }
+
+    #[test]
+    fn expired_tokens_are_refused() {
+        let tokens = Tokens::new(b"k".repeat(32), Duration::ZERO);
+        let (token, _) = tokens.issue(1, "bob");
+        assert!(matches!(tokens.verify(&token), Err(ChatError::InvalidToken)));
+    }
+
+    #[test]
+    fn limiter_blocks_after_repeated_failures_per_user_and_peer() {
+        let limiter = LoginLimiter::new(3, 5, Duration::from_secs(60), 1000);
+        let ip: Option<IpAddr> = Some("10.0.0.1".parse().unwrap());
+        for _ in 0..3 {
+            limiter.check(ip, "alice").unwrap();
+            limiter.record_failure(ip, "alice");
+        }
+        assert!(matches!(limiter.check(ip, "Alice"), Err(ChatError::RateLimited(_))));
+        // Another username from the same peer still has budget, until the
+        // per-peer count is reached.
+        limiter.check(ip, "bob").unwrap();
+        limiter.record_failure(ip, "bob");
+        limiter.record_failure(ip, "carol");
+        assert!(limiter.check(ip, "dave").is_err());
+        // Another peer is unaffected.
+        limiter.check(Some("10.0.0.2".parse().unwrap()), "alice").unwrap();
+    }
+
+    #[test]
+    fn limiter_memory_is_bounded() {
+        let limiter = LoginLimiter::new(3, 100, Duration::from_secs(60), 64);
+        for i in 0..10_000u32 {
+            limiter.record_failure(Some(IpAddr::from(i.to_be_bytes())), "x");
+        }
+        let total: usize = limiter.shards.iter().map(|s| s.lock().unwrap().len()).sum();
+        assert!(total <= LIMITER_SHARDS * 16, "{total} keys kept");
+    }
+
+    #[tokio::test]
+    async fn passwords_verify_only_the_right_one() {
+        let cost = HashCost {
+            memory_kib: 64,
+            iterations: 1,
+            parallelism: 1,
+        };
+        let passwords = Passwords::new(cost, 2, 8).unwrap();
+        let hash = passwords.hash("correct horse".into()).await.unwrap();
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(passwords.verify("correct horse".into(), Some(hash.clone())).await.unwrap());
+        assert!(!passwords.verify("wrong".into(), Some(hash)).await.unwrap());
+        assert!(!passwords.verify("correct horse".into(), None).await.unwrap());
+    }
+
+    #[test]
+    fn usernames_and_passwords_are_checked() {
+        assert!(validate_username("alice_1.x-y").is_ok());
+        assert!(validate_username("al").is_err());
+        assert!(validate_username("has space").is_err());
+        assert!(validate_username(&"a".repeat(33)).is_err());
+        assert!(validate_password("12345678").is_ok());
+        assert!(validate_password("short").is_err());
+    }
+}

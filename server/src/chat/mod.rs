@@ -1,0 +1,301 @@
+//! Chat logic: authentication, sends, fan-out, sync, receipts, groups and
+//! presence. It owns no socket and no SQL: frames arrive from the
+//! connection layer through [`Handler`], answers leave through
+//! [`Outbound`], and durable state lives behind [`Store`].
+//!
+//! - [`auth`]: password hashing, session tokens, login rate limiting.
+//! - [`registry`]: user → live connections, presence subscriptions.
+//! - `send`: the send pipeline (batched appends, acks, fan-out in order).
+//! - `requests`: every other request.
+
+pub mod auth;
+mod error;
+pub mod registry;
+mod requests;
+mod send;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use im_proto::pb::frame::Body;
+use im_proto::pb;
+use im_proto::{codec, Frame};
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, Notify};
+
+pub use error::ChatError;
+
+use crate::net::{ConnRef, FrameCtx, Handler, Outbound};
+use crate::store::{GroupId, Store, UserId};
+use auth::{HashCost, LoginLimiter, Passwords, Tokens};
+use registry::{PresenceHub, Registry};
+use send::SendJob;
+
+/// Limits and settings of the chat layer (filled from `Config`).
+#[derive(Debug, Clone)]
+pub struct ChatConfig {
+    /// Heartbeat interval announced to clients, seconds.
+    pub heartbeat_interval_secs: u32,
+    /// Silence after which the server closes a connection, seconds.
+    pub heartbeat_timeout_secs: u32,
+    /// Largest frame accepted, announced to clients.
+    pub max_frame_bytes: usize,
+    /// Parallel send pipelines (conversations are spread over them).
+    pub send_lanes: usize,
+    /// Messages per storage append batch at most.
+    pub send_batch: usize,
+    /// Sends queued per lane before new ones get OVERLOADED.
+    pub send_queue: usize,
+    /// Append batches in flight per lane.
+    pub send_batches_in_flight: usize,
+    /// Commands queued to the event loops above which the send pipelines
+    /// pause (backpressure from slow delivery to storage appends).
+    pub outbound_high_water: usize,
+    /// Messages per sync page at most.
+    pub max_sync_page: u32,
+    /// Messages per history page at most.
+    pub max_history_page: u32,
+    /// Conversations per conversation-list page at most.
+    pub max_list_page: u32,
+    /// Cursors per sync request at most.
+    pub max_sync_cursors: usize,
+    /// Members per group at most.
+    pub max_group_members: usize,
+    /// Presence subscriptions per connection at most.
+    pub max_presence_subscriptions: usize,
+    /// Users per lookup request at most.
+    pub max_lookup: usize,
+    /// Bytes of message text at most.
+    pub max_text_bytes: usize,
+    /// Lifetime of session tokens.
+    pub token_ttl: Duration,
+    /// argon2id cost.
+    pub hash_cost: HashCost,
+    /// Password hashes computed at once.
+    pub hash_concurrency: usize,
+    /// Password hashes waiting at most before logins get OVERLOADED.
+    pub hash_queue: usize,
+    /// Failed logins per (peer, username) per window.
+    pub login_failures: u32,
+    /// Window of the failed-login count.
+    pub login_failure_window: Duration,
+    /// Groups whose member lists are cached for fan-out.
+    pub member_cache_groups: u64,
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            heartbeat_interval_secs: 30,
+            heartbeat_timeout_secs: 90,
+            max_frame_bytes: im_proto::DEFAULT_MAX_FRAME_BYTES,
+            send_lanes: 2,
+            send_batch: 512,
+            send_queue: 16_384,
+            send_batches_in_flight: 4,
+            outbound_high_water: 1_000_000,
+            max_sync_page: 500,
+            max_history_page: 200,
+            max_list_page: 500,
+            max_sync_cursors: 1024,
+            max_group_members: 2000,
+            max_presence_subscriptions: 1000,
+            max_lookup: 1000,
+            max_text_bytes: 32 * 1024,
+            token_ttl: Duration::from_secs(30 * 24 * 3600),
+            hash_cost: HashCost {
+                memory_kib: 19 * 1024,
+                iterations: 2,
+                parallelism: 1,
+            },
+            hash_concurrency: 2,
+            hash_queue: 1024,
+            login_failures: 5,
+            login_failure_window: Duration::from_secs(60),
+            member_cache_groups: 100_000,
+        }
+    }
+}
+
+/// The chat service: implements [`Handler`] for the connection layer.
+pub struct ChatService<S: Store> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S: Store> Clone for ChatService<S> {
+    fn clone(&self) -> Self {
+        ChatService {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+pub(crate) struct Inner<S: Store> {
+    store: Arc<S>,
+    out: Outbound,
+    config: ChatConfig,
+    passwords: Passwords,
+    tokens: Tokens,
+    limiter: LoginLimiter,
+    registry: Registry,
+    presence: PresenceHub,
+    members: moka::future::Cache<GroupId, Arc<[UserId]>>,
+    lanes: Vec<mpsc::Sender<SendJob>>,
+    runtime: Handle,
+    /// Requests received and not answered yet (for graceful shutdown).
+    pending: AtomicUsize,
+    idle: Notify,
+}
+
+impl<S: Store> ChatService<S> {
+    /// Builds the service and starts its send pipelines on the current
+    /// tokio runtime.
+    pub fn new(
+        store: Arc<S>,
+        out: Outbound,
+        config: ChatConfig,
+        token_key: Vec<u8>,
+    ) -> Result<Self, String> {
+        let passwords = Passwords::new(config.hash_cost, config.hash_concurrency, config.hash_queue)?;
+        let tokens = Tokens::new(token_key, config.token_ttl);
+        let limiter = LoginLimiter::new(
+            config.login_failures,
+            config.login_failures.saturating_mul(10),
+            config.login_failure_window,
+            100_000,
+        );
+        let lane_count = config.send_lanes.max(1);
+        let mut lanes = Vec::with_capacity(lane_count);
+        let mut receivers = Vec::with_capacity(lane_count);
+        for _ in 0..lane_count {
+            let (tx, rx) = mpsc::channel(config.send_queue.max(1));
+            lanes.push(tx);
+            receivers.push(rx);
+        }
+        let inner = Arc::new(Inner {
+            store,
+            out,
+            members: moka::future::Cache::new(config.member_cache_groups),
+            config,
+            passwords,
+            tokens,
+            limiter,
+            registry: Registry::default(),
+            presence: PresenceHub::default(),
+            lanes,
+            runtime: Handle::current(),
+            pending: AtomicUsize::new(0),
+            idle: Notify::new(),
+        });
+        for rx in receivers {
+            tokio::spawn(send::run_lane(inner.clone(), rx));
+        }
+        Ok(ChatService { inner })
+    }
+
+    /// Waits until every request received so far has been answered.
+    pub async fn wait_idle(&self) {
+        loop {
+            let notified = self.inner.idle.notified();
+            if self.inner.pending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Requests received and not answered yet.
+    pub fn pending(&self) -> usize {
+        self.inner.pending.load(Ordering::Acquire)
+    }
+
+    /// Users with at least one live connection.
+    pub fn online_users(&self) -> usize {
+        self.inner.registry.online_users()
+    }
+}
+
+impl<S: Store> Handler for ChatService<S> {
+    fn on_frame(&self, ctx: FrameCtx, frame: Frame) {
+        self.inner.pending.fetch_add(1, Ordering::AcqRel);
+        let Frame { request_id, body } = frame;
+        let Some(body) = body else {
+            // The connection layer answers body-less frames itself.
+            self.inner.answer(ctx.conn, Frame::error(request_id, im_proto::ErrorCode::InvalidArgument, "empty frame", false));
+            return;
+        };
+        match ctx.user_id {
+            None => {
+                let inner = self.inner.clone();
+                self.inner
+                    .runtime
+                    .spawn(async move { inner.authenticate(ctx, request_id, body).await });
+            }
+            Some(user) => self.inner.session_request(ctx.conn, user, request_id, body),
+        }
+    }
+
+    fn on_close(&self, conn: ConnRef, user_id: u64) {
+        self.inner.presence.unsubscribe_all(conn);
+        if self.inner.registry.remove(user_id, conn) {
+            self.inner.notify_presence(user_id, false);
+        }
+    }
+}
+
+impl<S: Store> Inner<S> {
+    /// Sends the answer to one request and counts it done.
+    fn answer(&self, conn: ConnRef, frame: Frame) {
+        self.out.reply(conn, codec::encode_to_bytes(&frame));
+        self.request_done();
+    }
+
+    fn answer_auth(&self, conn: ConnRef, user: Option<UserId>, frame: Frame) {
+        self.out.auth_result(conn, user, codec::encode_to_bytes(&frame));
+        self.request_done();
+    }
+
+    fn request_done(&self) {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// Pushes `frame` to every live connection of `user` except `skip`.
+    fn push_to_user(&self, user: UserId, frame: &Bytes, skip: Option<ConnRef>) {
+        self.registry.for_each_device(user, |conn| {
+            if Some(conn) != skip {
+                self.out.push(conn, frame.clone());
+            }
+        });
+    }
+
+    fn notify_presence(&self, user: UserId, online: bool) {
+        let mut frame: Option<Bytes> = None;
+        self.presence.for_each_watcher(user, |conn| {
+            let bytes = frame.get_or_insert_with(|| {
+                codec::encode_to_bytes(&Frame::new(0, Body::Presence(pb::Presence { user_id: user, online })))
+            });
+            self.out.push(conn, bytes.clone());
+        });
+    }
+
+    /// Routes a session request: sends to a pipeline, the rest to a task.
+    fn session_request(self: &Arc<Self>, conn: ConnRef, user: UserId, request_id: u64, body: Body) {
+        match body {
+            Body::Send(req) => self.submit_send(conn, user, request_id, req),
+            body => {
+                let inner = self.clone();
+                self.runtime.spawn(async move {
+                    let frame = match inner.request(conn, user, request_id, body).await {
+                        Ok(body) => Frame::new(request_id, body),
+                        Err(e) => e.to_frame(request_id),
+                    };
+                    inner.answer(conn, frame);
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! Every request except sends: authentication, sync, history, the
+//! conversation list, receipts, groups, user lookup and presence.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use im_proto::ids::ConversationKind;
+use im_proto::pb::frame::Body;
+use im_proto::pb::{self, group_notice};
+use im_proto::{codec, ConversationId, Frame};
+
+use super::auth::{validate_password, validate_username};
+use super::{ChatError, Inner};
+use crate::net::{ConnRef, FrameCtx};
+use crate::store::{CursorKind, GroupId, GroupRecord, Store, StoreError, UserId};
+
+/// Senders told about one receipt in a group at most.
+const MAX_RECEIPT_SENDERS: usize = 100;
+/// Characters in a group name at most.
+const MAX_GROUP_NAME: usize = 64;
+
+fn group_info(g: &GroupRecord) -> pb::GroupInfo {
+    pb::GroupInfo {
+        group_id: g.id,
+        conversation_id: ConversationId::group(g.id).map_or(0, ConversationId::raw),
+        name: g.name.clone(),
+        owner_id: g.owner,
+        member_count: g.member_count,
+    }
+}
+
+fn conversation(raw: u64) -> Result<ConversationId, ChatError> {
+    ConversationId::from_raw(raw).ok_or_else(|| ChatError::invalid("invalid conversation_id"))
+}
+
+fn group_id(raw: u64) -> Result<GroupId, ChatError> {
+    ConversationId::group(raw)
+        .map(|_| raw)
+        .ok_or_else(|| ChatError::invalid("invalid group_id"))
+}
+
+/// Checks, sorts and deduplicates user ids from a request.
+fn user_ids(ids: &[u64], max: usize) -> Result<Vec<UserId>, ChatError> {
+    if ids.len() > max {
+        return Err(ChatError::invalid(format!("at most {max} users per request")));
+    }
+    if ids.iter().any(|&u| !(1..=im_proto::ids::MAX_USER_ID).contains(&u)) {
+        return Err(ChatError::invalid("invalid user id"));
+    }
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(ids)
+}
+
+fn page_limit(asked: u32, max: u32) -> usize {
+    if asked == 0 { max } else { asked.min(max) }.max(1) as usize
+}
+
+impl<S: Store> Inner<S> {
+    // ---- authentication ----
+
+    pub(crate) async fn authenticate(&self, ctx: FrameCtx, request_id: u64, body: Body) {
+        let result = match body {
+            Body::Register(r) => self.register(r).await,
+            Body::Login(r) => self.login(r, ctx).await,
+            Body::Resume(r) => self.tokens.verify(&r.token).map(|c| (c.user_id, c.username)),
+            _ => Err(ChatError::invalid("expected register, login or resume")),
+        };
+        match result {
+            Ok((user_id, username)) => {
+                // Register the device before the connection learns it is
+                // logged in: the event loop drops pushes until the auth
+                // result lands, and anything stored before the client's
+                // first sync is returned by that sync.
+                let came_online = self.registry.add(user_id, ctx.conn);
+                let (token, token_expires_at_ms) = self.tokens.issue(user_id, &username);
+                let ok = pb::AuthOk {
+                    user_id,
+                    username,
+                    token,
+                    token_expires_at_ms,
+                    heartbeat_interval_ms: self.config.heartbeat_interval_secs.saturating_mul(1000),
+                    heartbeat_timeout_ms: self.config.heartbeat_timeout_secs.saturating_mul(1000),
+                    server_time_ms: im_proto::now_ms(),
+                    max_frame_bytes: self.config.max_frame_bytes as u32,
+                };
+                self.answer_auth(ctx.conn, Some(user_id), Frame::new(request_id, Body::AuthOk(ok)));
+                if came_online {
+                    self.notify_presence(user_id, true);
+                }
+            }
+            Err(e) => self.answer_auth(ctx.conn, None, e.to_frame(request_id)),
+        }
+    }
+
+    async fn register(&self, r: pb::RegisterRequest) -> Result<(UserId, String), ChatError> {
+        validate_username(&r.username)?;
+        validate_password(&r.password)?;
+        let hash = self.passwords.hash(r.password).await?;
+        let id = self.store.create_user(&r.username, &hash).await?;
+        tracing::info!(user_id = id, username = %r.username, "registered");
+        Ok((id, r.username))
+    }
+
+    async fn login(&self, r: pb::LoginRequest, ctx: FrameCtx) -> Result<(UserId, String), ChatError> {
+        if r.username.len() > 64 || r.password.len() > 1024 {
+            return Err(ChatError::InvalidCredentials);
+        }
+        self.limiter.check(ctx.peer, &r.username)?;
+        let user = self.store.user_by_name(&r.username).await?;
+        let hash = user.as_ref().map(|u| u.password_hash.clone());
+        let ok = self.passwords.verify(r.password, hash).await?;
+        match user {
+            Some(user) if ok => {
+                self.limiter.record_success(ctx.peer, &r.username);
+                Ok((user.id, user.username))
+            }
+            _ => {
+                self.limiter.record_failure(ctx.peer, &r.username);
+                Err(ChatError::InvalidCredentials)
+            }
+        }
+    }
+
+    // ---- session requests ----
+
+    pub(crate) async fn request(
+        self: &Arc<Self>,
+        conn: ConnRef,
+        user: UserId,
+        _request_id: u64,
+        body: Body,
+    ) -> Result<Body, ChatError> {
+        let c = &self.config;
+        match body {
+            Body::Sync(r) => {
+                if r.cursors.len() > c.max_sync_cursors {
+                    return Err(ChatError::invalid(format!(
+                        "at most {} cursors per sync request",
+                        c.max_sync_cursors
+                    )));
+                }
+                let cursors = r
+                    .cursors
+                    .iter()
+                    .map(|cur| Ok((conversation(cur.conversation_id)?, cur.seq)))
+                    .collect::<Result<Vec<_>, ChatError>>()?;
+                let page = self
+                    .store
+                    .sync(user, &cursors, page_limit(r.limit, c.max_sync_page))
+                    .await?;
+                Ok(Body::SyncResponse(pb::SyncResponse {
+                    messages: page.messages,
+                    has_more: page.has_more,
+                }))
+            }
+            Body::History(r) => {
+                let conv = conversation(r.conversation_id)?;
+                let page = self
+                    .store
+                    .history(user, conv, r.before_seq, page_limit(r.limit, c.max_history_page))
+                    .await?;
+                Ok(Body::HistoryResponse(pb::HistoryResponse {
+                    messages: page.messages,
+                    has_more: page.has_more,
+                }))
+            }
+            Body::ListConversations(r) => {
+                let (conversations, has_more) = self
+                    .store
+                    .conversations(user, r.after_conversation_id, page_limit(r.limit, c.max_list_page))
+                    .await?;
+                Ok(Body::ConversationList(pb::ConversationList {
+                    conversations,
+                    has_more,
+                }))
+            }
+            Body::Ack(r) => {
+                self.ack(conn, user, r).await?;
+                Ok(Body::Done(pb::Done {}))
+            }
+            Body::CreateGroup(r) => self.create_group(user, r).await,
+            Body::AddMembers(r) => self.add_members(user, r).await,
+            Body::RemoveMembers(r) => self.remove_members(user, r).await,
+            Body::LeaveGroup(r) => {
+                let group = group_id(r.group_id)?;
+                let (g, removed) = self.store.remove_members(group, &[user]).await?;
+                if removed.is_empty() {
+                    return Err(ChatError::Forbidden("not a member of this group"));
+                }
+                self.members.invalidate(&group).await;
+                self.group_notice(&g, group_notice::Kind::MemberLeft, user, vec![user], vec![user])
+                    .await?;
+                Ok(Body::Done(pb::Done {}))
+            }
+            Body::ListMembers(r) => {
+                let group = group_id(r.group_id)?;
+                let members = self.member_list(group, user).await?;
+                let names: HashMap<UserId, String> =
+                    self.store.lookup_users(&members, &[]).await?.into_iter().collect();
+                let members = members
+                    .into_iter()
+                    .map(|id| pb::User {
+                        user_id: id,
+                        username: names.get(&id).cloned().unwrap_or_default(),
+                    })
+                    .collect();
+                Ok(Body::MemberList(pb::MemberList {
+                    group_id: group,
+                    members,
+                }))
+            }
+            Body::ListGroups(_) => {
+                let groups = self.store.user_groups(user).await?;
+                Ok(Body::GroupList(pb::GroupList {
+                    groups: groups.iter().map(group_info).collect(),
+                }))
+            }
+            Body::LookupUsers(r) => {
+                if r.usernames.len() + r.user_ids.len() > c.max_lookup {
+                    return Err(ChatError::invalid(format!("at most {} users per lookup", c.max_lookup)));
+                }
+                let ids: Vec<UserId> = r
+                    .user_ids
+                    .into_iter()
+                    .filter(|&u| (1..=im_proto::ids::MAX_USER_ID).contains(&u))
+                    .collect();
+                let users = self.store.lookup_users(&ids, &r.usernames).await?;
+                Ok(Body::UserList(pb::UserList {
+                    users: users
+                        .into_iter()
+                        .map(|(user_id, username)| pb::User { user_id, username })
+                        .collect(),
+                }))
+            }
+            Body::PresenceSubscribe(r) => {
+                let ids = user_ids(&r.user_ids, c.max_presence_subscriptions)?;
+                self.presence.subscribe(conn, ids.clone());
+                let users = ids
+                    .into_iter()
+                    .map(|user_id| pb::Presence {
+                        user_id,
+                        online: self.registry.is_online(user_id),
+                    })
+                    .collect();
+                Ok(Body::PresenceSnapshot(pb::PresenceSnapshot { users }))
+            }
+            Body::Register(_) | Body::Login(_) | Body::Resume(_) => {
+                Err(ChatError::invalid("this connection is already authenticated"))
+            }
+            _ => Err(ChatError::invalid("not a request the server accepts")),
+        }
+    }
+
+    // ---- receipts ----
+
+    async fn ack(&self, conn: ConnRef, user: UserId, r: pb::AckRequest) -> Result<(), ChatError> {
+        let conv = conversation(r.conversation_id)?;
+        let kind = match pb::ReceiptKind::try_from(r.kind) {
+            Ok(pb::ReceiptKind::Delivered) => CursorKind::Delivered,
+            Ok(pb::ReceiptKind::Read) => CursorKind::Read,
+            _ => return Err(ChatError::invalid("kind must be DELIVERED or READ")),
+        };
+        let Some(moved) = self.store.advance_cursor(user, conv, kind, r.seq).await? else {
+            return Ok(());
+        };
+        let receipt = pb::Receipt {
+            conversation_id: conv.raw(),
+            user_id: user,
+            seq: moved.to,
+            kind: r.kind,
+        };
+        let frame = codec::encode_to_bytes(&Frame::new(0, Body::Receipt(receipt)));
+        // The user's other devices learn what this one received or read.
+        self.push_to_user(user, &frame, Some(conn));
+        match conv.kind() {
+            ConversationKind::Direct { .. } => {
+                if let Some(peer) = conv.peer_of(user).filter(|&p| p != user) {
+                    self.push_to_user(peer, &frame, None);
+                }
+            }
+            ConversationKind::Group(_) => {
+                let senders = self
+                    .store
+                    .senders_between(conv, moved.from, moved.to, MAX_RECEIPT_SENDERS)
+                    .await?;
+                for sender in senders.into_iter().filter(|&s| s != user) {
+                    self.push_to_user(sender, &frame, None);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- groups ----
+
+    /// Members of a group for fan-out, from the cache when possible.
+    pub(crate) async fn group_members(&self, group: GroupId) -> Result<Arc<[UserId]>, Arc<StoreError>> {
+        self.members
+            .try_get_with(group, async {
+                self.store
+                    .group_members(group)
+                    .await
+                    .map(Arc::<[UserId]>::from)
+            })
+            .await
+    }
+
+    /// Member ids of a group the caller belongs to.
+    async fn member_list(&self, group: GroupId, user: UserId) -> Result<Vec<UserId>, ChatError> {
+        if self.store.group(group).await?.is_none() {
+            return Err(ChatError::NotFound("no such group"));
+        }
+        let members = self.store.group_members(group).await?;
+        if !members.contains(&user) {
+            return Err(ChatError::Forbidden("not a member of this group"));
+        }
+        Ok(members)
+    }
+
+    async fn group_notice(
+        &self,
+        group: &GroupRecord,
+        kind: group_notice::Kind,
+        actor: UserId,
+        users: Vec<UserId>,
+        extra_recipients: Vec<UserId>,
+    ) -> Result<(), ChatError> {
+        let conv = ConversationId::group(group.id).ok_or(ChatError::Internal)?;
+        let notice = pb::GroupNotice {
+            kind: kind as i32,
+            actor_id: actor,
+            user_ids: users,
+            group_name: group.name.clone(),
+        };
+        self.append_notice(conv, notice, extra_recipients).await
+    }
+
+    async fn create_group(&self, user: UserId, r: pb::CreateGroupRequest) -> Result<Body, ChatError> {
+        let name = r.name.trim();
+        if name.is_empty() || name.chars().count() > MAX_GROUP_NAME {
+            return Err(ChatError::invalid("group name must be 1 to 64 characters"));
+        }
+        let mut members = user_ids(&r.member_ids, self.config.max_group_members)?;
+        members.retain(|&m| m != user);
+        let g = self
+            .store
+            .create_group(user, name, &members, self.config.max_group_members)
+            .await?;
+        self.group_notice(&g, group_notice::Kind::Created, user, members, Vec::new())
+            .await?;
+        Ok(Body::Group(group_info(&g)))
+    }
+
+    async fn add_members(&self, user: UserId, r: pb::AddMembersRequest) -> Result<Body, ChatError> {
+        let group = group_id(r.group_id)?;
+        let ids = user_ids(&r.user_ids, self.config.max_group_members)?;
+        self.member_list(group, user).await?;
+        let (g, added) = self
+            .store
+            .add_members(group, &ids, self.config.max_group_members)
+            .await?;
+        if !added.is_empty() {
+            self.members.invalidate(&group).await;
+            self.group_notice(&g, group_notice::Kind::MembersAdded, user, added, Vec::new())
+                .await?;
+        }
+        Ok(Body::Group(group_info(&g)))
+    }
+
+    async fn remove_members(&self, user: UserId, r: pb::RemoveMembersRequest) -> Result<Body, ChatError> {
+        let group = group_id(r.group_id)?;
+        let ids = user_ids(&r.user_ids, self.config.max_group_members)?;
+        let g = self
+            .store
+            .group(group)
+            .await?
+            .ok_or(ChatError::NotFound("no such group"))?;
+        if g.owner != user {
+            return Err(ChatError::Forbidden("only the group owner may remove members"));
+        }
+        let (g, removed) = self.store.remove_members(group, &ids).await?;
+        if !removed.is_empty() {
+            self.members.invalidate(&group).await;
+            self.group_notice(&g, group_notice::Kind::MembersRemoved, user, removed.clone(), removed)
+                .await?;
+        }
+        Ok(Body::Group(group_info(&g)))
+    }
+}

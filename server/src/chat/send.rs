@@ -1,0 +1,316 @@
+//! The send pipeline: validated sends are spread over lanes by
+//! conversation; each lane appends them to storage in batches, keeps several
+//! batches in flight, and completes them strictly in submission order:
+//! ack to the sender, then a push to every other device of every
+//! participant. One conversation always uses one lane and the store applies
+//! batches in call order, so seqs follow arrival order and pushes leave in
+//! seq order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::{FuturesOrdered, StreamExt};
+use im_proto::ids::ConversationKind;
+use im_proto::pb::frame::Body;
+use im_proto::pb::{self, content, send_request};
+use im_proto::{codec, ConversationId, Frame};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{ChatError, Inner};
+use crate::net::ConnRef;
+use crate::store::{AppendOutcome, AppendRejection, AppendResult, NewMessage, Store, StoreError, UserId};
+
+/// Longest client_msg_id accepted.
+const MAX_CLIENT_MSG_ID: usize = 64;
+/// Longest URL, MIME type or file name accepted in media references.
+const MAX_URL: usize = 2048;
+const MAX_LABEL: usize = 255;
+
+/// Who is waiting for an append.
+pub(crate) enum Origin {
+    /// A client's SendRequest: answer with an ack; do not push the message
+    /// back to the sending connection.
+    Client { conn: ConnRef, request_id: u64 },
+    /// A notice written by the server (group changes).
+    Internal(oneshot::Sender<Result<(), ChatError>>),
+}
+
+/// One message on its way through a lane.
+pub(crate) struct SendJob {
+    pub origin: Origin,
+    pub message: NewMessage,
+    /// Users to push to besides the conversation's members (e.g. members
+    /// just removed, who should see why).
+    pub extra_recipients: Vec<UserId>,
+}
+
+/// Spreads conversations evenly over lanes.
+fn lane_of(conversation: ConversationId, lanes: usize) -> usize {
+    let mixed = conversation.raw().wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((mixed >> 32) % lanes as u64) as usize
+}
+
+impl<S: Store> Inner<S> {
+    /// Validates a SendRequest and queues it, or answers with an error.
+    pub(crate) fn submit_send(&self, conn: ConnRef, user: UserId, request_id: u64, req: pb::SendRequest) {
+        let message = match self.validate_send(user, req) {
+            Ok(m) => m,
+            Err(e) => return self.answer(conn, e.to_frame(request_id)),
+        };
+        let job = SendJob {
+            origin: Origin::Client { conn, request_id },
+            message,
+            extra_recipients: Vec::new(),
+        };
+        if let Err(e) = self.enqueue(job) {
+            self.answer(conn, e.to_frame(request_id));
+        }
+    }
+
+    fn enqueue(&self, job: SendJob) -> Result<(), ChatError> {
+        let lane = lane_of(job.message.conversation, self.lanes.len());
+        self.lanes[lane].try_send(job).map_err(|_| ChatError::Overloaded)
+    }
+
+    /// Appends a server notice through the conversation's lane and waits
+    /// until it is stored and pushed.
+    pub(crate) async fn append_notice(
+        &self,
+        conversation: ConversationId,
+        notice: pb::GroupNotice,
+        extra_recipients: Vec<UserId>,
+    ) -> Result<(), ChatError> {
+        let (tx, rx) = oneshot::channel();
+        let lane = lane_of(conversation, self.lanes.len());
+        let job = SendJob {
+            origin: Origin::Internal(tx),
+            message: NewMessage {
+                sender: 0,
+                conversation,
+                client_msg_id: String::new(),
+                content: pb::Content {
+                    kind: Some(content::Kind::Notice(notice)),
+                },
+                server_time_ms: im_proto::now_ms(),
+            },
+            extra_recipients,
+        };
+        // Notices wait for room rather than fail: the change they describe
+        // is already stored.
+        self.lanes[lane].send(job).await.map_err(|_| ChatError::Overloaded)?;
+        rx.await.map_err(|_| ChatError::Internal)?
+    }
+
+    fn validate_send(&self, user: UserId, req: pb::SendRequest) -> Result<NewMessage, ChatError> {
+        let conversation = match req.target {
+            Some(send_request::Target::ToUser(to)) => {
+                ConversationId::direct(user, to).ok_or_else(|| ChatError::invalid("invalid to_user"))?
+            }
+            Some(send_request::Target::ConversationId(raw)) => {
+                ConversationId::from_raw(raw).ok_or_else(|| ChatError::invalid("invalid conversation_id"))?
+            }
+            None => return Err(ChatError::invalid("target (to_user or conversation_id) is required")),
+        };
+        if req.client_msg_id.is_empty() || req.client_msg_id.len() > MAX_CLIENT_MSG_ID {
+            return Err(ChatError::invalid("client_msg_id must be 1 to 64 bytes"));
+        }
+        let content = req.content.unwrap_or_default();
+        match &content.kind {
+            Some(content::Kind::Text(t)) => {
+                if t.text.is_empty() || t.text.len() > self.config.max_text_bytes {
+                    return Err(ChatError::invalid(format!(
+                        "text must be 1 to {} bytes",
+                        self.config.max_text_bytes
+                    )));
+                }
+            }
+            Some(content::Kind::Image(m) | content::Kind::File(m)) => validate_media(m)?,
+            Some(content::Kind::Notice(_)) => {
+                return Err(ChatError::invalid("notices are written by the server only"));
+            }
+            None => return Err(ChatError::invalid("content is required")),
+        }
+        Ok(NewMessage {
+            sender: user,
+            conversation,
+            client_msg_id: req.client_msg_id,
+            content,
+            server_time_ms: im_proto::now_ms(),
+        })
+    }
+
+    /// Completes one append batch in order: acks, then pushes.
+    async fn complete(&self, origins: Vec<(Origin, Vec<UserId>)>, results: Result<Vec<AppendResult>, StoreError>) {
+        let results = match results {
+            Ok(r) if r.len() == origins.len() => r,
+            Ok(r) => {
+                tracing::error!(expected = origins.len(), got = r.len(), "store answered a batch partly");
+                return self.fail_all(origins, ChatError::Internal);
+            }
+            Err(e) => return self.fail_all(origins, e.into()),
+        };
+        for ((origin, extra), result) in origins.into_iter().zip(results) {
+            match origin {
+                Origin::Client { conn, request_id } => {
+                    let frame = match &result {
+                        Ok(AppendOutcome::Stored(m)) => Frame::new(
+                            request_id,
+                            Body::SendAck(pb::SendAck {
+                                message_id: m.message_id,
+                                conversation_id: m.conversation_id,
+                                seq: m.seq,
+                                server_time_ms: m.server_time_ms,
+                                duplicate: false,
+                            }),
+                        ),
+                        Ok(AppendOutcome::Duplicate(ack)) => Frame::new(
+                            request_id,
+                            Body::SendAck(pb::SendAck {
+                                message_id: ack.message_id,
+                                conversation_id: ack.conversation_id,
+                                seq: ack.seq,
+                                server_time_ms: ack.server_time_ms,
+                                duplicate: true,
+                            }),
+                        ),
+                        Err(rejection) => rejection_error(*rejection).to_frame(request_id),
+                    };
+                    self.answer(conn, frame);
+                    if let Ok(AppendOutcome::Stored(message)) = result {
+                        self.fan_out(message, Some(conn), &extra).await;
+                    }
+                }
+                Origin::Internal(waiter) => {
+                    let outcome = match result {
+                        Ok(AppendOutcome::Stored(message)) => {
+                            self.fan_out(message, None, &extra).await;
+                            Ok(())
+                        }
+                        Ok(AppendOutcome::Duplicate(_)) => Ok(()),
+                        Err(rejection) => {
+                            tracing::error!(%rejection, "server notice refused by the store");
+                            Err(ChatError::Internal)
+                        }
+                    };
+                    let _ = waiter.send(outcome);
+                }
+            }
+        }
+    }
+
+    fn fail_all(&self, origins: Vec<(Origin, Vec<UserId>)>, error: ChatError) {
+        for (origin, _) in origins {
+            match origin {
+                Origin::Client { conn, request_id } => self.answer(conn, error.to_frame(request_id)),
+                Origin::Internal(tx) => {
+                    let _ = tx.send(Err(ChatError::Internal));
+                }
+            }
+        }
+    }
+
+    /// Pushes a stored message to every participant's devices (and to
+    /// `extra` users), except the connection that sent it.
+    async fn fan_out(&self, message: pb::Message, origin: Option<ConnRef>, extra: &[UserId]) {
+        let Some(conversation) = ConversationId::from_raw(message.conversation_id) else {
+            return;
+        };
+        let frame = codec::encode_to_bytes(&Frame::new(0, Body::Message(message)));
+        match conversation.kind() {
+            ConversationKind::Direct { lo, hi } => {
+                self.push_to_user(lo, &frame, origin);
+                if hi != lo {
+                    self.push_to_user(hi, &frame, origin);
+                }
+            }
+            ConversationKind::Group(group) => match self.group_members(group).await {
+                Ok(members) => {
+                    for &user in members.iter() {
+                        self.push_to_user(user, &frame, origin);
+                    }
+                }
+                Err(e) => {
+                    // Recipients catch up by sync; the message is stored.
+                    tracing::warn!(group, error = %e, "cannot load members for fan-out");
+                }
+            },
+        }
+        for &user in extra {
+            self.push_to_user(user, &frame, origin);
+        }
+    }
+}
+
+fn rejection_error(rejection: AppendRejection) -> ChatError {
+    match rejection {
+        AppendRejection::NotMember => ChatError::Forbidden("not a member of this conversation"),
+        AppendRejection::NoSuchUser => ChatError::NotFound("no such user"),
+    }
+}
+
+fn validate_media(m: &pb::Media) -> Result<(), ChatError> {
+    if m.url.is_empty() || m.url.len() > MAX_URL {
+        return Err(ChatError::invalid("media url must be 1 to 2048 bytes"));
+    }
+    if m.mime_type.len() > MAX_LABEL || m.name.len() > MAX_LABEL {
+        return Err(ChatError::invalid("mime_type and name must be at most 255 bytes"));
+    }
+    if let Some(t) = &m.thumbnail {
+        if t.url.len() > MAX_URL {
+            return Err(ChatError::invalid("thumbnail url must be at most 2048 bytes"));
+        }
+    }
+    Ok(())
+}
+
+/// Runs one lane until its queue closes and its batches complete.
+pub(crate) async fn run_lane<S: Store>(inner: Arc<Inner<S>>, mut rx: mpsc::Receiver<SendJob>) {
+    let batch = inner.config.send_batch.max(1);
+    let max_in_flight = inner.config.send_batches_in_flight.max(1);
+    let mut in_flight = FuturesOrdered::new();
+    let mut jobs = Vec::with_capacity(batch);
+    let mut open = true;
+    while open || !in_flight.is_empty() {
+        tokio::select! {
+            biased;
+            Some((origins, results)) = in_flight.next(), if !in_flight.is_empty() => {
+                inner.complete(origins, results).await;
+            }
+            n = rx.recv_many(&mut jobs, batch), if open && in_flight.len() < max_in_flight => {
+                if n == 0 {
+                    open = false;
+                    continue;
+                }
+                // Delivery lags far behind: hold new appends until the event
+                // loops catch up rather than queue without bound.
+                while inner.out.queued() > inner.config.outbound_high_water {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                let mut messages = Vec::with_capacity(jobs.len());
+                let mut origins = Vec::with_capacity(jobs.len());
+                for job in jobs.drain(..) {
+                    messages.push(job.message);
+                    origins.push((job.origin, job.extra_recipients));
+                }
+                let append = inner.store.append_batch(messages);
+                in_flight.push_back(async move { (origins, append.await) });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lanes_spread_conversations() {
+        let lanes = 4;
+        let mut counts = [0usize; 4];
+        for a in 1..200u64 {
+            let c = ConversationId::direct(a, a + 1).unwrap();
+            counts[lane_of(c, lanes)] += 1;
+        }
+        assert!(counts.iter().all(|&n| n > 20), "{counts:?}");
+    }
+}

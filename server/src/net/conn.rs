@@ -1,0 +1,114 @@
+//! The compact state of one connection, kept in its shard's slab.
+//!
+//! An idle connection is this struct and nothing else: buffers live in
+//! [`Bufs`], boxed and allocated only while a partial frame is being read or
+//! output is waiting for the socket, and recycled afterwards.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use mio::net::TcpStream;
+
+/// Where a connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Accepted; only authentication requests and pings are allowed.
+    Unauthenticated,
+    /// An authentication request is being processed; reading is paused.
+    Authenticating,
+    /// Logged in; session requests flow.
+    Authenticated,
+    /// Flushing a last frame and waiting for the peer's FIN (or the linger
+    /// deadline); input is discarded.
+    Closing,
+}
+
+/// Reading is paused until in-flight requests drain.
+pub(crate) const READ_PAUSED: u8 = 1;
+/// Queued in the shard's list of connections with output to flush.
+pub(crate) const DIRTY: u8 = 1 << 1;
+/// Queued in the shard's list of connections with input left to read.
+pub(crate) const READY: u8 = 1 << 2;
+/// The socket returned WouldBlock on write; wait for a writable event.
+pub(crate) const WRITE_BLOCKED: u8 = 1 << 3;
+/// The write side has been shut down (closing).
+pub(crate) const WRITE_SHUT: u8 = 1 << 4;
+
+/// One client connection.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub stream: TcpStream,
+    pub generation: u32,
+    /// The authenticated user (user ids fit in 31 bits), 0 before login.
+    pub user_id: u32,
+    /// Second (shard clock) at which the current deadline expires.
+    pub deadline: u32,
+    /// Second of this connection's live timer-wheel entry.
+    pub wheel_at: u32,
+    /// Requests handed to the chat logic and not answered yet.
+    pub in_flight: u16,
+    pub state: State,
+    pub flags: u8,
+    pub bufs: Option<Box<Bufs>>,
+}
+
+// The per-connection cost the design promises; keep it from creeping. (Debug
+// builds of mio add a selector id to every socket, so check release only.)
+#[cfg(not(debug_assertions))]
+const _: () = assert!(std::mem::size_of::<Conn>() <= 32);
+
+impl Conn {
+    pub fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
+    }
+
+    pub fn set(&mut self, flag: u8) {
+        self.flags |= flag;
+    }
+
+    pub fn clear(&mut self, flag: u8) {
+        self.flags &= !flag;
+    }
+
+    /// Bytes of output waiting for the socket.
+    pub fn out_bytes(&self) -> usize {
+        self.bufs.as_ref().map_or(0, |b| b.out_bytes)
+    }
+
+    /// Whether partial input is buffered.
+    pub fn has_inbound(&self) -> bool {
+        self.bufs.as_ref().is_some_and(|b| !b.inbound.is_empty())
+    }
+}
+
+/// Buffers of a connection that is busy.
+#[derive(Debug, Default)]
+pub(crate) struct Bufs {
+    /// Received bytes not yet parsed into frames (a partial frame, or frames
+    /// held back while reading is paused).
+    pub inbound: Vec<u8>,
+    /// Encoded frames waiting for the socket; the front one may be partly
+    /// written already (it is advanced in place).
+    pub out: VecDeque<Bytes>,
+    /// Sum of the lengths in `out`.
+    pub out_bytes: usize,
+}
+
+impl Bufs {
+    pub fn is_empty(&self) -> bool {
+        self.inbound.is_empty() && self.out.is_empty()
+    }
+
+    /// Empties the buffers but keeps modest capacity for reuse.
+    pub fn reset(&mut self) {
+        self.inbound.clear();
+        if self.inbound.capacity() > 16 * 1024 {
+            self.inbound = Vec::new();
+        }
+        self.out.clear();
+        if self.out.capacity() > 64 {
+            self.out = VecDeque::new();
+        }
+        self.out_bytes = 0;
+    }
+}

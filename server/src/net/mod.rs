@@ -1,0 +1,445 @@
+//! The connection layer: a few sharded event-loop threads on mio that own
+//! every client socket, framing and per-connection limits, and nothing of
+//! the chat logic.
+//!
+//! Each shard thread owns a slab of compact connection states (this slab is
+//! the sharded connection table), a timer wheel for authentication and
+//! heartbeat deadlines, and, with `SO_REUSEPORT`, its own listener. An idle
+//! authenticated connection costs a 32-byte slab entry and one wheel entry:
+//! no buffer, timer or queue is allocated until there is something to read
+//! or write.
+//!
+//! Decoded frames go to a [`Handler`] (the chat service) on the shard
+//! thread; the handler must not block. Replies and pushes come back through
+//! [`Outbound`], a cheap handle that queues [`Command`]s to the owning shard
+//! and wakes it at most once per batch.
+
+mod conn;
+mod shard;
+mod socket;
+mod wheel;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender};
+use crossbeam_utils::CachePadded;
+use im_proto::Frame;
+
+use shard::Shard;
+
+/// Settings of the connection layer (see `Config` for the documented
+/// flags that fill them).
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Number of event-loop threads.
+    pub shards: usize,
+    /// Connections held at most; further ones get SERVER_FULL.
+    pub max_connections: usize,
+    /// Largest accepted frame (length prefix value).
+    pub max_frame_bytes: usize,
+    /// Seconds a new connection has to authenticate.
+    pub auth_timeout_secs: u32,
+    /// Seconds of silence after which an authenticated connection is closed.
+    pub heartbeat_timeout_secs: u32,
+    /// Bytes queued for one connection beyond its socket buffer before it is
+    /// disconnected as a slow consumer.
+    pub max_outbound_bytes: usize,
+    /// Requests of one connection awaiting a reply before the shard stops
+    /// reading from it.
+    pub max_in_flight: u16,
+    /// Seconds a closing connection may take to flush its last frame and
+    /// see the peer's FIN.
+    pub linger_secs: u32,
+    /// listen(2) backlog.
+    pub backlog: u32,
+    /// One listener per shard with SO_REUSEPORT (else shard 0 accepts and
+    /// hands connections round-robin to the others).
+    pub reuse_port: bool,
+    /// TCP_NODELAY on client sockets.
+    pub nodelay: bool,
+    /// TCP keepalive idle time in seconds (0 = off).
+    pub keepalive_secs: u32,
+    /// SO_SNDBUF in bytes (0 = kernel default / autotuning).
+    pub send_buffer_bytes: usize,
+    /// SO_RCVBUF in bytes (0 = kernel default / autotuning).
+    pub recv_buffer_bytes: usize,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            shards: 2,
+            max_connections: 1_000_000,
+            max_frame_bytes: im_proto::DEFAULT_MAX_FRAME_BYTES,
+            auth_timeout_secs: 10,
+            heartbeat_timeout_secs: 90,
+            max_outbound_bytes: 1 << 20,
+            max_in_flight: 64,
+            linger_secs: 2,
+            backlog: 4096,
+            reuse_port: true,
+            nodelay: true,
+            keepalive_secs: 0,
+            send_buffer_bytes: 0,
+            recv_buffer_bytes: 0,
+        }
+    }
+}
+
+/// Failures of the connection layer.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// The listening socket could not be set up.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The event loop could not be created.
+    #[error("cannot create event loop: {0}")]
+    Poll(std::io::Error),
+    /// A shard thread could not be started.
+    #[error("cannot start shard thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// A connection as seen from outside its shard. The generation makes a
+/// stale reference (to a closed connection whose slot was reused) harmless:
+/// commands for it are dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnRef {
+    shard: u16,
+    slot: u32,
+    generation: u32,
+}
+
+impl ConnRef {
+    /// The shard that owns the connection.
+    pub fn shard(self) -> usize {
+        self.shard as usize
+    }
+}
+
+/// Where a frame came from.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameCtx {
+    /// The connection.
+    pub conn: ConnRef,
+    /// The authenticated user, or `None` for authentication requests.
+    pub user_id: Option<u64>,
+    /// The peer's address, given with authentication requests only (for
+    /// rate limiting).
+    pub peer: Option<IpAddr>,
+}
+
+/// The chat logic as the connection layer sees it.
+///
+/// Methods run on shard threads and must not block: hand work to a runtime
+/// or a bounded queue and answer through [`Outbound`].
+pub trait Handler: Send + Sync + 'static {
+    /// A decoded frame: an authentication request (`ctx.user_id` is `None`;
+    /// answer with [`Outbound::auth_result`]) or a session request of an
+    /// authenticated user (answer with exactly one [`Outbound::reply`] or
+    /// [`Outbound::close`]). Pings never reach the handler.
+    fn on_frame(&self, ctx: FrameCtx, frame: Frame);
+
+    /// An authenticated connection is gone (closed by either side), or an
+    /// authentication succeeded for a connection that had already gone.
+    fn on_close(&self, conn: ConnRef, user_id: u64);
+}
+
+/// What other threads ask of a shard.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// The answer to one request of the connection.
+    Reply { conn: ConnRef, frame: Bytes },
+    /// An unsolicited frame (message, receipt, presence); dropped unless the
+    /// connection is authenticated.
+    Push { conn: ConnRef, frame: Bytes },
+    /// The answer to an authentication request: `Some(user)` on success.
+    AuthResult {
+        conn: ConnRef,
+        user_id: Option<u64>,
+        frame: Bytes,
+    },
+    /// Send `frame` (if any), then close.
+    Close { conn: ConnRef, frame: Option<Bytes> },
+    /// A connection accepted by another shard's listener.
+    Adopt(mio::net::TcpStream),
+    /// Shutdown, first phase: stop accepting and reading requests.
+    Drain,
+    /// Shutdown, second phase: close every connection with `frame`, then
+    /// exit the thread.
+    CloseAll(Bytes),
+}
+
+/// The sending side of one shard's command queue.
+struct ShardLink {
+    tx: Sender<Command>,
+    waker: mio::Waker,
+    /// Set while a wake-up is pending, so a burst of commands costs one
+    /// `eventfd` write.
+    notified: CachePadded<AtomicBool>,
+    stats: Arc<ShardStats>,
+}
+
+impl ShardLink {
+    fn send(&self, command: Command) {
+        if self.tx.send(command).is_err() {
+            return; // The shard has exited (shutdown); nothing to deliver to.
+        }
+        if !self.notified.swap(true, Ordering::AcqRel) {
+            if let Err(e) = self.waker.wake() {
+                tracing::error!(error = %e, "cannot wake shard");
+            }
+        }
+    }
+}
+
+/// Handle through which the chat logic answers requests and pushes frames.
+/// Cheap to clone; usable from any thread.
+#[derive(Clone)]
+pub struct Outbound {
+    links: Arc<[ShardLink]>,
+}
+
+impl Outbound {
+    fn send(&self, shard: usize, command: Command) {
+        if let Some(link) = self.links.get(shard) {
+            link.send(command);
+        }
+    }
+
+    /// Sends the reply to one request of `conn`.
+    pub fn reply(&self, conn: ConnRef, frame: Bytes) {
+        self.send(conn.shard(), Command::Reply { conn, frame });
+    }
+
+    /// Pushes an unsolicited frame to `conn` if it is (still) authenticated.
+    pub fn push(&self, conn: ConnRef, frame: Bytes) {
+        self.send(conn.shard(), Command::Push { conn, frame });
+    }
+
+    /// Completes an authentication request: `Some(user_id)` logs the
+    /// connection in, `None` leaves it unauthenticated.
+    pub fn auth_result(&self, conn: ConnRef, user_id: Option<u64>, frame: Bytes) {
+        self.send(conn.shard(), Command::AuthResult { conn, user_id, frame });
+    }
+
+    /// Sends `frame` (if any) and closes the connection.
+    pub fn close(&self, conn: ConnRef, frame: Option<Bytes>) {
+        self.send(conn.shard(), Command::Close { conn, frame });
+    }
+
+    /// Commands queued to all shards and not yet processed (a measure of
+    /// how far the event loops lag behind).
+    pub fn queued(&self) -> usize {
+        self.links.iter().map(|l| l.tx.len()).sum()
+    }
+
+    /// Counters summed over all shards.
+    pub fn stats(&self) -> NetStatsSnapshot {
+        let mut total = NetStatsSnapshot::default();
+        for link in self.links.iter() {
+            link.stats.add_to(&mut total);
+        }
+        total
+    }
+}
+
+/// Per-shard counters, written with relaxed atomics by the owning thread.
+#[derive(Debug, Default)]
+pub(crate) struct ShardStats {
+    connections: AtomicU64,
+    accepted: AtomicU64,
+    frames_in: AtomicU64,
+    frames_out: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    slow_consumers: AtomicU64,
+    protocol_errors: AtomicU64,
+    timeouts: AtomicU64,
+}
+
+impl ShardStats {
+    fn add_to(&self, total: &mut NetStatsSnapshot) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        total.connections += get(&self.connections);
+        total.accepted += get(&self.accepted);
+        total.frames_in += get(&self.frames_in);
+        total.frames_out += get(&self.frames_out);
+        total.bytes_in += get(&self.bytes_in);
+        total.bytes_out += get(&self.bytes_out);
+        total.slow_consumers += get(&self.slow_consumers);
+        total.protocol_errors += get(&self.protocol_errors);
+        total.timeouts += get(&self.timeouts);
+    }
+}
+
+/// Connection-layer counters at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NetStatsSnapshot {
+    /// Open connections.
+    pub connections: u64,
+    /// Connections accepted since start.
+    pub accepted: u64,
+    /// Frames received.
+    pub frames_in: u64,
+    /// Frames sent.
+    pub frames_out: u64,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes written.
+    pub bytes_out: u64,
+    /// Connections closed because they read too slowly.
+    pub slow_consumers: u64,
+    /// Connections closed for a bad or oversized frame or a protocol
+    /// violation.
+    pub protocol_errors: u64,
+    /// Connections closed for missing authentication or heartbeat.
+    pub timeouts: u64,
+}
+
+/// Bound listeners and event loops, ready to run once the handler exists.
+pub struct Net {
+    shards: Vec<Shard>,
+    receivers: Vec<Receiver<Command>>,
+    outbound: Outbound,
+    local_addr: SocketAddr,
+}
+
+impl Net {
+    /// Creates the shards and binds the listener(s). Nothing runs until
+    /// [`Net::run`].
+    pub fn bind(config: NetConfig) -> Result<Net, NetError> {
+        let config = Arc::new(config);
+        let count = config.shards.clamp(1, u16::MAX as usize);
+        let listen_err = |source| NetError::Listen {
+            addr: config.listen,
+            source,
+        };
+        let first = socket::listener(&config, config.listen).map_err(listen_err)?;
+        let local_addr = first.local_addr().map_err(listen_err)?;
+        let mut first = Some(first);
+
+        let open = Arc::new(AtomicUsize::new(0));
+        let mut shards = Vec::with_capacity(count);
+        let mut links = Vec::with_capacity(count);
+        let mut receivers = Vec::with_capacity(count);
+        for id in 0..count {
+            let listener = match first.take() {
+                Some(l) => Some(l),
+                None if config.reuse_port => {
+                    Some(socket::listener(&config, local_addr).map_err(listen_err)?)
+                }
+                None => None,
+            };
+            let stats = Arc::new(ShardStats::default());
+            let (shard, waker) = Shard::new(
+                id as u16,
+                config.clone(),
+                listener,
+                stats.clone(),
+                open.clone(),
+            )?;
+            let (tx, rx) = crossbeam_channel::unbounded();
+            links.push(ShardLink {
+                tx,
+                waker,
+                notified: CachePadded::new(AtomicBool::new(false)),
+                stats,
+            });
+            receivers.push(rx);
+            shards.push(shard);
+        }
+        Ok(Net {
+            shards,
+            receivers,
+            outbound: Outbound {
+                links: links.into(),
+            },
+            local_addr,
+        })
+    }
+
+    /// The bound address (with the actual port when 0 was asked for).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The handle the chat logic answers through.
+    pub fn outbound(&self) -> Outbound {
+        self.outbound.clone()
+    }
+
+    /// Starts one thread per shard.
+    pub fn run(self, handler: Arc<dyn Handler>) -> Result<RunningNet, NetError> {
+        let mut threads = Vec::with_capacity(self.shards.len());
+        for (shard, rx) in self.shards.into_iter().zip(self.receivers) {
+            let name = format!("im-shard-{}", shard.id());
+            let handler = handler.clone();
+            let outbound = self.outbound.clone();
+            let thread = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || shard.run(rx, outbound, handler))
+                .map_err(NetError::Spawn)?;
+            threads.push(thread);
+        }
+        Ok(RunningNet {
+            threads,
+            outbound: self.outbound,
+            local_addr: self.local_addr,
+        })
+    }
+}
+
+/// The running event loops.
+pub struct RunningNet {
+    threads: Vec<JoinHandle<()>>,
+    outbound: Outbound,
+    local_addr: SocketAddr,
+}
+
+impl RunningNet {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The handle the chat logic answers through.
+    pub fn outbound(&self) -> Outbound {
+        self.outbound.clone()
+    }
+
+    /// Shutdown, first phase: stop accepting connections and reading
+    /// requests; replies and pushes still go out.
+    pub fn drain(&self) {
+        for shard in 0..self.outbound.links.len() {
+            self.outbound.send(shard, Command::Drain);
+        }
+    }
+
+    /// Shutdown, second phase: send `frame` to every connection, close them
+    /// and wait (blocking) for the shard threads to exit, which takes at
+    /// most the linger time.
+    pub fn close_all(self, frame: &Frame) {
+        let bytes = im_proto::codec::encode_to_bytes(frame);
+        for shard in 0..self.outbound.links.len() {
+            self.outbound.send(shard, Command::CloseAll(bytes.clone()));
+        }
+        for thread in self.threads {
+            if thread.join().is_err() {
+                tracing::error!("a shard thread panicked");
+            }
+        }
+    }
+}

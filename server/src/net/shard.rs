@@ -1,0 +1,914 @@
+//! One event-loop thread: accepts connections, reads and parses frames,
+//! enforces deadlines and per-connection limits, and writes replies and
+//! pushes queued by other threads.
+//!
+//! The loop is: poll → socket events → queued commands → connections with
+//! input left over → flush connections with output → expire deadlines.
+//! Reads go through one shard-wide scratch buffer; a connection gets its own
+//! buffer only while it holds a partial frame. Output is queued per
+//! connection during a round and written with one `writev` per connection.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice, Read, Write};
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use crossbeam_channel::Receiver;
+use im_proto::pb::{self, frame::Body};
+use im_proto::{codec, ErrorCode, Frame};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use prost::Message;
+use slab::Slab;
+
+use super::conn::{Bufs, Conn, State, DIRTY, READY, READ_PAUSED, WRITE_BLOCKED, WRITE_SHUT};
+use super::wheel::{self, Wheel};
+use super::{Command, ConnRef, FrameCtx, Handler, NetConfig, NetError, Outbound, ShardStats};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+const WAKER: Token = Token(usize::MAX);
+/// Size of the shard-wide read buffer.
+const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read from one connection per round before others get a turn.
+const READ_BUDGET: usize = 256 * 1024;
+/// Frames gathered into one `writev`.
+const MAX_IOV: usize = 64;
+/// Commands handled per round before sockets get a turn.
+const COMMAND_BUDGET: usize = 16 * 1024;
+/// Spare buffer sets kept for reuse.
+const MAX_POOLED_BUFS: usize = 1024;
+/// How long accepting pauses after a resource error such as EMFILE.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// A shard before its thread starts.
+pub(crate) struct Shard {
+    id: u16,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    config: Arc<NetConfig>,
+    stats: Arc<ShardStats>,
+    open: Arc<AtomicUsize>,
+}
+
+impl Shard {
+    pub fn new(
+        id: u16,
+        config: Arc<NetConfig>,
+        mut listener: Option<TcpListener>,
+        stats: Arc<ShardStats>,
+        open: Arc<AtomicUsize>,
+    ) -> Result<(Shard, mio::Waker), NetError> {
+        let poll = Poll::new().map_err(NetError::Poll)?;
+        let waker = mio::Waker::new(poll.registry(), WAKER).map_err(NetError::Poll)?;
+        if let Some(l) = listener.as_mut() {
+            poll.registry()
+                .register(l, LISTENER, Interest::READABLE)
+                .map_err(NetError::Poll)?;
+        }
+        let shard = Shard {
+            id,
+            poll,
+            listener,
+            config,
+            stats,
+            open,
+        };
+        Ok((shard, waker))
+    }
+
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// Runs the event loop until shutdown completes.
+    pub fn run(self, rx: Receiver<Command>, outbound: Outbound, handler: Arc<dyn Handler>) {
+        let wheel_size = self
+            .config
+            .auth_timeout_secs
+            .max(self.config.heartbeat_timeout_secs)
+            .max(self.config.linger_secs) as usize
+            + 2;
+        let started = Instant::now();
+        let errors = FatalFrames::new();
+        let mut event_loop = Loop {
+            id: self.id,
+            poll: self.poll,
+            listener: self.listener,
+            config: self.config,
+            stats: self.stats,
+            open: self.open,
+            rx,
+            outbound,
+            handler,
+            conns: Slab::new(),
+            next_generation: 0,
+            wheel: Wheel::new(wheel_size.min(4096)),
+            due: Vec::new(),
+            scratch: vec![0; READ_CHUNK],
+            dirty: Vec::new(),
+            ready: VecDeque::new(),
+            pool: Vec::new(),
+            started,
+            now: 0,
+            draining: false,
+            closing_all: false,
+            more_commands: false,
+            accept_resume_at: None,
+            next_adopt: 0,
+            errors,
+        };
+        event_loop.run();
+    }
+}
+
+/// Encoded fatal error frames that carry no request id.
+struct FatalFrames {
+    auth_timeout: Bytes,
+    heartbeat_timeout: Bytes,
+    slow_consumer: Bytes,
+    server_full: Bytes,
+}
+
+impl FatalFrames {
+    fn new() -> Self {
+        let enc = |code, msg: &str| codec::encode_to_bytes(&Frame::error(0, code, msg, true));
+        FatalFrames {
+            auth_timeout: enc(ErrorCode::AuthTimeout, "no authentication within the deadline"),
+            heartbeat_timeout: enc(ErrorCode::HeartbeatTimeout, "no frame within the heartbeat timeout"),
+            slow_consumer: enc(
+                ErrorCode::SlowConsumer,
+                "outbound queue overflowed; reconnect and sync",
+            ),
+            server_full: enc(ErrorCode::ServerFull, "the server holds its maximum of connections"),
+        }
+    }
+}
+
+struct Loop {
+    id: u16,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    config: Arc<NetConfig>,
+    stats: Arc<ShardStats>,
+    /// Open connections across all shards (for `max_connections`).
+    open: Arc<AtomicUsize>,
+    rx: Receiver<Command>,
+    outbound: Outbound,
+    handler: Arc<dyn Handler>,
+    conns: Slab<Conn>,
+    next_generation: u32,
+    wheel: Wheel,
+    due: Vec<wheel::Entry>,
+    scratch: Vec<u8>,
+    /// Connections with output queued this round.
+    dirty: Vec<u32>,
+    /// Connections with input left to read (budget spent, or resumed).
+    ready: VecDeque<u32>,
+    /// Spare buffer sets; boxed because connections hold them boxed, so
+    /// reuse moves a pointer instead of allocating.
+    #[allow(clippy::vec_box)]
+    pool: Vec<Box<Bufs>>,
+    started: Instant,
+    /// Whole seconds since `started`: the clock of deadlines.
+    now: u32,
+    draining: bool,
+    closing_all: bool,
+    more_commands: bool,
+    accept_resume_at: Option<Instant>,
+    next_adopt: usize,
+    errors: FatalFrames,
+}
+
+fn add(stat: &std::sync::atomic::AtomicU64, n: u64) {
+    stat.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Loop {
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.poll_timeout();
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!(shard = self.id, error = %e, "poll failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                continue;
+            }
+            self.now = self.started.elapsed().as_secs() as u32;
+            for event in events.iter() {
+                match event.token() {
+                    WAKER => {}
+                    LISTENER => self.accept(),
+                    Token(slot) => {
+                        if event.is_writable() {
+                            self.on_writable(slot);
+                        }
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.on_readable(slot);
+                        }
+                    }
+                }
+            }
+            if let Some(at) = self.accept_resume_at {
+                if Instant::now() >= at {
+                    self.accept_resume_at = None;
+                    self.accept();
+                }
+            }
+            self.process_commands();
+            self.process_ready();
+            self.flush_dirty();
+            self.expire();
+            self.flush_dirty();
+            if self.closing_all && self.conns.is_empty() {
+                tracing::debug!(shard = self.id, "shard stopped");
+                return;
+            }
+        }
+    }
+
+    fn poll_timeout(&self) -> Duration {
+        if !self.ready.is_empty() || self.more_commands || !self.rx.is_empty() {
+            return Duration::ZERO;
+        }
+        let elapsed = self.started.elapsed();
+        let to_next_second = Duration::from_secs(elapsed.as_secs() + 1).saturating_sub(elapsed);
+        match self.accept_resume_at {
+            Some(at) => to_next_second.min(at.saturating_duration_since(Instant::now())),
+            None => to_next_second,
+        }
+    }
+
+    // ---- accepting ----
+
+    fn accept(&mut self) {
+        if self.accept_resume_at.is_some() || self.draining {
+            return;
+        }
+        loop {
+            let Some(listener) = &self.listener else { return };
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    add(&self.stats.accepted, 1);
+                    if self.open.load(Ordering::Relaxed) >= self.config.max_connections {
+                        refuse(stream, &self.errors.server_full);
+                        continue;
+                    }
+                    let shards = self.outbound.links.len();
+                    if self.config.reuse_port || shards == 1 {
+                        self.add(stream);
+                    } else {
+                        let target = self.next_adopt % shards;
+                        self.next_adopt = self.next_adopt.wrapping_add(1);
+                        if target == self.id as usize {
+                            self.add(stream);
+                        } else {
+                            self.outbound.send(target, Command::Adopt(stream));
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted
+                            | io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                    ) => {}
+                Err(e) => {
+                    // EMFILE, ENFILE, ENOBUFS...: back off rather than spin.
+                    tracing::warn!(shard = self.id, error = %e, "accept failed; pausing accepts");
+                    self.accept_resume_at = Some(Instant::now() + ACCEPT_BACKOFF);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn add(&mut self, mut stream: TcpStream) {
+        if self.closing_all {
+            return;
+        }
+        let entry = self.conns.vacant_entry();
+        let slot = entry.key();
+        if slot >= u32::MAX as usize {
+            return;
+        }
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(e) = self.poll.registry().register(&mut stream, Token(slot), interest) {
+            tracing::warn!(shard = self.id, error = %e, "cannot register connection");
+            return;
+        }
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let deadline = self.now + self.config.auth_timeout_secs;
+        let wheel_at = self.wheel.insert(slot as u32, generation, deadline);
+        entry.insert(Conn {
+            stream,
+            generation,
+            user_id: 0,
+            deadline,
+            wheel_at,
+            in_flight: 0,
+            state: State::Unauthenticated,
+            flags: 0,
+            bufs: None,
+        });
+        self.open.fetch_add(1, Ordering::Relaxed);
+        add(&self.stats.connections, 1);
+    }
+
+    // ---- reading ----
+
+    fn on_readable(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get(slot) else { return };
+        if conn.state == State::Closing {
+            self.discard_input(slot);
+        } else {
+            self.read_frames(slot);
+        }
+    }
+
+    /// Whether the connection may hand another frame to the chat logic.
+    fn can_dispatch(&self, conn: &Conn) -> bool {
+        !self.draining
+            && !conn.has(READ_PAUSED)
+            && match conn.state {
+                State::Unauthenticated => true,
+                State::Authenticated => conn.in_flight < self.config.max_in_flight,
+                State::Authenticating | State::Closing => false,
+            }
+    }
+
+    fn read_frames(&mut self, slot: usize) {
+        let mut budget = READ_BUDGET;
+        // Frames held back while paused come before new bytes.
+        if self.conns.get(slot).is_some_and(Conn::has_inbound) {
+            let mut inbound = self.take_inbound(slot);
+            let used = self.parse(slot, &inbound);
+            inbound.drain(..used);
+            self.put_inbound(slot, inbound);
+        }
+        loop {
+            let Some(conn) = self.conns.get(slot) else { return };
+            if !self.can_dispatch(conn) {
+                return;
+            }
+            if budget == 0 {
+                self.mark_ready(slot);
+                return;
+            }
+            let conn = &mut self.conns[slot];
+            match conn.stream.read(&mut self.scratch) {
+                Ok(0) => {
+                    self.peer_closed(slot);
+                    return;
+                }
+                Ok(n) => {
+                    budget = budget.saturating_sub(n);
+                    add(&self.stats.bytes_in, n as u64);
+                    self.ingest(slot, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.abort(slot);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Parses `n` freshly read bytes in the scratch buffer, appending them
+    /// to a buffered partial frame if there is one, and keeps whatever is
+    /// not consumed.
+    fn ingest(&mut self, slot: usize, n: usize) {
+        let scratch = std::mem::take(&mut self.scratch);
+        if self.conns.get(slot).is_some_and(Conn::has_inbound) {
+            let mut inbound = self.take_inbound(slot);
+            inbound.extend_from_slice(&scratch[..n]);
+            let used = self.parse(slot, &inbound);
+            inbound.drain(..used);
+            self.put_inbound(slot, inbound);
+        } else {
+            let used = self.parse(slot, &scratch[..n]);
+            if used < n {
+                let mut inbound = self.take_inbound(slot);
+                inbound.extend_from_slice(&scratch[used..n]);
+                self.put_inbound(slot, inbound);
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    fn take_inbound(&mut self, slot: usize) -> Vec<u8> {
+        match self.conns.get_mut(slot).and_then(|c| c.bufs.as_mut()) {
+            Some(bufs) => std::mem::take(&mut bufs.inbound),
+            None => Vec::new(),
+        }
+    }
+
+    /// Stores unparsed bytes back, unless the connection is closing (its
+    /// input no longer matters).
+    fn put_inbound(&mut self, slot: usize, inbound: Vec<u8>) {
+        let Some(conn) = self.conns.get_mut(slot) else { return };
+        if conn.state == State::Closing || (inbound.is_empty() && conn.bufs.is_none()) {
+            return;
+        }
+        let bufs = conn
+            .bufs
+            .get_or_insert_with(|| self.pool.pop().unwrap_or_default());
+        bufs.inbound = inbound;
+        if bufs.is_empty() {
+            self.recycle(slot);
+        }
+    }
+
+    /// Decodes and dispatches the complete frames at the start of `buf`
+    /// while the connection may dispatch; returns the bytes consumed.
+    fn parse(&mut self, slot: usize, buf: &[u8]) -> usize {
+        let max = self.config.max_frame_bytes;
+        let mut pos = 0;
+        loop {
+            let Some(conn) = self.conns.get(slot) else { return pos };
+            if !self.can_dispatch(conn) {
+                return pos;
+            }
+            match codec::check(&buf[pos..], max) {
+                Ok(None) => return pos,
+                Ok(Some(total)) => {
+                    let body = &buf[pos + im_proto::HEADER_LEN..pos + total];
+                    match Frame::decode(body) {
+                        Ok(frame) => {
+                            pos += total;
+                            add(&self.stats.frames_in, 1);
+                            self.dispatch(slot, frame);
+                        }
+                        Err(e) => {
+                            let err = codec::CodecError::from(e);
+                            self.protocol_error(slot, err.code(), &err.to_string());
+                            return pos;
+                        }
+                    }
+                }
+                Err(err) => {
+                    self.protocol_error(slot, err.code(), &err.to_string());
+                    return pos;
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, slot: usize, frame: Frame) {
+        let heartbeat = self.config.heartbeat_timeout_secs;
+        let max_in_flight = self.config.max_in_flight;
+        let now = self.now;
+        let conn = &mut self.conns[slot];
+        let conn_ref = ConnRef {
+            shard: self.id,
+            slot: slot as u32,
+            generation: conn.generation,
+        };
+        let authenticated = conn.state == State::Authenticated;
+        if authenticated {
+            conn.deadline = now + heartbeat;
+        }
+        let request_id = frame.request_id;
+        match (&frame.body, conn.state) {
+            (Some(Body::Ping(_)), _) => {
+                let pong = Frame::new(
+                    request_id,
+                    Body::Pong(pb::Pong {
+                        server_time_ms: im_proto::now_ms(),
+                    }),
+                );
+                self.queue_frame(slot, codec::encode_to_bytes(&pong));
+            }
+            (None, _) => {
+                let err = Frame::error(
+                    request_id,
+                    ErrorCode::InvalidArgument,
+                    "frame has no body, or one this server does not know",
+                    false,
+                );
+                self.queue_frame(slot, codec::encode_to_bytes(&err));
+            }
+            (Some(Body::Register(_) | Body::Login(_) | Body::Resume(_)), State::Unauthenticated) => {
+                conn.state = State::Authenticating;
+                conn.in_flight += 1;
+                let peer = conn.stream.peer_addr().ok().map(|a| a.ip());
+                let ctx = FrameCtx {
+                    conn: conn_ref,
+                    user_id: None,
+                    peer,
+                };
+                self.handler.on_frame(ctx, frame);
+            }
+            (Some(Body::Register(_) | Body::Login(_) | Body::Resume(_)), _) => {
+                let err = Frame::error(
+                    request_id,
+                    ErrorCode::AlreadyAuthenticated,
+                    "this connection is already authenticated",
+                    false,
+                );
+                self.queue_frame(slot, codec::encode_to_bytes(&err));
+            }
+            (Some(_), State::Authenticated) => {
+                conn.in_flight += 1;
+                if conn.in_flight >= max_in_flight {
+                    conn.set(READ_PAUSED);
+                }
+                let ctx = FrameCtx {
+                    conn: conn_ref,
+                    user_id: Some(u64::from(conn.user_id)),
+                    peer: None,
+                };
+                self.handler.on_frame(ctx, frame);
+            }
+            (Some(_), _) => {
+                let err = Frame::error(
+                    request_id,
+                    ErrorCode::Unauthenticated,
+                    "authenticate before sending session requests",
+                    true,
+                );
+                add(&self.stats.protocol_errors, 1);
+                self.close_conn(slot, Some(codec::encode_to_bytes(&err)), false);
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, slot: usize, code: ErrorCode, message: &str) {
+        add(&self.stats.protocol_errors, 1);
+        let frame = codec::encode_to_bytes(&Frame::error(0, code, message, true));
+        self.close_conn(slot, Some(frame), false);
+    }
+
+    fn mark_ready(&mut self, slot: usize) {
+        if let Some(conn) = self.conns.get_mut(slot) {
+            if !conn.has(READY) {
+                conn.set(READY);
+                self.ready.push_back(slot as u32);
+            }
+        }
+    }
+
+    fn process_ready(&mut self) {
+        for _ in 0..self.ready.len() {
+            let Some(slot) = self.ready.pop_front() else { break };
+            let slot = slot as usize;
+            if let Some(conn) = self.conns.get_mut(slot) {
+                conn.clear(READY);
+                self.on_readable(slot);
+            }
+        }
+    }
+
+    /// Reads and drops input of a closing connection until the peer's FIN.
+    fn discard_input(&mut self, slot: usize) {
+        loop {
+            let Some(conn) = self.conns.get_mut(slot) else { return };
+            match conn.stream.read(&mut self.scratch) {
+                Ok(0) => return self.finalize(slot),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.finalize(slot),
+            }
+        }
+    }
+
+    // ---- writing ----
+
+    fn queue_frame(&mut self, slot: usize, frame: Bytes) {
+        let Some(conn) = self.conns.get_mut(slot) else { return };
+        let bufs = conn
+            .bufs
+            .get_or_insert_with(|| self.pool.pop().unwrap_or_default());
+        bufs.out_bytes += frame.len();
+        bufs.out.push_back(frame);
+        if bufs.out_bytes > self.config.max_outbound_bytes && conn.state != State::Closing {
+            add(&self.stats.slow_consumers, 1);
+            tracing::debug!(shard = self.id, slot, "slow consumer disconnected");
+            let frame = self.errors.slow_consumer.clone();
+            self.close_conn(slot, Some(frame), true);
+            return;
+        }
+        if !conn.has(DIRTY) {
+            conn.set(DIRTY);
+            self.dirty.push(slot as u32);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for &slot in &dirty {
+            let slot = slot as usize;
+            if let Some(conn) = self.conns.get_mut(slot) {
+                conn.clear(DIRTY);
+                if !conn.has(WRITE_BLOCKED) {
+                    self.flush(slot);
+                }
+            }
+        }
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+        }
+    }
+
+    fn on_writable(&mut self, slot: usize) {
+        if let Some(conn) = self.conns.get_mut(slot) {
+            conn.clear(WRITE_BLOCKED);
+            self.flush(slot);
+        }
+    }
+
+    /// Writes queued output until it is gone or the socket is full.
+    fn flush(&mut self, slot: usize) {
+        loop {
+            let Some(conn) = self.conns.get_mut(slot) else { return };
+            let Some(bufs) = conn.bufs.as_mut() else { break };
+            if bufs.out.is_empty() {
+                break;
+            }
+            let mut iov = [IoSlice::new(&[]); MAX_IOV];
+            let mut count = 0;
+            for (slice, frame) in iov.iter_mut().zip(bufs.out.iter()) {
+                *slice = IoSlice::new(frame);
+                count += 1;
+            }
+            match conn.stream.write_vectored(&iov[..count]) {
+                Ok(0) => return self.abort(slot),
+                Ok(mut written) => {
+                    add(&self.stats.bytes_out, written as u64);
+                    bufs.out_bytes -= written;
+                    let mut frames = 0;
+                    while written > 0 {
+                        let Some(front) = bufs.out.front_mut() else { break };
+                        if front.len() <= written {
+                            written -= front.len();
+                            bufs.out.pop_front();
+                            frames += 1;
+                        } else {
+                            front.advance(written);
+                            written = 0;
+                        }
+                    }
+                    add(&self.stats.frames_out, frames);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.set(WRITE_BLOCKED);
+                    return;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.abort(slot),
+            }
+        }
+        let Some(conn) = self.conns.get_mut(slot) else { return };
+        if conn.state == State::Closing && !conn.has(WRITE_SHUT) {
+            conn.set(WRITE_SHUT);
+            // Our last frame is out: send FIN, then wait for the peer's.
+            let _ = conn.stream.shutdown(Shutdown::Write);
+        }
+        if conn.bufs.as_ref().is_some_and(|b| b.is_empty()) {
+            self.recycle(slot);
+        }
+    }
+
+    /// Returns a connection's empty buffers to the pool.
+    fn recycle(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get_mut(slot) else { return };
+        if let Some(mut bufs) = conn.bufs.take() {
+            if self.pool.len() < MAX_POOLED_BUFS {
+                bufs.reset();
+                self.pool.push(bufs);
+            }
+        }
+    }
+
+    // ---- closing ----
+
+    /// Starts closing: stops requests, tells the chat logic, sends `frame`
+    /// if given (after queued output, or instead of it when `discard`), then
+    /// waits for the peer's FIN or the linger deadline.
+    fn close_conn(&mut self, slot: usize, frame: Option<Bytes>, discard: bool) {
+        let linger = self.config.linger_secs;
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(slot) else { return };
+        if conn.state == State::Closing {
+            return;
+        }
+        let was_authenticated = conn.state == State::Authenticated;
+        conn.state = State::Closing;
+        conn.in_flight = 0;
+        conn.clear(READ_PAUSED);
+        if let Some(bufs) = conn.bufs.as_mut() {
+            bufs.inbound = Vec::new();
+            if discard {
+                // Keep only the front frame, which may be partly written.
+                bufs.out.truncate(1);
+                bufs.out_bytes = bufs.out.front().map_or(0, Bytes::len);
+            }
+        }
+        let conn_ref = ConnRef {
+            shard: self.id,
+            slot: slot as u32,
+            generation: conn.generation,
+        };
+        let user_id = u64::from(conn.user_id);
+        self.set_deadline(slot, now + linger);
+        if was_authenticated {
+            self.handler.on_close(conn_ref, user_id);
+        }
+        if let Some(frame) = frame {
+            self.queue_frame(slot, frame);
+        }
+        if self.conns.get(slot).is_some_and(|c| !c.has(WRITE_BLOCKED)) {
+            self.flush(slot);
+        }
+    }
+
+    /// The peer sent FIN while the connection was open.
+    fn peer_closed(&mut self, slot: usize) {
+        self.close_conn(slot, None, false);
+        if self.conns.get(slot).is_some_and(|c| c.out_bytes() == 0) {
+            self.finalize(slot);
+        }
+    }
+
+    /// An I/O error: nothing more can be sent.
+    fn abort(&mut self, slot: usize) {
+        self.close_conn(slot, None, true);
+        self.finalize(slot);
+    }
+
+    /// Drops the connection for good (closing its socket).
+    fn finalize(&mut self, slot: usize) {
+        if !self.conns.contains(slot) {
+            return;
+        }
+        if self.conns[slot].state != State::Closing {
+            self.close_conn(slot, None, true);
+        }
+        self.recycle(slot);
+        self.conns.remove(slot);
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        self.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    // ---- deadlines ----
+
+    /// Sets the connection's deadline, adding a wheel entry when the live
+    /// one would fire too late.
+    fn set_deadline(&mut self, slot: usize, at: u32) {
+        let Some(conn) = self.conns.get_mut(slot) else { return };
+        conn.deadline = at;
+        if at < conn.wheel_at {
+            conn.wheel_at = self.wheel.insert(slot as u32, conn.generation, at);
+        }
+    }
+
+    fn expire(&mut self) {
+        let mut due = std::mem::take(&mut self.due);
+        self.wheel.expire(self.now, &mut due);
+        for entry in due.drain(..) {
+            let slot = entry.slot as usize;
+            let Some(conn) = self.conns.get_mut(slot) else { continue };
+            if conn.generation != entry.generation || conn.wheel_at != entry.at {
+                continue; // A stale entry: the connection has a newer one.
+            }
+            if conn.deadline > self.now {
+                conn.wheel_at = self.wheel.insert(entry.slot, entry.generation, conn.deadline);
+                continue;
+            }
+            conn.wheel_at = u32::MAX; // This entry is spent.
+            match conn.state {
+                State::Unauthenticated | State::Authenticating => {
+                    add(&self.stats.timeouts, 1);
+                    let frame = self.errors.auth_timeout.clone();
+                    self.close_conn(slot, Some(frame), true);
+                }
+                State::Authenticated => {
+                    add(&self.stats.timeouts, 1);
+                    let frame = self.errors.heartbeat_timeout.clone();
+                    self.close_conn(slot, Some(frame), true);
+                }
+                State::Closing => self.finalize(slot),
+            }
+        }
+        self.due = due;
+    }
+
+    // ---- commands from other threads ----
+
+    fn process_commands(&mut self) {
+        self.outbound.links[self.id as usize]
+            .notified
+            .store(false, Ordering::Release);
+        self.more_commands = false;
+        for _ in 0..COMMAND_BUDGET {
+            match self.rx.try_recv() {
+                Ok(command) => self.command(command),
+                Err(_) => return,
+            }
+        }
+        self.more_commands = true;
+    }
+
+    fn lookup(&self, conn: ConnRef) -> Option<usize> {
+        let slot = conn.slot as usize;
+        self.conns
+            .get(slot)
+            .filter(|c| c.generation == conn.generation)
+            .map(|_| slot)
+    }
+
+    fn command(&mut self, command: Command) {
+        match command {
+            Command::Reply { conn, frame } => {
+                let Some(slot) = self.lookup(conn) else { return };
+                let resume_at = self.config.max_in_flight / 2;
+                let c = &mut self.conns[slot];
+                if c.state == State::Closing {
+                    return;
+                }
+                c.in_flight = c.in_flight.saturating_sub(1);
+                let resume = c.has(READ_PAUSED) && c.in_flight <= resume_at;
+                if resume {
+                    c.clear(READ_PAUSED);
+                }
+                self.queue_frame(slot, frame);
+                if resume {
+                    self.mark_ready(slot);
+                }
+            }
+            Command::Push { conn, frame } => {
+                let Some(slot) = self.lookup(conn) else { return };
+                if self.conns[slot].state == State::Authenticated {
+                    self.queue_frame(slot, frame);
+                }
+            }
+            Command::AuthResult {
+                conn,
+                user_id,
+                frame,
+            } => self.auth_result(conn, user_id, frame),
+            Command::Close { conn, frame } => {
+                if let Some(slot) = self.lookup(conn) {
+                    self.close_conn(slot, frame, false);
+                }
+            }
+            Command::Adopt(stream) => self.add(stream),
+            Command::Drain => {
+                self.draining = true;
+                self.listener = None;
+            }
+            Command::CloseAll(frame) => {
+                self.draining = true;
+                self.closing_all = true;
+                self.listener = None;
+                let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
+                for slot in slots {
+                    self.close_conn(slot, Some(frame.clone()), false);
+                }
+            }
+        }
+    }
+
+    fn auth_result(&mut self, conn: ConnRef, user_id: Option<u64>, frame: Bytes) {
+        let slot = self
+            .lookup(conn)
+            .filter(|&slot| self.conns[slot].state == State::Authenticating);
+        let Some(slot) = slot else {
+            // The connection went away while the chat logic registered it.
+            if let Some(user_id) = user_id {
+                self.handler.on_close(conn, user_id);
+            }
+            return;
+        };
+        let c = &mut self.conns[slot];
+        c.in_flight = c.in_flight.saturating_sub(1);
+        match user_id.and_then(|u| u32::try_from(u).ok()) {
+            Some(uid) => {
+                c.state = State::Authenticated;
+                c.user_id = uid;
+                let at = self.now + self.config.heartbeat_timeout_secs;
+                self.set_deadline(slot, at);
+            }
+            None => c.state = State::Unauthenticated,
+        }
+        self.queue_frame(slot, frame);
+        // Input may have arrived while reading was paused.
+        self.mark_ready(slot);
+    }
+}
+
+/// Best-effort refusal of a connection over the limit.
+fn refuse(mut stream: TcpStream, frame: &Bytes) {
+    let _ = stream.write(frame);
+}
