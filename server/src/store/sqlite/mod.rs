@@ -16,6 +16,9 @@ mod read;
 mod schema;
 mod writer;
 
+#[cfg(test)]
+mod tests;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
