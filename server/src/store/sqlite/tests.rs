@@ -179,6 +179,24 @@ async fn seqs_are_dense_per_conversation_across_batches() {
 }
 
 #[tokio::test]
+async fn notes_to_self_form_a_one_member_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let ids = users(&store, &["solo", "other"]).await;
+    let me = direct(ids[0], ids[0]);
+    let sent = send_n(&store, ids[0], me, "note", 2).await;
+    assert_eq!(seqs(&sent), vec![1, 2]);
+    let (list, _) = store.conversations(ids[0], 0, 10).await.unwrap();
+    assert_eq!(list.len(), 1);
+    assert_eq!((list[0].peer_id, list[0].title.as_str()), (ids[0], "solo"));
+    assert_eq!((list[0].last_seq, list[0].unread_count), (2, 0));
+    assert!(matches!(
+        store.history(ids[1], me, 0, 10).await,
+        Err(StoreError::NotMember)
+    ));
+}
+
+#[tokio::test]
 async fn concurrent_senders_get_every_seq_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(open(dir.path()));
@@ -899,4 +917,27 @@ async fn append_throughput() {
     );
     let page = store.history(ids[0], conversations[0], 0, 1).await.unwrap();
     assert_eq!(page.messages[0].seq, (TOTAL / 2) as u64);
+
+    // Single-message sends, as from many sessions at once: group commit
+    // shares each fsync among whatever is queued.
+    const SINGLES: usize = 10_000;
+    let started = std::time::Instant::now();
+    let mut pending = std::collections::VecDeque::new();
+    for i in 0..SINGLES {
+        let message = new_message(ids[1], conversations[0], &format!("s{i}"), "hi");
+        pending.push_back(store.append_batch(vec![message]));
+        if pending.len() == 1_000 {
+            if let Some(future) = pending.pop_front() {
+                stored(&future.await.unwrap()[0]);
+            }
+        }
+    }
+    for future in pending {
+        stored(&future.await.unwrap()[0]);
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "appended {SINGLES} single-message batches in {elapsed:?}: {:.0} messages/s",
+        SINGLES as f64 / elapsed.as_secs_f64()
+    );
 }
