@@ -206,7 +206,9 @@ pub trait Store: Send + Sync + 'static {
     /// Messages with seq above each cursor in the conversations `user`
     /// belongs to, ascending by (conversation, seq), at most `limit` in all.
     /// Conversations the user is not a member of are skipped. A group member
-    /// sees only messages stored after they joined.
+    /// sees only messages stored after they joined. A conversation listed
+    /// twice is read from its lowest cursor. `has_more` is set when messages
+    /// remain beyond the page in any listed conversation.
     fn sync(
         &self,
         user: UserId,
@@ -215,7 +217,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<Page>> + Send;
 
     /// Up to `limit` messages with seq below `before_seq` (0 = the newest),
-    /// the newest of them, in ascending seq order.
+    /// the newest of them, in ascending seq order; as in `sync`, a group
+    /// member sees nothing stored before they joined. `has_more` is set when
+    /// older visible messages remain.
     /// [`StoreError::NotMember`] if `user` may not read the conversation.
     fn history(
         &self,
@@ -226,7 +230,12 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = StoreResult<Page>> + Send;
 
     /// The user's conversations with id above `after`, ascending by id, at
-    /// most `limit`; the flag says whether more remain.
+    /// most `limit`; the flag says whether more remain. A direct
+    /// conversation is listed from its first message on, a group from when
+    /// the user joined.
+    /// `unread_count` is `last_seq` minus the higher of the read cursor and
+    /// the seq at which the user joined; `last_message` is absent when there
+    /// is no message the user may see.
     fn conversations(
         &self,
         user: UserId,
@@ -257,9 +266,10 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- groups ----
 
-    /// Creates a group owned by `owner` with `owner` and `members` in it.
-    /// [`StoreError::NotFound`] if a member does not exist;
-    /// [`StoreError::LimitExceeded`] above `max_members`.
+    /// Creates a group owned by `owner` with `owner` and `members` in it
+    /// (repeats ignored). [`StoreError::NotFound`] if a member does not
+    /// exist; [`StoreError::LimitExceeded`] above `max_members`. On error
+    /// nothing changes.
     fn create_group(
         &self,
         owner: UserId,
@@ -292,7 +302,7 @@ pub trait Store: Send + Sync + 'static {
         group: GroupId,
     ) -> impl Future<Output = StoreResult<Option<GroupRecord>>> + Send;
 
-    /// Member ids of a group, in joining order.
+    /// Member ids of a group, in joining order (empty for an unknown group).
     fn group_members(
         &self,
         group: GroupId,

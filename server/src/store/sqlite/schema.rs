@@ -1,0 +1,145 @@
+//! The on-disk layout: connection settings and versioned schema migrations.
+//!
+//! The schema version lives in the `meta` table. Migrations are a list of
+//! SQL scripts; script `i` takes the database from version `i` to `i + 1`.
+//! [`migrate`] applies the missing ones in one transaction at open, so
+//! running it again on an up-to-date database does nothing.
+//!
+//! Layout notes:
+//! - `members` holds both group members (conversation = the group's
+//!   conversation id) and the participants of direct conversations (created
+//!   with the first message), so "conversations of a user", cursors and
+//!   visibility (`joined_seq`) work the same for both kinds.
+//! - `messages.id` is the store-wide message id; `(conversation_id, seq)`
+//!   is unique and serves every range read.
+//! - Send deduplication uses a partial unique index on
+//!   `(sender_id, client_msg_id)`; server notices have an empty
+//!   `client_msg_id` and are left out of it.
+//! - There are no foreign keys: only the writer thread writes, and it checks
+//!   every reference before writing, so enforcing them again on the hot
+//!   append path would only cost time.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::store::{StoreError, StoreResult};
+
+/// How long a connection waits for a lock before failing, in milliseconds.
+const BUSY_TIMEOUT_MS: u32 = 5_000;
+
+/// Prepared statements kept per connection.
+const STATEMENT_CACHE: usize = 64;
+
+/// Schema scripts; the database is at version `MIGRATIONS.len()` when current.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "CREATE TABLE users (
+        id            INTEGER PRIMARY KEY,
+        username      TEXT NOT NULL UNIQUE COLLATE NOCASE,
+        password_hash TEXT NOT NULL,
+        created_ms    INTEGER NOT NULL
+    );
+    CREATE TABLE groups (
+        id         INTEGER PRIMARY KEY,
+        name       TEXT NOT NULL,
+        owner_id   INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL
+    );
+    CREATE TABLE members (
+        conversation_id INTEGER NOT NULL,
+        user_id         INTEGER NOT NULL,
+        joined_seq      INTEGER NOT NULL,
+        joined_order    INTEGER NOT NULL,
+        read_seq        INTEGER NOT NULL DEFAULT 0,
+        delivered_seq   INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (conversation_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX members_by_user ON members (user_id, conversation_id);
+    CREATE TABLE conversations (
+        id              INTEGER PRIMARY KEY,
+        last_seq        INTEGER NOT NULL,
+        last_message_id INTEGER
+    );
+    CREATE TABLE messages (
+        id              INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL,
+        seq             INTEGER NOT NULL,
+        sender_id       INTEGER NOT NULL,
+        client_msg_id   TEXT NOT NULL,
+        server_time_ms  INTEGER NOT NULL,
+        content         BLOB NOT NULL,
+        UNIQUE (conversation_id, seq)
+    );
+    CREATE UNIQUE INDEX messages_dedup ON messages (sender_id, client_msg_id)
+        WHERE client_msg_id <> '';",
+];
+
+/// Settings of the single write connection: WAL so readers run beside the
+/// writer, and `synchronous=FULL` so a committed (acknowledged) message
+/// survives power loss.
+pub(super) fn configure_writer(conn: &Connection) -> StoreResult<()> {
+    let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Backend(format!(
+            "could not enable WAL mode (journal_mode is {mode})"
+        )));
+    }
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    // 32 MiB page cache: the writer touches the tails of many indexes.
+    conn.pragma_update(None, "cache_size", -32_768)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    common(conn)
+}
+
+/// Settings of a read-only pool connection.
+pub(super) fn configure_reader(conn: &Connection) -> StoreResult<()> {
+    conn.pragma_update(None, "query_only", "ON")?;
+    common(conn)
+}
+
+fn common(conn: &Connection) -> StoreResult<()> {
+    conn.busy_timeout(std::time::Duration::from_millis(u64::from(BUSY_TIMEOUT_MS)))?;
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    Ok(())
+}
+
+/// Brings the schema up to date. Fails if the database was written by a
+/// newer version of the server.
+pub(super) fn migrate(conn: &mut Connection) -> StoreResult<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)",
+    )?;
+    let current: usize = tx
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::Backend(format!(
+            "database schema version {current} is newer than this server supports ({})",
+            MIGRATIONS.len()
+        )));
+    }
+    for script in &MIGRATIONS[current..] {
+        tx.execute_batch(script)?;
+    }
+    if current < MIGRATIONS.len() {
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![MIGRATIONS.len()],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// The schema version this build writes.
+#[cfg(test)]
+pub(super) fn latest_version() -> usize {
+    MIGRATIONS.len()
+}
