@@ -3,8 +3,12 @@
 //! - [`net`]: mio event-loop shards that own sockets, framing and limits.
 //! - [`chat`]: the chat logic (auth, sends, fan-out, sync, groups, presence).
 //! - [`store`]: the storage trait and the embedded SQLite store.
+//! - [`config`]: flags, `IM_*` variables and TOML, validated.
+//! - [`server`]: assembly of one node and its graceful shutdown.
 #![forbid(unsafe_code)]
 
 pub mod chat;
+pub mod config;
 pub mod net;
+pub mod server;
 pub mod store;

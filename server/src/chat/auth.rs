@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use argon2::password_hash::{PasswordHash, PasswordHasher as _, PasswordVerifier as _, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::sync::{OnceCell, Semaphore};
@@ -176,10 +176,16 @@ impl Tokens {
 
     /// Checks signature and expiry.
     pub fn verify(&self, token: &str) -> Result<Claims, ChatError> {
-        let rest = token.strip_prefix(TOKEN_PREFIX).ok_or(ChatError::InvalidToken)?;
+        let rest = token
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or(ChatError::InvalidToken)?;
         let (payload, tag) = rest.split_once('.').ok_or(ChatError::InvalidToken)?;
-        let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| ChatError::InvalidToken)?;
-        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| ChatError::InvalidToken)?;
+        let payload = URL_SAFE_NO_PAD
+            .decode(payload)
+            .map_err(|_| ChatError::InvalidToken)?;
+        let tag = URL_SAFE_NO_PAD
+            .decode(tag)
+            .map_err(|_| ChatError::InvalidToken)?;
         self.mac(&payload)
             .verify_slice(&tag)
             .map_err(|_| ChatError::InvalidToken)?;
@@ -187,8 +193,10 @@ impl Tokens {
             return Err(ChatError::InvalidToken);
         }
         let (head, name) = payload.split_at(16);
-        let user_id = u64::from_be_bytes(head[..8].try_into().map_err(|_| ChatError::InvalidToken)?);
-        let expires_at = u64::from_be_bytes(head[8..].try_into().map_err(|_| ChatError::InvalidToken)?);
+        let user_id =
+            u64::from_be_bytes(head[..8].try_into().map_err(|_| ChatError::InvalidToken)?);
+        let expires_at =
+            u64::from_be_bytes(head[8..].try_into().map_err(|_| ChatError::InvalidToken)?);
         if expires_at <= unix_secs() {
             return Err(ChatError::InvalidToken);
         }
@@ -235,7 +243,9 @@ impl LoginLimiter {
     /// failures per peer within `window`, tracking at most `max_keys`.
     pub fn new(per_user: u32, per_peer: u32, window: Duration, max_keys: usize) -> Self {
         LoginLimiter {
-            shards: (0..LIMITER_SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..LIMITER_SHARDS)
+                .map(|_| Mutex::new(HashMap::new()))
+                .collect(),
             hasher: Default::default(),
             per_user,
             per_peer,
@@ -363,7 +373,10 @@ mod tests {
     fn expired_tokens_are_refused() {
         let tokens = Tokens::new(b"k".repeat(32), Duration::ZERO);
         let (token, _) = tokens.issue(1, "bob");
-        assert!(matches!(tokens.verify(&token), Err(ChatError::InvalidToken)));
+        assert!(matches!(
+            tokens.verify(&token),
+            Err(ChatError::InvalidToken)
+        ));
     }
 
     #[test]
@@ -374,7 +387,10 @@ mod tests {
             limiter.check(ip, "alice").unwrap();
             limiter.record_failure(ip, "alice");
         }
-        assert!(matches!(limiter.check(ip, "Alice"), Err(ChatError::RateLimited(_))));
+        assert!(matches!(
+            limiter.check(ip, "Alice"),
+            Err(ChatError::RateLimited(_))
+        ));
         // Another username from the same peer still has budget, until the
         // per-peer count is reached.
         limiter.check(ip, "bob").unwrap();
@@ -382,7 +398,9 @@ mod tests {
         limiter.record_failure(ip, "carol");
         assert!(limiter.check(ip, "dave").is_err());
         // Another peer is unaffected.
-        limiter.check(Some("10.0.0.2".parse().unwrap()), "alice").unwrap();
+        limiter
+            .check(Some("10.0.0.2".parse().unwrap()), "alice")
+            .unwrap();
     }
 
     #[test]
@@ -405,9 +423,19 @@ mod tests {
         let passwords = Passwords::new(cost, 2, 8).unwrap();
         let hash = passwords.hash("correct horse".into()).await.unwrap();
         assert!(hash.starts_with("$argon2id$"));
-        assert!(passwords.verify("correct horse".into(), Some(hash.clone())).await.unwrap());
+        assert!(
+            passwords
+                .verify("correct horse".into(), Some(hash.clone()))
+                .await
+                .unwrap()
+        );
         assert!(!passwords.verify("wrong".into(), Some(hash)).await.unwrap());
-        assert!(!passwords.verify("correct horse".into(), None).await.unwrap());
+        assert!(
+            !passwords
+                .verify("correct horse".into(), None)
+                .await
+                .unwrap()
+        );
     }
 
     #[test]

@@ -69,7 +69,9 @@ impl From<StoreError> for ChatError {
             StoreError::UsernameTaken => ChatError::UsernameTaken,
             StoreError::NotFound => ChatError::NotFound("no such user or group"),
             StoreError::NotMember => ChatError::Forbidden("not a member of this conversation"),
-            StoreError::LimitExceeded(what) => ChatError::invalid(format!("limit exceeded: {what}")),
+            StoreError::LimitExceeded(what) => {
+                ChatError::invalid(format!("limit exceeded: {what}"))
+            }
             StoreError::Overloaded | StoreError::Closed => ChatError::Overloaded,
             StoreError::Backend(detail) => {
                 tracing::error!(%detail, "storage failure");

@@ -14,16 +14,16 @@ pub mod registry;
 mod requests;
 mod send;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use im_proto::pb::frame::Body;
 use im_proto::pb;
-use im_proto::{codec, Frame};
+use im_proto::pb::frame::Body;
+use im_proto::{Frame, codec};
 use tokio::runtime::Handle;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{Notify, mpsc};
 
 pub use error::ChatError;
 
@@ -158,7 +158,8 @@ impl<S: Store> ChatService<S> {
         config: ChatConfig,
         token_key: Vec<u8>,
     ) -> Result<Self, String> {
-        let passwords = Passwords::new(config.hash_cost, config.hash_concurrency, config.hash_queue)?;
+        let passwords =
+            Passwords::new(config.hash_cost, config.hash_concurrency, config.hash_queue)?;
         let tokens = Tokens::new(token_key, config.token_ttl);
         let limiter = LoginLimiter::new(
             config.login_failures,
@@ -223,7 +224,15 @@ impl<S: Store> Handler for ChatService<S> {
         let Frame { request_id, body } = frame;
         let Some(body) = body else {
             // The connection layer answers body-less frames itself.
-            self.inner.answer(ctx.conn, Frame::error(request_id, im_proto::ErrorCode::InvalidArgument, "empty frame", false));
+            self.inner.answer(
+                ctx.conn,
+                Frame::error(
+                    request_id,
+                    im_proto::ErrorCode::InvalidArgument,
+                    "empty frame",
+                    false,
+                ),
+            );
             return;
         };
         match ctx.user_id {
@@ -253,7 +262,8 @@ impl<S: Store> Inner<S> {
     }
 
     fn answer_auth(&self, conn: ConnRef, user: Option<UserId>, frame: Frame) {
-        self.out.auth_result(conn, user, codec::encode_to_bytes(&frame));
+        self.out
+            .auth_result(conn, user, codec::encode_to_bytes(&frame));
         self.request_done();
     }
 
@@ -276,7 +286,13 @@ impl<S: Store> Inner<S> {
         let mut frame: Option<Bytes> = None;
         self.presence.for_each_watcher(user, |conn| {
             let bytes = frame.get_or_insert_with(|| {
-                codec::encode_to_bytes(&Frame::new(0, Body::Presence(pb::Presence { user_id: user, online })))
+                codec::encode_to_bytes(&Frame::new(
+                    0,
+                    Body::Presence(pb::Presence {
+                        user_id: user,
+                        online,
+                    }),
+                ))
             });
             self.out.push(conn, bytes.clone());
         });

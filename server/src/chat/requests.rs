@@ -7,7 +7,7 @@ use std::sync::Arc;
 use im_proto::ids::ConversationKind;
 use im_proto::pb::frame::Body;
 use im_proto::pb::{self, group_notice};
-use im_proto::{codec, ConversationId, Frame};
+use im_proto::{ConversationId, Frame, codec};
 
 use super::auth::{validate_password, validate_username};
 use super::{ChatError, Inner};
@@ -42,9 +42,14 @@ fn group_id(raw: u64) -> Result<GroupId, ChatError> {
 /// Checks, sorts and deduplicates user ids from a request.
 fn user_ids(ids: &[u64], max: usize) -> Result<Vec<UserId>, ChatError> {
     if ids.len() > max {
-        return Err(ChatError::invalid(format!("at most {max} users per request")));
+        return Err(ChatError::invalid(format!(
+            "at most {max} users per request"
+        )));
     }
-    if ids.iter().any(|&u| !(1..=im_proto::ids::MAX_USER_ID).contains(&u)) {
+    if ids
+        .iter()
+        .any(|&u| !(1..=im_proto::ids::MAX_USER_ID).contains(&u))
+    {
         return Err(ChatError::invalid("invalid user id"));
     }
     let mut ids = ids.to_vec();
@@ -64,7 +69,10 @@ impl<S: Store> Inner<S> {
         let result = match body {
             Body::Register(r) => self.register(r).await,
             Body::Login(r) => self.login(r, ctx).await,
-            Body::Resume(r) => self.tokens.verify(&r.token).map(|c| (c.user_id, c.username)),
+            Body::Resume(r) => self
+                .tokens
+                .verify(&r.token)
+                .map(|c| (c.user_id, c.username)),
             _ => Err(ChatError::invalid("expected register, login or resume")),
         };
         match result {
@@ -85,7 +93,11 @@ impl<S: Store> Inner<S> {
                     server_time_ms: im_proto::now_ms(),
                     max_frame_bytes: self.config.max_frame_bytes as u32,
                 };
-                self.answer_auth(ctx.conn, Some(user_id), Frame::new(request_id, Body::AuthOk(ok)));
+                self.answer_auth(
+                    ctx.conn,
+                    Some(user_id),
+                    Frame::new(request_id, Body::AuthOk(ok)),
+                );
                 if came_online {
                     self.notify_presence(user_id, true);
                 }
@@ -103,7 +115,11 @@ impl<S: Store> Inner<S> {
         Ok((id, r.username))
     }
 
-    async fn login(&self, r: pb::LoginRequest, ctx: FrameCtx) -> Result<(UserId, String), ChatError> {
+    async fn login(
+        &self,
+        r: pb::LoginRequest,
+        ctx: FrameCtx,
+    ) -> Result<(UserId, String), ChatError> {
         if r.username.len() > 64 || r.password.len() > 1024 {
             return Err(ChatError::InvalidCredentials);
         }
@@ -159,7 +175,12 @@ impl<S: Store> Inner<S> {
                 let conv = conversation(r.conversation_id)?;
                 let page = self
                     .store
-                    .history(user, conv, r.before_seq, page_limit(r.limit, c.max_history_page))
+                    .history(
+                        user,
+                        conv,
+                        r.before_seq,
+                        page_limit(r.limit, c.max_history_page),
+                    )
                     .await?;
                 Ok(Body::HistoryResponse(pb::HistoryResponse {
                     messages: page.messages,
@@ -169,7 +190,11 @@ impl<S: Store> Inner<S> {
             Body::ListConversations(r) => {
                 let (conversations, has_more) = self
                     .store
-                    .conversations(user, r.after_conversation_id, page_limit(r.limit, c.max_list_page))
+                    .conversations(
+                        user,
+                        r.after_conversation_id,
+                        page_limit(r.limit, c.max_list_page),
+                    )
                     .await?;
                 Ok(Body::ConversationList(pb::ConversationList {
                     conversations,
@@ -190,15 +215,25 @@ impl<S: Store> Inner<S> {
                     return Err(ChatError::Forbidden("not a member of this group"));
                 }
                 self.members.invalidate(&group).await;
-                self.group_notice(&g, group_notice::Kind::MemberLeft, user, vec![user], vec![user])
-                    .await?;
+                self.group_notice(
+                    &g,
+                    group_notice::Kind::MemberLeft,
+                    user,
+                    vec![user],
+                    vec![user],
+                )
+                .await?;
                 Ok(Body::Done(pb::Done {}))
             }
             Body::ListMembers(r) => {
                 let group = group_id(r.group_id)?;
                 let members = self.member_list(group, user).await?;
-                let names: HashMap<UserId, String> =
-                    self.store.lookup_users(&members, &[]).await?.into_iter().collect();
+                let names: HashMap<UserId, String> = self
+                    .store
+                    .lookup_users(&members, &[])
+                    .await?
+                    .into_iter()
+                    .collect();
                 let members = members
                     .into_iter()
                     .map(|id| pb::User {
@@ -219,7 +254,10 @@ impl<S: Store> Inner<S> {
             }
             Body::LookupUsers(r) => {
                 if r.usernames.len() + r.user_ids.len() > c.max_lookup {
-                    return Err(ChatError::invalid(format!("at most {} users per lookup", c.max_lookup)));
+                    return Err(ChatError::invalid(format!(
+                        "at most {} users per lookup",
+                        c.max_lookup
+                    )));
                 }
                 let ids: Vec<UserId> = r
                     .user_ids
@@ -246,9 +284,9 @@ impl<S: Store> Inner<S> {
                     .collect();
                 Ok(Body::PresenceSnapshot(pb::PresenceSnapshot { users }))
             }
-            Body::Register(_) | Body::Login(_) | Body::Resume(_) => {
-                Err(ChatError::invalid("this connection is already authenticated"))
-            }
+            Body::Register(_) | Body::Login(_) | Body::Resume(_) => Err(ChatError::invalid(
+                "this connection is already authenticated",
+            )),
             _ => Err(ChatError::invalid("not a request the server accepts")),
         }
     }
@@ -296,7 +334,10 @@ impl<S: Store> Inner<S> {
     // ---- groups ----
 
     /// Members of a group for fan-out, from the cache when possible.
-    pub(crate) async fn group_members(&self, group: GroupId) -> Result<Arc<[UserId]>, Arc<StoreError>> {
+    pub(crate) async fn group_members(
+        &self,
+        group: GroupId,
+    ) -> Result<Arc<[UserId]>, Arc<StoreError>> {
         self.members
             .try_get_with(group, async {
                 self.store
@@ -337,7 +378,11 @@ impl<S: Store> Inner<S> {
         self.append_notice(conv, notice, extra_recipients).await
     }
 
-    async fn create_group(&self, user: UserId, r: pb::CreateGroupRequest) -> Result<Body, ChatError> {
+    async fn create_group(
+        &self,
+        user: UserId,
+        r: pb::CreateGroupRequest,
+    ) -> Result<Body, ChatError> {
         let name = r.name.trim();
         if name.is_empty() || name.chars().count() > MAX_GROUP_NAME {
             return Err(ChatError::invalid("group name must be 1 to 64 characters"));
@@ -363,13 +408,23 @@ impl<S: Store> Inner<S> {
             .await?;
         if !added.is_empty() {
             self.members.invalidate(&group).await;
-            self.group_notice(&g, group_notice::Kind::MembersAdded, user, added, Vec::new())
-                .await?;
+            self.group_notice(
+                &g,
+                group_notice::Kind::MembersAdded,
+                user,
+                added,
+                Vec::new(),
+            )
+            .await?;
         }
         Ok(Body::Group(group_info(&g)))
     }
 
-    async fn remove_members(&self, user: UserId, r: pb::RemoveMembersRequest) -> Result<Body, ChatError> {
+    async fn remove_members(
+        &self,
+        user: UserId,
+        r: pb::RemoveMembersRequest,
+    ) -> Result<Body, ChatError> {
         let group = group_id(r.group_id)?;
         let ids = user_ids(&r.user_ids, self.config.max_group_members)?;
         let g = self
@@ -378,13 +433,21 @@ impl<S: Store> Inner<S> {
             .await?
             .ok_or(ChatError::NotFound("no such group"))?;
         if g.owner != user {
-            return Err(ChatError::Forbidden("only the group owner may remove members"));
+            return Err(ChatError::Forbidden(
+                "only the group owner may remove members",
+            ));
         }
         let (g, removed) = self.store.remove_members(group, &ids).await?;
         if !removed.is_empty() {
             self.members.invalidate(&group).await;
-            self.group_notice(&g, group_notice::Kind::MembersRemoved, user, removed.clone(), removed)
-                .await?;
+            self.group_notice(
+                &g,
+                group_notice::Kind::MembersRemoved,
+                user,
+                removed.clone(),
+                removed,
+            )
+            .await?;
         }
         Ok(Body::Group(group_info(&g)))
     }

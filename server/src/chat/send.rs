@@ -13,12 +13,14 @@ use futures::stream::{FuturesOrdered, StreamExt};
 use im_proto::ids::ConversationKind;
 use im_proto::pb::frame::Body;
 use im_proto::pb::{self, content, send_request};
-use im_proto::{codec, ConversationId, Frame};
+use im_proto::{ConversationId, Frame, codec};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{ChatError, Inner};
 use crate::net::ConnRef;
-use crate::store::{AppendOutcome, AppendRejection, AppendResult, NewMessage, Store, StoreError, UserId};
+use crate::store::{
+    AppendOutcome, AppendRejection, AppendResult, NewMessage, Store, StoreError, UserId,
+};
 
 /// Longest client_msg_id accepted.
 const MAX_CLIENT_MSG_ID: usize = 64;
@@ -46,13 +48,25 @@ pub(crate) struct SendJob {
 
 /// Spreads conversations evenly over lanes.
 fn lane_of(conversation: ConversationId, lanes: usize) -> usize {
-    let mixed = conversation.raw().wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    ((mixed >> 32) % lanes as u64) as usize
+    // The murmur3 finalizer: every input bit affects the low bits.
+    let mut x = conversation.raw();
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    (x % lanes as u64) as usize
 }
 
 impl<S: Store> Inner<S> {
     /// Validates a SendRequest and queues it, or answers with an error.
-    pub(crate) fn submit_send(&self, conn: ConnRef, user: UserId, request_id: u64, req: pb::SendRequest) {
+    pub(crate) fn submit_send(
+        &self,
+        conn: ConnRef,
+        user: UserId,
+        request_id: u64,
+        req: pb::SendRequest,
+    ) {
         let message = match self.validate_send(user, req) {
             Ok(m) => m,
             Err(e) => return self.answer(conn, e.to_frame(request_id)),
@@ -69,7 +83,9 @@ impl<S: Store> Inner<S> {
 
     fn enqueue(&self, job: SendJob) -> Result<(), ChatError> {
         let lane = lane_of(job.message.conversation, self.lanes.len());
-        self.lanes[lane].try_send(job).map_err(|_| ChatError::Overloaded)
+        self.lanes[lane]
+            .try_send(job)
+            .map_err(|_| ChatError::Overloaded)
     }
 
     /// Appends a server notice through the conversation's lane and waits
@@ -97,19 +113,24 @@ impl<S: Store> Inner<S> {
         };
         // Notices wait for room rather than fail: the change they describe
         // is already stored.
-        self.lanes[lane].send(job).await.map_err(|_| ChatError::Overloaded)?;
+        self.lanes[lane]
+            .send(job)
+            .await
+            .map_err(|_| ChatError::Overloaded)?;
         rx.await.map_err(|_| ChatError::Internal)?
     }
 
     fn validate_send(&self, user: UserId, req: pb::SendRequest) -> Result<NewMessage, ChatError> {
         let conversation = match req.target {
-            Some(send_request::Target::ToUser(to)) => {
-                ConversationId::direct(user, to).ok_or_else(|| ChatError::invalid("invalid to_user"))?
+            Some(send_request::Target::ToUser(to)) => ConversationId::direct(user, to)
+                .ok_or_else(|| ChatError::invalid("invalid to_user"))?,
+            Some(send_request::Target::ConversationId(raw)) => ConversationId::from_raw(raw)
+                .ok_or_else(|| ChatError::invalid("invalid conversation_id"))?,
+            None => {
+                return Err(ChatError::invalid(
+                    "target (to_user or conversation_id) is required",
+                ));
             }
-            Some(send_request::Target::ConversationId(raw)) => {
-                ConversationId::from_raw(raw).ok_or_else(|| ChatError::invalid("invalid conversation_id"))?
-            }
-            None => return Err(ChatError::invalid("target (to_user or conversation_id) is required")),
         };
         if req.client_msg_id.is_empty() || req.client_msg_id.len() > MAX_CLIENT_MSG_ID {
             return Err(ChatError::invalid("client_msg_id must be 1 to 64 bytes"));
@@ -140,11 +161,19 @@ impl<S: Store> Inner<S> {
     }
 
     /// Completes one append batch in order: acks, then pushes.
-    async fn complete(&self, origins: Vec<(Origin, Vec<UserId>)>, results: Result<Vec<AppendResult>, StoreError>) {
+    async fn complete(
+        &self,
+        origins: Vec<(Origin, Vec<UserId>)>,
+        results: Result<Vec<AppendResult>, StoreError>,
+    ) {
         let results = match results {
             Ok(r) if r.len() == origins.len() => r,
             Ok(r) => {
-                tracing::error!(expected = origins.len(), got = r.len(), "store answered a batch partly");
+                tracing::error!(
+                    expected = origins.len(),
+                    got = r.len(),
+                    "store answered a batch partly"
+                );
                 return self.fail_all(origins, ChatError::Internal);
             }
             Err(e) => return self.fail_all(origins, e.into()),
@@ -201,7 +230,9 @@ impl<S: Store> Inner<S> {
     fn fail_all(&self, origins: Vec<(Origin, Vec<UserId>)>, error: ChatError) {
         for (origin, _) in origins {
             match origin {
-                Origin::Client { conn, request_id } => self.answer(conn, error.to_frame(request_id)),
+                Origin::Client { conn, request_id } => {
+                    self.answer(conn, error.to_frame(request_id))
+                }
                 Origin::Internal(tx) => {
                     let _ = tx.send(Err(ChatError::Internal));
                 }
@@ -253,11 +284,15 @@ fn validate_media(m: &pb::Media) -> Result<(), ChatError> {
         return Err(ChatError::invalid("media url must be 1 to 2048 bytes"));
     }
     if m.mime_type.len() > MAX_LABEL || m.name.len() > MAX_LABEL {
-        return Err(ChatError::invalid("mime_type and name must be at most 255 bytes"));
+        return Err(ChatError::invalid(
+            "mime_type and name must be at most 255 bytes",
+        ));
     }
     if let Some(t) = &m.thumbnail {
         if t.url.len() > MAX_URL {
-            return Err(ChatError::invalid("thumbnail url must be at most 2048 bytes"));
+            return Err(ChatError::invalid(
+                "thumbnail url must be at most 2048 bytes",
+            ));
         }
     }
     Ok(())

@@ -20,8 +20,8 @@ mod socket;
 mod wheel;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -232,7 +232,14 @@ impl Outbound {
     /// Completes an authentication request: `Some(user_id)` logs the
     /// connection in, `None` leaves it unauthenticated.
     pub fn auth_result(&self, conn: ConnRef, user_id: Option<u64>, frame: Bytes) {
-        self.send(conn.shard(), Command::AuthResult { conn, user_id, frame });
+        self.send(
+            conn.shard(),
+            Command::AuthResult {
+                conn,
+                user_id,
+                frame,
+            },
+        );
     }
 
     /// Sends `frame` (if any) and closes the connection.

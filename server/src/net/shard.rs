@@ -11,20 +11,20 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use crossbeam_channel::Receiver;
 use im_proto::pb::{self, frame::Body};
-use im_proto::{codec, ErrorCode, Frame};
+use im_proto::{ErrorCode, Frame, codec};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 use prost::Message;
 use slab::Slab;
 
-use super::conn::{Bufs, Conn, State, DIRTY, READY, READ_PAUSED, WRITE_BLOCKED, WRITE_SHUT};
+use super::conn::{Bufs, Conn, DIRTY, READ_PAUSED, READY, State, WRITE_BLOCKED, WRITE_SHUT};
 use super::wheel::{self, Wheel};
 use super::{Command, ConnRef, FrameCtx, Handler, NetConfig, NetError, Outbound, ShardStats};
 
@@ -136,13 +136,22 @@ impl FatalFrames {
     fn new() -> Self {
         let enc = |code, msg: &str| codec::encode_to_bytes(&Frame::error(0, code, msg, true));
         FatalFrames {
-            auth_timeout: enc(ErrorCode::AuthTimeout, "no authentication within the deadline"),
-            heartbeat_timeout: enc(ErrorCode::HeartbeatTimeout, "no frame within the heartbeat timeout"),
+            auth_timeout: enc(
+                ErrorCode::AuthTimeout,
+                "no authentication within the deadline",
+            ),
+            heartbeat_timeout: enc(
+                ErrorCode::HeartbeatTimeout,
+                "no frame within the heartbeat timeout",
+            ),
             slow_consumer: enc(
                 ErrorCode::SlowConsumer,
                 "outbound queue overflowed; reconnect and sync",
             ),
-            server_full: enc(ErrorCode::ServerFull, "the server holds its maximum of connections"),
+            server_full: enc(
+                ErrorCode::ServerFull,
+                "the server holds its maximum of connections",
+            ),
         }
     }
 }
@@ -250,7 +259,9 @@ impl Loop {
             return;
         }
         loop {
-            let Some(listener) = &self.listener else { return };
+            let Some(listener) = &self.listener else {
+                return;
+            };
             match listener.accept() {
                 Ok((stream, _)) => {
                     add(&self.stats.accepted, 1);
@@ -299,7 +310,11 @@ impl Loop {
             return;
         }
         let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(e) = self.poll.registry().register(&mut stream, Token(slot), interest) {
+        if let Err(e) = self
+            .poll
+            .registry()
+            .register(&mut stream, Token(slot), interest)
+        {
             tracing::warn!(shard = self.id, error = %e, "cannot register connection");
             return;
         }
@@ -325,7 +340,9 @@ impl Loop {
     // ---- reading ----
 
     fn on_readable(&mut self, slot: usize) {
-        let Some(conn) = self.conns.get(slot) else { return };
+        let Some(conn) = self.conns.get(slot) else {
+            return;
+        };
         if conn.state == State::Closing {
             self.discard_input(slot);
         } else {
@@ -354,7 +371,9 @@ impl Loop {
             self.put_inbound(slot, inbound);
         }
         loop {
-            let Some(conn) = self.conns.get(slot) else { return };
+            let Some(conn) = self.conns.get(slot) else {
+                return;
+            };
             if !self.can_dispatch(conn) {
                 return;
             }
@@ -415,7 +434,9 @@ impl Loop {
     /// Stores unparsed bytes back, unless the connection is closing (its
     /// input no longer matters).
     fn put_inbound(&mut self, slot: usize, inbound: Vec<u8>) {
-        let Some(conn) = self.conns.get_mut(slot) else { return };
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
         if conn.state == State::Closing || (inbound.is_empty() && conn.bufs.is_none()) {
             return;
         }
@@ -434,7 +455,9 @@ impl Loop {
         let max = self.config.max_frame_bytes;
         let mut pos = 0;
         loop {
-            let Some(conn) = self.conns.get(slot) else { return pos };
+            let Some(conn) = self.conns.get(slot) else {
+                return pos;
+            };
             if !self.can_dispatch(conn) {
                 return pos;
             }
@@ -497,7 +520,10 @@ impl Loop {
                 );
                 self.queue_frame(slot, codec::encode_to_bytes(&err));
             }
-            (Some(Body::Register(_) | Body::Login(_) | Body::Resume(_)), State::Unauthenticated) => {
+            (
+                Some(Body::Register(_) | Body::Login(_) | Body::Resume(_)),
+                State::Unauthenticated,
+            ) => {
                 conn.state = State::Authenticating;
                 conn.in_flight += 1;
                 let peer = conn.stream.peer_addr().ok().map(|a| a.ip());
@@ -559,7 +585,9 @@ impl Loop {
 
     fn process_ready(&mut self) {
         for _ in 0..self.ready.len() {
-            let Some(slot) = self.ready.pop_front() else { break };
+            let Some(slot) = self.ready.pop_front() else {
+                break;
+            };
             let slot = slot as usize;
             if let Some(conn) = self.conns.get_mut(slot) {
                 conn.clear(READY);
@@ -571,7 +599,9 @@ impl Loop {
     /// Reads and drops input of a closing connection until the peer's FIN.
     fn discard_input(&mut self, slot: usize) {
         loop {
-            let Some(conn) = self.conns.get_mut(slot) else { return };
+            let Some(conn) = self.conns.get_mut(slot) else {
+                return;
+            };
             match conn.stream.read(&mut self.scratch) {
                 Ok(0) => return self.finalize(slot),
                 Ok(_) => {}
@@ -585,7 +615,9 @@ impl Loop {
     // ---- writing ----
 
     fn queue_frame(&mut self, slot: usize, frame: Bytes) {
-        let Some(conn) = self.conns.get_mut(slot) else { return };
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
         let bufs = conn
             .bufs
             .get_or_insert_with(|| self.pool.pop().unwrap_or_default());
@@ -631,8 +663,12 @@ impl Loop {
     /// Writes queued output until it is gone or the socket is full.
     fn flush(&mut self, slot: usize) {
         loop {
-            let Some(conn) = self.conns.get_mut(slot) else { return };
-            let Some(bufs) = conn.bufs.as_mut() else { break };
+            let Some(conn) = self.conns.get_mut(slot) else {
+                return;
+            };
+            let Some(bufs) = conn.bufs.as_mut() else {
+                break;
+            };
             if bufs.out.is_empty() {
                 break;
             }
@@ -649,7 +685,9 @@ impl Loop {
                     bufs.out_bytes -= written;
                     let mut frames = 0;
                     while written > 0 {
-                        let Some(front) = bufs.out.front_mut() else { break };
+                        let Some(front) = bufs.out.front_mut() else {
+                            break;
+                        };
                         if front.len() <= written {
                             written -= front.len();
                             bufs.out.pop_front();
@@ -669,7 +707,9 @@ impl Loop {
                 Err(_) => return self.abort(slot),
             }
         }
-        let Some(conn) = self.conns.get_mut(slot) else { return };
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
         if conn.state == State::Closing && !conn.has(WRITE_SHUT) {
             conn.set(WRITE_SHUT);
             // Our last frame is out: send FIN, then wait for the peer's.
@@ -682,7 +722,9 @@ impl Loop {
 
     /// Returns a connection's empty buffers to the pool.
     fn recycle(&mut self, slot: usize) {
-        let Some(conn) = self.conns.get_mut(slot) else { return };
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
         if let Some(mut bufs) = conn.bufs.take() {
             if self.pool.len() < MAX_POOLED_BUFS {
                 bufs.reset();
@@ -699,7 +741,9 @@ impl Loop {
     fn close_conn(&mut self, slot: usize, frame: Option<Bytes>, discard: bool) {
         let linger = self.config.linger_secs;
         let now = self.now;
-        let Some(conn) = self.conns.get_mut(slot) else { return };
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
         if conn.state == State::Closing {
             return;
         }
@@ -766,7 +810,9 @@ impl Loop {
     /// Sets the connection's deadline, adding a wheel entry when the live
     /// one would fire too late.
     fn set_deadline(&mut self, slot: usize, at: u32) {
-        let Some(conn) = self.conns.get_mut(slot) else { return };
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
         conn.deadline = at;
         if at < conn.wheel_at {
             conn.wheel_at = self.wheel.insert(slot as u32, conn.generation, at);
@@ -778,12 +824,16 @@ impl Loop {
         self.wheel.expire(self.now, &mut due);
         for entry in due.drain(..) {
             let slot = entry.slot as usize;
-            let Some(conn) = self.conns.get_mut(slot) else { continue };
+            let Some(conn) = self.conns.get_mut(slot) else {
+                continue;
+            };
             if conn.generation != entry.generation || conn.wheel_at != entry.at {
                 continue; // A stale entry: the connection has a newer one.
             }
             if conn.deadline > self.now {
-                conn.wheel_at = self.wheel.insert(entry.slot, entry.generation, conn.deadline);
+                conn.wheel_at = self
+                    .wheel
+                    .insert(entry.slot, entry.generation, conn.deadline);
                 continue;
             }
             conn.wheel_at = u32::MAX; // This entry is spent.
@@ -831,7 +881,9 @@ impl Loop {
     fn command(&mut self, command: Command) {
         match command {
             Command::Reply { conn, frame } => {
-                let Some(slot) = self.lookup(conn) else { return };
+                let Some(slot) = self.lookup(conn) else {
+                    return;
+                };
                 let resume_at = self.config.max_in_flight / 2;
                 let c = &mut self.conns[slot];
                 if c.state == State::Closing {
@@ -848,7 +900,9 @@ impl Loop {
                 }
             }
             Command::Push { conn, frame } => {
-                let Some(slot) = self.lookup(conn) else { return };
+                let Some(slot) = self.lookup(conn) else {
+                    return;
+                };
                 if self.conns[slot].state == State::Authenticated {
                     self.queue_frame(slot, frame);
                 }

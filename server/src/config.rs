@@ -1,0 +1,462 @@
+//! Server configuration: one typed struct, filled from flags, `IM_*`
+//! environment variables and an optional TOML file, validated at start-up.
+//!
+//! Precedence: command-line flag, then environment variable, then the
+//! `--config` file, then the built-in default. TOML keys are the flag names
+//! without the leading dashes (`heartbeat-interval-secs = 30`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use serde::{Deserialize, Serialize};
+
+use crate::chat::ChatConfig;
+use crate::chat::auth::HashCost;
+use crate::net::NetConfig;
+use crate::store::sqlite::SqliteOptions;
+
+/// Invalid or unreadable configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML file is malformed or has unknown keys.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// im-server: a chat server speaking length-prefixed Protobuf frames over
+/// TCP. With no flags it listens on 127.0.0.1:7000 and keeps its data in
+/// ./data (embedded store, no other service needed).
+#[derive(Debug, Clone, Parser, Serialize, Deserialize)]
+#[command(name = "im-server", version, about, max_term_width = 100)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on for client connections.
+    #[arg(long, env = "IM_LISTEN", default_value = "127.0.0.1:7000")]
+    pub listen: SocketAddr,
+
+    /// Directory of the embedded store and the token key.
+    #[arg(long, env = "IM_DATA_DIR", default_value = "data")]
+    pub data_dir: PathBuf,
+
+    /// TOML file with any of these settings (flags and IM_* variables win).
+    #[arg(long, env = "IM_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    // ---- connections ----
+    /// Event-loop threads owning client sockets (0 = one per CPU).
+    #[arg(long, env = "IM_SHARDS", default_value_t = 0)]
+    pub shards: usize,
+
+    /// Connections held at most; more are refused with SERVER_FULL.
+    #[arg(long, env = "IM_MAX_CONNECTIONS", default_value_t = 1_000_000)]
+    pub max_connections: usize,
+
+    /// Largest frame accepted, in bytes; a larger length prefix gets
+    /// FRAME_TOO_LARGE and a close.
+    #[arg(long, env = "IM_MAX_FRAME_BYTES", default_value_t = 64 * 1024)]
+    pub max_frame_bytes: usize,
+
+    /// Seconds a new connection has to authenticate before AUTH_TIMEOUT.
+    #[arg(long, env = "IM_AUTH_TIMEOUT_SECS", default_value_t = 10)]
+    pub auth_timeout_secs: u32,
+
+    /// Heartbeat interval told to clients, in seconds.
+    #[arg(long, env = "IM_HEARTBEAT_INTERVAL_SECS", default_value_t = 30)]
+    pub heartbeat_interval_secs: u32,
+
+    /// Seconds without any frame after which a session is closed with
+    /// HEARTBEAT_TIMEOUT.
+    #[arg(long, env = "IM_HEARTBEAT_TIMEOUT_SECS", default_value_t = 90)]
+    pub heartbeat_timeout_secs: u32,
+
+    /// Bytes queued for one connection beyond its socket buffer before it is
+    /// disconnected as SLOW_CONSUMER.
+    #[arg(long, env = "IM_MAX_OUTBOUND_BYTES", default_value_t = 1 << 20)]
+    pub max_outbound_bytes: usize,
+
+    /// Requests of one connection awaiting replies before the server stops
+    /// reading from it (backpressure).
+    #[arg(long, env = "IM_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: u16,
+
+    /// Seconds a closing connection gets to receive its last frame.
+    #[arg(long, env = "IM_LINGER_SECS", default_value_t = 2)]
+    pub linger_secs: u32,
+
+    /// listen(2) backlog (also capped by net.core.somaxconn).
+    #[arg(long, env = "IM_BACKLOG", default_value_t = 4096)]
+    pub backlog: u32,
+
+    /// One listener per event loop with SO_REUSEPORT, balanced by the
+    /// kernel (false: one listener hands connections round-robin).
+    #[arg(long, env = "IM_REUSE_PORT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub reuse_port: bool,
+
+    /// TCP_NODELAY on client sockets.
+    #[arg(long, env = "IM_NODELAY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub nodelay: bool,
+
+    /// TCP keepalive idle seconds (0 = off; heartbeats already detect dead
+    /// peers).
+    #[arg(long, env = "IM_KEEPALIVE_SECS", default_value_t = 0)]
+    pub keepalive_secs: u32,
+
+    /// SO_SNDBUF per client socket in bytes (0 = kernel autotuning).
+    #[arg(long, env = "IM_SEND_BUFFER_BYTES", default_value_t = 0)]
+    pub send_buffer_bytes: usize,
+
+    /// SO_RCVBUF per client socket in bytes (0 = kernel autotuning).
+    #[arg(long, env = "IM_RECV_BUFFER_BYTES", default_value_t = 0)]
+    pub recv_buffer_bytes: usize,
+
+    // ---- chat ----
+    /// Send pipelines; conversations are spread over them (0 = one per CPU).
+    #[arg(long, env = "IM_SEND_LANES", default_value_t = 0)]
+    pub send_lanes: usize,
+
+    /// Messages per storage append batch at most.
+    #[arg(long, env = "IM_SEND_BATCH", default_value_t = 512)]
+    pub send_batch: usize,
+
+    /// Sends queued per pipeline before new ones get OVERLOADED.
+    #[arg(long, env = "IM_SEND_QUEUE", default_value_t = 16_384)]
+    pub send_queue: usize,
+
+    /// Append batches in flight per pipeline.
+    #[arg(long, env = "IM_SEND_BATCHES_IN_FLIGHT", default_value_t = 4)]
+    pub send_batches_in_flight: usize,
+
+    /// Frames queued to the event loops above which sends pause.
+    #[arg(long, env = "IM_OUTBOUND_HIGH_WATER", default_value_t = 1_000_000)]
+    pub outbound_high_water: usize,
+
+    /// Messages per sync page at most.
+    #[arg(long, env = "IM_MAX_SYNC_PAGE", default_value_t = 500)]
+    pub max_sync_page: u32,
+
+    /// Messages per history page at most.
+    #[arg(long, env = "IM_MAX_HISTORY_PAGE", default_value_t = 200)]
+    pub max_history_page: u32,
+
+    /// Conversations per conversation-list page at most.
+    #[arg(long, env = "IM_MAX_LIST_PAGE", default_value_t = 500)]
+    pub max_list_page: u32,
+
+    /// Cursors per sync request at most.
+    #[arg(long, env = "IM_MAX_SYNC_CURSORS", default_value_t = 1024)]
+    pub max_sync_cursors: usize,
+
+    /// Members per group at most.
+    #[arg(long, env = "IM_MAX_GROUP_MEMBERS", default_value_t = 2000)]
+    pub max_group_members: usize,
+
+    /// Presence subscriptions per connection at most.
+    #[arg(long, env = "IM_MAX_PRESENCE_SUBSCRIPTIONS", default_value_t = 1000)]
+    pub max_presence_subscriptions: usize,
+
+    /// Bytes of text per message at most.
+    #[arg(long, env = "IM_MAX_TEXT_BYTES", default_value_t = 32 * 1024)]
+    pub max_text_bytes: usize,
+
+    /// Groups whose member lists are cached for fan-out.
+    #[arg(long, env = "IM_MEMBER_CACHE_GROUPS", default_value_t = 100_000)]
+    pub member_cache_groups: u64,
+
+    // ---- accounts ----
+    /// Secret that signs session tokens (at least 32 bytes; nodes that share
+    /// it accept each other's tokens). Default: a random key kept in
+    /// DATA_DIR/token.key.
+    #[arg(long, env = "IM_TOKEN_SECRET", hide_env_values = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<String>,
+
+    /// Session token lifetime in seconds.
+    #[arg(long, env = "IM_TOKEN_TTL_SECS", default_value_t = 30 * 24 * 3600)]
+    pub token_ttl_secs: u64,
+
+    /// argon2id memory cost in KiB.
+    #[arg(long, env = "IM_ARGON2_MEMORY_KIB", default_value_t = 19 * 1024)]
+    pub argon2_memory_kib: u32,
+
+    /// argon2id passes.
+    #[arg(long, env = "IM_ARGON2_ITERATIONS", default_value_t = 2)]
+    pub argon2_iterations: u32,
+
+    /// Password hashes computed at once (0 = one per CPU).
+    #[arg(long, env = "IM_HASH_CONCURRENCY", default_value_t = 0)]
+    pub hash_concurrency: usize,
+
+    /// Password hashes waiting at most; more logins get OVERLOADED.
+    #[arg(long, env = "IM_HASH_QUEUE", default_value_t = 1024)]
+    pub hash_queue: usize,
+
+    /// Failed logins per (address, username) per window before
+    /// RATE_LIMITED (ten times as many per address).
+    #[arg(long, env = "IM_LOGIN_FAILURES", default_value_t = 5)]
+    pub login_failures: u32,
+
+    /// Length of the failed-login window in seconds.
+    #[arg(long, env = "IM_LOGIN_FAILURE_WINDOW_SECS", default_value_t = 60)]
+    pub login_failure_window_secs: u64,
+
+    // ---- storage and process ----
+    /// Read connections of the embedded store.
+    #[arg(long, env = "IM_SQLITE_READERS", default_value_t = 4)]
+    pub sqlite_readers: usize,
+
+    /// Write jobs queued in the embedded store before sends get OVERLOADED.
+    #[arg(long, env = "IM_SQLITE_WRITE_QUEUE", default_value_t = 8192)]
+    pub sqlite_write_queue: usize,
+
+    /// tokio worker threads for chat logic and storage (0 = one per CPU).
+    #[arg(long, env = "IM_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
+    /// Seconds to finish in-flight requests after SIGTERM/SIGINT before
+    /// connections are closed with SERVER_SHUTDOWN.
+    #[arg(long, env = "IM_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+impl Config {
+    /// Parses the process arguments and environment, merges the TOML file
+    /// if one is named, and validates.
+    pub fn load() -> Result<Config, ConfigError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// Like [`Config::load`] with explicit arguments (the first is the
+    /// program name).
+    pub fn load_from<I, T>(args: I) -> Result<Config, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Config::command().get_matches_from(args);
+        let mut config =
+            Config::from_arg_matches(&matches).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        if let Some(path) = config.config.clone() {
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let file: toml::Table =
+                toml::from_str(&text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+            let mut merged =
+                toml::Table::try_from(&config).map_err(|e| ConfigError::Parse(e.to_string()))?;
+            for (key, value) in file {
+                let id = key.replace('-', "_");
+                let explicit = matches!(
+                    matches
+                        .try_get_raw(&id)
+                        .ok()
+                        .and_then(|_| matches.value_source(&id)),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                );
+                if !explicit {
+                    merged.insert(key, value);
+                }
+            }
+            let mut from_file: Config = merged
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+            from_file.config = Some(path);
+            config = from_file;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The built-in defaults (as if started with no flags), for tests and
+    /// embedding.
+    pub fn defaults() -> Config {
+        Config::try_parse_from(["im-server"]).expect("defaults parse")
+    }
+
+    /// Checks ranges and relations between settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if !(1024..=16 << 20).contains(&self.max_frame_bytes) {
+            return bad("max-frame-bytes must be between 1 KiB and 16 MiB");
+        }
+        if self.heartbeat_interval_secs == 0
+            || self.heartbeat_timeout_secs <= self.heartbeat_interval_secs
+        {
+            return bad("heartbeat-timeout-secs must exceed heartbeat-interval-secs > 0");
+        }
+        if self.auth_timeout_secs == 0 {
+            return bad("auth-timeout-secs must be positive");
+        }
+        if self.max_outbound_bytes < self.max_frame_bytes {
+            return bad("max-outbound-bytes must be at least max-frame-bytes");
+        }
+        if self.max_in_flight == 0 || self.send_batch == 0 || self.send_queue == 0 {
+            return bad("max-in-flight, send-batch and send-queue must be positive");
+        }
+        if self.max_group_members < 2 {
+            return bad("max-group-members must be at least 2");
+        }
+        if let Some(secret) = &self.token_secret {
+            if secret.len() < 32 {
+                return bad("token-secret must be at least 32 bytes");
+            }
+        }
+        if self.argon2_memory_kib < 8 || self.argon2_iterations == 0 {
+            return bad("argon2-memory-kib must be >= 8 and argon2-iterations >= 1");
+        }
+        Ok(())
+    }
+
+    /// Settings of the connection layer.
+    pub fn net(&self) -> NetConfig {
+        NetConfig {
+            listen: self.listen,
+            shards: if self.shards == 0 {
+                cpus()
+            } else {
+                self.shards
+            },
+            max_connections: self.max_connections,
+            max_frame_bytes: self.max_frame_bytes,
+            auth_timeout_secs: self.auth_timeout_secs,
+            heartbeat_timeout_secs: self.heartbeat_timeout_secs,
+            max_outbound_bytes: self.max_outbound_bytes,
+            max_in_flight: self.max_in_flight,
+            linger_secs: self.linger_secs,
+            backlog: self.backlog,
+            reuse_port: self.reuse_port,
+            nodelay: self.nodelay,
+            keepalive_secs: self.keepalive_secs,
+            send_buffer_bytes: self.send_buffer_bytes,
+            recv_buffer_bytes: self.recv_buffer_bytes,
+        }
+    }
+
+    /// Settings of the chat layer.
+    pub fn chat(&self) -> ChatConfig {
+        ChatConfig {
+            heartbeat_interval_secs: self.heartbeat_interval_secs,
+            heartbeat_timeout_secs: self.heartbeat_timeout_secs,
+            max_frame_bytes: self.max_frame_bytes,
+            send_lanes: if self.send_lanes == 0 {
+                cpus()
+            } else {
+                self.send_lanes
+            },
+            send_batch: self.send_batch,
+            send_queue: self.send_queue,
+            send_batches_in_flight: self.send_batches_in_flight,
+            outbound_high_water: self.outbound_high_water,
+            max_sync_page: self.max_sync_page,
+            max_history_page: self.max_history_page,
+            max_list_page: self.max_list_page,
+            max_sync_cursors: self.max_sync_cursors,
+            max_group_members: self.max_group_members,
+            max_presence_subscriptions: self.max_presence_subscriptions,
+            max_lookup: 1000,
+            max_text_bytes: self.max_text_bytes,
+            token_ttl: Duration::from_secs(self.token_ttl_secs),
+            hash_cost: HashCost {
+                memory_kib: self.argon2_memory_kib,
+                iterations: self.argon2_iterations,
+                parallelism: 1,
+            },
+            hash_concurrency: if self.hash_concurrency == 0 {
+                cpus()
+            } else {
+                self.hash_concurrency
+            },
+            hash_queue: self.hash_queue,
+            login_failures: self.login_failures,
+            login_failure_window: Duration::from_secs(self.login_failure_window_secs),
+            member_cache_groups: self.member_cache_groups,
+        }
+    }
+
+    /// Settings of the embedded store.
+    pub fn sqlite(&self) -> SqliteOptions {
+        SqliteOptions {
+            read_connections: self.sqlite_readers,
+            write_queue: self.sqlite_write_queue,
+            ..SqliteOptions::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_documented() {
+        let c = Config::defaults();
+        assert_eq!(c.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(c.data_dir, PathBuf::from("data"));
+        c.validate().unwrap();
+        let help = Config::command().render_long_help().to_string();
+        for flag in [
+            "--max-frame-bytes",
+            "--auth-timeout-secs",
+            "--max-outbound-bytes",
+            "--reuse-port",
+        ] {
+            assert!(help.contains(flag), "{flag} missing from --help");
+        }
+        assert!(help.contains("[default: 65536]"));
+        assert!(help.contains("IM_MAX_FRAME_BYTES"));
+    }
+
+    #[test]
+    fn file_values_apply_unless_a_flag_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.toml");
+        std::fs::write(
+            &path,
+            "max-frame-bytes = 2048\nheartbeat-interval-secs = 5\nlisten = \"127.0.0.1:7100\"\n",
+        )
+        .unwrap();
+        let c = Config::load_from([
+            "im-server",
+            "--config",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:7200",
+        ])
+        .unwrap();
+        assert_eq!(c.max_frame_bytes, 2048);
+        assert_eq!(c.heartbeat_interval_secs, 5);
+        assert_eq!(c.listen, "127.0.0.1:7200".parse().unwrap());
+    }
+
+    #[test]
+    fn unknown_file_keys_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.toml");
+        std::fs::write(&path, "no-such-setting = 1\n").unwrap();
+        assert!(Config::load_from(["im-server", "--config", path.to_str().unwrap()]).is_err());
+        std::fs::write(&path, "heartbeat-timeout-secs = 1\n").unwrap();
+        assert!(matches!(
+            Config::load_from(["im-server", "--config", path.to_str().unwrap()]),
+            Err(ConfigError::Invalid(_))
+        ));
+    }
+}

@@ -1,0 +1,3 @@
+//! End-to-end tests against real server nodes, one module per area.
+
+mod protocol;

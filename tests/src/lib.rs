@@ -1,0 +1,289 @@
+//! Fixtures for the end-to-end tests: in-process server nodes on port 0
+//! with a throwaway data directory, `im-server` child processes for signal
+//! and restart tests, and a raw framed connection for protocol-level tests.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use im_proto::pb;
+use im_proto::pb::frame::Body;
+use im_proto::{Frame, FrameCodec};
+use im_server::config::Config;
+use im_server::server::EmbeddedServer;
+use tokio::net::TcpStream;
+use tokio_util::codec::Framed;
+
+/// Password used by every test account.
+pub const PASSWORD: &str = "correct horse battery";
+
+/// A configuration for tests: port 0, cheap password hashing, the given
+/// data directory.
+pub fn test_config(data_dir: &Path) -> Config {
+    let mut c = Config::defaults();
+    c.listen = "127.0.0.1:0".parse().expect("valid address");
+    c.data_dir = data_dir.to_path_buf();
+    c.argon2_memory_kib = 64;
+    c.argon2_iterations = 1;
+    c.shutdown_grace_secs = 5;
+    c
+}
+
+/// Logs to stderr once per test binary when `RUST_LOG` is set.
+pub fn init_logging() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_test_writer().try_init();
+    }
+}
+
+/// A server node running inside the test process.
+pub struct TestServer {
+    /// The running node (taken on shutdown).
+    pub server: Option<EmbeddedServer>,
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// The data directory (kept until the fixture drops).
+    pub dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// Starts a node with [`test_config`] adjusted by `tweak`.
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        init_logging();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut config = test_config(dir.path());
+        tweak(&mut config);
+        let server = EmbeddedServer::start(config).await.expect("server starts");
+        let addr = server.local_addr();
+        TestServer {
+            server: Some(server),
+            addr,
+            dir,
+        }
+    }
+
+    /// Starts a node with the test defaults.
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Restarts on the same data directory (new port).
+    pub async fn restart(&mut self) {
+        self.shutdown().await;
+        let config = test_config(self.dir.path());
+        let server = EmbeddedServer::start(config)
+            .await
+            .expect("server restarts");
+        self.addr = server.local_addr();
+        self.server = Some(server);
+    }
+
+    /// Graceful shutdown.
+    pub async fn shutdown(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown().await;
+        }
+    }
+
+    /// The running node.
+    pub fn node(&self) -> &EmbeddedServer {
+        self.server.as_ref().expect("server running")
+    }
+}
+
+/// A raw framed connection for protocol-level tests.
+pub struct RawConn {
+    /// The framed socket.
+    pub framed: Framed<TcpStream, FrameCodec>,
+    next_id: u64,
+}
+
+impl RawConn {
+    /// Connects without authenticating.
+    pub async fn connect(addr: SocketAddr) -> RawConn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawConn {
+            framed: Framed::new(stream, FrameCodec::new(16 << 20)),
+            next_id: 1,
+        }
+    }
+
+    /// Sends a request and returns its id.
+    pub async fn send(&mut self, body: Body) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.framed
+            .send(Frame::new(id, body))
+            .await
+            .expect("send frame");
+        id
+    }
+
+    /// The next frame, or `None` at EOF; panics after `secs` seconds.
+    pub async fn recv_within(&mut self, secs: u64) -> Option<Frame> {
+        match tokio::time::timeout(Duration::from_secs(secs), self.framed.next()).await {
+            Ok(Some(Ok(frame))) => Some(frame),
+            Ok(Some(Err(_))) | Ok(None) => None,
+            Err(_) => panic!("no frame within {secs} s"),
+        }
+    }
+
+    /// The next frame (5 s deadline); panics at EOF.
+    pub async fn recv(&mut self) -> Frame {
+        self.recv_within(5).await.expect("connection closed")
+    }
+
+    /// Skips pushes until the reply to `request_id` arrives.
+    pub async fn reply_to(&mut self, request_id: u64) -> Body {
+        loop {
+            let frame = self.recv().await;
+            if frame.request_id == request_id {
+                return frame.body.expect("reply has a body");
+            }
+        }
+    }
+
+    /// Sends a request and waits for its reply.
+    pub async fn call(&mut self, body: Body) -> Body {
+        let id = self.send(body).await;
+        self.reply_to(id).await
+    }
+
+    /// Registers `username` and returns the AuthOk.
+    pub async fn register(&mut self, username: &str) -> pb::AuthOk {
+        let body = self
+            .call(Body::Register(pb::RegisterRequest {
+                username: username.into(),
+                password: PASSWORD.into(),
+            }))
+            .await;
+        match body {
+            Body::AuthOk(ok) => ok,
+            other => panic!("register {username}: {other:?}"),
+        }
+    }
+
+    /// Writes raw bytes to the socket.
+    pub async fn write_raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.framed.get_mut().write_all(bytes).await.expect("write");
+    }
+
+    /// Reads until EOF (10 s deadline) and returns the frames seen.
+    pub async fn until_closed(&mut self) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while let Some(f) = self.recv_within(10).await {
+            frames.push(f);
+        }
+        frames
+    }
+}
+
+/// The error code of an error body, if it is one.
+pub fn error_code(body: &Body) -> Option<im_proto::ErrorCode> {
+    match body {
+        Body::Error(e) => im_proto::ErrorCode::try_from(e.code).ok(),
+        _ => None,
+    }
+}
+
+/// Path of a workspace binary built alongside the tests, building it if
+/// missing.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .to_path_buf();
+    let path = dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--bin", name])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building {name} failed");
+    }
+    path
+}
+
+/// An `im-server` child process.
+pub struct ServerProcess {
+    /// The child.
+    pub child: Child,
+    /// Where clients connect.
+    pub addr: SocketAddr,
+}
+
+impl ServerProcess {
+    /// Starts `im-server` on a free port with `data_dir` and extra flags,
+    /// and waits until it accepts connections.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        let child = Command::new(binary("im-server"))
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--argon2-memory-kib", "64", "--argon2-iterations", "1"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn im-server");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "im-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        ServerProcess { child, addr }
+    }
+
+    /// Sends a signal (by name, e.g. "TERM") to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for exit (up to `secs`) and returns the exit code.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("im-server did not exit within {secs} s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
