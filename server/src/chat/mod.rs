@@ -305,7 +305,7 @@ impl<S: Store> Inner<S> {
             body => {
                 let inner = self.clone();
                 self.runtime.spawn(async move {
-                    let frame = match inner.request(conn, user, request_id, body).await {
+                    let frame = match inner.request(conn, user, body).await {
                         Ok(body) => Frame::new(request_id, body),
                         Err(e) => e.to_frame(request_id),
                     };

@@ -145,7 +145,6 @@ impl<S: Store> Inner<S> {
         self: &Arc<Self>,
         conn: ConnRef,
         user: UserId,
-        _request_id: u64,
         body: Body,
     ) -> Result<Body, ChatError> {
         let c = &self.config;
