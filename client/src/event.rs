@@ -34,7 +34,10 @@ pub enum Event {
         reason: String,
     },
     /// Catch-up after a (re)connect finished: every message stored before
-    /// the connection was established has been delivered.
+    /// the connection was established has been delivered. Sent right after
+    /// `Connected` when [`ClientConfig::catch_up`] is off.
+    ///
+    /// [`ClientConfig::catch_up`]: crate::ClientConfig::catch_up
     Resynced {
         /// Messages received by the catch-up sync (duplicates included).
         messages: usize,

@@ -6,6 +6,9 @@
 //! - `format.rs`: recipient parsing and output lines (no I/O).
 //! - `state.rs`: the session and cursors saved under `--dir`.
 #![forbid(unsafe_code)]
+// Doc comments in this file are clap help texts written for the terminal,
+// not rustdoc.
+#![allow(rustdoc::invalid_html_tags, rustdoc::broken_intra_doc_links)]
 
 mod commands;
 mod format;
