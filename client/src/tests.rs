@@ -784,3 +784,89 @@ async fn refused_token_falls_back_to_login_and_stops_when_that_fails() {
     assert!(matches!(client.groups().await, Err(ClientError::Closed)));
     assert!(timeout(WAIT, events.next()).await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn presence_subscription_is_renewed_after_reconnect() {
+    let server = FakeServer::start().await;
+    let (client, mut events, mut conn) = connect(&server, config(&server)).await;
+    conn.serve_list(&Store::default()).await;
+    client.wait_ready().await.unwrap();
+
+    let c = client.clone();
+    let subscribe = tokio::spawn(async move { c.subscribe_presence(vec![BOB]).await });
+    let (rid, body) = conn.recv().await;
+    assert_eq!(
+        body,
+        Body::PresenceSubscribe(pb::PresenceSubscribeRequest {
+            user_ids: vec![BOB]
+        })
+    );
+    let offline = pb::Presence {
+        user_id: BOB,
+        online: false,
+    };
+    conn.reply(
+        rid,
+        Body::PresenceSnapshot(pb::PresenceSnapshot {
+            users: vec![offline],
+        }),
+    )
+    .await;
+    assert_eq!(subscribe.await.unwrap().unwrap(), [offline]);
+    drop(conn);
+
+    // Subscriptions live per connection: the client renews it first thing.
+    let mut conn = server.accept().await;
+    let (rid, body) = conn.recv().await;
+    assert!(matches!(body, Body::Resume(_)), "{body:?}");
+    conn.reply(rid, Body::AuthOk(auth_ok("token-2"))).await;
+    let (rid, body) = conn.recv().await;
+    assert_eq!(
+        body,
+        Body::PresenceSubscribe(pb::PresenceSubscribeRequest {
+            user_ids: vec![BOB]
+        })
+    );
+    let online = pb::Presence {
+        user_id: BOB,
+        online: true,
+    };
+    conn.reply(
+        rid,
+        Body::PresenceSnapshot(pb::PresenceSnapshot {
+            users: vec![online],
+        }),
+    )
+    .await;
+    conn.serve_list(&Store::default()).await;
+    loop {
+        if let Event::Presence(p) = next_event(&mut events).await {
+            assert_eq!(p, online);
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_reader_loses_nothing() {
+    let server = FakeServer::start().await;
+    let cfg = config(&server).with_event_buffer(2);
+    let (client, mut events, mut conn) = connect(&server, cfg).await;
+    conn.serve_list(&Store::default()).await;
+    client.wait_ready().await.unwrap();
+    let c = conv_ab();
+    for seq in 1..=50 {
+        conn.framed
+            .feed(Frame::new(0, Body::Message(text_message(c, seq, BOB))))
+            .await
+            .unwrap();
+    }
+    SinkExt::<Frame>::flush(&mut conn.framed).await.unwrap();
+    // The application is busy; the client must wait for it, not drop.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(client.cursors().get(&c).copied().unwrap_or(0) < 50);
+    for seq in 1..=50 {
+        assert_eq!(next_message(&mut events).await.seq, seq);
+    }
+    assert_eq!(client.cursors().get(&c), Some(&50));
+}
