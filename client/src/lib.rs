@@ -12,6 +12,19 @@
 //! and in seq order within each conversation, whether they arrive as live
 //! pushes, duplicated, out of order, or from sync.
 //!
+//! Guarantees and limits worth knowing:
+//! - [`Client::send`] retries with the same `client_msg_id` until it gets
+//!   an ack or [`ClientConfig::send_timeout`] runs out; after a lost
+//!   connection it resends once the next connection has caught up. A send
+//!   whose future is dropped is not resent.
+//! - Every request is bounded by [`ClientConfig::request_timeout`], which
+//!   includes waiting for a connection while the client reconnects.
+//! - The event channel is bounded; a stalled reader stalls the socket, and
+//!   the client recovers by reconnecting and syncing (see [`Events`]).
+//! - Tests can wait for [`Client::wait_ready`] (catch-up done), turn
+//!   catch-up or delivery acks off in [`ClientConfig`], and send arbitrary
+//!   request bodies with [`Client::request`].
+//!
 //! Modules:
 //! - [`config`] holds [`ClientConfig`] (every limit and timeout) and
 //!   [`Credentials`].
