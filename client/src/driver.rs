@@ -1,0 +1,494 @@
+//! The connection task: owns the socket of the current connection, matches
+//! replies to requests, sends heartbeats, notices a dead peer, feeds
+//! messages through [`Delivery`](crate::delivery::Delivery) to the event
+//! channel, and reconnects with backoff whenever the connection is lost.
+//!
+//! One loop per connection selects over: frames from the server, requests
+//! from the API, the heartbeat timer and a housekeeping tick (request
+//! deadlines, delivery acks, gap fetches). Writes go through a bounded queue
+//! to a separate writer task, so a slow write never stops the reading.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use im_proto::pb::{self, frame::Body};
+use im_proto::{CodecError, ErrorCode, Frame};
+use prost::Message as _;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::conn::{AuthError, Conn, Writer, describe_error};
+use crate::error::error_code;
+use crate::shared::{Call, Link, Session, Shared, lock};
+use crate::{ClientError, Credentials, Event};
+
+/// Frames waiting for the writer task.
+const WRITE_QUEUE: usize = 128;
+/// Period of the housekeeping tick.
+const TICK: Duration = Duration::from_millis(100);
+/// Heartbeat settings used when the server sends zeros.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(15);
+/// Floor for the heartbeat interval, whatever the server says.
+const MIN_HEARTBEAT: Duration = Duration::from_millis(50);
+/// A connection that lived this long counts as healthy: the next reconnect
+/// starts again from the smallest backoff.
+const HEALTHY_AFTER: Duration = Duration::from_secs(10);
+
+/// Who is waiting for the reply to a request.
+enum Waiter {
+    /// An API call (or the catch-up task).
+    Call(oneshot::Sender<Result<Body, ClientError>>),
+    /// A gap fetch for a conversation, started at cursor `from`.
+    GapFill { conversation: u64, from: u64 },
+    /// A fire-and-forget request (delivery acks).
+    Ignore,
+}
+
+struct Pending {
+    waiter: Waiter,
+    deadline: Instant,
+}
+
+/// Why a connection ended.
+enum End {
+    /// The client is shutting down.
+    Shutdown,
+    /// The connection was lost; reconnect.
+    Lost(String),
+}
+
+/// The client is shutting down (returned from a wait that was cut short).
+struct Shutdown;
+
+pub(crate) struct Driver {
+    shared: Arc<Shared>,
+    calls: mpsc::Receiver<Call>,
+    events: mpsc::Sender<Event>,
+    cancel: CancellationToken,
+    credentials: Credentials,
+    pending: HashMap<u64, Pending>,
+    generation: u64,
+    /// The user of the current connection.
+    me: u64,
+}
+
+impl Driver {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        calls: mpsc::Receiver<Call>,
+        events: mpsc::Sender<Event>,
+        cancel: CancellationToken,
+        credentials: Credentials,
+    ) -> Self {
+        Driver {
+            shared,
+            calls,
+            events,
+            cancel,
+            credentials,
+            pending: HashMap::new(),
+            generation: 0,
+            me: 0,
+        }
+    }
+
+    /// Runs until the client is closed or authentication fails for good.
+    /// `first` is the connection authenticated by `Client::connect`.
+    pub(crate) async fn run(mut self, first: (Conn, pb::AuthOk)) {
+        let mut backoff = Backoff::new(
+            self.shared.config.reconnect_min,
+            self.shared.config.reconnect_max,
+        );
+        let mut next = Some(first);
+        loop {
+            let (conn, ok) = match next.take() {
+                Some(established) => established,
+                None => {
+                    let delay = backoff.next_delay();
+                    tracing::debug!(?delay, "reconnecting");
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => break,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                    let attempt = tokio::select! {
+                        _ = self.cancel.cancelled() => break,
+                        attempt = self.establish() => attempt,
+                    };
+                    match attempt {
+                        Ok(established) => established,
+                        Err(AuthError::Retry(e)) => {
+                            tracing::debug!(error = %e, "reconnect failed");
+                            continue;
+                        }
+                        Err(AuthError::Fatal(e)) => {
+                            tracing::warn!(error = %e, "giving up: credentials refused");
+                            self.shared.link.send_replace(Link::Closed);
+                            let reason = e.to_string();
+                            let _ = self.emit(Event::Stopped { reason }).await;
+                            return;
+                        }
+                    }
+                }
+            };
+
+            self.authenticated(&ok);
+            self.generation += 1;
+            let generation = self.generation;
+            let reconnected = generation > 1;
+            self.shared.link.send_replace(Link::Up { generation });
+            tracing::debug!(user_id = ok.user_id, generation, "connected");
+            let connected = Event::Connected {
+                user_id: ok.user_id,
+                reconnected,
+            };
+            if self.emit(connected).await.is_err() {
+                break;
+            }
+            let catch_up = tokio::spawn(crate::sync::catch_up(
+                self.shared.clone(),
+                self.events.clone(),
+                generation,
+            ));
+            let started = Instant::now();
+            let end = self.connection(conn, &ok).await;
+            catch_up.abort();
+
+            // Order matters: the link leaves Ready before the waiters learn
+            // of the disconnect, so a retrying send waits for the next
+            // connection to catch up before it resends.
+            self.shared.link.send_replace(Link::Connecting);
+            self.pending.clear();
+            lock(&self.shared.delivery).connection_lost();
+            match end {
+                End::Shutdown => break,
+                End::Lost(reason) => {
+                    tracing::info!(%reason, "connection lost");
+                    if started.elapsed() >= HEALTHY_AFTER {
+                        backoff.reset();
+                    }
+                    if self.emit(Event::Disconnected { reason }).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        self.shared.link.send_replace(Link::Closed);
+    }
+
+    /// Opens a new connection and logs in with the latest token.
+    async fn establish(&self) -> Result<(Conn, pb::AuthOk), AuthError> {
+        let config = &self.shared.config;
+        let mut conn = Conn::open(
+            &config.server,
+            config.connect_timeout,
+            config.max_frame_bytes,
+        )
+        .await
+        .map_err(AuthError::Retry)?;
+        let token = lock(&self.shared.session).token.clone();
+        let shared = &self.shared;
+        let ok = conn
+            .authenticate(
+                &self.credentials,
+                Some(&token),
+                || shared.next_request_id(),
+                config.request_timeout,
+            )
+            .await?;
+        Ok((conn, ok))
+    }
+
+    fn authenticated(&mut self, ok: &pb::AuthOk) {
+        *lock(&self.shared.session) = Session::from(ok);
+        self.me = ok.user_id;
+        // The account exists now: from here on, fall back to logging in.
+        if let Credentials::Register { username, password } = &self.credentials {
+            self.credentials = Credentials::Login {
+                username: username.clone(),
+                password: password.clone(),
+            };
+        }
+    }
+
+    /// Serves one authenticated connection until it ends.
+    async fn connection(&mut self, conn: Conn, ok: &pb::AuthOk) -> End {
+        let Conn { mut reader, writer } = conn;
+        let (writes, write_queue) = mpsc::channel(WRITE_QUEUE);
+        let mut writer_task = tokio::spawn(write_loop(writer, write_queue));
+
+        let interval = millis(ok.heartbeat_interval_ms)
+            .unwrap_or(DEFAULT_HEARTBEAT)
+            .max(MIN_HEARTBEAT);
+        let dead_after = millis(ok.heartbeat_timeout_ms)
+            .unwrap_or(interval * 3)
+            .max(interval);
+        let server_max = usize::try_from(ok.max_frame_bytes)
+            .ok()
+            .filter(|&m| m > 0)
+            .unwrap_or(im_proto::DEFAULT_MAX_FRAME_BYTES);
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + interval, interval);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        let mut next_ack_flush = Instant::now() + self.shared.config.ack_interval;
+
+        let end = loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => break End::Shutdown,
+                result = &mut writer_task => {
+                    let reason = match result {
+                        Ok(Ok(())) => "writer stopped".to_owned(),
+                        Ok(Err(e)) => format!("write failed: {e}"),
+                        Err(e) => format!("writer task failed: {e}"),
+                    };
+                    break End::Lost(reason);
+                }
+                frame = reader.next() => match frame {
+                    None => break End::Lost("connection closed by the server".to_owned()),
+                    Some(Err(e)) => break End::Lost(format!("read failed: {e}")),
+                    Some(Ok(frame)) => {
+                        match self.on_frame(frame).await {
+                            Ok(None) => {}
+                            Ok(Some(reason)) => break End::Lost(reason),
+                            Err(Shutdown) => break End::Shutdown,
+                        }
+                        self.fetch_gaps(&writes);
+                        // Counted after processing: time spent waiting for
+                        // the application to take events is not silence.
+                        last_heard = Instant::now();
+                    }
+                },
+                // Only take a request when the write queue has room for it,
+                // so a stalled socket pushes back on callers, not on reads.
+                Some(call) = self.calls.recv(), if writes.capacity() > 0 => {
+                    self.on_call(call, &writes, server_max);
+                }
+                _ = heartbeat.tick() => {
+                    let ping = Frame::new(self.shared.next_request_id(), Body::Ping(pb::Ping {}));
+                    // A full queue means frames are going out anyway.
+                    let _ = writes.try_send(ping);
+                }
+                _ = tick.tick() => {
+                    let now = Instant::now();
+                    if now.duration_since(last_heard) >= dead_after {
+                        break End::Lost(format!("no frame from the server for {dead_after:?}"));
+                    }
+                    self.expire(now);
+                    if self.shared.config.auto_ack_delivered && now >= next_ack_flush {
+                        next_ack_flush = now + self.shared.config.ack_interval;
+                        self.flush_acks(&writes);
+                    }
+                    self.fetch_gaps(&writes);
+                }
+            }
+        };
+        writer_task.abort();
+        end
+    }
+
+    /// Handles one frame from the server. Returns the reason to disconnect
+    /// after a fatal error.
+    async fn on_frame(&mut self, frame: Frame) -> Result<Option<String>, Shutdown> {
+        let Some(body) = frame.body else {
+            tracing::debug!("ignoring a frame without a body");
+            return Ok(None);
+        };
+        let fatal = match &body {
+            Body::Error(err) if err.fatal => Some(describe_error(err)),
+            _ => None,
+        };
+        if frame.request_id == 0 {
+            match body {
+                Body::Message(message) => self.deliver(vec![message]).await?,
+                Body::Receipt(receipt) => self.emit(Event::Receipt(receipt)).await?,
+                Body::Presence(presence) => self.emit(Event::Presence(presence)).await?,
+                Body::Error(err) if !err.fatal => {
+                    tracing::warn!(code = ?error_code(err.code), message = %err.message, "server error");
+                }
+                _ => {}
+            }
+            return Ok(fatal);
+        }
+
+        // Every sync result is delivered, whoever asked for it, so sync and
+        // pushes share one path. It happens before the waiter hears of the
+        // reply, so the waiter sees advanced cursors.
+        if let Body::SyncResponse(response) = &body {
+            self.deliver(response.messages.iter().cloned()).await?;
+        }
+        match self.pending.remove(&frame.request_id).map(|p| p.waiter) {
+            Some(Waiter::Call(reply)) => {
+                let _ = reply.send(Ok(body));
+            }
+            Some(Waiter::GapFill { conversation, from }) => {
+                let mut delivery = lock(&self.shared.delivery);
+                if let Body::Error(err) = &body {
+                    tracing::debug!(conversation, code = ?error_code(err.code), "gap fetch failed");
+                    if matches!(
+                        error_code(err.code),
+                        ErrorCode::Forbidden | ErrorCode::NotFound
+                    ) {
+                        // Not ours to read (any more): stop waiting for it.
+                        delivery.discard_early(conversation);
+                    }
+                }
+                let progressed = delivery.delivered(conversation) > from;
+                delivery.fetch_done(conversation, progressed, std::time::Instant::now());
+            }
+            Some(Waiter::Ignore) => {
+                if let Body::Error(err) = &body {
+                    tracing::debug!(code = ?error_code(err.code), message = %err.message, "request failed");
+                }
+            }
+            // A pong, or the late reply to a request that timed out.
+            None => {}
+        }
+        Ok(fatal)
+    }
+
+    /// Runs messages through delivery and emits whatever became ready.
+    async fn deliver(
+        &mut self,
+        messages: impl IntoIterator<Item = pb::Message>,
+    ) -> Result<(), Shutdown> {
+        let ready: Vec<pb::Message> = {
+            let mut delivery = lock(&self.shared.delivery);
+            messages
+                .into_iter()
+                .flat_map(|m| delivery.accept(m, self.me))
+                .collect()
+        };
+        for message in ready {
+            self.emit(Event::Message(message)).await?;
+        }
+        Ok(())
+    }
+
+    /// Hands an event to the application, waiting while its channel is full
+    /// (which is what stops the reading of the socket). A dropped `Events`
+    /// discards events.
+    async fn emit(&self, event: Event) -> Result<(), Shutdown> {
+        tokio::select! {
+            _ = self.cancel.cancelled() => Err(Shutdown),
+            _ = self.events.send(event) => Ok(()),
+        }
+    }
+
+    fn on_call(&mut self, call: Call, writes: &mpsc::Sender<Frame>, server_max: usize) {
+        if call.reply.is_closed() {
+            return; // the caller gave up while the request was queued
+        }
+        let request_id = self.shared.next_request_id();
+        let frame = Frame::new(request_id, call.body);
+        let len = frame.encoded_len();
+        if len > server_max {
+            let _ = call.reply.send(Err(ClientError::InvalidArgument(format!(
+                "request of {len} bytes exceeds the server's limit of {server_max} bytes"
+            ))));
+            return;
+        }
+        match writes.try_send(frame) {
+            Ok(()) => {
+                let deadline = Instant::now() + self.shared.config.request_timeout;
+                let waiter = Waiter::Call(call.reply);
+                self.pending
+                    .insert(request_id, Pending { waiter, deadline });
+            }
+            // Full cannot happen (capacity was checked); closed means the
+            // writer died, which the loop notices next.
+            Err(_) => {
+                let _ = call.reply.send(Err(ClientError::Disconnected));
+            }
+        }
+    }
+
+    /// Drops requests whose callers gave up or whose time ran out.
+    fn expire(&mut self, now: Instant) {
+        let shared = &self.shared;
+        self.pending.retain(|_, pending| {
+            let expired = now >= pending.deadline;
+            match &pending.waiter {
+                Waiter::Call(reply) => !expired && !reply.is_closed(),
+                Waiter::GapFill { conversation, .. } => {
+                    if expired {
+                        lock(&shared.delivery).fetch_done(
+                            *conversation,
+                            false,
+                            std::time::Instant::now(),
+                        );
+                    }
+                    !expired
+                }
+                Waiter::Ignore => !expired,
+            }
+        });
+    }
+
+    /// Sends the coalesced delivery acks.
+    fn flush_acks(&mut self, writes: &mpsc::Sender<Frame>) {
+        let acks = lock(&self.shared.delivery).take_acks();
+        for (conversation, seq) in acks {
+            let request_id = self.shared.next_request_id();
+            let ack = Body::Ack(pb::AckRequest {
+                conversation_id: conversation,
+                seq,
+                kind: pb::ReceiptKind::Delivered as i32,
+            });
+            if writes.try_send(Frame::new(request_id, ack)).is_ok() {
+                self.track(request_id, Waiter::Ignore);
+            }
+        }
+    }
+
+    /// Starts a sync for every conversation with a gap.
+    fn fetch_gaps(&mut self, writes: &mpsc::Sender<Frame>) {
+        let now = std::time::Instant::now();
+        let due = lock(&self.shared.delivery).gaps_to_fetch(now);
+        for (conversation, from) in due {
+            tracing::debug!(conversation, from, "fetching a gap");
+            let request_id = self.shared.next_request_id();
+            let sync = Body::Sync(pb::SyncRequest {
+                cursors: vec![pb::ConvCursor {
+                    conversation_id: conversation,
+                    seq: from,
+                }],
+                limit: self.shared.config.sync_page,
+            });
+            if writes.try_send(Frame::new(request_id, sync)).is_ok() {
+                self.track(request_id, Waiter::GapFill { conversation, from });
+            } else {
+                lock(&self.shared.delivery).fetch_done(conversation, false, now);
+            }
+        }
+    }
+
+    fn track(&mut self, request_id: u64, waiter: Waiter) {
+        let deadline = Instant::now() + self.shared.config.request_timeout;
+        self.pending
+            .insert(request_id, Pending { waiter, deadline });
+    }
+}
+
+/// Writes queued frames, flushing whenever the queue runs dry.
+async fn write_loop(
+    mut writer: Writer,
+    mut queue: mpsc::Receiver<Frame>,
+) -> Result<(), CodecError> {
+    while let Some(frame) = queue.recv().await {
+        writer.feed(frame).await?;
+        while let Ok(frame) = queue.try_recv() {
+            writer.feed(frame).await?;
+        }
+        SinkExt::<Frame>::flush(&mut writer).await?;
+    }
+    Ok(())
+}
+
+fn millis(ms: u32) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(u64::from(ms)))
+}
