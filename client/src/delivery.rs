@@ -6,10 +6,12 @@
 //! order in which they race does not matter: a seq at or below the cursor is
 //! a duplicate, the next seq is emitted together with any buffered
 //! successors, and anything further ahead is buffered while the gap is
-//! fetched with a `SyncRequest` from the cursor. This module does no I/O and
-//! reads no clock; the caller passes `now`.
+//! fetched with a `SyncRequest` from the cursor. Messages this device sent
+//! itself (known from their acks) count as delivered without being emitted:
+//! the application has them already. This module does no I/O and reads no
+//! clock; the caller passes `now`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use im_proto::pb;
@@ -18,12 +20,20 @@ use im_proto::pb;
 /// nothing new (or failed).
 pub(crate) const GAP_RETRY: Duration = Duration::from_secs(2);
 
+/// Own acked seqs remembered per conversation while they wait for the
+/// cursor to reach them; beyond this the oldest are forgotten (and then
+/// emitted like anyone else's messages when they arrive).
+const MAX_OWN_PENDING: usize = 4096;
+
 #[derive(Debug, Default)]
 struct Conv {
     /// Highest seq such that 1..=delivered have all been emitted.
     delivered: u64,
     /// Messages above `delivered + 1`, waiting for the gap to close.
     early: BTreeMap<u64, pb::Message>,
+    /// Seqs above `delivered` of messages this device sent (acked): they
+    /// advance the cursor without being emitted.
+    own: BTreeSet<u64>,
     /// A gap fetch for this conversation is in flight.
     fetching: bool,
     /// Do not start another gap fetch before this instant.
@@ -74,20 +84,21 @@ impl Delivery {
         if seq == 0 {
             return Vec::new();
         }
-        let adopt = self.adopt_unknown;
-        let conv = self
-            .convs
-            .entry(msg.conversation_id)
-            .or_insert_with(|| Conv {
-                delivered: if adopt { seq - 1 } else { 0 },
-                acked: if adopt { seq - 1 } else { 0 },
-                ..Conv::default()
-            });
+        let gap_buffer = self.gap_buffer;
+        let conv = self.conv(msg.conversation_id, seq);
         if seq <= conv.delivered || conv.early.contains_key(&seq) {
             return Vec::new();
         }
+        if conv.own.remove(&seq) {
+            // Sent from this device: already known to the application.
+            if seq == conv.delivered + 1 {
+                return Self::advance(conv, Vec::new(), me);
+            }
+            conv.own.insert(seq);
+            return Vec::new();
+        }
         if seq > conv.delivered + 1 {
-            if conv.early.len() >= self.gap_buffer {
+            if conv.early.len() >= gap_buffer {
                 // Full: keep the messages closest to the cursor. Whatever is
                 // dropped is fetched again by the gap fetch, which always
                 // starts at the cursor.
@@ -101,16 +112,79 @@ impl Delivery {
             conv.early.insert(seq, msg);
             return Vec::new();
         }
-        let mut ready = vec![msg];
         conv.delivered = seq;
-        while let Some(next) = conv.early.remove(&(conv.delivered + 1)) {
-            conv.delivered = next.seq;
-            ready.push(next);
+        Self::advance(conv, vec![msg], me)
+    }
+
+    /// Records that this device sent `seq` in `conversation` (its ack
+    /// arrived) and returns the messages that became ready.
+    pub(crate) fn sent(&mut self, conversation: u64, seq: u64, me: u64) -> Vec<pb::Message> {
+        if seq == 0 {
+            return Vec::new();
+        }
+        let conv = self.conv(conversation, seq);
+        if seq <= conv.delivered {
+            return Vec::new();
+        }
+        if seq == conv.delivered + 1 {
+            conv.delivered = seq;
+            return Self::advance(conv, Vec::new(), me);
+        }
+        conv.early.remove(&seq);
+        conv.own.insert(seq);
+        if conv.own.len() > MAX_OWN_PENDING {
+            conv.own.pop_first();
+        }
+        Vec::new()
+    }
+
+    /// The state of a conversation, created on first sight.
+    fn conv(&mut self, conversation: u64, first_seq: u64) -> &mut Conv {
+        let adopt = self.adopt_unknown;
+        self.convs.entry(conversation).or_insert_with(|| {
+            let start = if adopt { first_seq - 1 } else { 0 };
+            Conv {
+                delivered: start,
+                acked: start,
+                ..Conv::default()
+            }
+        })
+    }
+
+    /// Moves the cursor over buffered messages and own seqs that are now
+    /// contiguous, appending the buffered ones to `ready`.
+    fn advance(conv: &mut Conv, mut ready: Vec<pb::Message>, me: u64) -> Vec<pb::Message> {
+        loop {
+            let next = conv.delivered + 1;
+            if let Some(m) = conv.early.remove(&next) {
+                conv.delivered = next;
+                ready.push(m);
+            } else if conv.own.remove(&next) {
+                conv.delivered = next;
+            } else {
+                break;
+            }
         }
         if ready.iter().any(|m| m.sender_id != me) {
             conv.ack_due = true;
         }
         ready
+    }
+
+    /// A sync from cursor `from` returned `first_seq` as the first message
+    /// of `conversation`: nothing between is visible to this user (it
+    /// predates joining a group), so the cursor moves up to it.
+    pub(crate) fn skip_invisible(&mut self, conversation: u64, from: u64, first_seq: u64) {
+        let Some(conv) = self.convs.get_mut(&conversation) else {
+            return;
+        };
+        if conv.delivered == from && first_seq > from + 1 {
+            conv.delivered = first_seq - 1;
+            conv.acked = conv.acked.max(conv.delivered);
+            // The response carries `first_seq` itself, which will then be emitted.
+            conv.early.retain(|&seq, _| seq > first_seq);
+            conv.own.retain(|&seq| seq >= first_seq);
+        }
     }
 
     /// The highest contiguous seq delivered in `conv` (0 if unknown).
@@ -157,6 +231,7 @@ impl Delivery {
     pub(crate) fn discard_early(&mut self, conv: u64) {
         if let Some(c) = self.convs.get_mut(&conv) {
             c.early.clear();
+            c.own.clear();
         }
     }
 
@@ -303,6 +378,47 @@ mod tests {
         assert_eq!(d.gaps_to_fetch(now + GAP_RETRY), [(C, 0)]);
         d.connection_lost();
         assert_eq!(d.gaps_to_fetch(now), [(C, 0)]);
+    }
+
+    #[test]
+    fn own_sends_advance_the_cursor_without_being_emitted() {
+        let mut d = Delivery::new(&HashMap::new(), 16, false);
+        let mut own = |seq| {
+            let mut m = msg(C, seq);
+            m.sender_id = ME;
+            m
+        };
+        // In order: my seq 1 is acked, then someone's seq 2 is pushed.
+        assert!(d.sent(C, 1, ME).is_empty());
+        assert_eq!(seqs(&d.accept(msg(C, 2), ME)), [2]);
+        // My ack for 4 arrives before the push of 3: 4 waits for 3.
+        assert!(d.sent(C, 4, ME).is_empty());
+        assert_eq!(seqs(&d.accept(msg(C, 3), ME)), [3]);
+        assert_eq!(d.delivered(C), 4);
+        // Someone's 6 is pushed before my ack for 5 arrives.
+        assert!(d.accept(msg(C, 6), ME).is_empty());
+        assert_eq!(seqs(&d.sent(C, 5, ME)), [6]);
+        // A gap fetch that returns my own message does not emit it.
+        assert!(d.sent(C, 8, ME).is_empty());
+        assert!(d.accept(msg(C, 9), ME).is_empty());
+        assert_eq!(seqs(&d.accept(msg(C, 7), ME)), [7, 9]);
+        assert!(d.accept(own(8), ME).is_empty());
+        assert_eq!(d.delivered(C), 9);
+    }
+
+    #[test]
+    fn sync_skips_what_a_late_joiner_cannot_see() {
+        let mut d = Delivery::new(&HashMap::new(), 16, false);
+        // A push of seq 3 arrives first; the gap fetch from 0 starts at 3.
+        assert!(d.accept(msg(C, 3), ME).is_empty());
+        d.skip_invisible(C, 0, 3);
+        assert_eq!(seqs(&d.accept(msg(C, 3), ME)), [3]);
+        // Skipping never moves a cursor that has advanced since the request.
+        d.skip_invisible(C, 0, 10);
+        assert_eq!(d.delivered(C), 3);
+        // Unknown conversations are created by the messages themselves.
+        d.skip_invisible(C + 1, 0, 5);
+        assert_eq!(d.delivered(C + 1), 0);
     }
 
     #[test]

@@ -51,6 +51,20 @@ enum Waiter {
 struct Pending {
     waiter: Waiter,
     deadline: Instant,
+    /// For a `SyncRequest`: the cursors it asked from, by conversation.
+    sync_from: Vec<(u64, u64)>,
+}
+
+/// The cursors of a sync request (empty for any other body).
+fn sync_cursors(body: &Body) -> Vec<(u64, u64)> {
+    match body {
+        Body::Sync(r) => r
+            .cursors
+            .iter()
+            .map(|c| (c.conversation_id, c.seq))
+            .collect(),
+        _ => Vec::new(),
+    }
 }
 
 /// Why a connection ended.
@@ -319,7 +333,30 @@ impl Driver {
         // pushes share one path. It happens before the waiter hears of the
         // reply, so the waiter sees advanced cursors.
         if let Body::SyncResponse(response) = &body {
+            // The server returns each conversation contiguously from the
+            // first message visible after the cursor; a member who joined a
+            // group late cannot see below that, so the cursor skips ahead.
+            if let Some(pending) = self.pending.get(&frame.request_id) {
+                let mut delivery = lock(&self.shared.delivery);
+                for &(conversation, from) in &pending.sync_from {
+                    if let Some(first) = response
+                        .messages
+                        .iter()
+                        .find(|m| m.conversation_id == conversation)
+                    {
+                        delivery.skip_invisible(conversation, from, first.seq);
+                    }
+                }
+            }
             self.deliver(response.messages.iter().cloned()).await?;
+        }
+        // This device's own sends count as delivered once acked, so they
+        // are not handed back to the application as incoming messages.
+        if let Body::SendAck(ack) = &body {
+            let ready = lock(&self.shared.delivery).sent(ack.conversation_id, ack.seq, self.me);
+            for message in ready {
+                self.emit(Event::Message(message)).await?;
+            }
         }
         match self.pending.remove(&frame.request_id).map(|p| p.waiter) {
             Some(Waiter::Call(reply)) => {
@@ -384,6 +421,7 @@ impl Driver {
             return; // the caller gave up while the request was queued
         }
         let request_id = self.shared.next_request_id();
+        let sync_from = sync_cursors(&call.body);
         let frame = Frame::new(request_id, call.body);
         let len = frame.encoded_len();
         if len > server_max {
@@ -396,8 +434,14 @@ impl Driver {
             Ok(()) => {
                 let deadline = Instant::now() + self.shared.config.request_timeout;
                 let waiter = Waiter::Call(call.reply);
-                self.pending
-                    .insert(request_id, Pending { waiter, deadline });
+                self.pending.insert(
+                    request_id,
+                    Pending {
+                        waiter,
+                        deadline,
+                        sync_from,
+                    },
+                );
             }
             // Full cannot happen (capacity was checked); closed means the
             // writer died, which the loop notices next.
@@ -460,7 +504,13 @@ impl Driver {
                 limit: self.shared.config.sync_page,
             });
             if writes.try_send(Frame::new(request_id, sync)).is_ok() {
-                self.track(request_id, Waiter::GapFill { conversation, from });
+                let deadline = Instant::now() + self.shared.config.request_timeout;
+                let pending = Pending {
+                    waiter: Waiter::GapFill { conversation, from },
+                    deadline,
+                    sync_from: vec![(conversation, from)],
+                };
+                self.pending.insert(request_id, pending);
             } else {
                 lock(&self.shared.delivery).fetch_done(conversation, false, now);
             }
@@ -469,8 +519,12 @@ impl Driver {
 
     fn track(&mut self, request_id: u64, waiter: Waiter) {
         let deadline = Instant::now() + self.shared.config.request_timeout;
-        self.pending
-            .insert(request_id, Pending { waiter, deadline });
+        let pending = Pending {
+            waiter,
+            deadline,
+            sync_from: Vec::new(),
+        };
+        self.pending.insert(request_id, pending);
     }
 }
 

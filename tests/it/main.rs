@@ -1,3 +1,5 @@
 //! End-to-end tests against real server nodes, one module per area.
 
+mod accounts;
+mod chat;
 mod protocol;

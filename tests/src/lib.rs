@@ -287,3 +287,108 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// SDK helpers: log users in and read what they receive.
+pub mod sdk {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use im_client::{Client, ClientConfig, Credentials, Event, Events};
+    use im_proto::pb;
+
+    use super::PASSWORD;
+
+    /// Client settings for tests: fast reconnects, short timeouts.
+    pub fn config(addr: SocketAddr) -> ClientConfig {
+        ClientConfig::new(addr.to_string())
+            .with_reconnect(Duration::from_millis(50), Duration::from_millis(500))
+            .with_request_timeout(Duration::from_secs(10))
+            .with_send_timeout(Duration::from_secs(30))
+    }
+
+    /// Registers `name` and waits for the first catch-up.
+    pub async fn register(addr: SocketAddr, name: &str) -> (Client, Events) {
+        connect(
+            config(addr),
+            Credentials::Register {
+                username: name.into(),
+                password: PASSWORD.into(),
+            },
+        )
+        .await
+    }
+
+    /// Logs `name` in (another device) and waits for the catch-up.
+    pub async fn login(addr: SocketAddr, name: &str) -> (Client, Events) {
+        connect(
+            config(addr),
+            Credentials::Login {
+                username: name.into(),
+                password: PASSWORD.into(),
+            },
+        )
+        .await
+    }
+
+    /// Connects with explicit settings and waits for the catch-up.
+    pub async fn connect(config: ClientConfig, credentials: Credentials) -> (Client, Events) {
+        let (client, events) = Client::connect(config, credentials)
+            .await
+            .expect("client connects");
+        tokio::time::timeout(Duration::from_secs(10), client.wait_ready())
+            .await
+            .expect("catch-up within 10 s")
+            .expect("client ready");
+        (client, events)
+    }
+
+    /// The next message event (other events skipped); panics after `secs`.
+    pub async fn next_message(events: &mut Events, secs: u64) -> pb::Message {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            match tokio::time::timeout_at(deadline, events.next()).await {
+                Ok(Some(Event::Message(m))) => return m,
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("client stopped"),
+                Err(_) => panic!("no message within {secs} s"),
+            }
+        }
+    }
+
+    /// The next `n` messages.
+    pub async fn messages(events: &mut Events, n: usize, secs: u64) -> Vec<pb::Message> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(next_message(events, secs).await);
+        }
+        out
+    }
+
+    /// Asserts that no message arrives within `millis`.
+    pub async fn no_message(events: &mut Events, millis: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(millis);
+        loop {
+            match tokio::time::timeout_at(deadline, events.next()).await {
+                Ok(Some(Event::Message(m))) => panic!("unexpected message {m:?}"),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+    }
+
+    /// The text of a text message.
+    pub fn text_of(m: &pb::Message) -> &str {
+        match m.content.as_ref().and_then(|c| c.kind.as_ref()) {
+            Some(pb::content::Kind::Text(t)) => &t.text,
+            _ => "",
+        }
+    }
+
+    /// Whether the message is a server notice.
+    pub fn is_notice(m: &pb::Message) -> bool {
+        matches!(
+            m.content.as_ref().and_then(|c| c.kind.as_ref()),
+            Some(pb::content::Kind::Notice(_))
+        )
+    }
+}
