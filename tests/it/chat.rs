@@ -220,10 +220,10 @@ async fn concurrent_senders_see_one_dense_order() {
             "member {i} saw {seqs:?}"
         );
         // Each sender's messages arrive in the order they were sent.
-        for sender in 0..4 {
+        for &sender in &ids {
             let mine: Vec<usize> = got
                 .iter()
-                .filter(|m| m.sender_id == ids[sender])
+                .filter(|m| m.sender_id == sender)
                 .map(|m| text_of(m).split(':').nth(1).unwrap().parse().unwrap())
                 .collect();
             assert!(mine.windows(2).all(|w| w[0] < w[1]));
