@@ -383,7 +383,7 @@ mod tests {
     #[test]
     fn own_sends_advance_the_cursor_without_being_emitted() {
         let mut d = Delivery::new(&HashMap::new(), 16, false);
-        let mut own = |seq| {
+        let own = |seq| {
             let mut m = msg(C, seq);
             m.sender_id = ME;
             m
