@@ -391,23 +391,44 @@ impl Client {
 
     /// The members of a group.
     pub async fn group_members(&self, group_id: u64) -> Result<Vec<pb::User>, ClientError> {
-        match self
-            .request(Body::ListMembers(pb::ListMembersRequest { group_id }))
-            .await?
-        {
-            Body::MemberList(list) => Ok(list.members),
-            other => Err(unexpected("MemberList", &other)),
+        let mut members: Vec<pb::User> = Vec::new();
+        loop {
+            let request = pb::ListMembersRequest {
+                group_id,
+                offset: members.len() as u32,
+                limit: 0,
+            };
+            match self.request(Body::ListMembers(request)).await? {
+                Body::MemberList(list) => {
+                    let progressed = !list.members.is_empty();
+                    members.extend(list.members);
+                    if !list.has_more || !progressed {
+                        return Ok(members);
+                    }
+                }
+                other => return Err(unexpected("MemberList", &other)),
+            }
         }
     }
 
-    /// The groups the user belongs to.
+    /// The groups the user belongs to (every page), by group id.
     pub async fn groups(&self) -> Result<Vec<pb::GroupInfo>, ClientError> {
-        match self
-            .request(Body::ListGroups(pb::ListGroupsRequest {}))
-            .await?
-        {
-            Body::GroupList(list) => Ok(list.groups),
-            other => Err(unexpected("GroupList", &other)),
+        let mut groups: Vec<pb::GroupInfo> = Vec::new();
+        loop {
+            let request = pb::ListGroupsRequest {
+                after_group_id: groups.last().map_or(0, |g| g.group_id),
+                limit: 0,
+            };
+            match self.request(Body::ListGroups(request)).await? {
+                Body::GroupList(list) => {
+                    let progressed = !list.groups.is_empty();
+                    groups.extend(list.groups);
+                    if !list.has_more || !progressed {
+                        return Ok(groups);
+                    }
+                }
+                other => return Err(unexpected("GroupList", &other)),
+            }
         }
     }
 

@@ -295,8 +295,8 @@ impl Config {
     /// Checks ranges and relations between settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
-        if !(1024..=16 << 20).contains(&self.max_frame_bytes) {
-            return bad("max-frame-bytes must be between 1 KiB and 16 MiB");
+        if !(4096..=16 << 20).contains(&self.max_frame_bytes) {
+            return bad("max-frame-bytes must be between 4 KiB and 16 MiB");
         }
         if self.heartbeat_interval_secs == 0
             || self.heartbeat_timeout_secs <= self.heartbeat_interval_secs

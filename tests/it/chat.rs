@@ -559,3 +559,73 @@ async fn presence_snapshot_and_changes() {
         }
     }
 }
+
+#[tokio::test]
+async fn pages_are_split_to_fit_the_frame_size() {
+    let server = TestServer::start_with(|c| c.max_frame_bytes = 4096).await;
+    let (alice, _a) = sdk::register(server.addr, "alice").await;
+    let (bob, _b) = sdk::register(server.addr, "bob").await;
+    let big = "y".repeat(3000);
+    let mut conv = 0;
+    for i in 0..12 {
+        conv = alice
+            .send_text(Target::User(bob.user_id()), format!("{i:02}{big}"))
+            .await
+            .unwrap()
+            .conversation_id;
+    }
+    // A message too large for a frame (with room for its envelope) is refused.
+    let huge = alice
+        .send_text(Target::User(bob.user_id()), "z".repeat(3500))
+        .await;
+    assert_eq!(huge.unwrap_err().code(), Some(ErrorCode::InvalidArgument));
+
+    // History asked for 50 at a time comes in frame-sized pages, newest first.
+    let page = bob.history(conv, 0, 50).await.unwrap();
+    assert!(page.has_more);
+    assert!(page.messages.len() < 12);
+    assert_eq!(page.messages.last().unwrap().seq, 12);
+    // Catch-up of a new device gets everything despite the small frames.
+    let (_bob2, mut events) = sdk::login(server.addr, "bob").await;
+    let got = messages(&mut events, 12, 10).await;
+    assert_eq!(
+        got.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
+
+    // Member lists page too: 150 members with long names exceed 4 KiB.
+    let mut ids = Vec::new();
+    for i in 0..150 {
+        let mut conn = RawConn::connect(server.addr).await;
+        ids.push(
+            conn.register(&format!("member-with-a-long-name-{i:05}"))
+                .await
+                .user_id,
+        );
+    }
+    let group = alice.create_group("big", ids.clone()).await.unwrap();
+    assert_eq!(group.member_count, 151);
+    let first = alice
+        .request(Body::ListMembers(pb::ListMembersRequest {
+            group_id: group.group_id,
+            offset: 0,
+            limit: 0,
+        }))
+        .await
+        .unwrap();
+    match first {
+        Body::MemberList(list) => assert!(list.has_more && list.members.len() < 151),
+        other => panic!("{other:?}"),
+    }
+    let members = alice.group_members(group.group_id).await.unwrap();
+    assert_eq!(members.len(), 151);
+    assert_eq!(members[0].user_id, alice.user_id());
+    assert_eq!(
+        members
+            .iter()
+            .skip(1)
+            .map(|u| u.user_id)
+            .collect::<Vec<_>>(),
+        ids
+    );
+}

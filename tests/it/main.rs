@@ -2,4 +2,6 @@
 
 mod accounts;
 mod chat;
+mod lifecycle;
 mod protocol;
+mod resilience;

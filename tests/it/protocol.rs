@@ -78,7 +78,8 @@ async fn session_request_before_login_is_fatal_unauthenticated() {
     let server = TestServer::start().await;
     let (mut other, me) = bystander(&server).await;
     let mut conn = RawConn::connect(server.addr).await;
-    conn.send(Body::ListGroups(pb::ListGroupsRequest {})).await;
+    conn.send(Body::ListGroups(pb::ListGroupsRequest::default()))
+        .await;
     assert_closed_with(&conn.until_closed().await, ErrorCode::Unauthenticated);
     assert_alive(&mut other, me).await;
 }

@@ -111,6 +111,18 @@ impl RawConn {
         }
     }
 
+    /// Connects with a tiny receive buffer, so that a reader that stops
+    /// reading backs the server up quickly.
+    pub async fn connect_small_buffer(addr: SocketAddr) -> RawConn {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+        let stream = socket.connect(addr).await.expect("connect");
+        RawConn {
+            framed: Framed::new(stream, FrameCodec::new(16 << 20)),
+            next_id: 1,
+        }
+    }
+
     /// Sends a request and returns its id.
     pub async fn send(&mut self, body: Body) -> u64 {
         let id = self.next_id;
@@ -224,8 +236,15 @@ impl ServerProcess {
     /// Starts `im-server` on a free port with `data_dir` and extra flags,
     /// and waits until it accepts connections.
     pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("address");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("address");
+        Self::start_on(addr, data_dir, extra)
+    }
+
+    /// Like [`ServerProcess::start`] on a given address (to restart a node
+    /// where its clients expect it).
+    pub fn start_on(addr: SocketAddr, data_dir: &Path, extra: &[&str]) -> ServerProcess {
         let child = Command::new(binary("im-server"))
             .arg("--listen")
             .arg(addr.to_string())

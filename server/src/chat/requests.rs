@@ -14,6 +14,51 @@ use super::{ChatError, Inner};
 use crate::net::{ConnRef, FrameCtx};
 use crate::store::{CursorKind, GroupId, GroupRecord, Store, StoreError, UserId};
 
+/// Bytes of a reply frame taken by everything but its repeated items
+/// (length prefix, request id, body tag and length, flags).
+const REPLY_OVERHEAD: usize = 64;
+/// Groups per group-list page at most.
+const MAX_GROUP_PAGE: usize = 1000;
+
+/// Encoded size of one item of a repeated message field.
+fn item_len<T: prost::Message>(item: &T) -> usize {
+    let len = item.encoded_len();
+    1 + prost::length_delimiter_len(len) + len
+}
+
+/// How many items, taken in the given order, fit in `budget` bytes
+/// (at least one, so a page always makes progress).
+fn fitting<'a, T: prost::Message + 'a>(items: impl Iterator<Item = &'a T>, budget: usize) -> usize {
+    let mut total = 0;
+    let mut count = 0;
+    for item in items {
+        total += item_len(item);
+        if total > budget && count > 0 {
+            break;
+        }
+        count += 1;
+    }
+    count
+}
+
+/// Keeps the longest prefix of `items` that fits in one reply frame;
+/// true if anything was cut.
+fn fit_prefix<T: prost::Message>(items: &mut Vec<T>, max_frame: usize) -> bool {
+    let keep = fitting(items.iter(), max_frame.saturating_sub(REPLY_OVERHEAD));
+    let cut = keep < items.len();
+    items.truncate(keep);
+    cut
+}
+
+/// Keeps the longest suffix of `items` that fits in one reply frame;
+/// true if anything was cut.
+fn fit_suffix<T: prost::Message>(items: &mut Vec<T>, max_frame: usize) -> bool {
+    let keep = fitting(items.iter().rev(), max_frame.saturating_sub(REPLY_OVERHEAD));
+    let cut = keep < items.len();
+    items.drain(..items.len() - keep);
+    cut
+}
+
 /// Senders told about one receipt in a group at most.
 const MAX_RECEIPT_SENDERS: usize = 100;
 /// Characters in a group name at most.
@@ -161,18 +206,20 @@ impl<S: Store> Inner<S> {
                     .iter()
                     .map(|cur| Ok((conversation(cur.conversation_id)?, cur.seq)))
                     .collect::<Result<Vec<_>, ChatError>>()?;
-                let page = self
+                let mut page = self
                     .store
                     .sync(user, &cursors, page_limit(r.limit, c.max_sync_page))
                     .await?;
+                // Each conversation's part stays a contiguous prefix.
+                let cut = fit_prefix(&mut page.messages, c.max_frame_bytes);
                 Ok(Body::SyncResponse(pb::SyncResponse {
                     messages: page.messages,
-                    has_more: page.has_more,
+                    has_more: page.has_more || cut,
                 }))
             }
             Body::History(r) => {
                 let conv = conversation(r.conversation_id)?;
-                let page = self
+                let mut page = self
                     .store
                     .history(
                         user,
@@ -181,13 +228,15 @@ impl<S: Store> Inner<S> {
                         page_limit(r.limit, c.max_history_page),
                     )
                     .await?;
+                // Keep the newest: the page must end right below before_seq.
+                let cut = fit_suffix(&mut page.messages, c.max_frame_bytes);
                 Ok(Body::HistoryResponse(pb::HistoryResponse {
                     messages: page.messages,
-                    has_more: page.has_more,
+                    has_more: page.has_more || cut,
                 }))
             }
             Body::ListConversations(r) => {
-                let (conversations, has_more) = self
+                let (mut conversations, has_more) = self
                     .store
                     .conversations(
                         user,
@@ -195,9 +244,10 @@ impl<S: Store> Inner<S> {
                         page_limit(r.limit, c.max_list_page),
                     )
                     .await?;
+                let cut = fit_prefix(&mut conversations, c.max_frame_bytes);
                 Ok(Body::ConversationList(pb::ConversationList {
                     conversations,
-                    has_more,
+                    has_more: has_more || cut,
                 }))
             }
             Body::Ack(r) => {
@@ -226,33 +276,53 @@ impl<S: Store> Inner<S> {
             }
             Body::ListMembers(r) => {
                 let group = group_id(r.group_id)?;
-                let members = self.member_list(group, user).await?;
+                let all = self.member_list(group, user).await?;
+                let start = (r.offset as usize).min(all.len());
+                let limit = if r.limit == 0 {
+                    all.len()
+                } else {
+                    r.limit as usize
+                };
+                let ids: Vec<UserId> = all[start..].iter().copied().take(limit).collect();
                 let names: HashMap<UserId, String> = self
                     .store
-                    .lookup_users(&members, &[])
+                    .lookup_users(&ids, &[])
                     .await?
                     .into_iter()
                     .collect();
-                let members = members
+                let mut members: Vec<pb::User> = ids
                     .into_iter()
                     .map(|id| pb::User {
                         user_id: id,
                         username: names.get(&id).cloned().unwrap_or_default(),
                     })
                     .collect();
+                fit_prefix(&mut members, c.max_frame_bytes);
+                let has_more = start + members.len() < all.len();
                 Ok(Body::MemberList(pb::MemberList {
                     group_id: group,
                     members,
+                    has_more,
                 }))
             }
-            Body::ListGroups(_) => {
-                let groups = self.store.user_groups(user).await?;
+            Body::ListGroups(r) => {
+                let mut groups = self.store.user_groups(user).await?;
+                groups.sort_unstable_by_key(|g| g.id);
+                groups.retain(|g| g.id > r.after_group_id);
+                let limit = page_limit(r.limit, MAX_GROUP_PAGE as u32);
+                let mut infos: Vec<pb::GroupInfo> =
+                    groups.iter().take(limit).map(group_info).collect();
+                fit_prefix(&mut infos, c.max_frame_bytes);
+                let has_more = infos.len() < groups.len();
                 Ok(Body::GroupList(pb::GroupList {
-                    groups: groups.iter().map(group_info).collect(),
+                    groups: infos,
+                    has_more,
                 }))
             }
             Body::LookupUsers(r) => {
-                if r.usernames.len() + r.user_ids.len() > c.max_lookup {
+                // Replies must fit one frame: about 48 bytes per user.
+                let max_lookup = c.max_lookup.min(c.max_frame_bytes / 48);
+                if r.usernames.len() + r.user_ids.len() > max_lookup {
                     return Err(ChatError::invalid(format!(
                         "at most {} users per lookup",
                         c.max_lookup
@@ -272,7 +342,8 @@ impl<S: Store> Inner<S> {
                 }))
             }
             Body::PresenceSubscribe(r) => {
-                let ids = user_ids(&r.user_ids, c.max_presence_subscriptions)?;
+                let max = c.max_presence_subscriptions.min(c.max_frame_bytes / 16);
+                let ids = user_ids(&r.user_ids, max)?;
                 self.presence.subscribe(conn, ids.clone());
                 let users = ids
                     .into_iter()
@@ -449,5 +520,49 @@ impl<S: Store> Inner<S> {
             .await?;
         }
         Ok(Body::Group(group_info(&g)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(seq: u64, len: usize) -> pb::Message {
+        pb::Message {
+            seq,
+            content: Some(pb::Content {
+                kind: Some(pb::content::Kind::Text(pb::Text {
+                    text: "x".repeat(len),
+                })),
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pages_are_cut_to_fit_one_frame() {
+        let mut items: Vec<pb::Message> = (1..=10).map(|s| message(s, 1000)).collect();
+        assert!(fit_prefix(&mut items, 4096));
+        assert_eq!(items.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        let frame = Frame::new(
+            u64::MAX,
+            Body::SyncResponse(pb::SyncResponse {
+                messages: items,
+                has_more: true,
+            }),
+        );
+        assert!(im_proto::HEADER_LEN + prost::Message::encoded_len(&frame) <= 4096);
+
+        let mut items: Vec<pb::Message> = (1..=10).map(|s| message(s, 1000)).collect();
+        assert!(fit_suffix(&mut items, 4096));
+        assert_eq!(items.iter().map(|m| m.seq).collect::<Vec<_>>(), [8, 9, 10]);
+
+        let mut small: Vec<pb::Message> = (1..=3).map(|s| message(s, 10)).collect();
+        assert!(!fit_prefix(&mut small, 4096));
+        assert_eq!(small.len(), 3);
+        // A single oversized item is still returned, so paging progresses.
+        let mut big = vec![message(1, 10_000)];
+        assert!(!fit_prefix(&mut big, 4096));
+        assert_eq!(big.len(), 1);
     }
 }

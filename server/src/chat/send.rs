@@ -27,6 +27,10 @@ const MAX_CLIENT_MSG_ID: usize = 64;
 /// Longest URL, MIME type or file name accepted in media references.
 const MAX_URL: usize = 2048;
 const MAX_LABEL: usize = 255;
+/// Bytes of a frame reserved besides a message's content and client id, so
+/// that every message fits in a push, a sync page and a conversation
+/// summary.
+const MESSAGE_OVERHEAD: usize = 1024;
 
 /// Who is waiting for an append.
 pub(crate) enum Origin {
@@ -150,6 +154,15 @@ impl<S: Store> Inner<S> {
                 return Err(ChatError::invalid("notices are written by the server only"));
             }
             None => return Err(ChatError::invalid("content is required")),
+        }
+        // Room for the ids and times a stored message adds, and for the
+        // summary around it in a conversation list, within one frame.
+        let size = prost::Message::encoded_len(&content) + req.client_msg_id.len();
+        let max = self.config.max_frame_bytes.saturating_sub(MESSAGE_OVERHEAD);
+        if size > max {
+            return Err(ChatError::invalid(format!(
+                "message of {size} bytes exceeds the maximum of {max}"
+            )));
         }
         Ok(NewMessage {
             sender: user,
