@@ -303,6 +303,7 @@ async fn login_then_replies_are_matched_by_request_id() {
                 })
             }
             Body::ListGroups(_) => Body::GroupList(pb::GroupList {
+                has_more: false,
                 groups: vec![pb::GroupInfo {
                     group_id: 7,
                     name: "friends".into(),
@@ -651,6 +652,7 @@ async fn request_times_out_and_late_reply_is_ignored() {
         rid,
         Body::GroupList(pb::GroupList {
             groups: vec![one.clone()],
+            has_more: false,
         }),
     )
     .await;
