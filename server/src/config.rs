@@ -431,7 +431,7 @@ mod tests {
         let path = dir.path().join("im.toml");
         std::fs::write(
             &path,
-            "max-frame-bytes = 2048\nheartbeat-interval-secs = 5\nlisten = \"127.0.0.1:7100\"\n",
+            "max-frame-bytes = 8192\nheartbeat-interval-secs = 5\nlisten = \"127.0.0.1:7100\"\n",
         )
         .unwrap();
         let c = Config::load_from([
@@ -442,7 +442,7 @@ mod tests {
             "127.0.0.1:7200",
         ])
         .unwrap();
-        assert_eq!(c.max_frame_bytes, 2048);
+        assert_eq!(c.max_frame_bytes, 8192);
         assert_eq!(c.heartbeat_interval_secs, 5);
         assert_eq!(c.listen, "127.0.0.1:7200".parse().unwrap());
     }
