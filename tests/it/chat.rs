@@ -629,3 +629,92 @@ async fn pages_are_split_to_fit_the_frame_size() {
         ids
     );
 }
+
+#[tokio::test]
+async fn catch_up_racing_live_pushes_shows_each_message_once_in_order() {
+    let server = TestServer::start().await;
+    let (alice, _a) = sdk::register(server.addr, "alice").await;
+    let (bob, bob_events) = sdk::register(server.addr, "bob").await;
+    let bob_id = bob.user_id();
+    bob.close().await;
+    drop(bob_events);
+
+    const TOTAL: u64 = 600;
+    let sender = {
+        let alice = alice.clone();
+        tokio::spawn(async move {
+            for i in 1..=TOTAL {
+                alice
+                    .send_text(Target::User(bob_id), format!("n{i}"))
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    // Bob's devices come online while messages are still flowing: their
+    // catch-up sync races the live pushes.
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let (_bob1, mut events1) = sdk::login(server.addr, "bob").await;
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let (_bob2, mut events2) = sdk::login(server.addr, "bob").await;
+    sender.await.unwrap();
+    for events in [&mut events1, &mut events2] {
+        let got = messages(events, TOTAL as usize, 20).await;
+        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=TOTAL).collect::<Vec<_>>());
+        no_message(events, 300).await;
+    }
+}
+
+#[tokio::test]
+async fn delivery_and_group_read_receipts_reach_the_senders() {
+    let server = TestServer::start().await;
+    let (alice, mut alice_events) = sdk::register(server.addr, "alice").await;
+    let (bob, mut bob_events) = sdk::register(server.addr, "bob").await;
+    let (carol, mut carol_events) = sdk::register(server.addr, "carol").await;
+
+    // Bob's SDK acknowledges delivery by itself; alice hears of it.
+    let ack = alice
+        .send_text(Target::User(bob.user_id()), "did you get this?")
+        .await
+        .unwrap();
+    next_message(&mut bob_events, 5).await;
+    let delivered = receipt(&mut alice_events, pb::ReceiptKind::Delivered).await;
+    assert_eq!((delivered.user_id, delivered.seq), (bob.user_id(), ack.seq));
+
+    // In a group, a read receipt goes to the senders of what it covers.
+    let group = alice
+        .create_group("readers", vec![bob.user_id(), carol.user_id()])
+        .await
+        .unwrap();
+    let conv = ConversationId::group(group.group_id).unwrap().raw();
+    alice
+        .send_text(Target::Group(group.group_id), "from alice")
+        .await
+        .unwrap();
+    let last = bob
+        .send_text(Target::Group(group.group_id), "from bob")
+        .await
+        .unwrap();
+    let got = messages(&mut carol_events, 3, 5).await;
+    assert_eq!(got.last().unwrap().seq, last.seq);
+    carol.mark_read(conv, last.seq).await.unwrap();
+    for events in [&mut alice_events, &mut bob_events] {
+        let read = receipt(events, pb::ReceiptKind::Read).await;
+        assert_eq!(
+            (read.conversation_id, read.user_id, read.seq),
+            (conv, carol.user_id(), last.seq)
+        );
+    }
+}
+
+async fn receipt(events: &mut im_client::Events, kind: pb::ReceiptKind) -> pb::Receipt {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Ok(Some(Event::Receipt(r))) if r.kind == kind as i32 => return r,
+            Ok(Some(_)) => {}
+            other => panic!("no {kind:?} receipt: {other:?}"),
+        }
+    }
+}
