@@ -41,7 +41,7 @@ pub enum ConfigError {
 /// TCP. With no flags it listens on 127.0.0.1:7000 and keeps its data in
 /// ./data (embedded store, no other service needed).
 #[derive(Debug, Clone, Parser, Serialize, Deserialize)]
-#[command(name = "im-server", version, about, max_term_width = 100)]
+#[command(name = "im-server", version, max_term_width = 100)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub struct Config {
     /// Address to listen on for client connections.
