@@ -16,6 +16,8 @@ use im_server::server::EmbeddedServer;
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
+pub mod services;
+
 /// Password used by every test account.
 pub const PASSWORD: &str = "correct horse battery";
 

@@ -1,0 +1,305 @@
+//! How messages and their indexes are laid out in Redis.
+//!
+//! Messages spread over `streams` stream shards by conversation, so one
+//! stream never caps throughput and each conversation stays ordered. Every
+//! key an append touches carries its shard's hash tag (`{s7}`), so the
+//! append script works unchanged on Redis Cluster. Per shard:
+//!
+//! | key | type | what |
+//! |---|---|---|
+//! | `P:{sN}:stream` | stream | one entry per message, field `m` = record |
+//! | `P:{sN}:seq` | hash | conversation → last seq; `#n` → message counter |
+//! | `P:{sN}:dedup:B` | hash | `conv:sender:client_msg_id` → `seq:n:time`, bucket B of the dedup window |
+//! | `P:{sN}:recent:C` | sorted set | recent records of conversation C, scored by seq |
+//! | `P:{sN}:stored` | hash | conversation → highest seq the worker has stored in MySQL |
+//! | `P:{sN}:members:C` | set | member ids of group conversation C, plus `0` as a marker |
+//! | `P:{sN}:mver:C` | string | version of C's membership, bumped on every change |
+//! | `P:{sN}:dead` | stream | entries that kept failing (dead letters) |
+//!
+//! Per user (hash tag `{uU}`): `P:{uU}:direct` (set of direct conversations
+//! not yet known to MySQL) and `P:{uU}:delivered` (hash: conversation →
+//! delivered cursor). Global: `P:users` (bitmap of existing user ids).
+//!
+//! A *record* is `"<seq>:<n>:"` followed by a Protobuf `Message` without its
+//! `seq` and `message_id`; the script prepends the first two, which it
+//! assigns. Message ids are derived from the server time, the shard and the
+//! shard's message counter (see [`message_id`]).
+
+use im_proto::pb;
+use prost::Message as _;
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "im";
+/// Default number of stream shards.
+pub const DEFAULT_STREAMS: u32 = 16;
+/// Largest number of stream shards (shard numbers take 10 bits of a
+/// message id).
+pub const MAX_STREAMS: u32 = 1024;
+/// Default consumer group of storage workers.
+pub const STORAGE_GROUP: &str = "storage";
+/// Field of a stream entry that holds the record.
+pub const RECORD_FIELD: &str = "m";
+/// Marker member of every cached member set, so an empty group still has a
+/// set (user ids start at 1).
+pub const MEMBERS_MARKER: &str = "0";
+/// Epoch of message ids: 2024-01-01T00:00:00Z in Unix milliseconds.
+pub const MESSAGE_ID_EPOCH_MS: i64 = 1_704_067_200_000;
+
+/// The append script (see the comments at its top for its arguments).
+pub const APPEND_SCRIPT: &str = include_str!("append.lua");
+
+/// Key names for one deployment: a prefix and a number of stream shards.
+/// Every process of a deployment must use the same values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    prefix: String,
+    streams: u32,
+}
+
+impl Layout {
+    /// A layout with `streams` shards (clamped to `1..=MAX_STREAMS`) under
+    /// `prefix`.
+    pub fn new(prefix: impl Into<String>, streams: u32) -> Self {
+        Layout {
+            prefix: prefix.into(),
+            streams: streams.clamp(1, MAX_STREAMS),
+        }
+    }
+
+    /// Number of stream shards.
+    pub fn streams(&self) -> u32 {
+        self.streams
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The shard a conversation's messages go to.
+    pub fn shard_of(&self, conversation: u64) -> u32 {
+        // The murmur3 finalizer: every bit of the id affects the result.
+        let mut x = conversation;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^= x >> 33;
+        (x % u64::from(self.streams)) as u32
+    }
+
+    fn shard_key(&self, shard: u32, suffix: &str) -> String {
+        format!("{}:{{s{shard}}}:{suffix}", self.prefix)
+    }
+
+    /// The stream of a shard.
+    pub fn stream_key(&self, shard: u32) -> String {
+        self.shard_key(shard, "stream")
+    }
+
+    /// Conversation → last seq (and the shard's message counter).
+    pub fn seq_key(&self, shard: u32) -> String {
+        self.shard_key(shard, "seq")
+    }
+
+    /// Conversation → highest seq stored in MySQL.
+    pub fn stored_key(&self, shard: u32) -> String {
+        self.shard_key(shard, "stored")
+    }
+
+    /// Recent records of a conversation.
+    pub fn recent_key(&self, shard: u32, conversation: u64) -> String {
+        self.shard_key(shard, &format!("recent:{conversation}"))
+    }
+
+    /// Cached members of a group conversation.
+    pub fn members_key(&self, shard: u32, conversation: u64) -> String {
+        self.shard_key(shard, &format!("members:{conversation}"))
+    }
+
+    /// Membership version of a group conversation.
+    pub fn members_version_key(&self, shard: u32, conversation: u64) -> String {
+        self.shard_key(shard, &format!("mver:{conversation}"))
+    }
+
+    /// Dead letters of a shard.
+    pub fn dead_letter_key(&self, shard: u32) -> String {
+        self.shard_key(shard, "dead")
+    }
+
+    /// Bitmap of existing user ids.
+    pub fn users_key(&self) -> String {
+        format!("{}:users", self.prefix)
+    }
+
+    /// Direct conversations of a user that MySQL may not know yet.
+    pub fn direct_index_key(&self, user: u64) -> String {
+        format!("{}:{{u{user}}}:direct", self.prefix)
+    }
+
+    /// Delivered cursors of a user.
+    pub fn delivered_key(&self, user: u64) -> String {
+        format!("{}:{{u{user}}}:delivered", self.prefix)
+    }
+}
+
+/// The message id of the `counter`-th message of `shard`, appended at
+/// `server_time_ms`: 41 bits of milliseconds since [`MESSAGE_ID_EPOCH_MS`],
+/// 10 bits of shard, 12 bits of counter. Unique unless one shard takes more
+/// than 4096 messages within one millisecond, and positive as an `i64`
+/// until 2093.
+pub fn message_id(server_time_ms: i64, shard: u32, counter: u64) -> u64 {
+    let millis = (server_time_ms - MESSAGE_ID_EPOCH_MS).max(0) as u64 & ((1 << 41) - 1);
+    (millis << 22) | (u64::from(shard & 0x3ff) << 12) | (counter & 0xfff)
+}
+
+/// Why a record could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The `<seq>:<n>:` header is missing or not numeric.
+    #[error("malformed record header")]
+    Header,
+    /// The Protobuf body does not decode.
+    #[error("malformed record body: {0}")]
+    Body(#[from] prost::DecodeError),
+}
+
+/// A decoded record header and its body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordParts<'a> {
+    /// The message's seq in its conversation.
+    pub seq: u64,
+    /// The shard's message counter at append time.
+    pub counter: u64,
+    /// The Protobuf `Message` without seq and message id.
+    pub body: &'a [u8],
+}
+
+/// The body of a record: `message` without `seq` and `message_id` (which
+/// the append script assigns).
+pub fn record_body(message: &pb::Message) -> Vec<u8> {
+    debug_assert!(message.seq == 0 && message.message_id == 0);
+    message.encode_to_vec()
+}
+
+/// Splits a record into its header numbers and body.
+pub fn parse_record(record: &[u8]) -> Result<RecordParts<'_>, RecordError> {
+    let (seq, rest) = take_number(record)?;
+    let (counter, body) = take_number(rest)?;
+    Ok(RecordParts { seq, counter, body })
+}
+
+fn take_number(bytes: &[u8]) -> Result<(u64, &[u8]), RecordError> {
+    let colon = bytes
+        .iter()
+        .take(21)
+        .position(|&b| b == b':')
+        .ok_or(RecordError::Header)?;
+    let digits = std::str::from_utf8(&bytes[..colon]).map_err(|_| RecordError::Header)?;
+    let n = digits.parse().map_err(|_| RecordError::Header)?;
+    Ok((n, &bytes[colon + 1..]))
+}
+
+/// Decodes a record of `shard` into the full message.
+pub fn decode_record(record: &[u8], shard: u32) -> Result<pb::Message, RecordError> {
+    let parts = parse_record(record)?;
+    let mut message = pb::Message::decode(parts.body)?;
+    message.seq = parts.seq;
+    message.message_id = message_id(message.server_time_ms, shard, parts.counter);
+    Ok(message)
+}
+
+/// A record as the append script builds it (for tests and tools that write
+/// streams directly).
+pub fn encode_record(seq: u64, counter: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = format!("{seq}:{counter}:").into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// The dedup value `seq:n:time` the script stores and returns for
+/// duplicates.
+pub fn parse_dedup(value: &str) -> Option<(u64, u64, i64)> {
+    let mut parts = value.splitn(3, ':');
+    let seq = parts.next()?.parse().ok()?;
+    let counter = parts.next()?.parse().ok()?;
+    let time = parts.next()?.parse().ok()?;
+    Some((seq, counter, time))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_of_one_shard_share_a_hash_tag() {
+        let l = Layout::new("im", 16);
+        let tag = "{s3}";
+        for key in [
+            l.stream_key(3),
+            l.seq_key(3),
+            l.stored_key(3),
+            l.recent_key(3, 42),
+            l.members_key(3, 42),
+            l.members_version_key(3, 42),
+            l.dead_letter_key(3),
+        ] {
+            assert!(key.starts_with("im:{s3}:"), "{key}");
+            assert!(key.contains(tag));
+        }
+        assert_eq!(l.direct_index_key(7), "im:{u7}:direct");
+    }
+
+    #[test]
+    fn conversations_spread_over_shards() {
+        let l = Layout::new("im", 8);
+        let mut counts = [0u32; 8];
+        for a in 1..400u64 {
+            let conv = im_proto::ConversationId::direct(a, a + 1).unwrap().raw();
+            counts[l.shard_of(conv) as usize] += 1;
+        }
+        assert!(counts.iter().all(|&n| n > 25), "{counts:?}");
+        assert_eq!(Layout::new("x", 0).streams(), 1);
+        assert_eq!(Layout::new("x", 1 << 20).streams(), MAX_STREAMS);
+    }
+
+    #[test]
+    fn message_ids_are_ordered_by_time_and_distinct_by_shard_and_counter() {
+        let t = MESSAGE_ID_EPOCH_MS + 1_000;
+        assert!(message_id(t + 1, 0, 0) > message_id(t, 1023, 4095));
+        assert_ne!(message_id(t, 1, 5), message_id(t, 2, 5));
+        assert_ne!(message_id(t, 1, 5), message_id(t, 1, 6));
+        // Positive as i64 for the next decades.
+        let year_2090 = MESSAGE_ID_EPOCH_MS + 66 * 365 * 24 * 3600 * 1000;
+        assert!(i64::try_from(message_id(year_2090, 1023, 4095)).is_ok());
+    }
+
+    #[test]
+    fn records_round_trip() {
+        let message = pb::Message {
+            conversation_id: 99,
+            sender_id: 5,
+            client_msg_id: "abc".into(),
+            server_time_ms: MESSAGE_ID_EPOCH_MS + 5,
+            content: Some(pb::Content {
+                kind: Some(pb::content::Kind::Text(pb::Text {
+                    text: "hi:there".into(),
+                })),
+            }),
+            ..Default::default()
+        };
+        let record = encode_record(12, 34, &record_body(&message));
+        let decoded = decode_record(&record, 3).unwrap();
+        assert_eq!(decoded.seq, 12);
+        assert_eq!(
+            decoded.message_id,
+            message_id(message.server_time_ms, 3, 34)
+        );
+        assert_eq!(decoded.client_msg_id, "abc");
+        assert_eq!(decoded.content, message.content);
+        assert!(matches!(parse_record(b"12"), Err(RecordError::Header)));
+        assert!(matches!(parse_record(b"x:1:"), Err(RecordError::Header)));
+        assert_eq!(parse_dedup("7:8:9"), Some((7, 8, 9)));
+        assert_eq!(parse_dedup("7:8"), None);
+    }
+}

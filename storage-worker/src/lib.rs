@@ -1,0 +1,19 @@
+//! The Redis Streams + MySQL storage pipeline of the im chat server.
+//!
+//! Server nodes append messages to Redis Streams (one atomic script per
+//! batch: deduplicate, assign the conversation's next seq, XADD, keep a
+//! recent-messages cache) and acknowledge; the storage worker consumes the
+//! streams in batches into MySQL. This crate holds what both sides must
+//! agree on, and the worker itself:
+//!
+//! - [`layout`]: Redis key names, stream sharding, the record format of a
+//!   stored message, message ids, and the append script.
+//! - [`schema`]: the MySQL schema and its migrations, run at start-up by
+//!   every process that uses the database.
+//! - [`worker`]: the consumer that moves stream entries into MySQL.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod layout;
+pub mod schema;
+pub mod worker;

@@ -1,0 +1,1 @@
+//! The storage worker: consumes the message streams into MySQL.

@@ -1,0 +1,340 @@
+//! Throwaway Redis and MariaDB instances for the pipeline tests: each in a
+//! temp directory on a free port, never a shared database.
+//!
+//! [`shared`] gives every test of a binary the same pair (from
+//! `REDIS_URL`/`MYSQL_URL` when set, else started once, with a watchdog
+//! that stops them when the test process exits); tests isolate themselves
+//! with [`unique_prefix`] and [`fresh_database`]. Crash tests start their
+//! own [`RedisServer`] and [`MariaDb`] so they can kill and restart them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+/// A redis-server child process.
+pub struct RedisServer {
+    child: Option<Child>,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    aof: bool,
+}
+
+impl RedisServer {
+    /// Starts redis-server in a temp directory; `aof` turns on the
+    /// append-only file with `appendfsync always`.
+    pub fn start(aof: bool) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+            dir,
+            aof,
+        };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        let child = redis_command(self.dir.path(), self.port, self.aof)
+            .spawn()
+            .expect("start redis-server (is it installed?)");
+        self.child = Some(child);
+        wait_for_port(self.port, "redis-server");
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the process at once (SIGKILL), like a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and directory (reloading the AOF).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn redis_command(dir: &Path, port: u16, aof: bool) -> Command {
+    let mut cmd = Command::new("redis-server");
+    cmd.args([
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--save",
+        "",
+    ])
+    .arg("--dir")
+    .arg(dir)
+    .args(["--appendonly", if aof { "yes" } else { "no" }])
+    .args([
+        "--appendfsync",
+        "always",
+        "--daemonize",
+        "no",
+        "--logfile",
+        "",
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    cmd
+}
+
+/// A mariadbd child process with its own data directory.
+pub struct MariaDb {
+    child: Option<Child>,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl MariaDb {
+    /// Initialises a data directory and starts mariadbd on a free port;
+    /// root has an empty password.
+    pub fn start() -> MariaDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        install_mariadb(dir.path());
+        let mut db = MariaDb {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        db.spawn();
+        db
+    }
+
+    fn spawn(&mut self) {
+        let child = mariadb_command(self.dir.path(), self.port)
+            .spawn()
+            .expect("start mariadbd (is it installed?)");
+        self.child = Some(child);
+        wait_for_mysql(self.port);
+    }
+
+    /// `mysql://root@127.0.0.1:PORT` (no database).
+    pub fn server_url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL: as abrupt as a crash or a lost host).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data directory.
+    pub fn start_again(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn install_mariadb(dir: &Path) {
+    let status = Command::new("mariadb-install-db")
+        .arg("--no-defaults")
+        .arg(format!("--datadir={}", dir.join("data").display()))
+        .args([
+            "--user=root",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run mariadb-install-db (is MariaDB installed?)");
+    assert!(status.success(), "mariadb-install-db failed");
+}
+
+fn mariadb_command(dir: &Path, port: u16) -> Command {
+    let mut cmd = Command::new("mariadbd");
+    cmd.arg("--no-defaults")
+        .arg(format!("--datadir={}", dir.join("data").display()))
+        .arg(format!("--socket={}", dir.join("mysql.sock").display()))
+        .arg(format!("--pid-file={}", dir.join("mysql.pid").display()))
+        .arg(format!("--port={port}"))
+        .args([
+            "--bind-address=127.0.0.1",
+            "--user=root",
+            "--skip-name-resolve",
+            "--skip-log-bin",
+            "--innodb-buffer-pool-size=256M",
+            "--innodb-log-file-size=128M",
+            "--max-connections=500",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start on port {port}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_for_mysql(port: u16) {
+    wait_for_port(port, "mariadbd");
+    // The port opens a moment before the server takes queries.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ok = Command::new("mariadb")
+            .args([
+                "-h127.0.0.1",
+                &format!("-P{port}"),
+                "-uroot",
+                "-e",
+                "SELECT 1",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mariadbd on port {port} takes no queries"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Redis and MySQL URLs shared by the tests of one process.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// `redis://...`
+    pub redis_url: String,
+    /// `mysql://user@host:port` without a database.
+    pub mysql_url: String,
+}
+
+/// The shared services: `REDIS_URL` / `MYSQL_URL` if set, else a Redis
+/// (AOF on) and a MariaDB started on first use and stopped by a watchdog
+/// when this process exits.
+pub fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        let redis_url = std::env::var("REDIS_URL").unwrap_or_else(|_| {
+            let dir = keep_dir("redis");
+            let port = free_port();
+            let child = redis_command(&dir, port, true)
+                .spawn()
+                .expect("start redis-server");
+            watch(child.id(), &dir);
+            wait_for_port(port, "redis-server");
+            format!("redis://127.0.0.1:{port}")
+        });
+        let mysql_url = std::env::var("MYSQL_URL").unwrap_or_else(|_| {
+            let dir = keep_dir("mariadb");
+            install_mariadb(&dir);
+            let port = free_port();
+            let child = mariadb_command(&dir, port).spawn().expect("start mariadbd");
+            watch(child.id(), &dir);
+            wait_for_mysql(port);
+            format!("mysql://root@127.0.0.1:{port}")
+        });
+        Shared {
+            redis_url,
+            mysql_url: mysql_url.trim_end_matches('/').to_string(),
+        }
+    })
+}
+
+/// A temp directory that outlives its handle (the watchdog removes it).
+fn keep_dir(what: &str) -> PathBuf {
+    tempfile::Builder::new()
+        .prefix(&format!("im-test-{what}-"))
+        .tempdir()
+        .expect("temp dir")
+        .keep()
+}
+
+/// Kills `pid` and removes `dir` once this process has exited.
+fn watch(pid: u32, dir: &Path) {
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {pid} 2>/dev/null; sleep 0.5; rm -rf '{dir}'",
+        me = std::process::id(),
+        dir = dir.display()
+    );
+    Command::new("sh")
+        .args(["-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start watchdog");
+}
+
+/// A key prefix no other test uses.
+pub fn unique_prefix() -> String {
+    format!("t{:016x}", rand_u64())
+}
+
+/// Creates an empty database on `server_url` and returns its URL.
+pub fn fresh_database(server_url: &str) -> String {
+    let name = format!("im_test_{:016x}", rand_u64());
+    let port = server_url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse::<u16>().ok())
+        .expect("MySQL URL with a port");
+    let host = server_url
+        .trim_start_matches("mysql://")
+        .rsplit_once('@')
+        .map_or("127.0.0.1", |(_, h)| {
+            h.split(':').next().unwrap_or("127.0.0.1")
+        })
+        .to_string();
+    let status = Command::new("mariadb")
+        .args([&format!("-h{host}"), &format!("-P{port}"), "-uroot"])
+        .args(["-e", &format!("CREATE DATABASE {name}")])
+        .status()
+        .expect("run mariadb client");
+    assert!(status.success(), "cannot create database {name}");
+    format!("{server_url}/{name}")
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.finish()
+}
