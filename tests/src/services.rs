@@ -254,7 +254,7 @@ pub fn shared() -> &'static Shared {
             let child = redis_command(&dir, port, true)
                 .spawn()
                 .expect("start redis-server");
-            watch(child.id(), &dir);
+            watch(child, &dir);
             wait_for_port(port, "redis-server");
             format!("redis://127.0.0.1:{port}")
         });
@@ -263,7 +263,7 @@ pub fn shared() -> &'static Shared {
             install_mariadb(&dir);
             let port = free_port();
             let child = mariadb_command(&dir, port).spawn().expect("start mariadbd");
-            watch(child.id(), &dir);
+            watch(child, &dir);
             wait_for_mysql(port);
             format!("mysql://root@127.0.0.1:{port}")
         });
@@ -283,20 +283,27 @@ fn keep_dir(what: &str) -> PathBuf {
         .keep()
 }
 
-/// Kills `pid` and removes `dir` once this process has exited.
-fn watch(pid: u32, dir: &Path) {
+/// Children that live as long as the test process (reaped by the watchdog).
+static KEEP: std::sync::Mutex<Vec<Child>> = std::sync::Mutex::new(Vec::new());
+
+/// Kills `child` and removes `dir` once this process has exited.
+fn watch(child: Child, dir: &Path) {
+    let pid = child.id();
     let script = format!(
         "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -9 {pid} 2>/dev/null; sleep 0.5; rm -rf '{dir}'",
         me = std::process::id(),
         dir = dir.display()
     );
-    Command::new("sh")
+    let watchdog = Command::new("sh")
         .args(["-c", &script])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("start watchdog");
+    let mut keep = KEEP.lock().unwrap_or_else(|p| p.into_inner());
+    keep.push(child);
+    keep.push(watchdog);
 }
 
 /// A key prefix no other test uses.
