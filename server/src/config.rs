@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::chat::ChatConfig;
 use crate::chat::auth::HashCost;
 use crate::net::NetConfig;
+use crate::store::pipeline::PipelineOptions;
 use crate::store::sqlite::SqliteOptions;
 
 /// Invalid or unreadable configuration.
@@ -177,6 +178,11 @@ pub struct Config {
     #[arg(long, env = "IM_MEMBER_CACHE_GROUPS", default_value_t = 100_000)]
     pub member_cache_groups: u64,
 
+    /// Seconds a cached member list is used for fan-out before reloading
+    /// (bounds how long another node's membership change takes to apply).
+    #[arg(long, env = "IM_MEMBER_CACHE_TTL_SECS", default_value_t = 5)]
+    pub member_cache_ttl_secs: u64,
+
     // ---- accounts ----
     /// Secret that signs session tokens (at least 32 bytes; nodes that share
     /// it accept each other's tokens). Default: a random key kept in
@@ -213,6 +219,56 @@ pub struct Config {
     /// Length of the failed-login window in seconds.
     #[arg(long, env = "IM_LOGIN_FAILURE_WINDOW_SECS", default_value_t = 60)]
     pub login_failure_window_secs: u64,
+
+    // ---- production pipeline (Redis Streams + MySQL) ----
+    /// Redis of the production pipeline (with --mysql-url; without both the
+    /// embedded store is used). Every node and storage worker of a
+    /// deployment shares it.
+    #[arg(long, env = "IM_REDIS_URL")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+
+    /// MySQL/MariaDB of the production pipeline, e.g.
+    /// mysql://user:pass@host:3306/im (the schema is created at start-up).
+    #[arg(long, env = "IM_MYSQL_URL", hide_env_values = true)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mysql_url: Option<String>,
+
+    /// Prefix of every Redis key (shared by the deployment's processes).
+    #[arg(long, env = "IM_REDIS_PREFIX", default_value = "im")]
+    pub redis_prefix: String,
+
+    /// Stream shards messages are spread over (must match the storage
+    /// workers).
+    #[arg(long, env = "IM_STREAMS", default_value_t = 16)]
+    pub streams: u32,
+
+    /// Ordered Redis connections carrying appends.
+    #[arg(long, env = "IM_APPEND_LANES", default_value_t = 4)]
+    pub append_lanes: usize,
+
+    /// Seconds within which a resend with the same client_msg_id returns
+    /// the original ack (memory: about 60 bytes per message sent in twice
+    /// this window).
+    #[arg(long, env = "IM_DEDUP_WINDOW_SECS", default_value_t = 600)]
+    pub dedup_window_secs: u64,
+
+    /// Recent messages kept per conversation in Redis for sync, beyond
+    /// those the worker has not stored yet.
+    #[arg(long, env = "IM_RECENT_CACHE_LEN", default_value_t = 200)]
+    pub recent_cache_len: u32,
+
+    /// Seconds an idle conversation's recent messages stay in Redis.
+    #[arg(long, env = "IM_RECENT_CACHE_TTL_SECS", default_value_t = 86_400)]
+    pub recent_cache_ttl_secs: u64,
+
+    /// Pooled Redis connections for reads.
+    #[arg(long, env = "IM_REDIS_POOL_SIZE", default_value_t = 16)]
+    pub redis_pool_size: usize,
+
+    /// Pooled MySQL connections.
+    #[arg(long, env = "IM_MYSQL_POOL_SIZE", default_value_t = 16)]
+    pub mysql_pool_size: usize,
 
     // ---- storage and process ----
     /// Read connections of the embedded store.
@@ -320,6 +376,12 @@ impl Config {
                 return bad("token-secret must be at least 32 bytes");
             }
         }
+        if self.redis_url.is_some() != self.mysql_url.is_some() {
+            return bad("--redis-url and --mysql-url go together");
+        }
+        if !(1..=im_storage::layout::MAX_STREAMS).contains(&self.streams) {
+            return bad("streams must be between 1 and 1024");
+        }
         if self.argon2_memory_kib < 8 || self.argon2_iterations == 0 {
             return bad("argon2-memory-kib must be >= 8 and argon2-iterations >= 1");
         }
@@ -389,7 +451,25 @@ impl Config {
             login_failures: self.login_failures,
             login_failure_window: Duration::from_secs(self.login_failure_window_secs),
             member_cache_groups: self.member_cache_groups,
+            member_cache_ttl: Duration::from_secs(self.member_cache_ttl_secs.max(1)),
         }
+    }
+
+    /// Settings of the pipeline store, if Redis and MySQL are configured.
+    pub fn pipeline(&self) -> Option<PipelineOptions> {
+        Some(PipelineOptions {
+            redis_url: self.redis_url.clone()?,
+            mysql_url: self.mysql_url.clone()?,
+            prefix: self.redis_prefix.clone(),
+            streams: self.streams,
+            append_lanes: self.append_lanes,
+            dedup_window_secs: self.dedup_window_secs,
+            recent_cache_len: self.recent_cache_len,
+            recent_cache_ttl_secs: self.recent_cache_ttl_secs,
+            redis_pool_size: self.redis_pool_size,
+            mysql_pool_size: self.mysql_pool_size,
+            ..PipelineOptions::default()
+        })
     }
 
     /// Settings of the embedded store.

@@ -2,8 +2,8 @@
 //! shuts down gracefully and exits 0.
 
 use im_server::config::Config;
-use im_server::server::EmbeddedServer;
-use tokio::signal::unix::{SignalKind, signal};
+use im_server::server::{Closeable, EmbeddedServer, PipelineServer, Server};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -22,9 +22,22 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let server = EmbeddedServer::start(config).await?;
+    // Installed before start-up, so a signal during it is not fatal.
+    let signals = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+    );
+    if config.redis_url.is_some() {
+        serve(PipelineServer::start_pipeline(config).await?, signals).await
+    } else {
+        serve(EmbeddedServer::start(config).await?, signals).await
+    }
+}
+
+async fn serve<S: Closeable>(
+    server: Server<S>,
+    (mut term, mut int): (Signal, Signal),
+) -> anyhow::Result<()> {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),

@@ -13,6 +13,7 @@ use im_proto::{ErrorCode, Frame};
 use crate::chat::ChatService;
 use crate::config::Config;
 use crate::net::{Net, NetError, NetStatsSnapshot, Outbound, RunningNet};
+use crate::store::pipeline::PipelineStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 
@@ -43,13 +44,20 @@ pub enum ServerError {
 
 /// Storage that can be shut down cleanly.
 pub trait Closeable: Store {
-    /// Finishes queued writes and releases the backend (may block).
-    fn shutdown(&self);
+    /// Finishes queued writes and releases the backend.
+    fn shutdown(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send;
 }
 
 impl Closeable for SqliteStore {
-    fn shutdown(&self) {
-        self.close();
+    async fn shutdown(self: Arc<Self>) {
+        // Closing joins the writer thread: keep it off the reactor.
+        let _ = tokio::task::spawn_blocking(move || self.close()).await;
+    }
+}
+
+impl Closeable for PipelineStore {
+    async fn shutdown(self: Arc<Self>) {
+        self.close().await;
     }
 }
 
@@ -63,6 +71,9 @@ pub struct Server<S: Closeable> {
 
 /// The node with the embedded store, as `im-server` runs it by default.
 pub type EmbeddedServer = Server<SqliteStore>;
+
+/// A node of the production pipeline (Redis Streams + MySQL).
+pub type PipelineServer = Server<PipelineStore>;
 
 impl Server<SqliteStore> {
     /// Starts a node with the embedded store under `config.data_dir`. Must
@@ -80,6 +91,33 @@ impl Server<SqliteStore> {
             .await
             .map_err(|e| ServerError::Chat(e.to_string()))??;
         let key = token_key(&config, &data_dir)?;
+        Self::with_store(config, Arc::new(store), key)
+    }
+}
+
+impl Server<PipelineStore> {
+    /// Starts a node on Redis and MySQL (`config.redis_url` and
+    /// `config.mysql_url` must be set). Must be called within a tokio
+    /// runtime.
+    pub async fn start_pipeline(config: Config) -> Result<Self, ServerError> {
+        config.validate()?;
+        let options = config.pipeline().ok_or_else(|| {
+            ServerError::Config(crate::config::ConfigError::Invalid(
+                "--redis-url and --mysql-url are both required for the pipeline".into(),
+            ))
+        })?;
+        let store = PipelineStore::open(options).await?;
+        let data_dir = config.data_dir.clone();
+        let key = match &config.token_secret {
+            Some(secret) => secret.as_bytes().to_vec(),
+            None => {
+                std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+                    path: data_dir.clone(),
+                    source,
+                })?;
+                token_key(&config, &data_dir)?
+            }
+        };
         Self::with_store(config, Arc::new(store), key)
     }
 }
@@ -149,7 +187,7 @@ impl<S: Closeable> Server<S> {
         if closing.await.is_err() {
             tracing::error!("closing connections failed");
         }
-        let _ = tokio::task::spawn_blocking(move || store.shutdown()).await;
+        store.shutdown().await;
         tracing::info!("shut down");
     }
 }

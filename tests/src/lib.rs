@@ -12,7 +12,8 @@ use im_proto::pb;
 use im_proto::pb::frame::Body;
 use im_proto::{Frame, FrameCodec};
 use im_server::config::Config;
-use im_server::server::EmbeddedServer;
+use im_server::net::NetStatsSnapshot;
+use im_server::server::{EmbeddedServer, PipelineServer};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
@@ -20,6 +21,59 @@ pub mod services;
 
 /// Password used by every test account.
 pub const PASSWORD: &str = "correct horse battery";
+
+/// Which store the tests run against: the embedded one, or the production
+/// pipeline (Redis Streams + MySQL + storage worker) when
+/// `IM_TEST_STORE=pipeline`. The same tests run in both modes.
+pub fn pipeline_mode() -> bool {
+    std::env::var("IM_TEST_STORE").is_ok_and(|v| v == "pipeline")
+}
+
+/// Where a pipeline-mode node keeps its data: a key prefix and a database
+/// of its own on the shared services.
+#[derive(Debug, Clone)]
+pub struct PipelineEnv {
+    /// Redis URL.
+    pub redis_url: String,
+    /// MySQL URL of a database only this node uses.
+    pub mysql_url: String,
+    /// Key prefix only this node uses.
+    pub prefix: String,
+}
+
+impl PipelineEnv {
+    /// A fresh prefix and database on the shared services.
+    pub fn fresh() -> PipelineEnv {
+        let shared = services::shared();
+        PipelineEnv {
+            redis_url: shared.redis_url.clone(),
+            mysql_url: services::fresh_database(&shared.mysql_url),
+            prefix: services::unique_prefix(),
+        }
+    }
+
+    /// Points a server configuration at this environment.
+    pub fn apply(&self, c: &mut Config) {
+        c.redis_url = Some(self.redis_url.clone());
+        c.mysql_url = Some(self.mysql_url.clone());
+        c.redis_prefix = self.prefix.clone();
+        c.streams = 4;
+    }
+
+    /// The same, as `im-server` flags.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--redis-url".into(),
+            self.redis_url.clone(),
+            "--mysql-url".into(),
+            self.mysql_url.clone(),
+            "--redis-prefix".into(),
+            self.prefix.clone(),
+            "--streams".into(),
+            "4".into(),
+        ]
+    }
+}
 
 /// A configuration for tests: port 0, cheap password hashing, the given
 /// data directory.
@@ -40,30 +94,87 @@ pub fn init_logging() {
     }
 }
 
-/// A server node running inside the test process.
+/// A running node of either kind.
+pub enum Node {
+    /// Embedded store.
+    Embedded(EmbeddedServer),
+    /// Redis Streams + MySQL.
+    Pipeline(PipelineServer),
+}
+
+impl Node {
+    /// Starts a node of the kind `config` asks for.
+    pub async fn start(config: Config) -> Node {
+        if config.redis_url.is_some() {
+            Node::Pipeline(
+                PipelineServer::start_pipeline(config)
+                    .await
+                    .expect("pipeline node starts"),
+            )
+        } else {
+            Node::Embedded(
+                EmbeddedServer::start(config)
+                    .await
+                    .expect("embedded node starts"),
+            )
+        }
+    }
+
+    /// Where clients connect.
+    pub fn local_addr(&self) -> SocketAddr {
+        match self {
+            Node::Embedded(s) => s.local_addr(),
+            Node::Pipeline(s) => s.local_addr(),
+        }
+    }
+
+    /// Connection-layer counters.
+    pub fn net_stats(&self) -> NetStatsSnapshot {
+        match self {
+            Node::Embedded(s) => s.net_stats(),
+            Node::Pipeline(s) => s.net_stats(),
+        }
+    }
+
+    /// Graceful shutdown.
+    pub async fn shutdown(self) {
+        match self {
+            Node::Embedded(s) => s.shutdown().await,
+            Node::Pipeline(s) => s.shutdown().await,
+        }
+    }
+}
+
+/// A server node running inside the test process, on the embedded store
+/// or (in pipeline mode) on its own Redis prefix and MySQL database.
 pub struct TestServer {
     /// The running node (taken on shutdown).
-    pub server: Option<EmbeddedServer>,
+    pub server: Option<Node>,
     /// Where clients connect.
     pub addr: SocketAddr,
     /// The data directory (kept until the fixture drops).
     pub dir: tempfile::TempDir,
+    /// The pipeline environment, in pipeline mode.
+    pub pipeline: Option<PipelineEnv>,
+    tweak: std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>,
 }
 
 impl TestServer {
-    /// Starts a node with [`test_config`] adjusted by `tweak`.
-    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    /// Starts a node with [`test_config`] adjusted by `tweak` (which is
+    /// applied again on restart).
+    pub async fn start_with(tweak: impl Fn(&mut Config) + Send + Sync + 'static) -> TestServer {
         init_logging();
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut config = test_config(dir.path());
-        tweak(&mut config);
-        let server = EmbeddedServer::start(config).await.expect("server starts");
-        let addr = server.local_addr();
-        TestServer {
-            server: Some(server),
-            addr,
+        let pipeline = pipeline_mode().then(PipelineEnv::fresh);
+        let mut server = TestServer {
+            server: None,
+            addr: "127.0.0.1:0".parse().expect("address"),
             dir,
-        }
+            pipeline,
+            tweak: std::sync::Arc::new(tweak),
+        };
+        server.boot().await;
+        server
     }
 
     /// Starts a node with the test defaults.
@@ -71,15 +182,25 @@ impl TestServer {
         Self::start_with(|_| {}).await
     }
 
-    /// Restarts on the same data directory (new port).
+    fn config(&self) -> Config {
+        let mut config = test_config(self.dir.path());
+        if let Some(env) = &self.pipeline {
+            env.apply(&mut config);
+        }
+        (self.tweak)(&mut config);
+        config
+    }
+
+    async fn boot(&mut self) {
+        let node = Node::start(self.config()).await;
+        self.addr = node.local_addr();
+        self.server = Some(node);
+    }
+
+    /// Restarts on the same data (new port).
     pub async fn restart(&mut self) {
         self.shutdown().await;
-        let config = test_config(self.dir.path());
-        let server = EmbeddedServer::start(config)
-            .await
-            .expect("server restarts");
-        self.addr = server.local_addr();
-        self.server = Some(server);
+        self.boot().await;
     }
 
     /// Graceful shutdown.
@@ -90,7 +211,7 @@ impl TestServer {
     }
 
     /// The running node.
-    pub fn node(&self) -> &EmbeddedServer {
+    pub fn node(&self) -> &Node {
         self.server.as_ref().expect("server running")
     }
 }

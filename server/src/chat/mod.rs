@@ -83,6 +83,9 @@ pub struct ChatConfig {
     pub login_failure_window: Duration,
     /// Groups whose member lists are cached for fan-out.
     pub member_cache_groups: u64,
+    /// How long a cached member list is used before it is reloaded (other
+    /// nodes' changes become visible to fan-out within this time).
+    pub member_cache_ttl: Duration,
 }
 
 impl Default for ChatConfig {
@@ -115,6 +118,7 @@ impl Default for ChatConfig {
             login_failures: 5,
             login_failure_window: Duration::from_secs(60),
             member_cache_groups: 100_000,
+            member_cache_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -178,7 +182,11 @@ impl<S: Store> ChatService<S> {
         let inner = Arc::new(Inner {
             store,
             out,
-            members: moka::future::Cache::new(config.member_cache_groups),
+            // Another node may change a membership: bound the staleness.
+            members: moka::future::Cache::builder()
+                .max_capacity(config.member_cache_groups)
+                .time_to_live(config.member_cache_ttl)
+                .build(),
             config,
             passwords,
             tokens,

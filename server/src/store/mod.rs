@@ -3,11 +3,13 @@
 //!
 //! [`Store`] is implemented by the embedded single-node store
 //! ([`sqlite::SqliteStore`]) and, in production, by the Redis Streams +
-//! MySQL pipeline; the session code in [`crate::chat`] is the same for both.
+//! MySQL pipeline ([`pipeline::PipelineStore`]); the session code in
+//! [`crate::chat`] is the same for both.
 //! Implementations own durability, per-conversation sequencing, send
 //! deduplication and membership checks on append; authorization of group
 //! administration and every wire concern stay in the chat layer.
 
+pub mod pipeline;
 pub mod sqlite;
 
 use std::future::Future;
@@ -57,7 +59,9 @@ pub struct NewMessage {
     pub client_msg_id: String,
     /// What the message says.
     pub content: pb::Content,
-    /// Server time assigned by the caller, in Unix milliseconds.
+    /// Server time in Unix milliseconds. A store may replace it with the
+    /// time it sequences the message; the stored message and its ack carry
+    /// the final value.
     pub server_time_ms: i64,
 }
 

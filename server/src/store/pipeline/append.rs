@@ -1,0 +1,484 @@
+//! Ordered append lanes. Each lane owns one Redis connection and serves a
+//! fixed subset of the stream shards; it takes every job queued for it,
+//! appends all their messages with one append-script call per shard in one
+//! pipelined round trip, and only then takes the next jobs. So messages of
+//! a conversation are appended in the order their calls were made, and
+//! round trips are shared by every send in flight.
+//!
+//! The script may ask for help before it can append to a conversation: its
+//! member set is not cached (`load`) or its seq counter is missing
+//! (`seed`). The lane fetches that from MySQL, then resubmits the
+//! conversation's blocked messages, still in order.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use im_proto::ids::ConversationKind;
+use im_proto::pb;
+use im_storage::layout::{self, APPEND_SCRIPT};
+use redis::Value;
+use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{DIRECT_INDEX_TTL_SECS, MEMBERS_TTL_SECS, Shared, redis_err, sql};
+use crate::store::{
+    Ack, AppendOutcome, AppendRejection, AppendResult, NewMessage, StoreError, StoreResult,
+};
+
+/// A batch for one lane.
+pub(crate) struct AppendJob {
+    pub batch: Vec<NewMessage>,
+    pub reply: oneshot::Sender<StoreResult<Vec<AppendResult>>>,
+}
+
+/// Messages taken into one round at most (more wait for the next round).
+const ROUND_MESSAGES: usize = 8192;
+/// Rounds of load/seed/resubmit before giving up on a conversation.
+const MAX_ROUNDS: usize = 4;
+
+/// Replaces a group's cached member set, unless its membership changed
+/// since `ARGV[1]` (its version) was read.
+const LOAD_MEMBERS_SCRIPT: &str = r#"
+local current = redis.call("GET", KEYS[2]) or ""
+if current ~= ARGV[1] then return 0 end
+redis.call("DEL", KEYS[1])
+redis.call("SADD", KEYS[1], "0")
+local batch = {}
+for i = 3, #ARGV do
+  batch[#batch + 1] = ARGV[i]
+  if #batch == 1000 then
+    redis.call("SADD", KEYS[1], unpack(batch))
+    batch = {}
+  end
+end
+if #batch > 0 then redis.call("SADD", KEYS[1], unpack(batch)) end
+redis.call("EXPIRE", KEYS[1], tonumber(ARGV[2]))
+return 1
+"#;
+
+struct Entry {
+    job: usize,
+    shard: u32,
+    kind: &'static str,
+    /// The message as it will be stored (seq and id filled in on success).
+    message: pb::Message,
+    body: Vec<u8>,
+    outcome: Option<AppendResult>,
+}
+
+struct Lane {
+    shared: Arc<Shared>,
+    conn: ConnectionManager,
+    append: redis::Script,
+    load_members: redis::Script,
+}
+
+pub(crate) async fn run_lane(
+    shared: Arc<Shared>,
+    conn: ConnectionManager,
+    mut rx: mpsc::Receiver<AppendJob>,
+) {
+    let mut lane = Lane {
+        shared,
+        conn,
+        append: redis::Script::new(APPEND_SCRIPT),
+        load_members: redis::Script::new(LOAD_MEMBERS_SCRIPT),
+    };
+    let mut jobs: Vec<AppendJob> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut messages = first.batch.len();
+        jobs.push(first);
+        while messages < ROUND_MESSAGES {
+            match rx.try_recv() {
+                Ok(job) => {
+                    messages += job.batch.len();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        lane.round(std::mem::take(&mut jobs)).await;
+    }
+}
+
+impl Lane {
+    /// Appends every message of `jobs` and answers each job.
+    async fn round(&mut self, jobs: Vec<AppendJob>) {
+        // One clock reading per round: it is the messages' server time and
+        // what the dedup entries record, so a duplicate's ack carries the
+        // same message id as the original.
+        let now_ms = im_proto::now_ms();
+        let mut replies = Vec::with_capacity(jobs.len());
+        let mut entries = Vec::new();
+        for (job, AppendJob { batch, reply }) in jobs.into_iter().enumerate() {
+            replies.push(reply);
+            for m in batch {
+                entries.push(self.entry(job, m, now_ms));
+            }
+        }
+        let mut failed: HashSet<usize> = HashSet::new();
+        if let Err(e) = self.append_all(&mut entries, now_ms).await {
+            tracing::warn!(error = %e, "append round failed");
+            failed.extend(
+                entries
+                    .iter()
+                    .filter(|e| e.outcome.is_none())
+                    .map(|e| e.job),
+            );
+        }
+        if let Err(e) = self.index_new_direct_conversations(&entries).await {
+            tracing::warn!(error = %e, "indexing new direct conversations failed");
+            failed.extend(entries.iter().map(|e| e.job));
+        }
+        let mut results: Vec<Vec<AppendResult>> = replies.iter().map(|_| Vec::new()).collect();
+        for entry in entries {
+            if let Some(outcome) = entry.outcome {
+                results[entry.job].push(outcome);
+            } else {
+                failed.insert(entry.job);
+            }
+        }
+        for (job, (reply, result)) in replies.into_iter().zip(results).enumerate() {
+            let answer = if failed.contains(&job) {
+                // Sends are retried by clients; deduplication makes any
+                // message of this job that did land answer with its
+                // original ack.
+                Err(StoreError::Backend("append failed; retry".into()))
+            } else {
+                Ok(result)
+            };
+            let _ = reply.send(answer);
+        }
+    }
+
+    fn entry(&self, job: usize, m: NewMessage, now_ms: i64) -> Entry {
+        let conversation = m.conversation;
+        let shard = self.shared.layout.shard_of(conversation.raw());
+        let kind = match conversation.kind() {
+            _ if m.sender == 0 => "n",
+            ConversationKind::Direct { .. } => "d",
+            ConversationKind::Group(_) => "g",
+        };
+        let message = pb::Message {
+            conversation_id: conversation.raw(),
+            seq: 0,
+            message_id: 0,
+            sender_id: m.sender,
+            client_msg_id: m.client_msg_id,
+            server_time_ms: now_ms,
+            content: Some(m.content),
+        };
+        let body = layout::record_body(&message);
+        Entry {
+            job,
+            shard,
+            kind,
+            message,
+            body,
+            outcome: None,
+        }
+    }
+
+    /// Runs the checks the script cannot do (participants of direct
+    /// conversations), then the script, resolving loads and seeds between
+    /// rounds. Entries left without an outcome failed.
+    async fn append_all(&mut self, entries: &mut [Entry], now_ms: i64) -> StoreResult<()> {
+        self.check_direct(entries).await?;
+        let mut pending: Vec<usize> = (0..entries.len())
+            .filter(|&i| entries[i].outcome.is_none())
+            .collect();
+        for _ in 0..MAX_ROUNDS {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let replies = self.run_script(entries, &pending, now_ms).await?;
+            let mut load = HashSet::new();
+            let mut seed = HashSet::new();
+            let mut again = Vec::new();
+            for (&i, reply) in pending.iter().zip(replies) {
+                let entry = &mut entries[i];
+                match reply {
+                    Reply::Ok { seq, counter } => {
+                        let mut message = entry.message.clone();
+                        message.seq = seq;
+                        message.message_id =
+                            layout::message_id(message.server_time_ms, entry.shard, counter);
+                        entry.outcome = Some(Ok(AppendOutcome::Stored(message)));
+                    }
+                    Reply::Duplicate { seq, counter, time } => {
+                        entry.outcome = Some(Ok(AppendOutcome::Duplicate(Ack {
+                            message_id: layout::message_id(time, entry.shard, counter),
+                            conversation_id: entry.message.conversation_id,
+                            seq,
+                            server_time_ms: time,
+                        })));
+                    }
+                    Reply::NotMember => entry.outcome = Some(Err(AppendRejection::NotMember)),
+                    Reply::Load => {
+                        load.insert(entry.message.conversation_id);
+                        again.push(i);
+                    }
+                    Reply::Seed => {
+                        seed.insert(entry.message.conversation_id);
+                        again.push(i);
+                    }
+                    Reply::Blocked => again.push(i),
+                }
+            }
+            for conv in load {
+                self.load_members(conv).await?;
+            }
+            for conv in seed {
+                self.seed(conv).await?;
+            }
+            pending = again;
+        }
+        if pending.is_empty() {
+            Ok(())
+        } else {
+            Err(StoreError::Backend(
+                "conversation could not be prepared for appends".into(),
+            ))
+        }
+    }
+
+    /// Direct conversations: the sender must be a participant and the other
+    /// participant must exist.
+    async fn check_direct(&self, entries: &mut [Entry]) -> StoreResult<()> {
+        let mut peers = Vec::new();
+        for (i, entry) in entries.iter_mut().enumerate() {
+            if entry.kind != "d" {
+                continue;
+            }
+            let conversation = im_proto::ConversationId::from_raw(entry.message.conversation_id);
+            match conversation.and_then(|c| c.peer_of(entry.message.sender_id)) {
+                Some(peer) => peers.push((i, peer)),
+                None => entry.outcome = Some(Err(AppendRejection::NotMember)),
+            }
+        }
+        if peers.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<u64> = peers.iter().map(|&(_, p)| p).collect();
+        let exists = self.shared.users_exist(&ids).await?;
+        for ((i, _), exists) in peers.into_iter().zip(exists) {
+            if !exists {
+                entries[i].outcome = Some(Err(AppendRejection::NoSuchUser));
+            }
+        }
+        Ok(())
+    }
+
+    /// One pipelined round trip: the script once per shard (in chunks),
+    /// over the pending entries in order.
+    async fn run_script(
+        &mut self,
+        entries: &[Entry],
+        pending: &[usize],
+        now_ms: i64,
+    ) -> StoreResult<Vec<Reply>> {
+        let options = &self.shared.options;
+        let window = options.dedup_window_secs.max(1);
+        let bucket = (now_ms / 1000) as u64 / window;
+        let chunk = options.script_batch.max(1);
+
+        let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for &i in pending {
+            by_shard.entry(entries[i].shard).or_default().push(i);
+        }
+        let mut order = Vec::with_capacity(pending.len());
+        let mut pipe = redis::pipe();
+        for (shard, list) in &by_shard {
+            let stream = self.shared.layout.stream_key(*shard);
+            for part in list.chunks(chunk) {
+                let mut invocation = self.append.key(&stream);
+                invocation
+                    .arg(now_ms)
+                    .arg(bucket)
+                    .arg(window)
+                    .arg(options.recent_cache_len)
+                    .arg(options.recent_cache_ttl_secs)
+                    .arg(part.len());
+                for &i in part {
+                    let e = &entries[i];
+                    invocation
+                        .arg(e.message.conversation_id)
+                        .arg(e.message.sender_id)
+                        .arg(e.message.client_msg_id.as_str())
+                        .arg(e.kind)
+                        .arg(e.body.as_slice());
+                }
+                pipe.invoke_script(&invocation);
+                order.extend_from_slice(part);
+            }
+        }
+        let values: Vec<Value> = match pipe.query_async(&mut self.conn).await {
+            Ok(v) => v,
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+                // Redis restarted and forgot the script: load and retry.
+                self.append
+                    .prepare_invoke()
+                    .load_async(&mut self.conn)
+                    .await
+                    .map_err(redis_err)?;
+                pipe.query_async(&mut self.conn).await.map_err(redis_err)?
+            }
+            Err(e) => return Err(redis_err(e)),
+        };
+        let mut replies: Vec<(usize, Reply)> = Vec::with_capacity(order.len());
+        let mut flat = Vec::with_capacity(order.len());
+        for value in values {
+            match value {
+                Value::Array(items) => flat.extend(items),
+                other => return Err(redis_err(format!("unexpected script reply {other:?}"))),
+            }
+        }
+        if flat.len() != order.len() {
+            return Err(redis_err("script answered a different number of messages"));
+        }
+        for (i, value) in order.into_iter().zip(flat) {
+            replies.push((i, Reply::parse(value)?));
+        }
+        // Back to the order of `pending`.
+        let position: std::collections::HashMap<usize, usize> = pending
+            .iter()
+            .enumerate()
+            .map(|(pos, &i)| (i, pos))
+            .collect();
+        replies.sort_by_key(|(i, _)| position[i]);
+        Ok(replies.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// Caches a group's member set from MySQL, guarded by its version so a
+    /// concurrent change is never overwritten with stale members.
+    async fn load_members(&mut self, conversation: u64) -> StoreResult<()> {
+        let layout = &self.shared.layout;
+        let shard = layout.shard_of(conversation);
+        let key = layout.members_key(shard, conversation);
+        let version_key = layout.members_version_key(shard, conversation);
+        for _ in 0..5 {
+            let version: Option<String> = redis::cmd("GET")
+                .arg(&version_key)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(redis_err)?;
+            let members = sql::member_ids(&self.shared, conversation).await?;
+            let mut invocation = self.load_members.key(&key);
+            invocation
+                .key(&version_key)
+                .arg(version.unwrap_or_default())
+                .arg(MEMBERS_TTL_SECS);
+            for m in members {
+                invocation.arg(m);
+            }
+            let loaded: i64 = invocation
+                .invoke_async(&mut self.conn)
+                .await
+                .map_err(redis_err)?;
+            if loaded == 1 {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Backend(
+            "group membership kept changing while loading".into(),
+        ))
+    }
+
+    /// Seeds a missing seq counter from MySQL (a new conversation starts at
+    /// 0; after a loss of Redis data, seqs continue after what is stored).
+    async fn seed(&mut self, conversation: u64) -> StoreResult<()> {
+        let last = sql::max_stored_seq(&self.shared, conversation).await?;
+        let shard = self.shared.layout.shard_of(conversation);
+        let _: i64 = redis::cmd("HSETNX")
+            .arg(self.shared.layout.seq_key(shard))
+            .arg(conversation)
+            .arg(last)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(redis_err)?;
+        Ok(())
+    }
+
+    /// The first message of a direct conversation makes it appear in both
+    /// participants' conversation lists before the worker has stored it.
+    async fn index_new_direct_conversations(&mut self, entries: &[Entry]) -> StoreResult<()> {
+        let mut pipe = redis::pipe();
+        let mut any = false;
+        for entry in entries {
+            let first = match &entry.outcome {
+                Some(Ok(AppendOutcome::Stored(m))) => m.seq == 1,
+                Some(Ok(AppendOutcome::Duplicate(a))) => a.seq == 1,
+                _ => false,
+            };
+            let Some(conv) = im_proto::ConversationId::from_raw(entry.message.conversation_id)
+            else {
+                continue;
+            };
+            if let (true, ConversationKind::Direct { lo, hi }) = (first, conv.kind()) {
+                for user in [lo, hi] {
+                    let key = self.shared.layout.direct_index_key(user);
+                    pipe.cmd("SADD").arg(&key).arg(conv.raw()).ignore();
+                    pipe.cmd("EXPIRE")
+                        .arg(&key)
+                        .arg(DIRECT_INDEX_TTL_SECS)
+                        .ignore();
+                }
+                any = true;
+            }
+        }
+        if any {
+            let _: () = pipe.query_async(&mut self.conn).await.map_err(redis_err)?;
+        }
+        Ok(())
+    }
+}
+
+/// One message's answer from the append script.
+#[derive(Debug, PartialEq, Eq)]
+enum Reply {
+    Ok { seq: u64, counter: u64 },
+    Duplicate { seq: u64, counter: u64, time: i64 },
+    NotMember,
+    Load,
+    Seed,
+    Blocked,
+}
+
+impl Reply {
+    fn parse(value: Value) -> StoreResult<Reply> {
+        let bad = || redis_err("malformed append script reply");
+        let Value::Array(items) = value else {
+            return Err(bad());
+        };
+        let text = |v: &Value| -> Option<String> {
+            match v {
+                Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+                Value::SimpleString(s) => Some(s.clone()),
+                _ => None,
+            }
+        };
+        let int = |v: &Value| -> Option<u64> {
+            match v {
+                Value::Int(n) => u64::try_from(*n).ok(),
+                _ => None,
+            }
+        };
+        let status = items.first().and_then(text).ok_or_else(bad)?;
+        Ok(match status.as_str() {
+            "ok" => Reply::Ok {
+                seq: items.get(1).and_then(int).ok_or_else(bad)?,
+                counter: items.get(2).and_then(int).ok_or_else(bad)?,
+            },
+            "dup" => {
+                let value = items.get(1).and_then(text).ok_or_else(bad)?;
+                let (seq, counter, time) = layout::parse_dedup(&value).ok_or_else(bad)?;
+                Reply::Duplicate { seq, counter, time }
+            }
+            "nm" => Reply::NotMember,
+            "load" => Reply::Load,
+            "seed" => Reply::Seed,
+            "blocked" => Reply::Blocked,
+            _ => return Err(bad()),
+        })
+    }
+}

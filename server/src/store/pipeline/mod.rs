@@ -1,0 +1,471 @@
+//! The production store: messages in Redis Streams (appended atomically by
+//! a script, acknowledged once Redis has them), everything else in MySQL,
+//! with Redis as the cache where reads are hot. The storage worker
+//! (`im-storage-worker`) moves stream entries into MySQL in batches.
+//!
+//! Nothing here assumes a single server node: seqs, deduplication, the
+//! recent-messages cache and the member sets used to authorise appends all
+//! live in Redis; the only process-local cache holds which user ids exist,
+//! which never changes once true.
+//!
+//! - `append`: ordered append lanes and the append script's protocol.
+//! - `sql`: accounts, groups and memberships in MySQL.
+//! - `read`: sync, history, conversation list and cursors, merging the
+//!   Redis cache with MySQL without a gap at the boundary.
+
+mod append;
+mod read;
+mod sql;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use im_proto::ids::ConversationKind;
+use im_proto::{ConversationId, pb};
+use im_storage::layout::Layout;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    AppendResult, CursorKind, CursorMove, GroupId, GroupRecord, NewMessage, Page, Store,
+    StoreError, StoreResult, UserId, UserRecord,
+};
+use append::AppendJob;
+
+/// Settings of the pipeline store.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// `redis://host:port[/db]`.
+    pub redis_url: String,
+    /// `mysql://user:pass@host:port/db`.
+    pub mysql_url: String,
+    /// Key prefix shared by every process of the deployment.
+    pub prefix: String,
+    /// Stream shards (must match the storage workers).
+    pub streams: u32,
+    /// Ordered Redis connections for appends (each serves a subset of the
+    /// shards).
+    pub append_lanes: usize,
+    /// Append jobs queued per lane before appends get `Overloaded`.
+    pub append_queue: usize,
+    /// Messages per append script call at most.
+    pub script_batch: usize,
+    /// Seconds within which a resend with the same client_msg_id is
+    /// recognised (at least; at most twice that).
+    pub dedup_window_secs: u64,
+    /// Records kept per conversation in the recent cache, beyond those not
+    /// yet stored in MySQL.
+    pub recent_cache_len: u32,
+    /// Seconds an idle conversation's recent cache lives.
+    pub recent_cache_ttl_secs: u64,
+    /// Pooled Redis connections for reads and other commands.
+    pub redis_pool_size: usize,
+    /// Pooled MySQL connections.
+    pub mysql_pool_size: usize,
+}
+
+impl Default for PipelineOptions {
+    fn default() -> Self {
+        PipelineOptions {
+            redis_url: "redis://127.0.0.1:6379".into(),
+            mysql_url: "mysql://root@127.0.0.1:3306/im".into(),
+            prefix: im_storage::layout::DEFAULT_PREFIX.into(),
+            streams: im_storage::layout::DEFAULT_STREAMS,
+            append_lanes: 4,
+            append_queue: 4096,
+            script_batch: 512,
+            dedup_window_secs: 600,
+            recent_cache_len: 200,
+            recent_cache_ttl_secs: 24 * 3600,
+            redis_pool_size: 16,
+            mysql_pool_size: 16,
+        }
+    }
+}
+
+/// Seconds a user's index of direct conversations not yet in MySQL lives.
+const DIRECT_INDEX_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Seconds a cached member set lives.
+const MEMBERS_TTL_SECS: u64 = 24 * 3600;
+
+pub(crate) struct Shared {
+    layout: Layout,
+    options: PipelineOptions,
+    mysql: mysql_async::Pool,
+    redis: deadpool_redis::Pool,
+    /// Ids known to exist (users are never deleted, so this can only be
+    /// stale in the harmless direction).
+    known_users: moka::sync::Cache<UserId, ()>,
+}
+
+/// Messages in Redis Streams, the rest in MySQL.
+pub struct PipelineStore {
+    shared: Arc<Shared>,
+    lanes: Vec<mpsc::Sender<AppendJob>>,
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+fn redis_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("redis: {e}"))
+}
+
+fn mysql_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend(format!("mysql: {e}"))
+}
+
+impl PipelineStore {
+    /// Connects to Redis and MySQL, runs the schema migrations and starts
+    /// the append lanes. Must be called within a tokio runtime.
+    pub async fn open(options: PipelineOptions) -> StoreResult<PipelineStore> {
+        let opts = mysql_async::Opts::from_url(&options.mysql_url).map_err(mysql_err)?;
+        let constraints = mysql_async::PoolConstraints::new(1, options.mysql_pool_size.max(1))
+            .ok_or_else(|| StoreError::Backend("invalid MySQL pool size".into()))?;
+        let opts = mysql_async::OptsBuilder::from_opts(opts)
+            .pool_opts(mysql_async::PoolOpts::default().with_constraints(constraints))
+            .stmt_cache_size(256);
+        let mysql = mysql_async::Pool::new(opts);
+        im_storage::schema::migrate(&mysql)
+            .await
+            .map_err(mysql_err)?;
+
+        let mut redis_config = deadpool_redis::Config::from_url(options.redis_url.clone());
+        redis_config.pool = Some(deadpool_redis::PoolConfig::new(
+            options.redis_pool_size.max(1),
+        ));
+        let redis = redis_config
+            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+            .map_err(redis_err)?;
+        // Fail fast on a wrong URL rather than at the first message.
+        let mut conn = redis.get().await.map_err(redis_err)?;
+        let _: String = redis::cmd("PING")
+            .query_async(&mut conn)
+            .await
+            .map_err(redis_err)?;
+        drop(conn);
+
+        let shared = Arc::new(Shared {
+            layout: Layout::new(options.prefix.clone(), options.streams),
+            known_users: moka::sync::Cache::new(1_000_000),
+            mysql,
+            redis,
+            options,
+        });
+        let client = redis::Client::open(shared.options.redis_url.as_str()).map_err(redis_err)?;
+        let mut lanes = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..shared.options.append_lanes.max(1) {
+            let conn = client.get_connection_manager().await.map_err(redis_err)?;
+            let (tx, rx) = mpsc::channel(shared.options.append_queue.max(1));
+            tasks.push(tokio::spawn(append::run_lane(shared.clone(), conn, rx)));
+            lanes.push(tx);
+        }
+        tracing::info!(
+            streams = shared.layout.streams(),
+            prefix = shared.layout.prefix(),
+            "pipeline store opened"
+        );
+        Ok(PipelineStore {
+            shared,
+            lanes,
+            tasks: std::sync::Mutex::new(tasks),
+        })
+    }
+
+    /// The key layout in use.
+    pub fn layout(&self) -> &Layout {
+        &self.shared.layout
+    }
+
+    /// Stops the append lanes and closes the MySQL pool. Call it once no
+    /// append is in flight (the server does, after draining requests);
+    /// appends still queued fail with [`StoreError::Closed`]. Everything
+    /// acknowledged is already in Redis.
+    pub async fn close(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            task.abort();
+        }
+        if let Err(e) = self.shared.mysql.clone().disconnect().await {
+            tracing::warn!(error = %e, "closing the MySQL pool failed");
+        }
+    }
+}
+
+impl Store for PipelineStore {
+    fn create_user(
+        &self,
+        username: &str,
+        password_hash: &str,
+    ) -> impl Future<Output = StoreResult<UserId>> + Send {
+        sql::create_user(&self.shared, username, password_hash)
+    }
+
+    fn user_by_name(
+        &self,
+        username: &str,
+    ) -> impl Future<Output = StoreResult<Option<UserRecord>>> + Send {
+        sql::user_by_name(&self.shared, username)
+    }
+
+    fn lookup_users(
+        &self,
+        ids: &[UserId],
+        names: &[String],
+    ) -> impl Future<Output = StoreResult<Vec<(UserId, String)>>> + Send {
+        sql::lookup_users(&self.shared, ids, names)
+    }
+
+    fn append_batch(
+        &self,
+        batch: Vec<NewMessage>,
+    ) -> impl Future<Output = StoreResult<Vec<AppendResult>>> + Send + 'static {
+        // Each shard is served by one lane, which applies its jobs in FIFO
+        // order: splitting by lane here, synchronously, keeps every
+        // conversation's messages in call order across calls.
+        let total = batch.len();
+        let lanes = self.lanes.len();
+        let mut split: Vec<(Vec<usize>, Vec<NewMessage>)> =
+            (0..lanes).map(|_| Default::default()).collect();
+        for (i, message) in batch.into_iter().enumerate() {
+            let lane = self.shared.layout.shard_of(message.conversation.raw()) as usize % lanes;
+            split[lane].0.push(i);
+            split[lane].1.push(message);
+        }
+        let mut waiting = Vec::new();
+        let mut submitted = Ok(());
+        for (lane, (indices, messages)) in split.into_iter().enumerate() {
+            if messages.is_empty() {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let job = AppendJob {
+                batch: messages,
+                reply: tx,
+            };
+            if let Err(e) = self.lanes[lane].try_send(job) {
+                submitted = Err(match e {
+                    mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
+                    mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
+                });
+                break;
+            }
+            waiting.push((indices, rx));
+        }
+        async move {
+            submitted?;
+            let mut results: Vec<Option<AppendResult>> = (0..total).map(|_| None).collect();
+            for (indices, rx) in waiting {
+                let part = rx.await.map_err(|_| StoreError::Closed)??;
+                for (i, result) in indices.into_iter().zip(part) {
+                    results[i] = Some(result);
+                }
+            }
+            results
+                .into_iter()
+                .map(|r| r.ok_or_else(|| StoreError::Backend("append lane answered partly".into())))
+                .collect()
+        }
+    }
+
+    fn sync(
+        &self,
+        user: UserId,
+        cursors: &[(ConversationId, u64)],
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<Page>> + Send {
+        read::sync(&self.shared, user, cursors, limit)
+    }
+
+    fn history(
+        &self,
+        user: UserId,
+        conversation: ConversationId,
+        before_seq: u64,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<Page>> + Send {
+        read::history(&self.shared, user, conversation, before_seq, limit)
+    }
+
+    fn conversations(
+        &self,
+        user: UserId,
+        after: u64,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<(Vec<pb::ConversationSummary>, bool)>> + Send {
+        read::conversations(&self.shared, user, after, limit)
+    }
+
+    fn advance_cursor(
+        &self,
+        user: UserId,
+        conversation: ConversationId,
+        kind: CursorKind,
+        seq: u64,
+    ) -> impl Future<Output = StoreResult<Option<CursorMove>>> + Send {
+        read::advance_cursor(&self.shared, user, conversation, kind, seq)
+    }
+
+    fn senders_between(
+        &self,
+        conversation: ConversationId,
+        after: u64,
+        upto: u64,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<Vec<UserId>>> + Send {
+        read::senders_between(&self.shared, conversation, after, upto, limit)
+    }
+
+    fn create_group(
+        &self,
+        owner: UserId,
+        name: &str,
+        members: &[UserId],
+        max_members: usize,
+    ) -> impl Future<Output = StoreResult<GroupRecord>> + Send {
+        sql::create_group(&self.shared, owner, name, members, max_members)
+    }
+
+    fn add_members(
+        &self,
+        group: GroupId,
+        users: &[UserId],
+        max_members: usize,
+    ) -> impl Future<Output = StoreResult<(GroupRecord, Vec<UserId>)>> + Send {
+        sql::add_members(&self.shared, group, users, max_members)
+    }
+
+    fn remove_members(
+        &self,
+        group: GroupId,
+        users: &[UserId],
+    ) -> impl Future<Output = StoreResult<(GroupRecord, Vec<UserId>)>> + Send {
+        sql::remove_members(&self.shared, group, users)
+    }
+
+    fn group(
+        &self,
+        group: GroupId,
+    ) -> impl Future<Output = StoreResult<Option<GroupRecord>>> + Send {
+        sql::group(&self.shared, group)
+    }
+
+    fn group_members(
+        &self,
+        group: GroupId,
+    ) -> impl Future<Output = StoreResult<Vec<UserId>>> + Send {
+        sql::group_members(&self.shared, group)
+    }
+
+    fn user_groups(
+        &self,
+        user: UserId,
+    ) -> impl Future<Output = StoreResult<Vec<GroupRecord>>> + Send {
+        sql::user_groups(&self.shared, user)
+    }
+}
+
+impl Shared {
+    /// A pooled Redis connection.
+    async fn redis(&self) -> StoreResult<deadpool_redis::Connection> {
+        self.redis.get().await.map_err(redis_err)
+    }
+
+    /// A pooled MySQL connection.
+    async fn mysql(&self) -> StoreResult<mysql_async::Conn> {
+        self.mysql.get_conn().await.map_err(mysql_err)
+    }
+
+    /// The last seq of each conversation (0 if none), from Redis, falling
+    /// back to MySQL for conversations Redis does not know.
+    async fn last_seqs(&self, conversations: &[u64]) -> StoreResult<Vec<u64>> {
+        if conversations.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for &conv in conversations {
+            let shard = self.layout.shard_of(conv);
+            pipe.cmd("HGET").arg(self.layout.seq_key(shard)).arg(conv);
+        }
+        let mut conn = self.redis().await?;
+        let found: Vec<Option<u64>> = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+        let missing: Vec<u64> = conversations
+            .iter()
+            .zip(&found)
+            .filter(|(_, f)| f.is_none())
+            .map(|(&c, _)| c)
+            .collect();
+        let from_mysql = if missing.is_empty() {
+            Default::default()
+        } else {
+            sql::stored_last_seqs(self, &missing).await?
+        };
+        Ok(conversations
+            .iter()
+            .zip(found)
+            .map(|(c, f)| f.unwrap_or_else(|| from_mysql.get(c).copied().unwrap_or(0)))
+            .collect())
+    }
+
+    /// For each id, whether that user exists.
+    async fn users_exist(&self, users: &[UserId]) -> StoreResult<Vec<bool>> {
+        let mut exists: Vec<bool> = users
+            .iter()
+            .map(|u| self.known_users.contains_key(u))
+            .collect();
+        let unknown: Vec<UserId> = users
+            .iter()
+            .zip(&exists)
+            .filter(|(u, known)| !**known && (1..=im_proto::ids::MAX_USER_ID).contains(*u))
+            .map(|(&u, _)| u)
+            .collect();
+        if unknown.is_empty() {
+            return Ok(exists);
+        }
+        let mut pipe = redis::pipe();
+        for &u in &unknown {
+            pipe.cmd("GETBIT").arg(self.layout.users_key()).arg(u);
+        }
+        let mut conn = self.redis().await?;
+        let bits: Vec<u8> = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+        let mut still: Vec<UserId> = Vec::new();
+        for (&u, bit) in unknown.iter().zip(bits) {
+            if bit == 1 {
+                self.known_users.insert(u, ());
+            } else {
+                still.push(u);
+            }
+        }
+        if !still.is_empty() {
+            // Not in the bitmap (e.g. Redis lost it): MySQL is the truth.
+            let found = sql::existing_users(self, &still).await?;
+            if !found.is_empty() {
+                let mut pipe = redis::pipe();
+                for &u in &found {
+                    self.known_users.insert(u, ());
+                    pipe.cmd("SETBIT")
+                        .arg(self.layout.users_key())
+                        .arg(u)
+                        .arg(1)
+                        .ignore();
+                }
+                let _: () = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+            }
+        }
+        for (e, u) in exists.iter_mut().zip(users) {
+            *e = self.known_users.contains_key(u);
+        }
+        Ok(exists)
+    }
+
+    /// Whether `user` may read `conversation`, and from which seq on
+    /// (`Some(joined_seq)`), else `None`.
+    async fn visibility(
+        &self,
+        user: UserId,
+        conversation: ConversationId,
+    ) -> StoreResult<Option<u64>> {
+        match conversation.kind() {
+            ConversationKind::Direct { .. } => Ok(conversation.peer_of(user).map(|_| 0)),
+            ConversationKind::Group(_) => sql::joined_seq(self, user, conversation.raw()).await,
+        }
+    }
+}

@@ -1,0 +1,414 @@
+//! Reads that combine the Redis recent cache with MySQL: sync, history,
+//! the conversation list, receipts' cursors.
+//!
+//! A conversation's messages live in the recent cache (a contiguous run of
+//! its newest seqs, never trimmed below what MySQL has stored) and in MySQL
+//! (everything the worker has stored). A range is read from the cache
+//! first and completed from MySQL below the cache's lowest seq, so the
+//! boundary never leaves a gap; whatever is returned is contiguous.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use im_proto::ids::ConversationKind;
+use im_proto::{ConversationId, pb};
+use im_storage::layout;
+use prost::Message as _;
+
+use super::{Shared, redis_err, sql};
+use crate::store::{CursorKind, CursorMove, Page, StoreError, StoreResult, UserId};
+
+/// Messages read per conversation when looking for the senders a receipt
+/// concerns.
+const RECEIPT_SCAN: u64 = 2000;
+
+/// Decodes cache records of a conversation into messages.
+fn decode_records(records: Vec<Vec<u8>>, shard: u32) -> StoreResult<Vec<pb::Message>> {
+    records
+        .iter()
+        .map(|r| {
+            layout::decode_record(r, shard)
+                .map_err(|e| StoreError::Backend(format!("bad record: {e}")))
+        })
+        .collect()
+}
+
+/// A stored row back into a message.
+fn decode_row((seq, message_id, body): (u64, u64, Vec<u8>)) -> StoreResult<pb::Message> {
+    let mut message = pb::Message::decode(body.as_slice())
+        .map_err(|e| StoreError::Backend(format!("bad stored message: {e}")))?;
+    message.seq = seq;
+    message.message_id = message_id;
+    Ok(message)
+}
+
+/// Keeps the run of messages that starts right after `after` and has no
+/// gap.
+fn contiguous_from(after: u64, messages: Vec<pb::Message>) -> Vec<pb::Message> {
+    (after + 1..)
+        .zip(messages)
+        .take_while(|(expected, m)| m.seq == *expected)
+        .map(|(_, m)| m)
+        .collect()
+}
+
+/// Messages with seq in `(after, upto]`, oldest first, at most `limit`,
+/// given the cache's answer for that range (ascending).
+async fn complete_ascending(
+    shared: &Shared,
+    conversation: u64,
+    after: u64,
+    upto: u64,
+    limit: usize,
+    cached: Vec<pb::Message>,
+) -> StoreResult<Vec<pb::Message>> {
+    if cached.first().is_some_and(|m| m.seq == after + 1) {
+        return Ok(contiguous_from(after, cached));
+    }
+    // The cache starts too late (or is empty): the older part is in MySQL.
+    let below = cached.first().map_or(upto, |m| m.seq - 1);
+    let rows = sql::messages(shared, conversation, after, below, limit, false).await?;
+    let mut messages = rows
+        .into_iter()
+        .map(decode_row)
+        .collect::<StoreResult<Vec<_>>>()?;
+    let last = messages.last().map_or(after, |m| m.seq);
+    messages.extend(cached.into_iter().filter(|m| m.seq > last));
+    let mut messages = contiguous_from(after, messages);
+    messages.truncate(limit);
+    Ok(messages)
+}
+
+/// The cache's records of each conversation with seq in `(after, upto]`,
+/// oldest first, at most `limit` each, in one round trip.
+async fn cached_ranges(
+    shared: &Shared,
+    ranges: &[(u64, u64, u64)],
+    limit: usize,
+) -> StoreResult<Vec<Vec<pb::Message>>> {
+    if ranges.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut pipe = redis::pipe();
+    for &(conv, after, upto) in ranges {
+        let shard = shared.layout.shard_of(conv);
+        pipe.cmd("ZRANGEBYSCORE")
+            .arg(shared.layout.recent_key(shard, conv))
+            .arg(format!("({after}"))
+            .arg(upto)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit);
+    }
+    let mut conn = shared.redis().await?;
+    let found: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+    ranges
+        .iter()
+        .zip(found)
+        .map(|(&(conv, _, _), records)| decode_records(records, shared.layout.shard_of(conv)))
+        .collect()
+}
+
+pub(super) async fn sync(
+    shared: &Shared,
+    user: UserId,
+    cursors: &[(ConversationId, u64)],
+    limit: usize,
+) -> StoreResult<Page> {
+    let mut wanted: BTreeMap<u64, u64> = BTreeMap::new();
+    for &(conv, seq) in cursors {
+        let cursor = wanted.entry(conv.raw()).or_insert(seq);
+        *cursor = (*cursor).min(seq);
+    }
+    // Who may read what, from where.
+    let groups: Vec<u64> = wanted
+        .keys()
+        .copied()
+        .filter(|&c| ConversationId::from_raw(c).is_some_and(|c| c.group_id().is_some()))
+        .collect();
+    let joined = sql::memberships_in(shared, user, &groups).await?;
+    let mut visible: Vec<(u64, u64)> = Vec::new();
+    for (&conv, &cursor) in &wanted {
+        let Some(id) = ConversationId::from_raw(conv) else {
+            continue;
+        };
+        let from = match id.kind() {
+            ConversationKind::Direct { .. } if id.peer_of(user).is_some() => cursor,
+            ConversationKind::Group(_) => match joined.get(&conv) {
+                Some(&(joined_seq, _)) => cursor.max(joined_seq),
+                None => continue,
+            },
+            ConversationKind::Direct { .. } => continue,
+        };
+        visible.push((conv, from));
+    }
+    let convs: Vec<u64> = visible.iter().map(|&(c, _)| c).collect();
+    let lasts = shared.last_seqs(&convs).await?;
+    let ranges: Vec<(u64, u64, u64)> = visible
+        .iter()
+        .zip(&lasts)
+        .filter(|((_, from), last)| from < *last)
+        .map(|(&(conv, from), &last)| (conv, from, last))
+        .collect();
+    let cached = cached_ranges(shared, &ranges, limit).await?;
+
+    let mut page = Page::default();
+    for ((conv, from, last), cached) in ranges.into_iter().zip(cached) {
+        let remaining = limit.saturating_sub(page.messages.len());
+        if remaining == 0 {
+            page.has_more = true;
+            break;
+        }
+        let messages = complete_ascending(shared, conv, from, last, remaining, cached).await?;
+        if messages.last().map_or(from, |m| m.seq) < last {
+            page.has_more = true;
+        }
+        page.messages.extend(messages);
+    }
+    Ok(page)
+}
+
+pub(super) async fn history(
+    shared: &Shared,
+    user: UserId,
+    conversation: ConversationId,
+    before_seq: u64,
+    limit: usize,
+) -> StoreResult<Page> {
+    let joined = shared
+        .visibility(user, conversation)
+        .await?
+        .ok_or(StoreError::NotMember)?;
+    let conv = conversation.raw();
+    let last = shared
+        .last_seqs(&[conv])
+        .await?
+        .first()
+        .copied()
+        .unwrap_or(0);
+    let upto = if before_seq == 0 {
+        last
+    } else {
+        last.min(before_seq - 1)
+    };
+    if upto <= joined || limit == 0 {
+        return Ok(Page::default());
+    }
+    let after = joined.max(upto.saturating_sub(limit as u64));
+    let cached = cached_ranges(shared, &[(conv, after, upto)], limit)
+        .await?
+        .pop()
+        .unwrap_or_default();
+    let messages = complete_ascending(shared, conv, after, upto, limit, cached).await?;
+    let has_more = after > joined;
+    Ok(Page { messages, has_more })
+}
+
+pub(super) async fn conversations(
+    shared: &Shared,
+    user: UserId,
+    after: u64,
+    limit: usize,
+) -> StoreResult<(Vec<pb::ConversationSummary>, bool)> {
+    let rows = sql::memberships(shared, user, after, limit + 1).await?;
+    let boundary = rows.get(limit).map(|r| r.0);
+    // Direct conversations the worker has not stored yet.
+    let mut conn = shared.redis().await?;
+    let indexed: Vec<u64> = redis::cmd("SMEMBERS")
+        .arg(shared.layout.direct_index_key(user))
+        .query_async(&mut conn)
+        .await
+        .map_err(redis_err)?;
+    drop(conn);
+    let mut merged: BTreeMap<u64, (u64, u64)> = rows
+        .into_iter()
+        .take(limit)
+        .map(|(c, joined, read)| (c, (joined, read)))
+        .collect();
+    for conv in indexed {
+        if conv > after && boundary.is_none_or(|b| conv < b) {
+            merged.entry(conv).or_insert((0, 0));
+        }
+    }
+    let more_indexed = merged.len() > limit;
+    let list: Vec<(u64, u64, u64)> = merged
+        .into_iter()
+        .take(limit)
+        .map(|(c, (j, r))| (c, j, r))
+        .collect();
+    let has_more = boundary.is_some() || more_indexed;
+
+    let convs: Vec<u64> = list.iter().map(|r| r.0).collect();
+    let lasts = shared.last_seqs(&convs).await?;
+    // The last message, where the user may see it: the range (last-1, last].
+    let ranges: Vec<(u64, u64, u64)> = list
+        .iter()
+        .zip(&lasts)
+        .filter(|((_, joined, _), last)| *last > joined)
+        .map(|(&(c, _, _), &last)| (c, last - 1, last))
+        .collect();
+    let cached = cached_ranges(shared, &ranges, 1).await?;
+    let mut last_messages: HashMap<u64, pb::Message> = HashMap::new();
+    for ((conv, after, upto), cached) in ranges.into_iter().zip(cached) {
+        let m = complete_ascending(shared, conv, after, upto, 1, cached).await?;
+        if let Some(m) = m.into_iter().next() {
+            last_messages.insert(conv, m);
+        }
+    }
+
+    let mut group_ids = Vec::new();
+    let mut peers = Vec::new();
+    for &(conv, _, _) in &list {
+        let Some(id) = ConversationId::from_raw(conv) else {
+            continue;
+        };
+        match id.kind() {
+            ConversationKind::Group(g) => group_ids.push(g),
+            ConversationKind::Direct { .. } => peers.extend(id.peer_of(user)),
+        }
+    }
+    let (group_names, user_names) = sql::titles(shared, &group_ids, &peers).await?;
+    let own = own_unstored_sends(shared, user, &convs, &lasts).await?;
+    let summaries = list
+        .into_iter()
+        .zip(lasts)
+        .filter_map(|((conv, joined, read), last)| {
+            let id = ConversationId::from_raw(conv)?;
+            let (peer_id, group_id, title) = match id.kind() {
+                ConversationKind::Group(g) => {
+                    (0, g, group_names.get(&g).cloned().unwrap_or_default())
+                }
+                ConversationKind::Direct { .. } => {
+                    let peer = id.peer_of(user)?;
+                    (peer, 0, user_names.get(&peer).cloned().unwrap_or_default())
+                }
+            };
+            Some(pb::ConversationSummary {
+                conversation_id: conv,
+                peer_id,
+                group_id,
+                title,
+                last_seq: last,
+                last_message: last_messages.remove(&conv),
+                // Sending marks everything before as read; the worker records
+                // that when it stores the message, until then the cache
+                // tells.
+                read_seq: read.max(own.get(&conv).copied().unwrap_or(0)),
+                unread_count: last
+                    .saturating_sub(read.max(joined).max(own.get(&conv).copied().unwrap_or(0))),
+            })
+        })
+        .collect();
+    Ok((summaries, has_more))
+}
+
+/// Per conversation, the highest seq `user` sent among the messages the
+/// worker has not stored yet (the stored ones have moved the read cursor in
+/// MySQL already).
+async fn own_unstored_sends(
+    shared: &Shared,
+    user: UserId,
+    convs: &[u64],
+    lasts: &[u64],
+) -> StoreResult<HashMap<u64, u64>> {
+    if convs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut pipe = redis::pipe();
+    for &conv in convs {
+        let shard = shared.layout.shard_of(conv);
+        pipe.cmd("HGET")
+            .arg(shared.layout.stored_key(shard))
+            .arg(conv);
+    }
+    let mut conn = shared.redis().await?;
+    let stored: Vec<Option<u64>> = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+    drop(conn);
+    let ranges: Vec<(u64, u64, u64)> = convs
+        .iter()
+        .zip(lasts)
+        .zip(stored)
+        .filter_map(|((&conv, &last), stored)| {
+            let stored = stored.unwrap_or(0);
+            (stored < last).then_some((conv, stored.max(last.saturating_sub(RECEIPT_SCAN)), last))
+        })
+        .collect();
+    let cached = cached_ranges(shared, &ranges, RECEIPT_SCAN as usize).await?;
+    let mut own = HashMap::new();
+    for ((conv, _, _), messages) in ranges.into_iter().zip(cached) {
+        if let Some(m) = messages.iter().rev().find(|m| m.sender_id == user) {
+            own.insert(conv, m.seq);
+        }
+    }
+    Ok(own)
+}
+
+/// Moves a delivered cursor forward only (in Redis), returning the old one.
+const ADVANCE_SCRIPT: &str = r#"
+local old = tonumber(redis.call("HGET", KEYS[1], ARGV[1]) or "0")
+local new = tonumber(ARGV[2])
+if new > old then redis.call("HSET", KEYS[1], ARGV[1], ARGV[2]) end
+return old
+"#;
+
+pub(super) async fn advance_cursor(
+    shared: &Shared,
+    user: UserId,
+    conversation: ConversationId,
+    kind: CursorKind,
+    seq: u64,
+) -> StoreResult<Option<CursorMove>> {
+    shared
+        .visibility(user, conversation)
+        .await?
+        .ok_or(StoreError::NotMember)?;
+    let last = shared
+        .last_seqs(&[conversation.raw()])
+        .await?
+        .first()
+        .copied()
+        .unwrap_or(0);
+    let to = seq.min(last);
+    match kind {
+        CursorKind::Read => Ok(sql::advance_read(shared, user, conversation, to)
+            .await?
+            .map(|(from, to)| CursorMove { from, to })),
+        CursorKind::Delivered => {
+            let mut conn = shared.redis().await?;
+            let from: u64 = redis::Script::new(ADVANCE_SCRIPT)
+                .key(shared.layout.delivered_key(user))
+                .arg(conversation.raw())
+                .arg(to)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            Ok((to > from).then_some(CursorMove { from, to }))
+        }
+    }
+}
+
+pub(super) async fn senders_between(
+    shared: &Shared,
+    conversation: ConversationId,
+    after: u64,
+    upto: u64,
+    limit: usize,
+) -> StoreResult<Vec<UserId>> {
+    if upto <= after {
+        return Ok(Vec::new());
+    }
+    let conv = conversation.raw();
+    let after = after.max(upto.saturating_sub(RECEIPT_SCAN));
+    let scan = (upto - after) as usize;
+    let cached = cached_ranges(shared, &[(conv, after, upto)], scan)
+        .await?
+        .pop()
+        .unwrap_or_default();
+    let messages = complete_ascending(shared, conv, after, upto, scan, cached).await?;
+    let mut seen = HashSet::new();
+    Ok(messages
+        .into_iter()
+        .map(|m| m.sender_id)
+        .filter(|&s| s != 0 && seen.insert(s))
+        .take(limit)
+        .collect())
+}

@@ -1,0 +1,647 @@
+//! Accounts, groups and memberships in MySQL. Every SQL statement of the
+//! pipeline store's server side is here (the worker has its own, for
+//! messages).
+
+use std::collections::{HashMap, HashSet};
+
+use im_proto::ConversationId;
+use mysql_async::prelude::*;
+use mysql_async::{Params, TxOpts, Value};
+
+use super::{Shared, mysql_err, redis_err};
+use crate::store::{GroupId, GroupRecord, StoreError, StoreResult, UserId, UserRecord};
+
+/// MySQL's "duplicate entry" error.
+const ER_DUP_ENTRY: u16 = 1062;
+/// First conversation id of groups: `(1 << 62) | group_id`.
+const GROUP_BASE: u64 = 1 << 62;
+
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(",")
+}
+
+fn values<T: Into<Value> + Copy>(items: &[T]) -> Vec<Value> {
+    items.iter().map(|&v| v.into()).collect()
+}
+
+fn group_conversation(group: GroupId) -> StoreResult<u64> {
+    ConversationId::group(group)
+        .map(ConversationId::raw)
+        .ok_or(StoreError::NotFound)
+}
+
+// ---- accounts ----
+
+pub(super) async fn create_user(
+    shared: &Shared,
+    username: &str,
+    password_hash: &str,
+) -> StoreResult<UserId> {
+    let mut conn = shared.mysql().await?;
+    let inserted = conn
+        .exec_drop(
+            "INSERT INTO users (username, password_hash, created_ms) VALUES (?, ?, ?)",
+            (username, password_hash, im_proto::now_ms()),
+        )
+        .await;
+    match inserted {
+        Ok(()) => {}
+        Err(mysql_async::Error::Server(e)) if e.code == ER_DUP_ENTRY => {
+            return Err(StoreError::UsernameTaken);
+        }
+        Err(e) => return Err(mysql_err(e)),
+    }
+    let id = conn
+        .last_insert_id()
+        .ok_or_else(|| mysql_err("no insert id"))?;
+    if !(1..=im_proto::ids::MAX_USER_ID).contains(&id) {
+        return Err(StoreError::Backend("user id space exhausted".into()));
+    }
+    drop(conn);
+    // Later appends check existence against this bitmap.
+    let mut redis = shared.redis().await?;
+    let _: i64 = redis::cmd("SETBIT")
+        .arg(shared.layout.users_key())
+        .arg(id)
+        .arg(1)
+        .query_async(&mut redis)
+        .await
+        .map_err(redis_err)?;
+    shared.known_users.insert(id, ());
+    Ok(id)
+}
+
+pub(super) async fn user_by_name(
+    shared: &Shared,
+    username: &str,
+) -> StoreResult<Option<UserRecord>> {
+    let mut conn = shared.mysql().await?;
+    let row: Option<(u64, String, String)> = conn
+        .exec_first(
+            "SELECT id, username, password_hash FROM users WHERE username = ?",
+            (username,),
+        )
+        .await
+        .map_err(mysql_err)?;
+    Ok(row.map(|(id, username, password_hash)| UserRecord {
+        id,
+        username,
+        password_hash,
+    }))
+}
+
+pub(super) async fn lookup_users(
+    shared: &Shared,
+    ids: &[UserId],
+    names: &[String],
+) -> StoreResult<Vec<(UserId, String)>> {
+    let mut out: Vec<(UserId, String)> = Vec::new();
+    let mut conn = shared.mysql().await?;
+    if !ids.is_empty() {
+        let sql = format!(
+            "SELECT id, username FROM users WHERE id IN ({})",
+            placeholders(ids.len())
+        );
+        out.extend(
+            conn.exec::<(u64, String), _, _>(sql, Params::Positional(values(ids)))
+                .await
+                .map_err(mysql_err)?,
+        );
+    }
+    if !names.is_empty() {
+        let sql = format!(
+            "SELECT id, username FROM users WHERE username IN ({})",
+            placeholders(names.len())
+        );
+        let params: Vec<Value> = names.iter().map(|n| n.as_str().into()).collect();
+        out.extend(
+            conn.exec::<(u64, String), _, _>(sql, Params::Positional(params))
+                .await
+                .map_err(mysql_err)?,
+        );
+    }
+    let mut seen = HashSet::new();
+    out.retain(|(id, _)| seen.insert(*id));
+    Ok(out)
+}
+
+pub(super) async fn existing_users(shared: &Shared, ids: &[UserId]) -> StoreResult<Vec<UserId>> {
+    let mut conn = shared.mysql().await?;
+    let sql = format!(
+        "SELECT id FROM users WHERE id IN ({})",
+        placeholders(ids.len())
+    );
+    conn.exec::<u64, _, _>(sql, Params::Positional(values(ids)))
+        .await
+        .map_err(mysql_err)
+}
+
+// ---- conversations ----
+
+/// Last seqs the worker has recorded, for conversations Redis does not
+/// know.
+pub(super) async fn stored_last_seqs(
+    shared: &Shared,
+    conversations: &[u64],
+) -> StoreResult<HashMap<u64, u64>> {
+    let mut conn = shared.mysql().await?;
+    let sql = format!(
+        "SELECT id, last_seq FROM conversations WHERE id IN ({})",
+        placeholders(conversations.len())
+    );
+    let rows: Vec<(u64, u64)> = conn
+        .exec(sql, Params::Positional(values(conversations)))
+        .await
+        .map_err(mysql_err)?;
+    Ok(rows.into_iter().collect())
+}
+
+/// The highest seq stored in MySQL for a conversation (0 if none).
+pub(super) async fn max_stored_seq(shared: &Shared, conversation: u64) -> StoreResult<u64> {
+    let mut conn = shared.mysql().await?;
+    let max: Option<Option<u64>> = conn
+        .exec_first(
+            "SELECT MAX(seq) FROM messages WHERE conversation_id = ?",
+            (conversation,),
+        )
+        .await
+        .map_err(mysql_err)?;
+    Ok(max.flatten().unwrap_or(0))
+}
+
+/// `Some(joined_seq)` if the user is a member of the group conversation.
+pub(super) async fn joined_seq(
+    shared: &Shared,
+    user: UserId,
+    conversation: u64,
+) -> StoreResult<Option<u64>> {
+    let mut conn = shared.mysql().await?;
+    conn.exec_first(
+        "SELECT joined_seq FROM members WHERE conversation_id = ? AND user_id = ?",
+        (conversation, user),
+    )
+    .await
+    .map_err(mysql_err)
+}
+
+/// The user's membership rows: conversation → (joined_seq, read_seq), for
+/// conversations with id above `after`, ascending, at most `limit`.
+pub(super) async fn memberships(
+    shared: &Shared,
+    user: UserId,
+    after: u64,
+    limit: usize,
+) -> StoreResult<Vec<(u64, u64, u64)>> {
+    let mut conn = shared.mysql().await?;
+    conn.exec(
+        "SELECT conversation_id, joined_seq, read_seq FROM members \
+         WHERE user_id = ? AND conversation_id > ? ORDER BY conversation_id LIMIT ?",
+        (user, after, limit as u64),
+    )
+    .await
+    .map_err(mysql_err)
+}
+
+/// Membership rows of the user among `conversations`: conversation →
+/// (joined_seq, read_seq).
+pub(super) async fn memberships_in(
+    shared: &Shared,
+    user: UserId,
+    conversations: &[u64],
+) -> StoreResult<HashMap<u64, (u64, u64)>> {
+    if conversations.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let mut conn = shared.mysql().await?;
+    let sql = format!(
+        "SELECT conversation_id, joined_seq, read_seq FROM members WHERE user_id = ? AND conversation_id IN ({})",
+        placeholders(conversations.len())
+    );
+    let mut params = vec![Value::from(user)];
+    params.extend(values(conversations));
+    let rows: Vec<(u64, u64, u64)> = conn
+        .exec(sql, Params::Positional(params))
+        .await
+        .map_err(mysql_err)?;
+    Ok(rows.into_iter().map(|(c, j, r)| (c, (j, r))).collect())
+}
+
+/// Names of groups and users, for conversation titles.
+pub(super) async fn titles(
+    shared: &Shared,
+    groups: &[GroupId],
+    users: &[UserId],
+) -> StoreResult<(HashMap<GroupId, String>, HashMap<UserId, String>)> {
+    let mut conn = shared.mysql().await?;
+    let mut group_names = HashMap::new();
+    if !groups.is_empty() {
+        let sql = format!(
+            "SELECT id, name FROM chat_groups WHERE id IN ({})",
+            placeholders(groups.len())
+        );
+        let rows: Vec<(u64, String)> = conn
+            .exec(sql, Params::Positional(values(groups)))
+            .await
+            .map_err(mysql_err)?;
+        group_names.extend(rows);
+    }
+    let mut user_names = HashMap::new();
+    if !users.is_empty() {
+        let sql = format!(
+            "SELECT id, username FROM users WHERE id IN ({})",
+            placeholders(users.len())
+        );
+        let rows: Vec<(u64, String)> = conn
+            .exec(sql, Params::Positional(values(users)))
+            .await
+            .map_err(mysql_err)?;
+        user_names.extend(rows);
+    }
+    Ok((group_names, user_names))
+}
+
+/// Stored messages of a conversation with seq in `(after, upto]`, ascending
+/// or descending, at most `limit`: (seq, message_id, body).
+pub(super) async fn messages(
+    shared: &Shared,
+    conversation: u64,
+    after: u64,
+    upto: u64,
+    limit: usize,
+    newest_first: bool,
+) -> StoreResult<Vec<(u64, u64, Vec<u8>)>> {
+    let mut conn = shared.mysql().await?;
+    let order = if newest_first { "DESC" } else { "ASC" };
+    let sql = format!(
+        "SELECT seq, message_id, body FROM messages \
+         WHERE conversation_id = ? AND seq > ? AND seq <= ? ORDER BY seq {order} LIMIT ?"
+    );
+    conn.exec(sql, (conversation, after, upto, limit as u64))
+        .await
+        .map_err(mysql_err)
+}
+
+/// Moves the read cursor forward: `Some((from, to))` if it moved, `None` if
+/// not; `Err(NotMember)` for a group the user is not in. Direct
+/// conversations get their row on first use.
+pub(super) async fn advance_read(
+    shared: &Shared,
+    user: UserId,
+    conversation: ConversationId,
+    seq: u64,
+) -> StoreResult<Option<(u64, u64)>> {
+    let mut conn = shared.mysql().await?;
+    let mut tx = conn
+        .start_transaction(TxOpts::default())
+        .await
+        .map_err(mysql_err)?;
+    let current: Option<u64> = tx
+        .exec_first(
+            "SELECT read_seq FROM members WHERE conversation_id = ? AND user_id = ? FOR UPDATE",
+            (conversation.raw(), user),
+        )
+        .await
+        .map_err(mysql_err)?;
+    let moved = match current {
+        Some(from) if seq > from => {
+            tx.exec_drop(
+                "UPDATE members SET read_seq = ? WHERE conversation_id = ? AND user_id = ?",
+                (seq, conversation.raw(), user),
+            )
+            .await
+            .map_err(mysql_err)?;
+            Some((from, seq))
+        }
+        Some(_) => None,
+        None if conversation.group_id().is_some() => return Err(StoreError::NotMember),
+        None => {
+            tx.exec_drop(
+                "INSERT INTO members (conversation_id, user_id, joined_seq, joined_order, read_seq) \
+                 VALUES (?, ?, 0, 0, ?) ON DUPLICATE KEY UPDATE read_seq = GREATEST(read_seq, VALUES(read_seq))",
+                (conversation.raw(), user, seq),
+            )
+            .await
+            .map_err(mysql_err)?;
+            (seq > 0).then_some((0, seq))
+        }
+    };
+    tx.commit().await.map_err(mysql_err)?;
+    Ok(moved)
+}
+
+// ---- groups ----
+
+/// Bumps a group's membership version and drops its cached member set, so
+/// the next append reloads it (appends are authorised against that set).
+async fn invalidate_members(shared: &Shared, conversation: u64) -> StoreResult<()> {
+    let layout = &shared.layout;
+    let shard = layout.shard_of(conversation);
+    let mut redis = shared.redis().await?;
+    let _: () = redis::pipe()
+        .atomic()
+        .cmd("INCR")
+        .arg(layout.members_version_key(shard, conversation))
+        .ignore()
+        .cmd("DEL")
+        .arg(layout.members_key(shard, conversation))
+        .ignore()
+        .query_async(&mut redis)
+        .await
+        .map_err(redis_err)?;
+    Ok(())
+}
+
+/// Joining order: Unix milliseconds times a million plus the position in
+/// the request, so one request keeps its order.
+fn join_order(index: usize) -> u64 {
+    (im_proto::now_ms().max(0) as u64) * 1_000_000 + index as u64
+}
+
+async fn check_users_exist(
+    tx: &mut mysql_async::Transaction<'_>,
+    users: &[UserId],
+) -> StoreResult<()> {
+    if users.is_empty() {
+        return Ok(());
+    }
+    let sql = format!(
+        "SELECT COUNT(*) FROM users WHERE id IN ({})",
+        placeholders(users.len())
+    );
+    let count: Option<u64> = tx
+        .exec_first(sql, Params::Positional(values(users)))
+        .await
+        .map_err(mysql_err)?;
+    if count.unwrap_or(0) as usize != users.len() {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
+}
+
+async fn insert_members(
+    tx: &mut mysql_async::Transaction<'_>,
+    conversation: u64,
+    users: &[UserId],
+    joined_seq: u64,
+) -> StoreResult<()> {
+    if users.is_empty() {
+        return Ok(());
+    }
+    let rows = vec!["(?, ?, ?, ?, 0)"; users.len()].join(",");
+    let sql = format!(
+        "INSERT INTO members (conversation_id, user_id, joined_seq, joined_order, read_seq) VALUES {rows} \
+         ON DUPLICATE KEY UPDATE joined_seq = VALUES(joined_seq), joined_order = VALUES(joined_order), read_seq = 0"
+    );
+    let mut params = Vec::with_capacity(users.len() * 4);
+    for (i, &user) in users.iter().enumerate() {
+        params.extend([
+            Value::from(conversation),
+            Value::from(user),
+            Value::from(joined_seq),
+            Value::from(join_order(i)),
+        ]);
+    }
+    tx.exec_drop(sql, Params::Positional(params))
+        .await
+        .map_err(mysql_err)
+}
+
+async fn load_group(conn: &mut impl Queryable, group: GroupId) -> StoreResult<Option<GroupRecord>> {
+    let conversation = group_conversation(group)?;
+    let row: Option<(String, u64, u64)> = conn
+        .exec_first(
+            "SELECT g.name, g.owner_id, (SELECT COUNT(*) FROM members m WHERE m.conversation_id = ?) \
+             FROM chat_groups g WHERE g.id = ?",
+            (conversation, group),
+        )
+        .await
+        .map_err(mysql_err)?;
+    Ok(row.map(|(name, owner, count)| GroupRecord {
+        id: group,
+        name,
+        owner,
+        member_count: count as u32,
+    }))
+}
+
+pub(super) async fn create_group(
+    shared: &Shared,
+    owner: UserId,
+    name: &str,
+    members: &[UserId],
+    max_members: usize,
+) -> StoreResult<GroupRecord> {
+    let mut all = vec![owner];
+    for &m in members {
+        if !all.contains(&m) {
+            all.push(m);
+        }
+    }
+    if all.len() > max_members {
+        return Err(StoreError::LimitExceeded("group size"));
+    }
+    let mut conn = shared.mysql().await?;
+    let mut tx = conn
+        .start_transaction(TxOpts::default())
+        .await
+        .map_err(mysql_err)?;
+    check_users_exist(&mut tx, &all).await?;
+    tx.exec_drop(
+        "INSERT INTO chat_groups (name, owner_id, created_ms) VALUES (?, ?, ?)",
+        (name, owner, im_proto::now_ms()),
+    )
+    .await
+    .map_err(mysql_err)?;
+    let id = tx
+        .last_insert_id()
+        .ok_or_else(|| mysql_err("no insert id"))?;
+    let conversation = group_conversation(id)?;
+    insert_members(&mut tx, conversation, &all, 0).await?;
+    tx.commit().await.map_err(mysql_err)?;
+    invalidate_members(shared, conversation).await?;
+    Ok(GroupRecord {
+        id,
+        name: name.to_string(),
+        owner,
+        member_count: all.len() as u32,
+    })
+}
+
+pub(super) async fn add_members(
+    shared: &Shared,
+    group: GroupId,
+    users: &[UserId],
+    max_members: usize,
+) -> StoreResult<(GroupRecord, Vec<UserId>)> {
+    let conversation = group_conversation(group)?;
+    // New members see what is posted from now on.
+    let joined_seq = shared
+        .last_seqs(&[conversation])
+        .await?
+        .first()
+        .copied()
+        .unwrap_or(0);
+    let mut conn = shared.mysql().await?;
+    let mut tx = conn
+        .start_transaction(TxOpts::default())
+        .await
+        .map_err(mysql_err)?;
+    let locked: Option<u64> = tx
+        .exec_first(
+            "SELECT id FROM chat_groups WHERE id = ? FOR UPDATE",
+            (group,),
+        )
+        .await
+        .map_err(mysql_err)?;
+    if locked.is_none() {
+        return Err(StoreError::NotFound);
+    }
+    let existing: HashSet<u64> = tx
+        .exec::<u64, _, _>(
+            "SELECT user_id FROM members WHERE conversation_id = ?",
+            (conversation,),
+        )
+        .await
+        .map_err(mysql_err)?
+        .into_iter()
+        .collect();
+    let mut added: Vec<UserId> = Vec::new();
+    for &u in users {
+        if !existing.contains(&u) && !added.contains(&u) {
+            added.push(u);
+        }
+    }
+    if existing.len() + added.len() > max_members {
+        return Err(StoreError::LimitExceeded("group size"));
+    }
+    check_users_exist(&mut tx, &added).await?;
+    insert_members(&mut tx, conversation, &added, joined_seq).await?;
+    let record = load_group(&mut tx, group)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    tx.commit().await.map_err(mysql_err)?;
+    if !added.is_empty() {
+        invalidate_members(shared, conversation).await?;
+    }
+    Ok((record, added))
+}
+
+pub(super) async fn remove_members(
+    shared: &Shared,
+    group: GroupId,
+    users: &[UserId],
+) -> StoreResult<(GroupRecord, Vec<UserId>)> {
+    let conversation = group_conversation(group)?;
+    let mut conn = shared.mysql().await?;
+    let mut tx = conn
+        .start_transaction(TxOpts::default())
+        .await
+        .map_err(mysql_err)?;
+    let owner: Option<u64> = tx
+        .exec_first(
+            "SELECT owner_id FROM chat_groups WHERE id = ? FOR UPDATE",
+            (group,),
+        )
+        .await
+        .map_err(mysql_err)?;
+    let Some(owner) = owner else {
+        return Err(StoreError::NotFound);
+    };
+    let existing: Vec<u64> = tx
+        .exec(
+            "SELECT user_id FROM members WHERE conversation_id = ?",
+            (conversation,),
+        )
+        .await
+        .map_err(mysql_err)?;
+    let mut removed: Vec<UserId> = Vec::new();
+    for &u in users {
+        if existing.contains(&u) && !removed.contains(&u) {
+            removed.push(u);
+        }
+    }
+    if !removed.is_empty() {
+        let sql = format!(
+            "DELETE FROM members WHERE conversation_id = ? AND user_id IN ({})",
+            placeholders(removed.len())
+        );
+        let mut params = vec![Value::from(conversation)];
+        params.extend(values(&removed));
+        tx.exec_drop(sql, Params::Positional(params))
+            .await
+            .map_err(mysql_err)?;
+        if removed.contains(&owner) {
+            let next: Option<u64> = tx
+                .exec_first(
+                    "SELECT user_id FROM members WHERE conversation_id = ? ORDER BY joined_order, user_id LIMIT 1",
+                    (conversation,),
+                )
+                .await
+                .map_err(mysql_err)?;
+            if let Some(next) = next {
+                tx.exec_drop(
+                    "UPDATE chat_groups SET owner_id = ? WHERE id = ?",
+                    (next, group),
+                )
+                .await
+                .map_err(mysql_err)?;
+            }
+        }
+    }
+    let record = load_group(&mut tx, group)
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    tx.commit().await.map_err(mysql_err)?;
+    if !removed.is_empty() {
+        invalidate_members(shared, conversation).await?;
+    }
+    Ok((record, removed))
+}
+
+pub(super) async fn group(shared: &Shared, group: GroupId) -> StoreResult<Option<GroupRecord>> {
+    if ConversationId::group(group).is_none() {
+        return Ok(None);
+    }
+    let mut conn = shared.mysql().await?;
+    load_group(&mut conn, group).await
+}
+
+pub(super) async fn member_ids(shared: &Shared, conversation: u64) -> StoreResult<Vec<UserId>> {
+    let mut conn = shared.mysql().await?;
+    conn.exec(
+        "SELECT user_id FROM members WHERE conversation_id = ? ORDER BY joined_order, user_id",
+        (conversation,),
+    )
+    .await
+    .map_err(mysql_err)
+}
+
+pub(super) async fn group_members(shared: &Shared, group: GroupId) -> StoreResult<Vec<UserId>> {
+    match ConversationId::group(group) {
+        Some(c) => member_ids(shared, c.raw()).await,
+        None => Ok(Vec::new()),
+    }
+}
+
+pub(super) async fn user_groups(shared: &Shared, user: UserId) -> StoreResult<Vec<GroupRecord>> {
+    let mut conn = shared.mysql().await?;
+    let rows: Vec<(u64, String, u64, u64)> = conn
+        .exec(
+            "SELECT g.id, g.name, g.owner_id, \
+                    (SELECT COUNT(*) FROM members c WHERE c.conversation_id = m.conversation_id) \
+             FROM members m JOIN chat_groups g ON m.conversation_id = g.id + ? \
+             WHERE m.user_id = ? AND m.conversation_id > ? ORDER BY g.id",
+            (GROUP_BASE, user, GROUP_BASE),
+        )
+        .await
+        .map_err(mysql_err)?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, name, owner, count)| GroupRecord {
+            id,
+            name,
+            owner,
+            member_count: count as u32,
+        })
+        .collect())
+}
