@@ -9,12 +9,14 @@ use im_client::Target;
 use im_proto::pb::frame::Body;
 use im_proto::{ErrorCode, pb};
 use im_tests::sdk::{self, messages, text_of};
-use im_tests::{RawConn, ServerProcess};
+use im_tests::{PipelineEnv, RawConn, ServerProcess, pipeline_mode};
 
 #[tokio::test]
 async fn sigterm_answers_in_flight_sends_then_closes_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = ServerProcess::start(dir.path(), &["--shutdown-grace-secs", "5"]);
+    let env = pipeline_mode().then(PipelineEnv::fresh);
+    let mut server =
+        ServerProcess::start_in(dir.path(), env.as_ref(), &["--shutdown-grace-secs", "5"]);
     let mut bob = RawConn::connect(server.addr).await;
     let bob_id = bob.register("bob").await.user_id;
     let mut alice = RawConn::connect(server.addr).await;
@@ -55,7 +57,7 @@ async fn sigterm_answers_in_flight_sends_then_closes_with_a_reason() {
     assert!(signalled.elapsed() < Duration::from_secs(12));
 
     // Everything acknowledged is stored exactly once, and nothing else.
-    let restarted = ServerProcess::start(dir.path(), &[]);
+    let restarted = ServerProcess::start_in(dir.path(), env.as_ref(), &[]);
     let (bob, _events) = sdk::login(restarted.addr, "bob").await;
     let list = bob.conversations().await.unwrap();
     let stored = list.first().map_or(0, |c| c.last_seq) as usize;
@@ -70,7 +72,8 @@ async fn sigterm_answers_in_flight_sends_then_closes_with_a_reason() {
 #[tokio::test]
 async fn sigint_also_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut server = ServerProcess::start(dir.path(), &[]);
+    let env = pipeline_mode().then(PipelineEnv::fresh);
+    let mut server = ServerProcess::start_in(dir.path(), env.as_ref(), &[]);
     let mut conn = RawConn::connect(server.addr).await;
     conn.register("someone").await;
     server.signal("INT");
@@ -83,7 +86,8 @@ async fn sigint_also_exits_cleanly() {
 #[tokio::test]
 async fn sdk_clients_reconnect_and_catch_up_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &[]);
+    let env = pipeline_mode().then(PipelineEnv::fresh);
+    let server = ServerProcess::start_in(dir.path(), env.as_ref(), &[]);
     let addr = server.addr;
     let (alice, _a) = sdk::register(addr, "alice").await;
     let (bob, mut bob_events) = sdk::register(addr, "bob").await;
@@ -96,7 +100,7 @@ async fn sdk_clients_reconnect_and_catch_up_across_a_restart() {
     let mut server = server;
     server.signal("TERM");
     assert_eq!(server.wait_exit(15), Some(0));
-    let _server = ServerProcess::start_on(addr, dir.path(), &[]);
+    let _server = ServerProcess::start_on_in(addr, dir.path(), env.as_ref(), &[]);
 
     // Alice's send waits for her client to reconnect, then goes through.
     alice

@@ -356,6 +356,28 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// Starts `im-server` on a free port with `data_dir`, the pipeline
+    /// environment if given, and extra flags.
+    pub fn start_in(data_dir: &Path, env: Option<&PipelineEnv>, extra: &[&str]) -> ServerProcess {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
+            .parse()
+            .expect("address");
+        Self::start_on_in(addr, data_dir, env, extra)
+    }
+
+    /// Like [`ServerProcess::start_in`] on a given address.
+    pub fn start_on_in(
+        addr: SocketAddr,
+        data_dir: &Path,
+        env: Option<&PipelineEnv>,
+        extra: &[&str],
+    ) -> ServerProcess {
+        let mut args: Vec<String> = env.map(PipelineEnv::args).unwrap_or_default();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::start_on(addr, data_dir, &args)
+    }
+
     /// Starts `im-server` on a free port with `data_dir` and extra flags,
     /// and waits until it accepts connections.
     pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
@@ -375,6 +397,10 @@ impl ServerProcess {
             .arg(data_dir)
             .args(["--argon2-memory-kib", "64", "--argon2-iterations", "1"])
             .args(extra)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn im-server");
