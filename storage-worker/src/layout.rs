@@ -7,10 +7,10 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `P:{sN}:stream` | stream | one entry per message, field `m` = record |
-//! | `P:{sN}:seq` | hash | conversation → last seq; `#n` → message counter |
+//! | `P:{sN}:stream` | stream | one entry per append call: field `m` repeated, one record per message, in order |
+//! | `P:{sN}:seq` | hash | conversation → last seq + 1 (so a missing counter is told apart from a new one); `#n` → message counter |
 //! | `P:{sN}:dedup:B` | hash | `conv:sender:client_msg_id` → `seq:n:time`, bucket B of the dedup window |
-//! | `P:{sN}:recent:C` | sorted set | recent records of conversation C, scored by seq |
+//! | `P:{sN}:recent:C` | list | newest records of conversation C, contiguous in seq |
 //! | `P:{sN}:stored` | hash | conversation → highest seq the worker has stored in MySQL |
 //! | `P:{sN}:members:C` | set | member ids of group conversation C, plus `0` as a marker |
 //! | `P:{sN}:mver:C` | string | version of C's membership, bumped on every change |
@@ -47,6 +47,20 @@ pub const MESSAGE_ID_EPOCH_MS: i64 = 1_704_067_200_000;
 
 /// The append script (see the comments at its top for its arguments).
 pub const APPEND_SCRIPT: &str = include_str!("append.lua");
+
+/// Reads records with seq in `(ARGV[1], ARGV[2]]`, at most `ARGV[3]`, oldest
+/// first, from a recent-cache list (`KEYS[1]`): the list is contiguous in
+/// seq, so its first record's seq turns seqs into indexes.
+pub const RECENT_RANGE_SCRIPT: &str = r#"
+local first = redis.call("LINDEX", KEYS[1], 0)
+if not first then return {} end
+local f = tonumber(string.match(first, "^(%d+):"))
+if not f then return {} end
+local lo = math.max(tonumber(ARGV[1]) + 1, f)
+local hi = math.min(tonumber(ARGV[2]), lo + tonumber(ARGV[3]) - 1)
+if hi < lo then return {} end
+return redis.call("LRANGE", KEYS[1], lo - f, hi - f)
+"#;
 
 /// Key names for one deployment: a prefix and a number of stream shards.
 /// Every process of a deployment must use the same values.
@@ -97,7 +111,7 @@ impl Layout {
         self.shard_key(shard, "stream")
     }
 
-    /// Conversation → last seq (and the shard's message counter).
+    /// Conversation → last seq + 1 (and the shard's message counter).
     pub fn seq_key(&self, shard: u32) -> String {
         self.shard_key(shard, "seq")
     }

@@ -280,7 +280,9 @@ impl Lane {
         let options = &self.shared.options;
         let window = options.dedup_window_secs.max(1);
         let bucket = (now_ms / 1000) as u64 / window;
-        let chunk = options.script_batch.max(1);
+        // Each message takes two values in one XADD and one HSET: stay well
+        // below Lua's limit on unpacked values.
+        let chunk = options.script_batch.clamp(1, 2000);
 
         let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for &i in pending {
@@ -386,13 +388,14 @@ impl Lane {
 
     /// Seeds a missing seq counter from MySQL (a new conversation starts at
     /// 0; after a loss of Redis data, seqs continue after what is stored).
+    /// Counters hold last seq + 1.
     async fn seed(&mut self, conversation: u64) -> StoreResult<()> {
         let last = sql::max_stored_seq(&self.shared, conversation).await?;
         let shard = self.shared.layout.shard_of(conversation);
         let _: i64 = redis::cmd("HSETNX")
             .arg(self.shared.layout.seq_key(shard))
             .arg(conversation)
-            .arg(last)
+            .arg(last + 1)
             .query_async(&mut self.conn)
             .await
             .map_err(redis_err)?;

@@ -386,7 +386,14 @@ impl Shared {
             pipe.cmd("HGET").arg(self.layout.seq_key(shard)).arg(conv);
         }
         let mut conn = self.redis().await?;
-        let found: Vec<Option<u64>> = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+        // Counters hold last seq + 1.
+        let found: Vec<Option<u64>> = pipe
+            .query_async::<Vec<Option<u64>>>(&mut conn)
+            .await
+            .map_err(redis_err)?
+            .into_iter()
+            .map(|v| v.map(|v| v.saturating_sub(1)))
+            .collect();
         let missing: Vec<u64> = conversations
             .iter()
             .zip(&found)

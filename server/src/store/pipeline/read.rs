@@ -88,19 +88,27 @@ async fn cached_ranges(
     if ranges.is_empty() {
         return Ok(Vec::new());
     }
+    let script = redis::Script::new(layout::RECENT_RANGE_SCRIPT);
     let mut pipe = redis::pipe();
     for &(conv, after, upto) in ranges {
         let shard = shared.layout.shard_of(conv);
-        pipe.cmd("ZRANGEBYSCORE")
-            .arg(shared.layout.recent_key(shard, conv))
-            .arg(format!("({after}"))
-            .arg(upto)
-            .arg("LIMIT")
-            .arg(0)
-            .arg(limit);
+        let mut invocation = script.key(shared.layout.recent_key(shard, conv));
+        invocation.arg(after).arg(upto).arg(limit);
+        pipe.invoke_script(&invocation);
     }
     let mut conn = shared.redis().await?;
-    let found: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await.map_err(redis_err)?;
+    let found: Vec<Vec<Vec<u8>>> = match pipe.query_async(&mut conn).await {
+        Ok(found) => found,
+        Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+            script
+                .prepare_invoke()
+                .load_async(&mut conn)
+                .await
+                .map_err(redis_err)?;
+            pipe.query_async(&mut conn).await.map_err(redis_err)?
+        }
+        Err(e) => return Err(redis_err(e)),
+    };
     ranges
         .iter()
         .zip(found)
