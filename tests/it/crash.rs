@@ -1,0 +1,326 @@
+//! Crash tests of the production pipeline: under load, kill -9 the storage
+//! worker, kill -9 the server node, stop MySQL, restart Redis (AOF). Each
+//! time every acknowledged message must end up in MySQL exactly once, seqs
+//! must stay dense, and every recipient must get every message once, in
+//! order, after sync. Each test runs its own Redis and MariaDB so it can
+//! break them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use im_client::{Client, Events, Target};
+use im_proto::pb;
+use im_tests::sdk::{self, text_of};
+use im_tests::services::{fresh_database, unique_prefix, MariaDb, RedisServer};
+use im_tests::{binary, free_port, ServerProcess};
+use mysql_async::prelude::*;
+use tokio::sync::Mutex;
+
+const STREAMS: &str = "4";
+
+/// Redis (AOF, fsync always), MariaDB, one server node and one storage
+/// worker, each killable.
+struct Stack {
+    redis: RedisServer,
+    mysql: MariaDb,
+    mysql_url: String,
+    prefix: String,
+    data: tempfile::TempDir,
+    addr: SocketAddr,
+    server: Option<ServerProcess>,
+    worker: Option<Child>,
+}
+
+impl Stack {
+    fn start() -> Stack {
+        let redis = RedisServer::start(true);
+        let mysql = MariaDb::start();
+        let mysql_url = fresh_database(&mysql.server_url());
+        let mut stack = Stack {
+            redis,
+            mysql,
+            mysql_url,
+            prefix: unique_prefix(),
+            data: tempfile::tempdir().unwrap(),
+            addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            server: None,
+            worker: None,
+        };
+        stack.start_server();
+        stack.start_worker();
+        stack
+    }
+
+    fn start_server(&mut self) {
+        let args = [
+            "--redis-url",
+            &self.redis.url(),
+            "--mysql-url",
+            &self.mysql_url,
+            "--redis-prefix",
+            &self.prefix,
+            "--streams",
+            STREAMS,
+        ];
+        self.server = Some(ServerProcess::start_on(self.addr, self.data.path(), &args));
+    }
+
+    fn kill_server(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.child.kill();
+            let _ = server.child.wait();
+        }
+    }
+
+    fn start_worker(&mut self) {
+        let child = Command::new(binary("im-storage-worker"))
+            .args(["--redis-url", &self.redis.url(), "--mysql-url", &self.mysql_url])
+            .args(["--prefix", &self.prefix, "--streams", STREAMS])
+            .args(["--consumer", "crash-test", "--claim-idle-ms", "2000"])
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start im-storage-worker");
+        self.worker = Some(child);
+    }
+
+    fn kill_worker(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            let _ = worker.kill();
+            let _ = worker.wait();
+        }
+    }
+
+    /// (conversation, seq) → client_msg_id of every row in MySQL.
+    async fn stored(&self) -> BTreeMap<(u64, u64), String> {
+        let pool = mysql_async::Pool::new(self.mysql_url.as_str());
+        let mut conn = pool.get_conn().await.expect("MySQL connection");
+        let rows: Vec<(u64, u64, Vec<u8>)> = conn
+            .query("SELECT conversation_id, seq, body FROM messages")
+            .await
+            .expect("read messages");
+        drop(conn);
+        pool.disconnect().await.ok();
+        rows.into_iter()
+            .map(|(c, s, body)| {
+                let m = <pb::Message as prost::Message>::decode(body.as_slice()).expect("stored body decodes");
+                ((c, s), m.client_msg_id)
+            })
+            .collect()
+    }
+
+    /// Waits until MySQL holds `count` messages.
+    async fn wait_stored(&self, count: usize) -> BTreeMap<(u64, u64), String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let stored = self.stored().await;
+            if stored.len() >= count || Instant::now() > deadline {
+                return stored;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        self.kill_worker();
+        self.kill_server();
+    }
+}
+
+/// One acknowledged send.
+#[derive(Debug, Clone)]
+struct Acked {
+    conversation: u64,
+    seq: u64,
+    client_msg_id: String,
+}
+
+/// Senders that keep sending (each send retried by the SDK until acked)
+/// and receivers that collect what they get.
+struct Load {
+    stop: Arc<AtomicBool>,
+    senders: Vec<tokio::task::JoinHandle<Vec<Acked>>>,
+    receivers: Vec<(u64, Arc<Mutex<Vec<pb::Message>>>, tokio::task::JoinHandle<()>)>,
+    _clients: Vec<Client>,
+}
+
+async fn collect(mut events: Events, into: Arc<Mutex<Vec<pb::Message>>>) {
+    while let Some(event) = events.next().await {
+        if let im_client::Event::Message(m) = event {
+            into.lock().await.push(m);
+        }
+    }
+}
+
+impl Load {
+    /// `pairs` sender → receiver pairs; every conversation gets its first
+    /// message before this returns, so later sends need no new state.
+    async fn start(addr: SocketAddr, pairs: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut senders = Vec::new();
+        let mut receivers = Vec::new();
+        let mut clients = Vec::new();
+        for p in 0..pairs {
+            let (receiver, events) = sdk::register(addr, &format!("receiver{p}")).await;
+            let (sender, _sender_events) = sdk::register(addr, &format!("sender{p}")).await;
+            let to = receiver.user_id();
+            let first = sender.send_with_id(Target::User(to), format!("p{p}-0"), text("0")).await.unwrap();
+            let got = Arc::new(Mutex::new(Vec::new()));
+            receivers.push((first.conversation_id, got.clone(), tokio::spawn(collect(events, got))));
+            let stop = stop.clone();
+            let client = sender.clone();
+            senders.push(tokio::spawn(async move {
+                let mut acked = vec![Acked {
+                    conversation: first.conversation_id,
+                    seq: first.seq,
+                    client_msg_id: format!("p{p}-0"),
+                }];
+                let mut n = 1;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("p{p}-{n}");
+                    let ack = client
+                        .send_with_id(Target::User(to), id.clone(), text(&n.to_string()))
+                        .await
+                        .unwrap_or_else(|e| panic!("send {id} never acknowledged: {e}"));
+                    acked.push(Acked {
+                        conversation: ack.conversation_id,
+                        seq: ack.seq,
+                        client_msg_id: id,
+                    });
+                    n += 1;
+                }
+                acked
+            }));
+            clients.push(sender);
+            clients.push(receiver);
+        }
+        Load {
+            stop,
+            senders,
+            receivers,
+            _clients: clients,
+        }
+    }
+
+    /// Stops sending and returns every acknowledged send.
+    async fn finish(self) -> (Vec<Acked>, Vec<(u64, Arc<Mutex<Vec<pb::Message>>>)>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut acked = Vec::new();
+        for s in self.senders {
+            acked.extend(s.await.expect("sender task"));
+        }
+        let receivers = self.receivers.into_iter().map(|(c, got, _)| (c, got)).collect();
+        (acked, receivers)
+    }
+}
+
+fn text(s: &str) -> pb::Content {
+    pb::Content {
+        kind: Some(pb::content::Kind::Text(pb::Text { text: s.into() })),
+    }
+}
+
+/// The assertions shared by every crash test.
+async fn verify(stack: &Stack, acked: Vec<Acked>, receivers: Vec<(u64, Arc<Mutex<Vec<pb::Message>>>)>) {
+    assert!(acked.len() > 20, "the load barely ran: {} acks", acked.len());
+    let mut by_conv: HashMap<u64, Vec<&Acked>> = HashMap::new();
+    for a in &acked {
+        by_conv.entry(a.conversation).or_default().push(a);
+    }
+    // Seqs of each conversation: dense from 1, each acked once.
+    for (conv, list) in &by_conv {
+        let mut seqs: Vec<u64> = list.iter().map(|a| a.seq).collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "conversation {conv}");
+    }
+    // MySQL holds exactly the acknowledged messages, once each.
+    let stored = stack.wait_stored(acked.len()).await;
+    assert_eq!(stored.len(), acked.len(), "rows in MySQL vs acknowledged sends");
+    for a in &acked {
+        assert_eq!(
+            stored.get(&(a.conversation, a.seq)),
+            Some(&a.client_msg_id),
+            "acked message missing or different in MySQL"
+        );
+    }
+    // Every recipient got every message once, in order.
+    for (conv, got) in receivers {
+        let expected = by_conv[&conv].len();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let n = got.lock().await.len();
+            if n >= expected || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let got = got.lock().await;
+        let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
+        assert_eq!(seqs, (1..=expected as u64).collect::<Vec<_>>(), "receiver of {conv}");
+        let sent: HashMap<u64, &str> = by_conv[&conv].iter().map(|a| (a.seq, a.client_msg_id.as_str())).collect();
+        for m in got.iter() {
+            assert_eq!(Some(&m.client_msg_id.as_str()), sent.get(&m.seq));
+            assert!(!text_of(m).is_empty());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_worker_killed_mid_batch_loses_nothing() {
+    let mut stack = Stack::start();
+    let load = Load::start(stack.addr, 4).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stack.kill_worker();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    stack.start_worker();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stack.kill_worker();
+    stack.start_worker();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (acked, receivers) = load.finish().await;
+    verify(&stack, acked, receivers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_node_killed_under_load_loses_nothing() {
+    let mut stack = Stack::start();
+    let load = Load::start(stack.addr, 4).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stack.kill_server();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.start_server();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (acked, receivers) = load.finish().await;
+    verify(&stack, acked, receivers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_stopped_under_load_loses_nothing() {
+    let mut stack = Stack::start();
+    let load = Load::start(stack.addr, 4).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stack.mysql.stop();
+    // Sends keep being acknowledged from Redis meanwhile.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    stack.mysql.start_again();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (acked, receivers) = load.finish().await;
+    verify(&stack, acked, receivers).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_under_load_loses_nothing() {
+    let mut stack = Stack::start();
+    let load = Load::start(stack.addr, 4).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    stack.redis.restart();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (acked, receivers) = load.finish().await;
+    verify(&stack, acked, receivers).await;
+}
