@@ -54,10 +54,11 @@ async fn apply(conn: &mut mysql_async::Conn) -> Result<(), SchemaError> {
          ) ENGINE=InnoDB",
     )
     .await?;
-    let current: Option<u32> = conn
+    // MAX over no rows is NULL.
+    let current: Option<Option<u32>> = conn
         .query_first("SELECT MAX(version) FROM schema_migrations")
         .await?;
-    let current = current.unwrap_or(0);
+    let current = current.flatten().unwrap_or(0);
     let known = MIGRATIONS.last().map_or(0, |m| m.0);
     if current > known {
         return Err(SchemaError::TooNew {
