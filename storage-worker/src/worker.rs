@@ -2,8 +2,9 @@
 //! shard's stream into MySQL in batches, and the handle that stops it.
 //!
 //! A shard task owns a Redis connection (its blocking reads would hold up
-//! anything sharing it) and borrows MySQL connections from a pool, so
-//! shards commit in parallel. Its loop:
+//! anything sharing it) and borrows a MySQL connection from a pool for each
+//! transaction, so shards commit in parallel, as many at once as the pool
+//! allows. Its loop:
 //!
 //! 1. on start, re-read this consumer's own pending entries (`XREADGROUP
 //!    ... 0`), left by an earlier run under the same name;
@@ -80,7 +81,9 @@ impl Worker {
         let opts = mysql_async::Opts::from_url(&config.mysql_url)
             .map_err(|e| WorkerError::Mysql(e.into()))?;
         let size = config.mysql_pool_size().max(1);
-        let constraints = PoolConstraints::new(0, size).unwrap_or_default();
+        // Idle connections are kept up to `min`: keep them all, with their
+        // prepared statements.
+        let constraints = PoolConstraints::new(size, size).unwrap_or_default();
         let opts = OptsBuilder::from_opts(opts)
             .pool_opts(
                 PoolOpts::default()
@@ -130,7 +133,6 @@ impl Worker {
                 settings: settings.clone(),
                 statements: statements.clone(),
                 pool: pool.clone(),
-                mysql: None,
                 link: RedisLink::new(client.clone(), settings.redis_timeout),
                 pace: Pace::new(&settings, stop_rx.clone(), stats.clone()),
                 known: KnownDirect::new(config.known_direct),
@@ -415,7 +417,6 @@ struct ShardTask {
     settings: Arc<Settings>,
     statements: Arc<Statements>,
     pool: Pool,
-    mysql: Option<mysql_async::Conn>,
     link: RedisLink,
     pace: Pace,
     known: KnownDirect,
@@ -720,7 +721,6 @@ impl ShardTask {
                         break;
                     }
                     Err(e) => {
-                        self.mysql = None;
                         tracing::warn!(
                             shard = self.keys.shard,
                             rows = range.len(),
@@ -759,30 +759,23 @@ impl ShardTask {
             .collect();
         let known = &self.known;
         let plan = Plan::build(rows, |c| known.contains(c));
-        let mysql = &mut self.mysql;
         let pool = &self.pool;
         let statements = &self.statements;
         let work = async {
-            let mut conn = match mysql.take() {
-                Some(conn) => conn,
-                None => pool.get_conn().await?,
-            };
+            // A pooled connection per transaction: the pool size bounds the
+            // transactions in flight, and connections keep their prepared
+            // statements between uses.
+            let mut conn = pool.get_conn().await?;
             let result = statements.execute(&mut conn, &plan).await;
-            Ok::<_, mysql_async::Error>((conn, result))
+            if let Err(e) = &result {
+                if e.is_fatal() {
+                    let _ = conn.disconnect().await;
+                }
+            }
+            result
         };
         match tokio::time::timeout(timeout, work).await {
-            Ok(Ok((conn, Ok(())))) => {
-                *mysql = Some(conn);
-                Ok(plan.new_direct)
-            }
-            Ok(Ok((conn, Err(e)))) => {
-                let e = StoreError::classify(e);
-                // A connection that failed for other reasons is dropped.
-                if matches!(e, StoreError::Rejected(_)) {
-                    *mysql = Some(conn);
-                }
-                Err(e)
-            }
+            Ok(Ok(())) => Ok(plan.new_direct),
             Ok(Err(e)) => Err(StoreError::classify(e)),
             Err(_) => Err(StoreError::Timeout(timeout)),
         }
