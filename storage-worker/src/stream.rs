@@ -13,15 +13,27 @@ use crate::batch::{Content, Entry, EntryId};
 use crate::layout::{Layout, RECORD_FIELD};
 
 /// Raises `KEYS[1]` (conversation → highest stored seq) to at least the
-/// given seqs; never lowers a field. `ARGV`: conversation, seq, ...
+/// given seqs; never lowers a field. `ARGV`: conversation, seq, ... (one
+/// HMGET and one HSET, not two calls per conversation: this runs for every
+/// batch).
 pub const RAISE_STORED_SCRIPT: &str = r"
+local fields = {}
 for i = 1, #ARGV, 2 do
-  local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
-  if tonumber(ARGV[i + 1]) > cur then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  fields[#fields + 1] = ARGV[i]
+end
+local current = redis.call('HMGET', KEYS[1], unpack(fields))
+local raise = {}
+for i = 1, #fields do
+  local seq = ARGV[2 * i]
+  if tonumber(seq) > tonumber(current[i] or '0') then
+    raise[#raise + 1] = fields[i]
+    raise[#raise + 1] = seq
   end
 end
-return 0
+if #raise > 0 then
+  redis.call('HSET', KEYS[1], unpack(raise))
+end
+return #raise / 2
 ";
 
 /// A Redis failure.
@@ -265,17 +277,18 @@ impl ShardKeys {
         if !ids.is_empty() {
             let c = p.cmd("XACK").arg(&self.stream).arg(&self.group);
             for id in ids {
-                c.arg(id.to_string());
+                c.arg(id);
             }
             c.ignore();
         }
-        if !stored.is_empty() {
+        // Lua's unpack() takes a few thousand values at most.
+        for chunk in stored.chunks(1000) {
             let c = p
                 .cmd("EVAL")
                 .arg(RAISE_STORED_SCRIPT)
                 .arg(1)
                 .arg(&self.stored);
-            for &(conversation, seq) in stored {
+            for &(conversation, seq) in chunk {
                 c.arg(conversation).arg(seq);
             }
             c.ignore();
@@ -316,7 +329,7 @@ impl ShardKeys {
         }
         let c = p.cmd("XACK").arg(&self.stream).arg(&self.group);
         for letter in letters {
-            c.arg(letter.id.to_string());
+            c.arg(letter.id);
         }
         c.ignore();
         p.query_async::<()>(conn).await?;
