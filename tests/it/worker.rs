@@ -226,6 +226,12 @@ async fn worker_stores_rows_once_with_summaries_and_cursors() {
     ] {
         expected.push(env.append(conv, sender, seq, &format!("m{seq}")).await.1);
     }
+    // A watermark already above what this batch stores is never lowered.
+    let _: () = env
+        .r()
+        .hset(env.layout.stored_key(env.layout.shard_of(g)), g, 99)
+        .await
+        .unwrap();
     let worker = env.start(env.config("w1")).await;
     eventually(10, "all rows stored", || async {
         env.count("SELECT COUNT(*) FROM messages").await == 7
@@ -267,7 +273,7 @@ async fn worker_stores_rows_once_with_summaries_and_cursors() {
     })
     .await;
     assert_eq!(env.stored_mark(d).await, Some(3));
-    assert_eq!(env.stored_mark(g).await, Some(4));
+    assert_eq!(env.stored_mark(g).await, Some(99));
 
     // Redelivery (the group rewound to the start) makes no second row, and
     // an older summary never overwrites a newer one.
@@ -297,8 +303,8 @@ async fn worker_stores_rows_once_with_summaries_and_cursors() {
     })
     .await;
 
-    // A stale watermark is never lowered.
-    assert_eq!(env.stored_mark(g).await, Some(4));
+    assert_eq!(env.stored_mark(d).await, Some(3));
+    assert_eq!(env.stored_mark(g).await, Some(99));
     worker.shutdown().await;
 }
 
@@ -632,4 +638,42 @@ async fn two_workers_share_the_load_without_duplicates() {
     );
     a.shutdown().await;
     b.shutdown().await;
+}
+
+#[tokio::test]
+async fn binary_runs_until_sigterm_and_exits_cleanly() {
+    let env = Env::new(2).await;
+    let (_, stored) = env.append(group(4), 2, 1, "via the binary").await;
+    let mut child = std::process::Command::new(im_tests::binary("im-storage-worker"))
+        .env("IM_REDIS_URL", &env.redis_url)
+        .env("IM_MYSQL_URL", &env.mysql_url)
+        .env("IM_PREFIX", env.layout.prefix())
+        .env("IM_STREAMS", "2")
+        .env("IM_CONSUMER", "bin")
+        .env("IM_BLOCK_MS", "100")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("start im-storage-worker");
+    eventually(15, "row stored by the binary", || async {
+        env.count("SELECT COUNT(*) FROM messages").await == 1
+    })
+    .await;
+    assert_eq!(env.messages().await, [stored]);
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("im-storage-worker did not exit after SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, Some(0));
 }
