@@ -57,6 +57,10 @@ impl StoreError {
             mysql_async::Error::Server(e) if is_data_error(e.code, &e.state) => {
                 StoreError::Rejected(error)
             }
+            // A row too large for max_allowed_packet, caught before sending.
+            mysql_async::Error::Driver(mysql_async::DriverError::PacketTooLarge) => {
+                StoreError::Rejected(error)
+            }
             _ => StoreError::Unavailable(error),
         }
     }

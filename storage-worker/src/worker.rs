@@ -357,6 +357,12 @@ where
                 pace.success();
                 return Some(value);
             }
+            Err(e) if e.is_no_group() => {
+                // The stream or its group was deleted: nothing is left to
+                // acknowledge or inspect.
+                tracing::warn!(shard, error = %e, "redis {what}: consumer group gone");
+                return None;
+            }
             Err(e) => {
                 link.broken();
                 tracing::warn!(shard, error = %e, "redis {what} failed; retrying");

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use im_proto::{ConversationId, pb};
 use im_storage::layout::{Layout, encode_record, message_id, record_body};
 use im_storage::{Worker, WorkerConfig, WorkerHandle};
-use im_tests::services::{self, MariaDb};
+use im_tests::services::{self, MariaDb, RedisServer};
 use mysql_async::prelude::*;
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
@@ -676,4 +676,50 @@ async fn binary_runs_until_sigterm_and_exits_cleanly() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(code, Some(0));
+}
+
+#[tokio::test]
+async fn redis_restart_is_survived() {
+    let mut redis = tokio::task::spawn_blocking(|| RedisServer::start(true))
+        .await
+        .unwrap();
+    let shared = services::shared();
+    let mut env = Env::on(&redis.url(), &shared.mysql_url, 2).await;
+    let worker = env.start(env.config("w1")).await;
+    for seq in 1..=10 {
+        env.append(group(8), 1, seq, "before").await;
+    }
+    eventually(10, "first rows stored", || async {
+        env.count("SELECT COUNT(*) FROM messages").await == 10
+    })
+    .await;
+
+    // Redis crashes and comes back with its append-only file.
+    redis = tokio::task::spawn_blocking(move || {
+        redis.restart();
+        redis
+    })
+    .await
+    .unwrap();
+    env.redis = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for seq in 11..=20 {
+        env.append(group(8), 1, seq, "after").await;
+    }
+    eventually(15, "rows after the restart stored", || async {
+        env.count("SELECT COUNT(*) FROM messages").await == 20
+    })
+    .await;
+    eventually(5, "nothing pending", || async {
+        env.all_pending().await == 0
+    })
+    .await;
+    assert!(
+        worker.stats().retries > 0,
+        "the worker noticed and reconnected"
+    );
+    worker.shutdown().await;
 }
