@@ -485,21 +485,25 @@ impl ShardTask {
             return Ok(());
         }
         if now >= self.next_trim {
-            self.housekeeping(&mut conn).await?;
+            // Scheduled first: a failing pass must not keep the reads (and
+            // their recovery from a lost consumer group) from running.
             self.next_trim = now
                 + self
                     .settings
                     .trim_interval
                     .unwrap_or(Duration::from_secs(10));
+            self.housekeeping(&mut conn).await?;
         }
         if now >= self.next_claim {
+            self.next_claim = now + self.settings.claim_interval;
             let (next, entries) = self
                 .keys
                 .claim(&mut conn, self.settings.claim_idle, self.claim_cursor, room)
                 .await?;
             self.claim_cursor = next;
-            if next == EntryId::ZERO || entries.is_empty() {
-                self.next_claim = now + self.settings.claim_interval;
+            if next != EntryId::ZERO && !entries.is_empty() {
+                // More of the pending list to go through: on the next step.
+                self.next_claim = now;
             }
             if !entries.is_empty() {
                 tracing::info!(

@@ -723,3 +723,24 @@ async fn redis_restart_is_survived() {
     );
     worker.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_deleted_stream_gets_its_group_back() {
+    let env = Env::new(1).await;
+    let worker = env.start(env.config("w1")).await;
+    env.append(group(9), 1, 1, "first").await;
+    eventually(10, "first row stored", || async {
+        env.count("SELECT COUNT(*) FROM messages").await == 1
+    })
+    .await;
+    // Someone deletes the stream, group and all; appends go on.
+    let _: () = env.r().del(env.layout.stream_key(0)).await.unwrap();
+    for seq in 2..=5 {
+        env.append(group(9), 1, seq, "after").await;
+    }
+    eventually(10, "rows after the deletion stored", || async {
+        env.count("SELECT COUNT(*) FROM messages").await == 5
+    })
+    .await;
+    worker.shutdown().await;
+}
