@@ -59,7 +59,7 @@ struct Args {
     chunk_rows: usize,
     /// Worker: MySQL connections (transactions in flight; 0 = one per
     /// shard).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 4)]
     mysql_connections: usize,
     /// PIDs of the database processes (mariadbd, redis-server) whose CPU
     /// time to report next to the worker's.

@@ -150,8 +150,10 @@ pub struct WorkerConfig {
     #[arg(long, env = "IM_KNOWN_DIRECT", default_value_t = 100_000)]
     pub known_direct: usize,
 
-    /// MySQL connections at most (0 = one per shard plus one).
-    #[arg(long, env = "IM_MYSQL_CONNECTIONS", default_value_t = 0)]
+    /// MySQL connections, i.e. batch transactions in flight at once over
+    /// all shards (0 = one per shard). More only help a database with
+    /// cores to spare: on a small machine they cost context switches.
+    #[arg(long, env = "IM_MYSQL_CONNECTIONS", default_value_t = 4)]
     pub mysql_connections: usize,
 
     /// Milliseconds to finish the batch in hand after a stop request;
@@ -279,7 +281,7 @@ impl WorkerConfig {
     /// MySQL connections to allow.
     pub fn mysql_pool_size(&self) -> usize {
         if self.mysql_connections == 0 {
-            self.streams as usize + 1
+            self.streams as usize
         } else {
             self.mysql_connections
         }
