@@ -256,6 +256,10 @@ impl WorkerConfig {
         if self.claim_idle_ms == 0 || self.claim_interval_ms == 0 {
             return bad("claim-idle-ms and claim-interval-ms must be positive");
         }
+        // Entries waiting in a batch must not look abandoned.
+        if self.claim_idle_ms <= self.batch_age_ms {
+            return bad("claim-idle-ms must exceed batch-age-ms");
+        }
         if self.retry_min_ms == 0 || self.retry_max_ms < self.retry_min_ms {
             return bad("retry-max-ms must be at least retry-min-ms > 0");
         }
@@ -345,6 +349,8 @@ mod tests {
         assert!(matches!(err, Err(ConfigError::Parse(_))));
         let _ = std::fs::remove_dir_all(&dir);
         let err = WorkerConfig::load_from(["w", "--batch-count", "0"]);
+        assert!(matches!(err, Err(ConfigError::Invalid(_))));
+        let err = WorkerConfig::load_from(["w", "--claim-idle-ms", "20", "--batch-age-ms", "20"]);
         assert!(matches!(err, Err(ConfigError::Invalid(_))));
     }
 }
