@@ -10,10 +10,24 @@
 //!   stored message, message ids, and the append script.
 //! - [`schema`]: the MySQL schema and its migrations, run at start-up by
 //!   every process that uses the database.
-//! - [`worker`]: the consumer that moves stream entries into MySQL.
+//! - [`worker`]: the consumer that moves stream entries into MySQL (one
+//!   task per shard), started with a [`config::WorkerConfig`] and watched
+//!   through [`stats`]. Its parts: [`batch`] (entries in hand and when to
+//!   flush them), [`sql`] (what rows become in MySQL, in one transaction),
+//!   [`stream`] (the consumer group, acknowledgements, dead letters,
+//!   trimming).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod batch;
+pub mod config;
 pub mod layout;
 pub mod schema;
+pub mod sql;
+pub mod stats;
+pub mod stream;
 pub mod worker;
+
+pub use config::WorkerConfig;
+pub use stats::{ShardBacklog, WorkerStats, WorkerStatsSnapshot};
+pub use worker::{Worker, WorkerError, WorkerHandle};

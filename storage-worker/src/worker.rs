@@ -1,1 +1,868 @@
-//! The storage worker: consumes the message streams into MySQL.
+//! The storage worker: one task per stream shard moves entries from the
+//! shard's stream into MySQL in batches, and the handle that stops it.
+//!
+//! A shard task owns a Redis connection (its blocking reads would hold up
+//! anything sharing it) and borrows a MySQL connection from a pool for each
+//! transaction, so shards commit in parallel, as many at once as the pool
+//! allows. Its loop:
+//!
+//! 1. on start, re-read this consumer's own pending entries (`XREADGROUP
+//!    ... 0`), left by an earlier run under the same name;
+//! 2. read new entries (`XREADGROUP ... >` with `BLOCK`) into the batch
+//!    until it is due (count, bytes or age);
+//! 3. store the batch in one transaction; on a connectivity failure retry
+//!    it with backoff, reading nothing meanwhile; if the database rejects
+//!    a row, split the batch in halves until the bad entries are alone,
+//!    so every good row commits;
+//! 4. after the commit, `XACK` and raise the shard's stored watermark;
+//!    entries that can never be stored go to the dead-letter stream at
+//!    once, rejected ones after `max_attempts` deliveries (they stay pending
+//!    until then, and come back through step 5);
+//! 5. every `claim_interval`, claim entries pending longer than
+//!    `claim_idle` (a dead consumer's, or rejected ones) with `XAUTOCLAIM`;
+//! 6. every `trim_interval`, trim the stream below what every consumer
+//!    group has acknowledged.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mysql_async::prelude::*;
+use mysql_async::{OptsBuilder, Pool, PoolConstraints, PoolOpts};
+use rand::Rng;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::batch::{Batch, EntryId, FlushRules};
+use crate::config::{ConfigError, WorkerConfig};
+use crate::layout::Layout;
+use crate::schema::{self, SchemaError};
+use crate::sql::{MessageRow, Plan, Statements, StoreError, statement_cache_size};
+use crate::stats::{WorkerStats, WorkerStatsSnapshot};
+use crate::stream::{DeadLetter, ShardKeys, StreamError, trim_point};
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// MySQL is unreachable or refused a start-up query.
+    #[error("mysql: {0}")]
+    Mysql(#[from] mysql_async::Error),
+    /// The schema could not be migrated.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// Redis is unreachable or refused to create a consumer group.
+    #[error(transparent)]
+    Redis(#[from] StreamError),
+}
+
+/// The storage worker.
+pub struct Worker;
+
+/// A running worker: its counters, and the way to stop it.
+pub struct WorkerHandle {
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    stats: Arc<WorkerStats>,
+    pool: Pool,
+}
+
+impl Worker {
+    /// Migrates the schema, creates the consumer groups and starts one task
+    /// per stream shard.
+    pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
+        config.validate()?;
+        let settings = Arc::new(Settings::from(&config));
+
+        let opts = mysql_async::Opts::from_url(&config.mysql_url)
+            .map_err(|e| WorkerError::Mysql(e.into()))?;
+        let size = config.mysql_pool_size().max(1);
+        // Idle connections are kept up to `min`: keep them all, with their
+        // prepared statements.
+        let constraints = PoolConstraints::new(size, size).unwrap_or_default();
+        let opts = OptsBuilder::from_opts(opts)
+            .pool_opts(
+                PoolOpts::default()
+                    .with_constraints(constraints)
+                    // Keep the prepared statements across uses.
+                    .with_reset_connection(false),
+            )
+            .stmt_cache_size(statement_cache_size(config.chunk_rows))
+            // Fewer gap locks, so concurrent batches rarely deadlock.
+            .init(vec![
+                "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+            ]);
+        let pool = Pool::new(opts);
+        schema::migrate(&pool).await?;
+        let max_packet: Option<u64> = {
+            let mut conn = pool.get_conn().await?;
+            conn.query_first("SELECT @@max_allowed_packet").await?
+        };
+        // One statement's bodies stay well below the packet limit.
+        let max_bytes = (max_packet.unwrap_or(4 << 20) / 2).clamp(64 << 10, 16 << 20) as usize;
+        let statements = Arc::new(Statements::new(config.chunk_rows, max_bytes));
+
+        let client = redis::Client::open(config.redis_url.as_str()).map_err(StreamError::from)?;
+        let layout = Layout::new(config.prefix.clone(), config.streams);
+        let consumer = config.consumer_name();
+        let mut link = RedisLink::new(client.clone(), settings.redis_timeout);
+        let mut conn = link.get().await?;
+        for shard in 0..layout.streams() {
+            ShardKeys::new(&layout, shard, &config.group, &consumer)
+                .ensure_group(&mut conn)
+                .await?;
+        }
+        tracing::info!(
+            streams = layout.streams(),
+            group = %config.group,
+            consumer = %consumer,
+            "storage worker started"
+        );
+
+        let stats = Arc::new(WorkerStats::new(layout.streams()));
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for shard in 0..layout.streams() {
+            let task = ShardTask {
+                keys: ShardKeys::new(&layout, shard, &config.group, &consumer),
+                batch: Batch::new(shard, settings.rules),
+                settings: settings.clone(),
+                statements: statements.clone(),
+                pool: pool.clone(),
+                link: RedisLink::new(client.clone(), settings.redis_timeout),
+                pace: Pace::new(&settings, stop_rx.clone(), stats.clone()),
+                known: KnownDirect::new(config.known_direct),
+                stats: stats.clone(),
+                claim_cursor: EntryId::ZERO,
+                next_claim: Instant::now(),
+                next_trim: Instant::now(),
+            };
+            tasks.push(tokio::spawn(task.run()));
+        }
+        if config.progress_secs > 0 {
+            tasks.push(tokio::spawn(progress(
+                stats.clone(),
+                Duration::from_secs(config.progress_secs),
+                stop_rx,
+            )));
+        }
+        Ok(WorkerHandle {
+            stop,
+            tasks,
+            stats,
+            pool,
+        })
+    }
+}
+
+impl WorkerHandle {
+    /// The counters now.
+    pub fn stats(&self) -> WorkerStatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// Stops reading, stores and acknowledges the batches in hand (within
+    /// the shutdown grace period; what is not stored by then stays pending
+    /// for the next start), and returns when every task has ended.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks.drain(..) {
+            if let Err(e) = task.await {
+                tracing::error!(error = %e, "shard task failed");
+            }
+        }
+        if let Err(e) = self.pool.clone().disconnect().await {
+            tracing::debug!(error = %e, "closing the MySQL pool");
+        }
+        tracing::info!("storage worker stopped");
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        // Dropped without shutdown: the tasks stop on their own.
+        let _ = self.stop.send(true);
+    }
+}
+
+/// The settings a shard task uses, as durations.
+#[derive(Debug)]
+struct Settings {
+    rules: FlushRules,
+    block: Duration,
+    claim_idle: Duration,
+    claim_interval: Duration,
+    max_attempts: u64,
+    dead_letter_max_len: u64,
+    trim_interval: Option<Duration>,
+    retry_min: Duration,
+    retry_max: Duration,
+    mysql_timeout: Duration,
+    redis_timeout: Duration,
+    grace: Duration,
+}
+
+impl From<&WorkerConfig> for Settings {
+    fn from(c: &WorkerConfig) -> Settings {
+        let ms = WorkerConfig::ms;
+        Settings {
+            rules: FlushRules {
+                count: c.batch_count,
+                bytes: c.batch_bytes,
+                age: ms(c.batch_age_ms),
+            },
+            block: ms(c.block_ms),
+            claim_idle: ms(c.claim_idle_ms),
+            claim_interval: ms(c.claim_interval_ms),
+            max_attempts: u64::from(c.max_attempts),
+            dead_letter_max_len: c.dead_letter_max_len,
+            trim_interval: (c.trim_interval_ms > 0).then(|| ms(c.trim_interval_ms)),
+            retry_min: ms(c.retry_min_ms),
+            retry_max: ms(c.retry_max_ms),
+            mysql_timeout: ms(c.mysql_timeout_ms),
+            redis_timeout: ms(c.block_ms) + Duration::from_secs(10),
+            grace: ms(c.shutdown_grace_ms),
+        }
+    }
+}
+
+/// A shard task's Redis connection, opened on demand and dropped when it
+/// fails.
+struct RedisLink {
+    client: redis::Client,
+    conn: Option<MultiplexedConnection>,
+    config: redis::AsyncConnectionConfig,
+}
+
+impl RedisLink {
+    fn new(client: redis::Client, response_timeout: Duration) -> RedisLink {
+        RedisLink {
+            client,
+            conn: None,
+            config: redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Duration::from_secs(5))
+                .set_response_timeout(response_timeout),
+        }
+    }
+
+    async fn get(&mut self) -> Result<MultiplexedConnection, StreamError> {
+        if let Some(conn) = &self.conn {
+            return Ok(conn.clone());
+        }
+        let conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?;
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn broken(&mut self) {
+        self.conn = None;
+    }
+}
+
+/// Retry pacing and the stop signal of one shard task.
+struct Pace {
+    stop: watch::Receiver<bool>,
+    grace: Duration,
+    deadline: Option<Instant>,
+    min: Duration,
+    max: Duration,
+    next: Duration,
+    stats: Arc<WorkerStats>,
+}
+
+impl Pace {
+    fn new(s: &Settings, stop: watch::Receiver<bool>, stats: Arc<WorkerStats>) -> Pace {
+        Pace {
+            stop,
+            grace: s.grace,
+            deadline: None,
+            min: s.retry_min,
+            max: s.retry_max,
+            next: s.retry_min,
+            stats,
+        }
+    }
+
+    /// Whether a stop was requested (starts the grace period).
+    fn stopping(&mut self) -> bool {
+        if self.deadline.is_none() && *self.stop.borrow() {
+            self.deadline = Some(Instant::now() + self.grace);
+        }
+        self.deadline.is_some()
+    }
+
+    /// Resolves when a stop is requested.
+    async fn stopped(&mut self) {
+        let _ = self.stop.wait_for(|&s| s).await;
+    }
+
+    fn success(&mut self) {
+        self.next = self.min;
+    }
+
+    /// Sleeps before a retry. Returns false when the caller should give
+    /// up instead: at a stop request (`finishing` false), or once the
+    /// grace period is over (`finishing` true, for a batch in hand).
+    async fn pause(&mut self, finishing: bool) -> bool {
+        self.stats.retried();
+        let jitter = rand::rng().random_range(0.5..1.0);
+        let mut delay = self.next.mul_f64(jitter);
+        self.next = (self.next * 2).min(self.max);
+        if self.stopping() {
+            let Some(left) = self
+                .deadline
+                .and_then(|d| d.checked_duration_since(Instant::now()))
+                .filter(|_| finishing)
+            else {
+                return false;
+            };
+            delay = delay.min(left);
+            tokio::time::sleep(delay).await;
+            return true;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = self.stopped() => finishing,
+        }
+    }
+}
+
+/// Runs `op` on a Redis connection until it succeeds; `None` if the task
+/// must give up first (see [`Pace::pause`]).
+async fn with_redis<T, F, Fut>(
+    link: &mut RedisLink,
+    pace: &mut Pace,
+    shard: u32,
+    what: &str,
+    mut op: F,
+) -> Option<T>
+where
+    F: FnMut(MultiplexedConnection) -> Fut,
+    Fut: Future<Output = Result<T, StreamError>>,
+{
+    loop {
+        let result = match link.get().await {
+            Ok(conn) => op(conn).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(value) => {
+                pace.success();
+                return Some(value);
+            }
+            Err(e) if e.is_no_group() => {
+                // The stream or its group was deleted: nothing is left to
+                // acknowledge or inspect.
+                tracing::warn!(shard, error = %e, "redis {what}: consumer group gone");
+                return None;
+            }
+            Err(e) => {
+                link.broken();
+                tracing::warn!(shard, error = %e, "redis {what} failed; retrying");
+                if !pace.pause(true).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Direct conversations known to have both members rows; bounded by
+/// starting over when full.
+struct KnownDirect {
+    set: HashSet<u64>,
+    cap: usize,
+}
+
+impl KnownDirect {
+    fn new(cap: usize) -> KnownDirect {
+        KnownDirect {
+            set: HashSet::new(),
+            cap,
+        }
+    }
+
+    fn contains(&self, conversation: u64) -> bool {
+        self.set.contains(&conversation)
+    }
+
+    fn extend(&mut self, conversations: &[u64]) {
+        if self.cap == 0 {
+            return;
+        }
+        if self.set.len() + conversations.len() > self.cap {
+            self.set.clear();
+        }
+        self.set.extend(conversations.iter().take(self.cap));
+    }
+}
+
+/// What became of a batch's rows.
+#[derive(Default)]
+struct Outcome {
+    /// Rows committed (indices into the batch's rows).
+    stored: Vec<usize>,
+    /// Rows the database rejected, alone, with the error.
+    rejected: Vec<(usize, String)>,
+    /// Whether the task gave up (stop requested, grace over) before every
+    /// row was tried.
+    gave_up: bool,
+}
+
+/// One shard's consumer.
+struct ShardTask {
+    keys: ShardKeys,
+    batch: Batch,
+    settings: Arc<Settings>,
+    statements: Arc<Statements>,
+    pool: Pool,
+    link: RedisLink,
+    pace: Pace,
+    known: KnownDirect,
+    stats: Arc<WorkerStats>,
+    claim_cursor: EntryId,
+    next_claim: Instant,
+    next_trim: Instant,
+}
+
+impl ShardTask {
+    async fn run(mut self) {
+        let shard = self.keys.shard;
+        // This consumer's own pending entries come first.
+        let mut history = Some(EntryId::ZERO);
+        while !self.pace.stopping() {
+            if self.batch.is_due(Instant::now()) {
+                self.flush().await;
+                continue;
+            }
+            match self.step(&mut history).await {
+                Ok(()) => self.pace.success(),
+                Err(e) => {
+                    self.link.broken();
+                    if e.is_no_group() {
+                        tracing::warn!(shard, "consumer group missing; creating it again");
+                        if let Ok(mut conn) = self.link.get().await {
+                            let _ = self.keys.ensure_group(&mut conn).await;
+                        }
+                    } else {
+                        tracing::warn!(shard, error = %e, "redis failed; retrying");
+                    }
+                    if !self.pace.pause(false).await {
+                        break;
+                    }
+                }
+            }
+        }
+        if !self.batch.is_empty() {
+            self.flush().await;
+        }
+        tracing::debug!(shard, "shard task stopped");
+    }
+
+    /// One read: own pending entries, claimed entries or new entries.
+    async fn step(&mut self, history: &mut Option<EntryId>) -> Result<(), StreamError> {
+        let now = Instant::now();
+        let room = self.batch.room();
+        let mut conn = self.link.get().await?;
+        if let Some(after) = *history {
+            let entries = self.keys.read_own_pending(&mut conn, after, room).await?;
+            *history = entries.last().map(|e| e.id);
+            if !entries.is_empty() {
+                tracing::info!(
+                    shard = self.keys.shard,
+                    entries = entries.len(),
+                    "taking up entries left pending by an earlier run"
+                );
+            }
+            self.add(entries, now);
+            return Ok(());
+        }
+        if now >= self.next_trim {
+            // Scheduled first: a failing pass must not keep the reads (and
+            // their recovery from a lost consumer group) from running.
+            self.next_trim = now
+                + self
+                    .settings
+                    .trim_interval
+                    .unwrap_or(Duration::from_secs(10));
+            self.housekeeping(&mut conn).await?;
+        }
+        if now >= self.next_claim {
+            self.next_claim = now + self.settings.claim_interval;
+            let (next, entries) = self
+                .keys
+                .claim(&mut conn, self.settings.claim_idle, self.claim_cursor, room)
+                .await?;
+            self.claim_cursor = next;
+            if next != EntryId::ZERO && !entries.is_empty() {
+                // More of the pending list to go through: on the next step.
+                self.next_claim = now;
+            }
+            if !entries.is_empty() {
+                tracing::info!(
+                    shard = self.keys.shard,
+                    entries = entries.len(),
+                    "claimed entries idle for too long"
+                );
+                self.stats.claimed(entries.len() as u64);
+                self.add(entries, now);
+                return Ok(());
+            }
+        }
+        let block = match self.batch.deadline() {
+            Some(d) => d.saturating_duration_since(now).min(self.settings.block),
+            None => self.settings.block,
+        };
+        if block < Duration::from_millis(1) {
+            return Ok(());
+        }
+        tokio::select! {
+            read = self.keys.read_new(&mut conn, room, block) => {
+                self.add(read?, Instant::now());
+            }
+            _ = self.pace.stopped() => {
+                // Whatever that read was given stays pending for this
+                // consumer and is taken up at the next start.
+                self.link.broken();
+            }
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, entries: Vec<crate::batch::Entry>, now: Instant) {
+        for entry in entries {
+            self.batch.push(entry, now);
+        }
+    }
+
+    /// Records the shard's backlog and trims the stream.
+    async fn housekeeping(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StreamError> {
+        let groups = self.keys.groups(conn).await?;
+        if let Some(me) = groups.iter().find(|g| g.name == self.keys.group) {
+            self.stats.backlog(self.keys.shard, me.pending, me.lag);
+        }
+        if self.settings.trim_interval.is_some() {
+            if let Some(point) = trim_point(&groups) {
+                let removed = self.keys.trim(conn, point).await?;
+                if removed > 0 {
+                    self.stats.trimmed(removed);
+                    tracing::debug!(shard = self.keys.shard, removed, below = %point, "trimmed");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores the batch, acknowledges what was stored, deals with what
+    /// cannot be, and empties the batch.
+    async fn flush(&mut self) {
+        let shard = self.keys.shard;
+        let outcome = self.store().await;
+        let rows = self.batch.rows();
+
+        // Acknowledge stored rows and deleted entries; raise the watermark,
+        // but not past a rejected seq of the same conversation.
+        let mut ack: Vec<EntryId> = outcome
+            .stored
+            .iter()
+            .map(|&i| self.batch.entries()[rows[i].entry].id)
+            .collect();
+        ack.extend(
+            self.batch
+                .deleted()
+                .iter()
+                .map(|&i| self.batch.entries()[i].id),
+        );
+        let mut marks: Vec<(u64, u64)> = outcome
+            .stored
+            .iter()
+            .map(|&i| (rows[i].conversation_id, rows[i].seq))
+            .collect();
+        let mut holes: Vec<(u64, u64)> = outcome
+            .rejected
+            .iter()
+            .map(|&(i, _)| (rows[i].conversation_id, rows[i].seq))
+            .collect();
+        marks.sort_unstable();
+        holes.sort_unstable();
+        let marks = watermarks(&marks, &holes);
+        let keys = &self.keys;
+        let acked = with_redis(&mut self.link, &mut self.pace, shard, "XACK", |mut c| {
+            let (ack, marks) = (&ack, &marks);
+            async move { keys.ack(&mut c, ack, marks).await }
+        })
+        .await
+        .is_some();
+        if acked && !outcome.stored.is_empty() {
+            let bytes: usize = outcome
+                .stored
+                .iter()
+                .map(|&i| self.batch.entries()[rows[i].entry].len())
+                .sum();
+            self.stats
+                .committed(outcome.stored.len() as u64, bytes as u64);
+            tracing::debug!(shard, rows = outcome.stored.len(), bytes, "batch stored");
+        }
+
+        // Entries that can never be stored, and rejected ones that used up
+        // their attempts, go to the dead-letter stream.
+        let mut candidates: Vec<(usize, String, bool)> = self
+            .batch
+            .rejects()
+            .iter()
+            .map(|(entry, reason)| (*entry, reason.to_string(), true))
+            .collect();
+        candidates.extend(outcome.rejected.iter().map(|(i, reason)| {
+            (
+                rows[*i].entry,
+                format!("rejected by the database: {reason}"),
+                false,
+            )
+        }));
+        if !candidates.is_empty() && !outcome.gave_up {
+            let ids: Vec<EntryId> = candidates
+                .iter()
+                .map(|c| self.batch.entries()[c.0].id)
+                .collect();
+            let counts = with_redis(
+                &mut self.link,
+                &mut self.pace,
+                shard,
+                "XPENDING",
+                |mut c| {
+                    let ids = &ids;
+                    async move { keys.delivery_counts(&mut c, ids).await }
+                },
+            )
+            .await;
+            if let Some(counts) = counts {
+                let mut letters = Vec::new();
+                for ((entry, reason, permanent), attempts) in candidates.into_iter().zip(counts) {
+                    let e = &self.batch.entries()[entry];
+                    if permanent || attempts >= self.settings.max_attempts {
+                        tracing::warn!(
+                            shard,
+                            id = %e.id,
+                            attempts,
+                            reason = %reason,
+                            "moving entry to the dead-letter stream"
+                        );
+                        letters.push(DeadLetter {
+                            id: e.id,
+                            record: e.record(),
+                            reason,
+                            attempts,
+                        });
+                    } else {
+                        tracing::warn!(
+                            shard,
+                            id = %e.id,
+                            attempts,
+                            max_attempts = self.settings.max_attempts,
+                            reason = %reason,
+                            "entry not stored; it stays pending and is retried once claimed"
+                        );
+                    }
+                }
+                let max_len = self.settings.dead_letter_max_len;
+                let done = with_redis(
+                    &mut self.link,
+                    &mut self.pace,
+                    shard,
+                    "dead letter",
+                    |mut c| {
+                        let letters = &letters;
+                        async move { keys.dead_letter(&mut c, letters, max_len).await }
+                    },
+                )
+                .await;
+                if done.is_some() {
+                    self.stats.dead_lettered(letters.len() as u64);
+                }
+            }
+        }
+        self.batch.clear();
+    }
+
+    /// Commits the batch's rows: all at once if possible, else in halves
+    /// until every bad row is alone. Retries connectivity failures.
+    async fn store(&mut self) -> Outcome {
+        let rows = self.batch.rows();
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_unstable_by_key(|&i| (rows[i].conversation_id, rows[i].seq));
+        let mut outcome = Outcome::default();
+        let mut todo: Vec<std::ops::Range<usize>> = Vec::new();
+        todo.push(0..order.len());
+        while let Some(range) = todo.pop() {
+            if range.is_empty() {
+                continue;
+            }
+            loop {
+                let result = self.transaction(&order[range.clone()]).await;
+                match result {
+                    Ok(new_direct) => {
+                        self.pace.success();
+                        self.known.extend(&new_direct);
+                        outcome.stored.extend_from_slice(&order[range.clone()]);
+                        break;
+                    }
+                    Err(StoreError::Rejected(e)) => {
+                        if range.len() == 1 {
+                            outcome.rejected.push((order[range.start], e.to_string()));
+                        } else {
+                            self.stats.split();
+                            let mid = range.start + range.len() / 2;
+                            tracing::debug!(
+                                shard = self.keys.shard,
+                                rows = range.len(),
+                                error = %e,
+                                "database rejected a row; splitting the transaction"
+                            );
+                            todo.push(mid..range.end);
+                            todo.push(range.start..mid);
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            shard = self.keys.shard,
+                            rows = range.len(),
+                            error = %e,
+                            "storing a batch failed; retrying"
+                        );
+                        if !self.pace.pause(true).await {
+                            outcome.gave_up = true;
+                            return outcome;
+                        }
+                    }
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Writes the rows at `indices` in one transaction; returns the direct
+    /// conversations whose members rows it created.
+    async fn transaction(&mut self, indices: &[usize]) -> Result<Vec<u64>, StoreError> {
+        let timeout = self.settings.mysql_timeout;
+        let batch = &self.batch;
+        let rows: Vec<MessageRow<'_>> = indices
+            .iter()
+            .map(|&i| {
+                let r = &batch.rows()[i];
+                MessageRow {
+                    conversation_id: r.conversation_id,
+                    seq: r.seq,
+                    message_id: r.message_id,
+                    sender_id: r.sender_id,
+                    server_time_ms: r.server_time_ms,
+                    body: batch.body(r),
+                }
+            })
+            .collect();
+        let known = &self.known;
+        let plan = Plan::build(rows, |c| known.contains(c));
+        let pool = &self.pool;
+        let statements = &self.statements;
+        let work = async {
+            // A pooled connection per transaction: the pool size bounds the
+            // transactions in flight, and connections keep their prepared
+            // statements between uses.
+            let mut conn = pool.get_conn().await?;
+            let result = statements.execute(&mut conn, &plan).await;
+            if let Err(e) = &result {
+                if e.is_fatal() {
+                    let _ = conn.disconnect().await;
+                }
+            }
+            result
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(Ok(())) => Ok(plan.new_direct),
+            Ok(Err(e)) => Err(StoreError::classify(e)),
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        }
+    }
+}
+
+/// The stored watermark per conversation: the greatest stored seq, but
+/// below the least rejected seq of the same conversation (a rejected
+/// message is not stored, and the recent cache must keep it). Both inputs
+/// sorted.
+fn watermarks(stored: &[(u64, u64)], rejected: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(conversation, seq) in stored {
+        let limit = rejected
+            .iter()
+            .find(|r| r.0 == conversation)
+            .map_or(u64::MAX, |r| r.1 - 1);
+        let seq = seq.min(limit);
+        if seq == 0 {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last.0 == conversation => last.1 = last.1.max(seq),
+            _ => out.push((conversation, seq)),
+        }
+    }
+    out
+}
+
+/// Logs a one-line summary of progress every `every`.
+async fn progress(stats: Arc<WorkerStats>, every: Duration, mut stop: watch::Receiver<bool>) {
+    let mut last = stats.snapshot();
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|&s| s) => return,
+        }
+        let now = stats.snapshot();
+        let rows = now.rows - last.rows;
+        tracing::info!(
+            rows,
+            rows_per_sec = rows / every.as_secs().max(1),
+            batches = now.batches - last.batches,
+            dead_letters = now.dead_letters,
+            claimed = now.claimed,
+            retries = now.retries,
+            pending = now.pending(),
+            lag = now.lag(),
+            "progress"
+        );
+        last = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watermarks_stop_below_rejected_seqs() {
+        let stored = [(1, 1), (1, 2), (1, 5), (2, 3), (3, 4)];
+        assert_eq!(watermarks(&stored, &[]), [(1, 5), (2, 3), (3, 4)]);
+        assert_eq!(watermarks(&stored, &[(1, 3), (3, 1)]), [(1, 2), (2, 3)]);
+    }
+
+    #[test]
+    fn known_direct_stays_bounded() {
+        let mut known = KnownDirect::new(3);
+        known.extend(&[1, 2]);
+        assert!(known.contains(1) && known.contains(2));
+        known.extend(&[3, 4]);
+        assert!(known.set.len() <= 3);
+        assert!(known.contains(4));
+        let mut off = KnownDirect::new(0);
+        off.extend(&[1]);
+        assert!(!off.contains(1));
+    }
+}

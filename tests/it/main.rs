@@ -5,3 +5,4 @@ mod chat;
 mod lifecycle;
 mod protocol;
 mod resilience;
+mod worker;

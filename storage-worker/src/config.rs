@@ -1,0 +1,356 @@
+//! Worker configuration: one typed struct, filled from flags, `IM_*`
+//! environment variables and an optional TOML file, validated at start-up.
+//!
+//! Precedence: command-line flag, then environment variable, then the
+//! `--config` file, then the built-in default. TOML keys are the flag names
+//! without the leading dashes (`batch-count = 2000`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
+use serde::{Deserialize, Serialize};
+
+use crate::layout::{DEFAULT_PREFIX, DEFAULT_STREAMS, MAX_STREAMS, STORAGE_GROUP};
+
+/// Invalid or unreadable configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The TOML file is malformed or has unknown keys.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A value is out of range.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// im-storage-worker: moves messages from the Redis stream shards into
+/// MySQL in batches. Several workers may run at once; they share the work
+/// through one consumer group per stream.
+#[derive(Debug, Clone, Parser, Serialize, Deserialize)]
+#[command(name = "im-storage-worker", version, max_term_width = 100)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Redis holding the message streams.
+    #[arg(long, env = "IM_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// MySQL/MariaDB database the messages are stored in (migrated at
+    /// start-up).
+    #[arg(
+        long,
+        env = "IM_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306/im",
+        hide_env_values = true
+    )]
+    pub mysql_url: String,
+
+    /// TOML file with any of these settings (flags and IM_* variables win).
+    #[arg(long, env = "IM_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+
+    /// Prefix of every Redis key; must match the server nodes.
+    #[arg(long, env = "IM_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+
+    /// Number of stream shards; must match the server nodes.
+    #[arg(long, env = "IM_STREAMS", default_value_t = DEFAULT_STREAMS)]
+    pub streams: u32,
+
+    /// Consumer group shared by all storage workers.
+    #[arg(long, env = "IM_GROUP", default_value = STORAGE_GROUP)]
+    pub group: String,
+
+    /// Name of this worker in the consumer group; must differ between
+    /// workers running at once and stay the same across restarts of one
+    /// (its pending entries are taken up again on start). Default: the host
+    /// name.
+    #[arg(long, env = "IM_CONSUMER")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer: Option<String>,
+
+    // ---- batching ----
+    /// Entries per batch at most: a batch is stored once it holds this many.
+    #[arg(long, env = "IM_BATCH_COUNT", default_value_t = 1000)]
+    pub batch_count: usize,
+
+    /// Record bytes per batch: a batch is stored once it holds this many
+    /// (it may exceed it by one read).
+    #[arg(long, env = "IM_BATCH_BYTES", default_value_t = 4 << 20)]
+    pub batch_bytes: usize,
+
+    /// Milliseconds a batch waits for more entries after its first one
+    /// before it is stored anyway.
+    #[arg(long, env = "IM_BATCH_AGE_MS", default_value_t = 20)]
+    pub batch_age_ms: u64,
+
+    /// Milliseconds one blocking read (XREADGROUP BLOCK) waits for new
+    /// entries when the batch is empty.
+    #[arg(long, env = "IM_BLOCK_MS", default_value_t = 1000)]
+    pub block_ms: u64,
+
+    /// Rows per INSERT statement at most (also capped below MySQL's 65,535
+    /// placeholders).
+    #[arg(long, env = "IM_CHUNK_ROWS", default_value_t = 1024)]
+    pub chunk_rows: usize,
+
+    // ---- failures ----
+    /// Milliseconds an entry stays pending unacknowledged (its consumer
+    /// died, or storing it failed) before a worker claims it (XAUTOCLAIM).
+    #[arg(long, env = "IM_CLAIM_IDLE_MS", default_value_t = 30_000)]
+    pub claim_idle_ms: u64,
+
+    /// Milliseconds between two looks for entries to claim, per shard.
+    #[arg(long, env = "IM_CLAIM_INTERVAL_MS", default_value_t = 5_000)]
+    pub claim_interval_ms: u64,
+
+    /// Deliveries of an entry the database keeps rejecting before it goes
+    /// to the shard's dead-letter stream.
+    #[arg(long, env = "IM_MAX_ATTEMPTS", default_value_t = 5)]
+    pub max_attempts: u32,
+
+    /// Entries kept per dead-letter stream at most (approximately; the
+    /// oldest go first).
+    #[arg(long, env = "IM_DEAD_LETTER_MAX_LEN", default_value_t = 100_000)]
+    pub dead_letter_max_len: u64,
+
+    /// First delay in milliseconds before retrying after a Redis or MySQL
+    /// failure; it doubles up to --retry-max-ms.
+    #[arg(long, env = "IM_RETRY_MIN_MS", default_value_t = 100)]
+    pub retry_min_ms: u64,
+
+    /// Longest delay in milliseconds between retries.
+    #[arg(long, env = "IM_RETRY_MAX_MS", default_value_t = 5_000)]
+    pub retry_max_ms: u64,
+
+    /// Milliseconds one batch transaction may take before the connection
+    /// is dropped and the batch retried.
+    #[arg(long, env = "IM_MYSQL_TIMEOUT_MS", default_value_t = 30_000)]
+    pub mysql_timeout_ms: u64,
+
+    // ---- housekeeping ----
+    /// Milliseconds between two stream trims, per shard (0 = never trim).
+    /// Streams are trimmed only below what every consumer group has
+    /// stored.
+    #[arg(long, env = "IM_TRIM_INTERVAL_MS", default_value_t = 10_000)]
+    pub trim_interval_ms: u64,
+
+    /// Direct conversations per shard remembered as having both members
+    /// rows, so their rows are not written again.
+    #[arg(long, env = "IM_KNOWN_DIRECT", default_value_t = 100_000)]
+    pub known_direct: usize,
+
+    /// MySQL connections, i.e. batch transactions in flight at once over
+    /// all shards (0 = one per shard). More only help a database with
+    /// cores to spare: on a small machine they cost context switches.
+    #[arg(long, env = "IM_MYSQL_CONNECTIONS", default_value_t = 4)]
+    pub mysql_connections: usize,
+
+    /// Milliseconds to finish the batch in hand after a stop request;
+    /// entries not stored by then stay pending for the next start.
+    #[arg(long, env = "IM_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+
+    /// Seconds between two progress lines in the log (0 = none).
+    #[arg(long, env = "IM_PROGRESS_SECS", default_value_t = 10)]
+    pub progress_secs: u64,
+}
+
+impl WorkerConfig {
+    /// Parses the process arguments and environment, merges the TOML file
+    /// if one is named, and validates.
+    pub fn load() -> Result<WorkerConfig, ConfigError> {
+        Self::load_from(std::env::args_os())
+    }
+
+    /// Like [`WorkerConfig::load`] with explicit arguments (the first is
+    /// the program name).
+    pub fn load_from<I, T>(args: I) -> Result<WorkerConfig, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        // Prints --help/--version or a usage error and exits, like any CLI.
+        let matches = WorkerConfig::command().get_matches_from(args);
+        let mut config = WorkerConfig::from_arg_matches(&matches)
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        if let Some(path) = config.config.clone() {
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let file: toml::Table =
+                toml::from_str(&text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+            let mut merged =
+                toml::Table::try_from(&config).map_err(|e| ConfigError::Parse(e.to_string()))?;
+            for (key, value) in file {
+                let id = key.replace('-', "_");
+                let explicit = matches!(
+                    matches
+                        .try_get_raw(&id)
+                        .ok()
+                        .and_then(|_| matches.value_source(&id)),
+                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+                );
+                if !explicit {
+                    merged.insert(key, value);
+                }
+            }
+            let mut from_file: WorkerConfig = merged
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+            from_file.config = Some(path);
+            config = from_file;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The built-in defaults with the given Redis and MySQL URLs (for tests
+    /// and embedding).
+    pub fn new(redis_url: impl Into<String>, mysql_url: impl Into<String>) -> WorkerConfig {
+        let mut config = WorkerConfig::try_parse_from(["im-storage-worker"])
+            .expect("the built-in defaults parse");
+        config.redis_url = redis_url.into();
+        config.mysql_url = mysql_url.into();
+        config
+    }
+
+    /// Checks ranges and relations between settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if !(1..=MAX_STREAMS).contains(&self.streams) {
+            return bad("streams must be between 1 and 1024");
+        }
+        if self.group.is_empty() || self.prefix.is_empty() {
+            return bad("group and prefix must not be empty");
+        }
+        if self.consumer.as_deref() == Some("") {
+            return bad("consumer must not be empty");
+        }
+        if !(1..=100_000).contains(&self.batch_count) {
+            return bad("batch-count must be between 1 and 100000");
+        }
+        if self.batch_bytes < 1024 {
+            return bad("batch-bytes must be at least 1024");
+        }
+        if self.block_ms == 0 || self.block_ms > 60_000 {
+            return bad("block-ms must be between 1 and 60000");
+        }
+        if self.chunk_rows == 0 {
+            return bad("chunk-rows must be positive");
+        }
+        if self.max_attempts == 0 {
+            return bad("max-attempts must be at least 1");
+        }
+        if self.claim_idle_ms == 0 || self.claim_interval_ms == 0 {
+            return bad("claim-idle-ms and claim-interval-ms must be positive");
+        }
+        // Entries waiting in a batch must not look abandoned.
+        if self.claim_idle_ms <= self.batch_age_ms {
+            return bad("claim-idle-ms must exceed batch-age-ms");
+        }
+        if self.retry_min_ms == 0 || self.retry_max_ms < self.retry_min_ms {
+            return bad("retry-max-ms must be at least retry-min-ms > 0");
+        }
+        if self.mysql_timeout_ms == 0 {
+            return bad("mysql-timeout-ms must be positive");
+        }
+        Ok(())
+    }
+
+    /// The consumer name: the configured one, else the host name.
+    pub fn consumer_name(&self) -> String {
+        if let Some(name) = &self.consumer {
+            return name.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "im-storage-worker".to_string())
+    }
+
+    /// MySQL connections to allow.
+    pub fn mysql_pool_size(&self) -> usize {
+        if self.mysql_connections == 0 {
+            self.streams as usize
+        } else {
+            self.mysql_connections
+        }
+    }
+
+    pub(crate) fn ms(value: u64) -> Duration {
+        Duration::from_millis(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_documented() {
+        let c = WorkerConfig::new("redis://x", "mysql://y/z");
+        c.validate().unwrap();
+        assert_eq!(c.prefix, "im");
+        assert_eq!(c.streams, 16);
+        assert_eq!(c.group, "storage");
+        assert_eq!(c.batch_count, 1000);
+        assert_eq!(c.batch_bytes, 4 << 20);
+        assert_eq!(c.claim_idle_ms, 30_000);
+        assert_eq!(c.max_attempts, 5);
+        assert!(!c.consumer_name().is_empty());
+        let help = WorkerConfig::command().render_long_help().to_string();
+        for flag in [
+            "--batch-count",
+            "--batch-bytes",
+            "--batch-age-ms",
+            "--claim-idle-ms",
+            "--max-attempts",
+            "--trim-interval-ms",
+            "IM_REDIS_URL",
+            "[default: 1000]",
+        ] {
+            assert!(help.contains(flag), "--help lacks {flag}");
+        }
+    }
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let dir = std::env::temp_dir().join(format!("im-worker-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("worker.toml");
+        std::fs::write(&path, "batch-count = 77\nstreams = 4\nconsumer = \"w1\"\n").unwrap();
+        let c = WorkerConfig::load_from([
+            "im-storage-worker",
+            "--config",
+            path.to_str().unwrap(),
+            "--streams",
+            "8",
+        ])
+        .unwrap();
+        assert_eq!(c.batch_count, 77);
+        assert_eq!(c.streams, 8);
+        assert_eq!(c.consumer_name(), "w1");
+        std::fs::write(&path, "no-such-key = 1\n").unwrap();
+        let err = WorkerConfig::load_from(["w", "--config", path.to_str().unwrap()]);
+        assert!(matches!(err, Err(ConfigError::Parse(_))));
+        let _ = std::fs::remove_dir_all(&dir);
+        let err = WorkerConfig::load_from(["w", "--batch-count", "0"]);
+        assert!(matches!(err, Err(ConfigError::Invalid(_))));
+        let err = WorkerConfig::load_from(["w", "--claim-idle-ms", "20", "--batch-age-ms", "20"]);
+        assert!(matches!(err, Err(ConfigError::Invalid(_))));
+    }
+}

@@ -1,0 +1,184 @@
+//! Counters of a running worker (plain atomics, updated by the shard
+//! tasks) and their snapshot, for logs and a metrics endpoint.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Live counters of one worker process.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    batches: AtomicU64,
+    rows: AtomicU64,
+    bytes: AtomicU64,
+    dead_letters: AtomicU64,
+    claimed: AtomicU64,
+    retries: AtomicU64,
+    splits: AtomicU64,
+    trimmed: AtomicU64,
+    shards: Vec<ShardStats>,
+}
+
+#[derive(Debug)]
+struct ShardStats {
+    pending: AtomicU64,
+    /// -1 while unknown.
+    lag: AtomicI64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkerStatsSnapshot {
+    /// Batches committed.
+    pub batches: u64,
+    /// Message rows committed (a redelivered row counts again).
+    pub rows: u64,
+    /// Record bytes committed.
+    pub bytes: u64,
+    /// Entries moved to a dead-letter stream.
+    pub dead_letters: u64,
+    /// Entries claimed from idle consumers (including this one).
+    pub claimed: u64,
+    /// Retries after a Redis or MySQL failure.
+    pub retries: u64,
+    /// Transactions split because the database rejected a row.
+    pub splits: u64,
+    /// Stream entries removed by trimming.
+    pub trimmed: u64,
+    /// Per stream shard, as of the last trim pass.
+    pub shards: Vec<ShardBacklog>,
+}
+
+/// The backlog of one shard for this worker's group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShardBacklog {
+    /// Shard number.
+    pub shard: u32,
+    /// Entries delivered to the group and not yet acknowledged.
+    pub pending: u64,
+    /// Entries not yet delivered to the group (`None` if Redis cannot
+    /// tell).
+    pub lag: Option<u64>,
+}
+
+impl WorkerStats {
+    /// Counters for `shards` stream shards.
+    pub fn new(shards: u32) -> WorkerStats {
+        WorkerStats {
+            shards: (0..shards)
+                .map(|_| ShardStats {
+                    pending: AtomicU64::new(0),
+                    lag: AtomicI64::new(-1),
+                })
+                .collect(),
+            ..WorkerStats::default()
+        }
+    }
+
+    /// A batch of `rows` rows and `bytes` bytes was committed.
+    pub fn committed(&self, rows: u64, bytes: u64) {
+        self.batches.fetch_add(1, Relaxed);
+        self.rows.fetch_add(rows, Relaxed);
+        self.bytes.fetch_add(bytes, Relaxed);
+    }
+
+    /// Entries were dead-lettered.
+    pub fn dead_lettered(&self, n: u64) {
+        self.dead_letters.fetch_add(n, Relaxed);
+    }
+
+    /// Entries were claimed.
+    pub fn claimed(&self, n: u64) {
+        self.claimed.fetch_add(n, Relaxed);
+    }
+
+    /// A failed operation will be retried.
+    pub fn retried(&self) {
+        self.retries.fetch_add(1, Relaxed);
+    }
+
+    /// A transaction was split.
+    pub fn split(&self) {
+        self.splits.fetch_add(1, Relaxed);
+    }
+
+    /// Entries were trimmed.
+    pub fn trimmed(&self, n: u64) {
+        self.trimmed.fetch_add(n, Relaxed);
+    }
+
+    /// The backlog of a shard as last seen.
+    pub fn backlog(&self, shard: u32, pending: u64, lag: Option<u64>) {
+        if let Some(s) = self.shards.get(shard as usize) {
+            s.pending.store(pending, Relaxed);
+            s.lag.store(
+                lag.and_then(|l| i64::try_from(l).ok()).unwrap_or(-1),
+                Relaxed,
+            );
+        }
+    }
+
+    /// The counters now.
+    pub fn snapshot(&self) -> WorkerStatsSnapshot {
+        WorkerStatsSnapshot {
+            batches: self.batches.load(Relaxed),
+            rows: self.rows.load(Relaxed),
+            bytes: self.bytes.load(Relaxed),
+            dead_letters: self.dead_letters.load(Relaxed),
+            claimed: self.claimed.load(Relaxed),
+            retries: self.retries.load(Relaxed),
+            splits: self.splits.load(Relaxed),
+            trimmed: self.trimmed.load(Relaxed),
+            shards: self
+                .shards
+                .iter()
+                .enumerate()
+                .map(|(i, s)| ShardBacklog {
+                    shard: i as u32,
+                    pending: s.pending.load(Relaxed),
+                    lag: u64::try_from(s.lag.load(Relaxed)).ok(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl WorkerStatsSnapshot {
+    /// Pending entries over all shards.
+    pub fn pending(&self) -> u64 {
+        self.shards.iter().map(|s| s.pending).sum()
+    }
+
+    /// Undelivered entries over all shards (unknown counts as 0).
+    pub fn lag(&self) -> u64 {
+        self.shards.iter().filter_map(|s| s.lag).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_reflects_counters() {
+        let stats = WorkerStats::new(2);
+        stats.committed(10, 100);
+        stats.committed(5, 50);
+        stats.dead_lettered(1);
+        stats.backlog(1, 7, Some(3));
+        stats.backlog(9, 1, None); // out of range: ignored
+        let s = stats.snapshot();
+        assert_eq!(
+            (s.batches, s.rows, s.bytes, s.dead_letters),
+            (2, 15, 150, 1)
+        );
+        assert_eq!(s.shards[0].lag, None);
+        assert_eq!(
+            s.shards[1],
+            ShardBacklog {
+                shard: 1,
+                pending: 7,
+                lag: Some(3)
+            }
+        );
+        assert_eq!((s.pending(), s.lag()), (7, 3));
+    }
+}
