@@ -1,9 +1,66 @@
 #!/usr/bin/env bash
-# Runs the whole test suite: unit and property tests of every crate, and the
-# end-to-end tests in tests/it that start real server nodes (in-process and
-# as child processes) on free ports with throwaway data directories.
+# Runs the whole test suite:
+#  - unit and property tests of every crate;
+#  - the end-to-end tests in tests/it against the embedded store, including
+#    the storage worker and crash tests (which start their own Redis and
+#    MariaDB so they can kill them);
+#  - the same end-to-end chat tests again against the production pipeline
+#    (Redis Streams + MySQL + storage worker).
+# It starts a throwaway redis-server (AOF on) and MariaDB on free ports in a
+# temp directory, unless REDIS_URL / MYSQL_URL point elsewhere, and stops
+# them afterwards. Tests use their own key prefixes and databases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The process-level tests run the im-server binary: build it first.
+
+need() {
+  command -v "$1" >/dev/null 2>&1 && return
+  echo "installing $2 (for $1)" >&2
+  if [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+  fi
+}
+need redis-server redis-server
+need mariadbd mariadb-server
+need mariadb-install-db mariadb-server
+need mariadb mariadb-client
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+if [ -z "${REDIS_URL:-}" ]; then
+  port=$(free_port)
+  mkdir -p "$work/redis"
+  redis-server --bind 127.0.0.1 --port "$port" --save "" --dir "$work/redis" \
+    --appendonly yes --appendfsync always --daemonize no --logfile "$work/redis/log" &
+  pids+=($!)
+  export REDIS_URL="redis://127.0.0.1:$port"
+  until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.1; done
+fi
+
+if [ -z "${MYSQL_URL:-}" ]; then
+  port=$(free_port)
+  mariadb-install-db --no-defaults --datadir="$work/mysql" --user="$(id -un)" \
+    --auth-root-authentication-method=normal --skip-test-db >"$work/mysql-install.log" 2>&1
+  mariadbd --no-defaults --datadir="$work/mysql" --socket="$work/mysql.sock" \
+    --pid-file="$work/mysql.pid" --port="$port" --bind-address=127.0.0.1 --user="$(id -un)" \
+    --skip-name-resolve --skip-log-bin --innodb-buffer-pool-size=256M \
+    --max-connections=1000 >"$work/mysql.log" 2>&1 &
+  pids+=($!)
+  export MYSQL_URL="mysql://root@127.0.0.1:$port"
+  until mariadb -h127.0.0.1 -P"$port" -uroot -e 'SELECT 1' >/dev/null 2>&1; do sleep 0.1; done
+fi
+
+# The process-level tests run the im-server and im-storage-worker binaries.
 cargo build --workspace --bins
 cargo test --workspace "$@"
+IM_TEST_STORE=pipeline cargo test -p im-tests --test it "$@" -- --skip crash:: --skip worker::

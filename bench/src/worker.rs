@@ -214,7 +214,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The worker.
     let mut config = WorkerConfig::new(&args.redis_url, &mysql_url);
-    config.prefix = layout.prefix().to_string();
+    config.redis_prefix = layout.prefix().to_string();
     config.streams = args.streams;
     config.consumer = Some("bench".into());
     config.batch_count = args.batch_count;

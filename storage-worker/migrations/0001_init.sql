@@ -1,5 +1,4 @@
--- Accounts, groups, memberships with read cursors, conversation summaries
--- and messages. Ids are unsigned 64-bit; conversation ids encode their
+-- Accounts, groups, memberships with read cursors, and messages. Ids are unsigned 64-bit; conversation ids encode their
 -- participants (see proto/src/ids.rs).
 
 CREATE TABLE IF NOT EXISTS users (
@@ -30,14 +29,6 @@ CREATE TABLE IF NOT EXISTS members (
   read_seq BIGINT UNSIGNED NOT NULL DEFAULT 0,
   PRIMARY KEY (conversation_id, user_id),
   KEY members_by_user (user_id, conversation_id)
-) ENGINE=InnoDB;
-
--- Written by the storage worker as messages land.
-CREATE TABLE IF NOT EXISTS conversations (
-  id BIGINT UNSIGNED NOT NULL,
-  last_seq BIGINT UNSIGNED NOT NULL,
-  last_message_id BIGINT UNSIGNED NOT NULL,
-  PRIMARY KEY (id)
 ) ENGINE=InnoDB;
 
 -- One row per message; (conversation_id, seq) is unique, so a redelivered

@@ -55,8 +55,9 @@ impl FromStr for EntryId {
 /// What a stream entry holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Content {
-    /// The record (the `m` field).
-    Record(Vec<u8>),
+    /// The records (the `m` fields): one per message the append call
+    /// stored, in order.
+    Records(Vec<Vec<u8>>),
     /// The entry has no `m` field: not written by the append script.
     NoRecord,
     /// The entry was deleted from the stream while pending.
@@ -73,33 +74,38 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// Bytes of its record.
+    /// Bytes of its records.
     pub fn len(&self) -> usize {
-        match &self.content {
-            Content::Record(r) => r.len(),
-            _ => 0,
-        }
+        self.records().iter().map(Vec::len).sum()
     }
 
-    /// Whether the record is empty or missing.
+    /// Whether it has no record bytes.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// The record bytes (empty when there is none).
-    pub fn record(&self) -> &[u8] {
+    /// The records (none when there are none).
+    pub fn records(&self) -> &[Vec<u8>] {
         match &self.content {
-            Content::Record(r) => r,
+            Content::Records(r) => r,
             _ => &[],
         }
     }
+
+    /// One record's bytes (empty if there is no such record).
+    pub fn record(&self, index: usize) -> &[u8] {
+        self.records().get(index).map_or(&[], Vec::as_slice)
+    }
 }
 
-/// A message row decoded from an entry; the body stays in the entry.
+/// A message row decoded from an entry's record; the body stays in the
+/// entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Row {
     /// Index of its entry in the batch.
     pub entry: usize,
+    /// Index of its record in the entry.
+    pub record: usize,
     /// `messages.conversation_id`.
     pub conversation_id: u64,
     /// `messages.seq`.
@@ -131,13 +137,10 @@ pub enum Reject {
     SeqZero,
 }
 
-/// Decodes an entry of `shard` into its row (body included by offset).
-pub fn decode_row(entry: &Entry, index: usize, shard: u32) -> Result<Row, Reject> {
-    let record = match &entry.content {
-        Content::Record(r) => r.as_slice(),
-        Content::NoRecord | Content::Deleted => return Err(Reject::NoRecord),
-    };
-    let parts = parse_record(record).map_err(|e| Reject::Undecodable(e.to_string()))?;
+/// Decodes record `record` of entry `entry` (bytes `bytes`) of `shard`
+/// into its row (body included by offset).
+pub fn decode_row(bytes: &[u8], entry: usize, record: usize, shard: u32) -> Result<Row, Reject> {
+    let parts = parse_record(bytes).map_err(|e| Reject::Undecodable(e.to_string()))?;
     // A full decode, not just the columns: a body that readers could not
     // decode must not land in the table.
     let message =
@@ -149,14 +152,26 @@ pub fn decode_row(entry: &Entry, index: usize, shard: u32) -> Result<Row, Reject
         return Err(Reject::SeqZero);
     }
     Ok(Row {
-        entry: index,
+        entry,
+        record,
         conversation_id: message.conversation_id,
         seq: parts.seq,
         message_id: message_id(message.server_time_ms, shard, parts.counter),
         sender_id: message.sender_id,
         server_time_ms: message.server_time_ms,
-        body_start: record.len() - parts.body.len(),
+        body_start: bytes.len() - parts.body.len(),
     })
+}
+
+/// A record (or an entry without records) that can never be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// Index of the entry in the batch.
+    pub entry: usize,
+    /// Index of the record in the entry (`None`: the entry has none).
+    pub record: Option<usize>,
+    /// Why.
+    pub reason: Reject,
 }
 
 /// When a batch is stored.
@@ -177,7 +192,7 @@ pub struct Batch {
     rules: FlushRules,
     entries: Vec<Entry>,
     rows: Vec<Row>,
-    rejects: Vec<(usize, Reject)>,
+    rejects: Vec<Rejected>,
     deleted: Vec<usize>,
     bytes: usize,
     started: Option<Instant>,
@@ -198,15 +213,27 @@ impl Batch {
         }
     }
 
-    /// Adds an entry read at `now`, decoding its record.
+    /// Adds an entry read at `now`, decoding its records.
     pub fn push(&mut self, entry: Entry, now: Instant) {
         let index = self.entries.len();
-        if entry.content == Content::Deleted {
-            self.deleted.push(index);
-        } else {
-            match decode_row(&entry, index, self.shard) {
-                Ok(row) => self.rows.push(row),
-                Err(reject) => self.rejects.push((index, reject)),
+        match &entry.content {
+            Content::Deleted => self.deleted.push(index),
+            Content::NoRecord => self.rejects.push(Rejected {
+                entry: index,
+                record: None,
+                reason: Reject::NoRecord,
+            }),
+            Content::Records(records) => {
+                for (i, bytes) in records.iter().enumerate() {
+                    match decode_row(bytes, index, i, self.shard) {
+                        Ok(row) => self.rows.push(row),
+                        Err(reason) => self.rejects.push(Rejected {
+                            entry: index,
+                            record: Some(i),
+                            reason,
+                        }),
+                    }
+                }
             }
         }
         self.bytes += entry.len();
@@ -258,8 +285,8 @@ impl Batch {
         &self.rows
     }
 
-    /// Entries that can never be stored, with the reason.
-    pub fn rejects(&self) -> &[(usize, Reject)] {
+    /// Records (or record-less entries) that can never be stored.
+    pub fn rejects(&self) -> &[Rejected] {
         &self.rejects
     }
 
@@ -270,7 +297,7 @@ impl Batch {
 
     /// The body of a row.
     pub fn body(&self, row: &Row) -> &[u8] {
-        &self.entries[row.entry].record()[row.body_start..]
+        &self.entries[row.entry].record(row.record)[row.body_start..]
     }
 
     /// Empties the batch for reuse.
@@ -304,7 +331,7 @@ mod tests {
     fn entry(n: u64, record: Vec<u8>) -> Entry {
         Entry {
             id: EntryId { ms: 100, seq: n },
-            content: Content::Record(record),
+            content: Content::Records(vec![record]),
         }
     }
 
@@ -338,8 +365,9 @@ mod tests {
         let conv = ConversationId::direct(3, 9).unwrap().raw();
         let b = body(conv, 9, "hello");
         let record = encode_record(42, 4097, &b);
-        let row = decode_row(&entry(1, record.clone()), 7, 5).unwrap();
+        let row = decode_row(&record, 7, 2, 5).unwrap();
         assert_eq!(row.entry, 7);
+        assert_eq!(row.record, 2);
         assert_eq!(row.conversation_id, conv);
         assert_eq!(row.seq, 42);
         assert_eq!(row.sender_id, 9);
@@ -354,33 +382,50 @@ mod tests {
     #[test]
     fn bad_records_are_rejected_with_a_reason() {
         let conv = ConversationId::group(5).unwrap().raw();
-        let bad = |content| {
-            decode_row(
-                &Entry {
-                    id: EntryId::ZERO,
-                    content,
-                },
-                0,
-                0,
-            )
-        };
-        assert_eq!(bad(Content::NoRecord), Err(Reject::NoRecord));
+        let bad = |bytes: Vec<u8>| decode_row(&bytes, 0, 0, 0);
         assert!(matches!(
-            bad(Content::Record(b"garbage".to_vec())),
+            bad(b"garbage".to_vec()),
             Err(Reject::Undecodable(_))
         ));
         assert!(matches!(
-            bad(Content::Record(encode_record(1, 1, &[0xff, 0xff, 0xff]))),
+            bad(encode_record(1, 1, &[0xff, 0xff, 0xff])),
             Err(Reject::Undecodable(_))
         ));
         assert_eq!(
-            bad(Content::Record(encode_record(1, 1, &body(0, 1, "x")))),
+            bad(encode_record(1, 1, &body(0, 1, "x"))),
             Err(Reject::Conversation(0))
         );
         assert_eq!(
-            bad(Content::Record(encode_record(0, 1, &body(conv, 1, "x")))),
+            bad(encode_record(0, 1, &body(conv, 1, "x"))),
             Err(Reject::SeqZero)
         );
+    }
+
+    #[test]
+    fn entries_with_several_records_make_one_row_each() {
+        let conv = ConversationId::group(5).unwrap().raw();
+        let t = Instant::now();
+        let mut batch = Batch::new(0, rules(10, 1 << 20, 20));
+        batch.push(
+            Entry {
+                id: EntryId { ms: 1, seq: 0 },
+                content: Content::Records(vec![
+                    encode_record(1, 1, &body(conv, 1, "a")),
+                    b"junk".to_vec(),
+                    encode_record(2, 2, &body(conv, 1, "bb")),
+                ]),
+            },
+            t,
+        );
+        assert_eq!(batch.len(), 1);
+        let rows = batch.rows();
+        assert_eq!(
+            rows.iter().map(|r| (r.record, r.seq)).collect::<Vec<_>>(),
+            [(0, 1), (2, 2)]
+        );
+        assert_eq!(batch.body(&rows[1]), &body(conv, 1, "bb")[..]);
+        assert_eq!(batch.rejects().len(), 1);
+        assert_eq!(batch.rejects()[0].record, Some(1));
     }
 
     #[test]

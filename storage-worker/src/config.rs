@@ -60,8 +60,8 @@ pub struct WorkerConfig {
     pub config: Option<PathBuf>,
 
     /// Prefix of every Redis key; must match the server nodes.
-    #[arg(long, env = "IM_PREFIX", default_value = DEFAULT_PREFIX)]
-    pub prefix: String,
+    #[arg(long, env = "IM_REDIS_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub redis_prefix: String,
 
     /// Number of stream shards; must match the server nodes.
     #[arg(long, env = "IM_STREAMS", default_value_t = DEFAULT_STREAMS)]
@@ -145,10 +145,16 @@ pub struct WorkerConfig {
     #[arg(long, env = "IM_TRIM_INTERVAL_MS", default_value_t = 10_000)]
     pub trim_interval_ms: u64,
 
-    /// Direct conversations per shard remembered as having both members
-    /// rows, so their rows are not written again.
+    /// Direct conversations remembered as having both members rows, so
+    /// their rows are not written again.
     #[arg(long, env = "IM_KNOWN_DIRECT", default_value_t = 100_000)]
     pub known_direct: usize,
+
+    /// Milliseconds between writes of the members rows and read cursors
+    /// that stored messages imply (coalesced over every batch meanwhile;
+    /// also the lag of the stored watermark).
+    #[arg(long, env = "IM_CURSOR_FLUSH_MS", default_value_t = 500)]
+    pub cursor_flush_ms: u64,
 
     /// MySQL connections, i.e. batch transactions in flight at once over
     /// all shards (0 = one per shard). More only help a database with
@@ -232,7 +238,7 @@ impl WorkerConfig {
         if !(1..=MAX_STREAMS).contains(&self.streams) {
             return bad("streams must be between 1 and 1024");
         }
-        if self.group.is_empty() || self.prefix.is_empty() {
+        if self.group.is_empty() || self.redis_prefix.is_empty() {
             return bad("group and prefix must not be empty");
         }
         if self.consumer.as_deref() == Some("") {
@@ -304,7 +310,7 @@ mod tests {
     fn defaults_are_valid_and_documented() {
         let c = WorkerConfig::new("redis://x", "mysql://y/z");
         c.validate().unwrap();
-        assert_eq!(c.prefix, "im");
+        assert_eq!(c.redis_prefix, "im");
         assert_eq!(c.streams, 16);
         assert_eq!(c.group, "storage");
         assert_eq!(c.batch_count, 1000);

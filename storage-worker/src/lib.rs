@@ -13,7 +13,8 @@
 //! - [`worker`]: the consumer that moves stream entries into MySQL (one
 //!   task per shard), started with a [`config::WorkerConfig`] and watched
 //!   through [`stats`]. Its parts: [`batch`] (entries in hand and when to
-//!   flush them), [`sql`] (what rows become in MySQL, in one transaction),
+//!   flush them), [`sql`] (what rows become in MySQL), [`cursors`]
+//!   (members rows, read cursors and watermarks, coalesced over batches),
 //!   [`stream`] (the consumer group, acknowledgements, dead letters,
 //!   trimming).
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@
 
 pub mod batch;
 pub mod config;
+pub mod cursors;
 pub mod layout;
 pub mod schema;
 pub mod sql;

@@ -111,7 +111,7 @@ mod tests {
     #[test]
     fn migrations_split_into_statements() {
         let all: Vec<String> = MIGRATIONS.iter().flat_map(|m| statements(m.1)).collect();
-        assert_eq!(all.len(), 5);
+        assert_eq!(all.len(), 4);
         assert!(all.iter().all(|s| s.starts_with("CREATE TABLE")));
         assert!(all.iter().all(|s| !s.contains("--")));
         let versions: Vec<u32> = MIGRATIONS.iter().map(|m| m.0).collect();

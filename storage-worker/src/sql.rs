@@ -1,7 +1,12 @@
 //! The MySQL side of the worker: what a set of message rows becomes in the
-//! database (a [`Plan`]: message rows, conversation summaries, members rows
-//! and read cursors), the SQL that writes it in one transaction, and how
-//! database errors are told apart (retry everything, or split the batch).
+//! database (a [`Plan`]: message rows, members rows and read cursors), the
+//! SQL that writes it, and how database errors are told apart (retry
+//! everything, or split the batch).
+//!
+//! Message rows are written in the batch's own transaction. Members rows
+//! and read cursors change far less often than messages arrive, so they
+//! are coalesced over many batches and written together later (see
+//! `cursors`): a busy batch costs MySQL little more than its inserts.
 //!
 //! Every statement is a multi-row prepared statement (binary protocol, so
 //! bodies travel as raw bytes) in a few fixed sizes: a chunk of rows is
@@ -10,13 +15,10 @@
 //! one round trip, each connection prepares at most a few dozen statements,
 //! and no chunk comes near MySQL's 65,535 placeholders.
 //!
-//! The statements, per transaction:
+//! The statements:
 //! - `messages`: `INSERT ... ON DUPLICATE KEY UPDATE seq = seq` (a
 //!   redelivered entry makes no second row, and real errors still surface,
 //!   unlike `INSERT IGNORE`);
-//! - `conversations`: upsert with `last_seq = GREATEST(...)`; the message id
-//!   is assigned first, because MySQL evaluates the update list left to
-//!   right and it must compare against the old `last_seq`;
 //! - `members` of direct conversations: both participants' rows
 //!   (`joined_seq` 0) unless already known, and the sender's `read_seq`
 //!   raised to the highest seq it sent;
@@ -116,8 +118,8 @@ pub type MemberRow = (u64, u64, u64);
 pub struct Plan<'a> {
     /// Message rows, by (conversation, seq).
     pub messages: Vec<MessageRow<'a>>,
-    /// (conversation, greatest seq, its message id), by conversation.
-    pub conversations: Vec<(u64, u64, u64)>,
+    /// (conversation, greatest seq), by conversation.
+    pub conversations: Vec<(u64, u64)>,
     /// Direct conversations' members rows to upsert.
     pub direct_members: Vec<MemberRow>,
     /// Group members whose `read_seq` to raise if they are members.
@@ -133,7 +135,7 @@ impl<'a> Plan<'a> {
     /// conversations whose members rows already exist.
     pub fn build(mut rows: Vec<MessageRow<'a>>, known: impl Fn(u64) -> bool) -> Plan<'a> {
         rows.sort_unstable_by_key(|r| (r.conversation_id, r.seq));
-        let mut conversations: Vec<(u64, u64, u64)> = Vec::new();
+        let mut conversations: Vec<(u64, u64)> = Vec::new();
         let mut direct: BTreeMap<(u64, u64), u64> = BTreeMap::new();
         let mut group: BTreeMap<(u64, u64), u64> = BTreeMap::new();
         let mut new_direct = Vec::new();
@@ -142,12 +144,9 @@ impl<'a> Plan<'a> {
             bytes += r.body.len();
             match conversations.last_mut() {
                 // Sorted by seq within a conversation: the last one wins.
-                Some(c) if c.0 == r.conversation_id => {
-                    c.1 = r.seq;
-                    c.2 = r.message_id;
-                }
+                Some(c) if c.0 == r.conversation_id => c.1 = r.seq,
                 _ => {
-                    conversations.push((r.conversation_id, r.seq, r.message_id));
+                    conversations.push((r.conversation_id, r.seq));
                     if let Some(ConversationKind::Direct { lo, hi }) =
                         ConversationId::from_raw(r.conversation_id).map(ConversationId::kind)
                     {
@@ -191,8 +190,6 @@ impl<'a> Plan<'a> {
 pub enum Kind {
     /// Message rows.
     Messages,
-    /// Conversation summaries.
-    Conversations,
     /// Direct members rows.
     DirectMembers,
     /// Group read cursors.
@@ -204,7 +201,7 @@ impl Kind {
     pub fn params(self) -> usize {
         match self {
             Kind::Messages => 6,
-            Kind::Conversations | Kind::DirectMembers | Kind::GroupReads => 3,
+            Kind::DirectMembers | Kind::GroupReads => 3,
         }
     }
 
@@ -226,14 +223,6 @@ impl Kind {
                  (conversation_id, seq, message_id, sender_id, server_time_ms, body) \
                  VALUES {} ON DUPLICATE KEY UPDATE seq = seq",
                 values("(?,?,?,?,?,?)")
-            ),
-            Kind::Conversations => format!(
-                "INSERT INTO conversations (id, last_seq, last_message_id) VALUES {} \
-                 ON DUPLICATE KEY UPDATE \
-                 last_message_id = IF(VALUES(last_seq) > last_seq, \
-                 VALUES(last_message_id), last_message_id), \
-                 last_seq = GREATEST(last_seq, VALUES(last_seq))",
-                values("(?,?,?)")
             ),
             Kind::DirectMembers => format!(
                 "INSERT INTO members (conversation_id, user_id, read_seq) VALUES {} \
@@ -324,13 +313,13 @@ pub fn chunks(
 /// The prepared statements of every kind and size, built once.
 #[derive(Debug)]
 pub struct Statements {
-    kinds: [(Kind, Vec<usize>, Vec<String>); 4],
+    kinds: [(Kind, Vec<usize>, Vec<String>); 3],
     max_bytes: usize,
 }
 
 /// Statements per connection worth caching: every kind and size class.
 pub fn statement_cache_size(chunk_rows: usize) -> usize {
-    4 * size_classes(chunk_rows).len() + 8
+    3 * size_classes(chunk_rows).len() + 8
 }
 
 impl Statements {
@@ -346,7 +335,6 @@ impl Statements {
         Statements {
             kinds: [
                 make(Kind::Messages),
-                make(Kind::Conversations),
                 make(Kind::DirectMembers),
                 make(Kind::GroupReads),
             ],
@@ -365,21 +353,21 @@ impl Statements {
         &sql[i]
     }
 
-    /// Writes `plan` in one transaction on `conn`.
-    pub async fn execute(
+    /// Writes message rows in one transaction on `conn`.
+    pub async fn execute_messages(
         &self,
         conn: &mut mysql_async::Conn,
-        plan: &Plan<'_>,
+        messages: &[MessageRow<'_>],
     ) -> Result<(), mysql_async::Error> {
         let mut tx = conn
             .start_transaction(mysql_async::TxOpts::default())
             .await?;
         let (classes, _) = self.of(Kind::Messages);
-        let per_row = |i: usize| plan.messages[i].body.len() + 64;
-        for chunk in chunks(plan.messages.len(), classes, self.max_bytes, per_row) {
+        let per_row = |i: usize| messages[i].body.len() + 64;
+        for chunk in chunks(messages.len(), classes, self.max_bytes, per_row) {
             let mut params = Vec::with_capacity(chunk.class * 6);
             for i in 0..chunk.class {
-                let r = &plan.messages[chunk.start + i.min(chunk.rows - 1)];
+                let r = &messages[chunk.start + i.min(chunk.rows - 1)];
                 params.extend([
                     Value::UInt(r.conversation_id),
                     Value::UInt(r.seq),
@@ -392,10 +380,23 @@ impl Statements {
             let sql = self.sql(Kind::Messages, chunk.class);
             tx.exec_drop(sql, Params::Positional(params)).await?;
         }
+        tx.commit().await
+    }
+
+    /// Writes members rows of direct conversations and raises group read
+    /// cursors, in one transaction on `conn`.
+    pub async fn execute_members(
+        &self,
+        conn: &mut mysql_async::Conn,
+        direct_members: &[MemberRow],
+        group_reads: &[MemberRow],
+    ) -> Result<(), mysql_async::Error> {
+        let mut tx = conn
+            .start_transaction(mysql_async::TxOpts::default())
+            .await?;
         for (kind, rows) in [
-            (Kind::Conversations, &plan.conversations),
-            (Kind::DirectMembers, &plan.direct_members),
-            (Kind::GroupReads, &plan.group_reads),
+            (Kind::DirectMembers, direct_members),
+            (Kind::GroupReads, group_reads),
         ] {
             let (classes, _) = self.of(kind);
             for chunk in chunks(rows.len(), classes, usize::MAX, |_| 0) {
@@ -439,13 +440,13 @@ mod tests {
                 .all(|w| w[0] < w[1] && w[1] <= w[0] * 3 / 2 + 1)
         );
         assert!(c.len() <= 21);
-        assert!(statement_cache_size(1024) >= 4 * c.len());
+        assert!(statement_cache_size(1024) >= 3 * c.len());
     }
 
     #[test]
     fn chunks_stay_below_the_placeholder_limit() {
         let statements = Statements::new(1_000_000, usize::MAX);
-        for kind in [Kind::Messages, Kind::Conversations, Kind::GroupReads] {
+        for kind in [Kind::Messages, Kind::DirectMembers, Kind::GroupReads] {
             let (classes, sql) = statements.of(kind);
             let cap = *classes.last().unwrap();
             assert!(cap * kind.params() <= MAX_PLACEHOLDERS, "{kind:?}");
@@ -493,11 +494,6 @@ mod tests {
         let sql = Kind::Messages.sql(2);
         assert!(sql.contains("VALUES (?,?,?,?,?,?),(?,?,?,?,?,?) ON DUPLICATE KEY UPDATE"));
         assert!(!sql.contains("IGNORE"));
-        let conv = Kind::Conversations.sql(1);
-        // The message id must be decided before last_seq changes.
-        assert!(
-            conv.find("last_message_id = IF").unwrap() < conv.find("last_seq = GREATEST").unwrap()
-        );
         let reads = Kind::GroupReads.sql(3);
         assert_eq!(reads.matches('?').count(), 9);
         assert!(reads.starts_with("UPDATE members m JOIN"));
@@ -526,7 +522,7 @@ mod tests {
             order,
             [(d, 1), (d, 2), (d, 3), (g, 4), (g, 5), (g, 6), (g, 7)]
         );
-        assert_eq!(plan.conversations, [(d, 3, d + 3), (g, 7, g + 7)]);
+        assert_eq!(plan.conversations, [(d, 3), (g, 7)]);
         assert_eq!(plan.direct_members, [(d, 2, 1), (d, 7, 3)]);
         assert_eq!(plan.group_reads, [(g, 3, 5), (g, 8, 7)]);
         assert_eq!(plan.new_direct, [d]);

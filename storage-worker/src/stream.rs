@@ -297,9 +297,10 @@ impl ShardKeys {
         Ok(())
     }
 
-    /// Moves entries to the dead-letter stream (fields `m`: the record,
-    /// `id`: the original id, `reason`, `attempts`) and acknowledges them,
-    /// atomically.
+    /// Moves records to the dead-letter stream (fields `m`: the record,
+    /// `id`: the original entry's id, `reason`, `attempts`) and acknowledges
+    /// their entries, atomically. Call it only for entries that are done
+    /// with (their other records stored).
     pub async fn dead_letter(
         &self,
         conn: &mut MultiplexedConnection,
@@ -442,17 +443,21 @@ pub fn parse_entries(list: Value) -> Result<Vec<Entry>, StreamError> {
             .ok_or(StreamError::Reply("stream entry id"))?;
         let content = match fields {
             Some(Value::Array(fields)) => {
-                let mut content = Content::NoRecord;
+                // One `m` field per message of the append call, in order.
+                let mut records = Vec::new();
                 let mut it = fields.into_iter();
                 while let (Some(name), Some(value)) = (it.next(), it.next()) {
                     if text(&name) == Some(RECORD_FIELD) {
                         if let Value::BulkString(bytes) = value {
-                            content = Content::Record(bytes);
+                            records.push(bytes);
                         }
-                        break;
                     }
                 }
-                content
+                if records.is_empty() {
+                    Content::NoRecord
+                } else {
+                    Content::Records(records)
+                }
             }
             _ => Content::Deleted,
         };
@@ -564,7 +569,10 @@ mod tests {
         let entries = parse_read(reply).unwrap();
         assert_eq!(entries.len(), 3);
         assert_eq!(entries[0].id, id(1, 1));
-        assert_eq!(entries[0].content, Content::Record(b"1:1:x".to_vec()));
+        assert_eq!(
+            entries[0].content,
+            Content::Records(vec![b"1:1:x".to_vec()])
+        );
         assert_eq!(entries[1].content, Content::Deleted);
         assert_eq!(entries[2].content, Content::NoRecord);
         assert!(parse_read(Value::Nil).unwrap().is_empty());

@@ -14,18 +14,21 @@
 //!    it with backoff, reading nothing meanwhile; if the database rejects
 //!    a row, split the batch in halves until the bad entries are alone,
 //!    so every good row commits;
-//! 4. after the commit, `XACK` and raise the shard's stored watermark;
-//!    entries that can never be stored go to the dead-letter stream at
-//!    once, rejected ones after `max_attempts` deliveries (they stay pending
-//!    until then, and come back through step 5);
+//! 4. after the commit, `XACK` every entry whose messages are all stored,
+//!    and hand the members rows, read cursors and stored watermarks the
+//!    messages imply to the [`cursors`](crate::cursors) flusher, which
+//!    writes them coalesced; records that can never be stored go to the
+//!    dead-letter stream at once, records the database rejects after
+//!    `max_attempts` deliveries of their entry (which stays pending until
+//!    then, and comes back through step 5);
 //! 5. every `claim_interval`, claim entries pending longer than
 //!    `claim_idle` (a dead consumer's, or rejected ones) with `XAUTOCLAIM`;
 //! 6. every `trim_interval`, trim the stream below what every consumer
 //!    group has acknowledged.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mysql_async::prelude::*;
@@ -37,9 +40,10 @@ use tokio::task::JoinHandle;
 
 use crate::batch::{Batch, EntryId, FlushRules};
 use crate::config::{ConfigError, WorkerConfig};
+use crate::cursors::{Deferred, Flusher};
 use crate::layout::Layout;
 use crate::schema::{self, SchemaError};
-use crate::sql::{MessageRow, Plan, Statements, StoreError, statement_cache_size};
+use crate::sql::{MemberRow, MessageRow, Plan, Statements, StoreError, statement_cache_size};
 use crate::stats::{WorkerStats, WorkerStatsSnapshot};
 use crate::stream::{DeadLetter, ShardKeys, StreamError, trim_point};
 
@@ -67,6 +71,8 @@ pub struct Worker;
 pub struct WorkerHandle {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    finish: watch::Sender<bool>,
+    flusher: Option<JoinHandle<()>>,
     stats: Arc<WorkerStats>,
     pool: Pool,
 }
@@ -107,7 +113,7 @@ impl Worker {
         let statements = Arc::new(Statements::new(config.chunk_rows, max_bytes));
 
         let client = redis::Client::open(config.redis_url.as_str()).map_err(StreamError::from)?;
-        let layout = Layout::new(config.prefix.clone(), config.streams);
+        let layout = Layout::new(config.redis_prefix.clone(), config.streams);
         let consumer = config.consumer_name();
         let mut link = RedisLink::new(client.clone(), settings.redis_timeout);
         let mut conn = link.get().await?;
@@ -125,6 +131,21 @@ impl Worker {
 
         let stats = Arc::new(WorkerStats::new(layout.streams()));
         let (stop, stop_rx) = watch::channel(false);
+        let (finish, finish_rx) = watch::channel(false);
+        let deferred = Arc::new(Deferred::new(100_000));
+        let known = Arc::new(Mutex::new(KnownDirect::new(config.known_direct)));
+        let flusher = Flusher {
+            deferred: deferred.clone(),
+            pool: pool.clone(),
+            statements: statements.clone(),
+            client: client.clone(),
+            layout: layout.clone(),
+            known: known.clone(),
+            stats: stats.clone(),
+            every: Duration::from_millis(config.cursor_flush_ms.max(1)),
+            timeout: settings.mysql_timeout,
+        };
+        let flusher = tokio::spawn(flusher.run(finish_rx, settings.grace));
         let mut tasks = Vec::new();
         for shard in 0..layout.streams() {
             let task = ShardTask {
@@ -135,7 +156,8 @@ impl Worker {
                 pool: pool.clone(),
                 link: RedisLink::new(client.clone(), settings.redis_timeout),
                 pace: Pace::new(&settings, stop_rx.clone(), stats.clone()),
-                known: KnownDirect::new(config.known_direct),
+                known: known.clone(),
+                deferred: deferred.clone(),
                 stats: stats.clone(),
                 claim_cursor: EntryId::ZERO,
                 next_claim: Instant::now(),
@@ -153,6 +175,8 @@ impl Worker {
         Ok(WorkerHandle {
             stop,
             tasks,
+            finish,
+            flusher: Some(flusher),
             stats,
             pool,
         })
@@ -175,6 +199,13 @@ impl WorkerHandle {
                 tracing::error!(error = %e, "shard task failed");
             }
         }
+        // The shard tasks are done: write what their last batches implied.
+        let _ = self.finish.send(true);
+        if let Some(flusher) = self.flusher.take() {
+            if let Err(e) = flusher.await {
+                tracing::error!(error = %e, "cursor flusher failed");
+            }
+        }
         if let Err(e) = self.pool.clone().disconnect().await {
             tracing::debug!(error = %e, "closing the MySQL pool");
         }
@@ -186,6 +217,7 @@ impl Drop for WorkerHandle {
     fn drop(&mut self) {
         // Dropped without shutdown: the tasks stop on their own.
         let _ = self.stop.send(true);
+        let _ = self.finish.send(true);
     }
 }
 
@@ -376,13 +408,14 @@ where
 
 /// Direct conversations known to have both members rows; bounded by
 /// starting over when full.
-struct KnownDirect {
+#[derive(Debug)]
+pub(crate) struct KnownDirect {
     set: HashSet<u64>,
     cap: usize,
 }
 
 impl KnownDirect {
-    fn new(cap: usize) -> KnownDirect {
+    pub(crate) fn new(cap: usize) -> KnownDirect {
         KnownDirect {
             set: HashSet::new(),
             cap,
@@ -393,7 +426,7 @@ impl KnownDirect {
         self.set.contains(&conversation)
     }
 
-    fn extend(&mut self, conversations: &[u64]) {
+    pub(crate) fn extend(&mut self, conversations: &[u64]) {
         if self.cap == 0 {
             return;
         }
@@ -425,7 +458,9 @@ struct ShardTask {
     pool: Pool,
     link: RedisLink,
     pace: Pace,
-    known: KnownDirect,
+    /// Shared with the flusher, which marks what it has written.
+    known: Arc<Mutex<KnownDirect>>,
+    deferred: Arc<Deferred>,
     stats: Arc<WorkerStats>,
     claim_cursor: EntryId,
     next_claim: Instant,
@@ -560,26 +595,22 @@ impl ShardTask {
         Ok(())
     }
 
-    /// Stores the batch, acknowledges what was stored, deals with what
-    /// cannot be, and empties the batch.
+    /// Stores the batch, acknowledges every entry that is done with,
+    /// dead-letters what cannot be stored, and empties the batch.
+    ///
+    /// An entry (all messages of one append call) is done when each of its
+    /// records is stored, or can never be, or was rejected by the database
+    /// on `max_attempts` deliveries; the last two go to the dead-letter
+    /// stream as the entry is acknowledged. Otherwise it stays pending and
+    /// comes back when claimed (its stored rows are stored again, a no-op).
     async fn flush(&mut self) {
         let shard = self.keys.shard;
         let outcome = self.store().await;
-        let rows = self.batch.rows();
+        let batch = &self.batch;
+        let rows = batch.rows();
+        let entries = batch.entries();
 
-        // Acknowledge stored rows and deleted entries; raise the watermark,
-        // but not past a rejected seq of the same conversation.
-        let mut ack: Vec<EntryId> = outcome
-            .stored
-            .iter()
-            .map(|&i| self.batch.entries()[rows[i].entry].id)
-            .collect();
-        ack.extend(
-            self.batch
-                .deleted()
-                .iter()
-                .map(|&i| self.batch.entries()[i].id),
-        );
+        // Watermarks: the greatest stored seq, below any rejected one.
         let mut marks: Vec<(u64, u64)> = outcome
             .stored
             .iter()
@@ -593,44 +624,37 @@ impl ShardTask {
         marks.sort_unstable();
         holes.sort_unstable();
         let marks = watermarks(&marks, &holes);
-        let keys = &self.keys;
-        let acked = with_redis(&mut self.link, &mut self.pace, shard, "XACK", |mut c| {
-            let (ack, marks) = (&ack, &marks);
-            async move { keys.ack(&mut c, ack, marks).await }
-        })
-        .await
-        .is_some();
-        if acked && !outcome.stored.is_empty() {
-            let bytes: usize = outcome
-                .stored
-                .iter()
-                .map(|&i| self.batch.entries()[rows[i].entry].len())
-                .sum();
-            self.stats
-                .committed(outcome.stored.len() as u64, bytes as u64);
-            tracing::debug!(shard, rows = outcome.stored.len(), bytes, "batch stored");
-        }
+        self.deferred.add(shard, &[], &[], &[], &marks);
 
-        // Entries that can never be stored, and rejected ones that used up
-        // their attempts, go to the dead-letter stream.
-        let mut candidates: Vec<(usize, String, bool)> = self
-            .batch
-            .rejects()
-            .iter()
-            .map(|(entry, reason)| (*entry, reason.to_string(), true))
-            .collect();
-        candidates.extend(outcome.rejected.iter().map(|(i, reason)| {
-            (
-                rows[*i].entry,
+        // Per entry: rows stored, rows rejected, rows not tried.
+        let mut stored_rows = vec![0usize; entries.len()];
+        let mut all_rows = vec![0usize; entries.len()];
+        for r in rows {
+            all_rows[r.entry] += 1;
+        }
+        for &i in &outcome.stored {
+            stored_rows[rows[i].entry] += 1;
+        }
+        let mut rejected: HashMap<usize, Vec<(usize, String)>> = HashMap::new();
+        for (i, reason) in &outcome.rejected {
+            rejected.entry(rows[*i].entry).or_default().push((
+                rows[*i].record,
                 format!("rejected by the database: {reason}"),
-                false,
-            )
-        }));
-        if !candidates.is_empty() && !outcome.gave_up {
-            let ids: Vec<EntryId> = candidates
-                .iter()
-                .map(|c| self.batch.entries()[c.0].id)
-                .collect();
+            ));
+        }
+        let mut permanent: HashMap<usize, Vec<(Option<usize>, String)>> = HashMap::new();
+        for r in batch.rejects() {
+            permanent
+                .entry(r.entry)
+                .or_default()
+                .push((r.record, r.reason.to_string()));
+        }
+        // Entries with rejected rows: done only after max_attempts.
+        let keys = &self.keys;
+        let mut attempts: HashMap<usize, u64> = HashMap::new();
+        if !rejected.is_empty() && !outcome.gave_up {
+            let which: Vec<usize> = rejected.keys().copied().collect();
+            let ids: Vec<EntryId> = which.iter().map(|&e| entries[e].id).collect();
             let counts = with_redis(
                 &mut self.link,
                 &mut self.pace,
@@ -643,49 +667,93 @@ impl ShardTask {
             )
             .await;
             if let Some(counts) = counts {
-                let mut letters = Vec::new();
-                for ((entry, reason, permanent), attempts) in candidates.into_iter().zip(counts) {
-                    let e = &self.batch.entries()[entry];
-                    if permanent || attempts >= self.settings.max_attempts {
+                attempts.extend(which.into_iter().zip(counts));
+            }
+        }
+
+        let mut ack: Vec<EntryId> = batch.deleted().iter().map(|&i| entries[i].id).collect();
+        let mut letters = Vec::new();
+        let mut stored_bytes = 0;
+        for (e, entry) in entries.iter().enumerate() {
+            if batch.deleted().contains(&e) {
+                continue;
+            }
+            let rejected_here = rejected.get(&e);
+            let tried = stored_rows[e] + rejected_here.map_or(0, Vec::len);
+            if tried < all_rows[e] {
+                continue; // Not every row was tried (stopping): stays pending.
+            }
+            let tries = attempts.get(&e).copied();
+            if let Some(list) = rejected_here {
+                let Some(tries) = tries.filter(|&t| t >= self.settings.max_attempts) else {
+                    for (_, reason) in list {
                         tracing::warn!(
                             shard,
-                            id = %e.id,
-                            attempts,
-                            reason = %reason,
-                            "moving entry to the dead-letter stream"
-                        );
-                        letters.push(DeadLetter {
-                            id: e.id,
-                            record: e.record(),
-                            reason,
-                            attempts,
-                        });
-                    } else {
-                        tracing::warn!(
-                            shard,
-                            id = %e.id,
-                            attempts,
+                            id = %entry.id,
+                            attempts = tries.unwrap_or(0),
                             max_attempts = self.settings.max_attempts,
                             reason = %reason,
                             "entry not stored; it stays pending and is retried once claimed"
                         );
                     }
+                    continue;
+                };
+                for (record, reason) in list {
+                    letters.push(DeadLetter {
+                        id: entry.id,
+                        record: entry.record(*record),
+                        reason: reason.clone(),
+                        attempts: tries,
+                    });
                 }
-                let max_len = self.settings.dead_letter_max_len;
-                let done = with_redis(
-                    &mut self.link,
-                    &mut self.pace,
-                    shard,
-                    "dead letter",
-                    |mut c| {
-                        let letters = &letters;
-                        async move { keys.dead_letter(&mut c, letters, max_len).await }
-                    },
-                )
-                .await;
-                if done.is_some() {
-                    self.stats.dead_lettered(letters.len() as u64);
-                }
+            }
+            for (record, reason) in permanent.get(&e).into_iter().flatten() {
+                letters.push(DeadLetter {
+                    id: entry.id,
+                    record: record.map_or(&[][..], |r| entry.record(r)),
+                    reason: reason.clone(),
+                    attempts: tries.unwrap_or(1),
+                });
+            }
+            stored_bytes += entry.len();
+            ack.push(entry.id);
+        }
+        for letter in &letters {
+            tracing::warn!(
+                shard,
+                id = %letter.id,
+                attempts = letter.attempts,
+                reason = %letter.reason,
+                "moving a record to the dead-letter stream"
+            );
+        }
+
+        let acked = with_redis(&mut self.link, &mut self.pace, shard, "XACK", |mut c| {
+            let ack = &ack;
+            async move { keys.ack(&mut c, ack, &[]).await }
+        })
+        .await
+        .is_some();
+        if acked && !outcome.stored.is_empty() {
+            self.stats
+                .committed(outcome.stored.len() as u64, stored_bytes as u64);
+            tracing::debug!(shard, rows = outcome.stored.len(), "batch stored");
+        }
+        if !letters.is_empty() {
+            let max_len = self.settings.dead_letter_max_len;
+            let done = with_redis(
+                &mut self.link,
+                &mut self.pace,
+                shard,
+                "dead letter",
+                |mut c| {
+                    let letters = &letters;
+                    async move { keys.dead_letter(&mut c, letters, max_len).await }
+                },
+            )
+            .await;
+            if done.is_some() {
+                self.stats.dead_lettered(letters.len() as u64);
             }
         }
         self.batch.clear();
@@ -707,9 +775,11 @@ impl ShardTask {
             loop {
                 let result = self.transaction(&order[range.clone()]).await;
                 match result {
-                    Ok(new_direct) => {
+                    Ok(implied) => {
                         self.pace.success();
-                        self.known.extend(&new_direct);
+                        let (direct, group, new_direct) = implied;
+                        self.deferred
+                            .add(self.keys.shard, &direct, &group, &new_direct, &[]);
                         outcome.stored.extend_from_slice(&order[range.clone()]);
                         break;
                     }
@@ -748,9 +818,10 @@ impl ShardTask {
         outcome
     }
 
-    /// Writes the rows at `indices` in one transaction; returns the direct
-    /// conversations whose members rows it created.
-    async fn transaction(&mut self, indices: &[usize]) -> Result<Vec<u64>, StoreError> {
+    /// Writes the message rows at `indices` in one transaction; returns
+    /// what they imply for members rows and read cursors (direct rows,
+    /// group cursors, new direct conversations), written later.
+    async fn transaction(&mut self, indices: &[usize]) -> Result<Implied, StoreError> {
         let timeout = self.settings.mysql_timeout;
         let batch = &self.batch;
         let rows: Vec<MessageRow<'_>> = indices
@@ -767,8 +838,10 @@ impl ShardTask {
                 }
             })
             .collect();
-        let known = &self.known;
-        let plan = Plan::build(rows, |c| known.contains(c));
+        let plan = {
+            let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+            Plan::build(rows, |c| known.contains(c))
+        };
         let pool = &self.pool;
         let statements = &self.statements;
         let work = async {
@@ -776,7 +849,7 @@ impl ShardTask {
             // transactions in flight, and connections keep their prepared
             // statements between uses.
             let mut conn = pool.get_conn().await?;
-            let result = statements.execute(&mut conn, &plan).await;
+            let result = statements.execute_messages(&mut conn, &plan.messages).await;
             if let Err(e) = &result {
                 if e.is_fatal() {
                     let _ = conn.disconnect().await;
@@ -785,12 +858,16 @@ impl ShardTask {
             result
         };
         match tokio::time::timeout(timeout, work).await {
-            Ok(Ok(())) => Ok(plan.new_direct),
+            Ok(Ok(())) => Ok((plan.direct_members, plan.group_reads, plan.new_direct)),
             Ok(Err(e)) => Err(StoreError::classify(e)),
             Err(_) => Err(StoreError::Timeout(timeout)),
         }
     }
 }
+
+/// Direct members rows, group cursors and new direct conversations implied
+/// by committed messages.
+type Implied = (Vec<MemberRow>, Vec<MemberRow>, Vec<u64>);
 
 /// The stored watermark per conversation: the greatest stored seq, but
 /// below the least rejected seq of the same conversation (a rejected

@@ -8,15 +8,15 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use im_client::{Client, Events, Target};
 use im_proto::pb;
 use im_tests::sdk::{self, text_of};
-use im_tests::services::{fresh_database, unique_prefix, MariaDb, RedisServer};
-use im_tests::{binary, free_port, ServerProcess};
+use im_tests::services::{MariaDb, RedisServer, fresh_database, unique_prefix};
+use im_tests::{ServerProcess, binary, free_port};
 use mysql_async::prelude::*;
 use tokio::sync::Mutex;
 
@@ -78,10 +78,18 @@ impl Stack {
 
     fn start_worker(&mut self) {
         let child = Command::new(binary("im-storage-worker"))
-            .args(["--redis-url", &self.redis.url(), "--mysql-url", &self.mysql_url])
-            .args(["--prefix", &self.prefix, "--streams", STREAMS])
+            .args([
+                "--redis-url",
+                &self.redis.url(),
+                "--mysql-url",
+                &self.mysql_url,
+            ])
+            .args(["--redis-prefix", &self.prefix, "--streams", STREAMS])
             .args(["--consumer", "crash-test", "--claim-idle-ms", "2000"])
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .expect("start im-storage-worker");
@@ -107,7 +115,8 @@ impl Stack {
         pool.disconnect().await.ok();
         rows.into_iter()
             .map(|(c, s, body)| {
-                let m = <pb::Message as prost::Message>::decode(body.as_slice()).expect("stored body decodes");
+                let m = <pb::Message as prost::Message>::decode(body.as_slice())
+                    .expect("stored body decodes");
                 ((c, s), m.client_msg_id)
             })
             .collect()
@@ -141,12 +150,21 @@ struct Acked {
     client_msg_id: String,
 }
 
+/// Messages one receiver got, in arrival order.
+type Inbox = Arc<Mutex<Vec<pb::Message>>>;
+
+/// What each receiver got, by conversation; holds the clients open.
+struct Receivers {
+    got: Vec<(u64, Inbox)>,
+    _clients: Vec<Client>,
+}
+
 /// Senders that keep sending (each send retried by the SDK until acked)
 /// and receivers that collect what they get.
 struct Load {
     stop: Arc<AtomicBool>,
     senders: Vec<tokio::task::JoinHandle<Vec<Acked>>>,
-    receivers: Vec<(u64, Arc<Mutex<Vec<pb::Message>>>, tokio::task::JoinHandle<()>)>,
+    receivers: Vec<(u64, Inbox, tokio::task::JoinHandle<()>)>,
     _clients: Vec<Client>,
 }
 
@@ -170,9 +188,16 @@ impl Load {
             let (receiver, events) = sdk::register(addr, &format!("receiver{p}")).await;
             let (sender, _sender_events) = sdk::register(addr, &format!("sender{p}")).await;
             let to = receiver.user_id();
-            let first = sender.send_with_id(Target::User(to), format!("p{p}-0"), text("0")).await.unwrap();
+            let first = sender
+                .send_with_id(Target::User(to), format!("p{p}-0"), text("0"))
+                .await
+                .unwrap();
             let got = Arc::new(Mutex::new(Vec::new()));
-            receivers.push((first.conversation_id, got.clone(), tokio::spawn(collect(events, got))));
+            receivers.push((
+                first.conversation_id,
+                got.clone(),
+                tokio::spawn(collect(events, got)),
+            ));
             let stop = stop.clone();
             let client = sender.clone();
             senders.push(tokio::spawn(async move {
@@ -208,15 +233,26 @@ impl Load {
         }
     }
 
-    /// Stops sending and returns every acknowledged send.
-    async fn finish(self) -> (Vec<Acked>, Vec<(u64, Arc<Mutex<Vec<pb::Message>>>)>) {
+    /// Stops sending and returns every acknowledged send, and the
+    /// receivers (whose clients stay connected until `verify` is done).
+    async fn finish(self) -> (Vec<Acked>, Receivers) {
         self.stop.store(true, Ordering::Relaxed);
         let mut acked = Vec::new();
         for s in self.senders {
             acked.extend(s.await.expect("sender task"));
         }
-        let receivers = self.receivers.into_iter().map(|(c, got, _)| (c, got)).collect();
-        (acked, receivers)
+        let got = self
+            .receivers
+            .into_iter()
+            .map(|(c, got, _)| (c, got))
+            .collect();
+        (
+            acked,
+            Receivers {
+                got,
+                _clients: self._clients,
+            },
+        )
     }
 }
 
@@ -227,8 +263,12 @@ fn text(s: &str) -> pb::Content {
 }
 
 /// The assertions shared by every crash test.
-async fn verify(stack: &Stack, acked: Vec<Acked>, receivers: Vec<(u64, Arc<Mutex<Vec<pb::Message>>>)>) {
-    assert!(acked.len() > 20, "the load barely ran: {} acks", acked.len());
+async fn verify(stack: &Stack, acked: Vec<Acked>, receivers: Receivers) {
+    assert!(
+        acked.len() > 20,
+        "the load barely ran: {} acks",
+        acked.len()
+    );
     let mut by_conv: HashMap<u64, Vec<&Acked>> = HashMap::new();
     for a in &acked {
         by_conv.entry(a.conversation).or_default().push(a);
@@ -237,11 +277,19 @@ async fn verify(stack: &Stack, acked: Vec<Acked>, receivers: Vec<(u64, Arc<Mutex
     for (conv, list) in &by_conv {
         let mut seqs: Vec<u64> = list.iter().map(|a| a.seq).collect();
         seqs.sort_unstable();
-        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "conversation {conv}");
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as u64).collect::<Vec<_>>(),
+            "conversation {conv}"
+        );
     }
     // MySQL holds exactly the acknowledged messages, once each.
     let stored = stack.wait_stored(acked.len()).await;
-    assert_eq!(stored.len(), acked.len(), "rows in MySQL vs acknowledged sends");
+    assert_eq!(
+        stored.len(),
+        acked.len(),
+        "rows in MySQL vs acknowledged sends"
+    );
     for a in &acked {
         assert_eq!(
             stored.get(&(a.conversation, a.seq)),
@@ -250,7 +298,7 @@ async fn verify(stack: &Stack, acked: Vec<Acked>, receivers: Vec<(u64, Arc<Mutex
         );
     }
     // Every recipient got every message once, in order.
-    for (conv, got) in receivers {
+    for (conv, got) in receivers.got {
         let expected = by_conv[&conv].len();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -262,8 +310,17 @@ async fn verify(stack: &Stack, acked: Vec<Acked>, receivers: Vec<(u64, Arc<Mutex
         }
         let got = got.lock().await;
         let seqs: Vec<u64> = got.iter().map(|m| m.seq).collect();
-        assert_eq!(seqs, (1..=expected as u64).collect::<Vec<_>>(), "receiver of {conv}");
-        let sent: HashMap<u64, &str> = by_conv[&conv].iter().map(|a| (a.seq, a.client_msg_id.as_str())).collect();
+        let in_order = seqs.iter().copied().eq(1..=expected as u64);
+        assert!(
+            in_order,
+            "receiver of {conv} got {} messages, expected 1..={expected} once each in order (first difference at {:?})",
+            seqs.len(),
+            seqs.iter().zip(1..).position(|(s, e)| *s != e)
+        );
+        let sent: HashMap<u64, &str> = by_conv[&conv]
+            .iter()
+            .map(|a| (a.seq, a.client_msg_id.as_str()))
+            .collect();
         for m in got.iter() {
             assert_eq!(Some(&m.client_msg_id.as_str()), sent.get(&m.seq));
             assert!(!text_of(m).is_empty());

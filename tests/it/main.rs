@@ -2,6 +2,7 @@
 
 mod accounts;
 mod chat;
+mod crash;
 mod lifecycle;
 mod protocol;
 mod resilience;

@@ -60,6 +60,31 @@ impl PipelineEnv {
         c.streams = 4;
     }
 
+    /// A storage worker for this environment, tuned for tests (short batch
+    /// age and claim idle time).
+    pub fn worker_config(&self, consumer: &str) -> im_storage::WorkerConfig {
+        let mut c = im_storage::WorkerConfig::new(&self.redis_url, &self.mysql_url);
+        c.redis_prefix = self.prefix.clone();
+        c.streams = 4;
+        c.consumer = Some(consumer.to_string());
+        c.batch_age_ms = 5;
+        c.block_ms = 200;
+        c.claim_idle_ms = 2_000;
+        c.claim_interval_ms = 500;
+        c.cursor_flush_ms = 50;
+        c.retry_min_ms = 20;
+        c.retry_max_ms = 500;
+        c.progress_secs = 0;
+        c
+    }
+
+    /// Starts an in-process storage worker for this environment.
+    pub async fn start_worker(&self) -> im_storage::WorkerHandle {
+        im_storage::Worker::start(self.worker_config("test-worker"))
+            .await
+            .expect("storage worker starts")
+    }
+
     /// The same, as `im-server` flags.
     pub fn args(&self) -> Vec<String> {
         vec![
@@ -156,6 +181,9 @@ pub struct TestServer {
     pub dir: tempfile::TempDir,
     /// The pipeline environment, in pipeline mode.
     pub pipeline: Option<PipelineEnv>,
+    /// The storage worker moving this node's streams into MySQL (pipeline
+    /// mode).
+    pub worker: Option<im_storage::WorkerHandle>,
     tweak: std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>,
 }
 
@@ -171,9 +199,13 @@ impl TestServer {
             addr: "127.0.0.1:0".parse().expect("address"),
             dir,
             pipeline,
+            worker: None,
             tweak: std::sync::Arc::new(tweak),
         };
         server.boot().await;
+        if let Some(env) = &server.pipeline {
+            server.worker = Some(env.start_worker().await);
+        }
         server
     }
 
@@ -203,7 +235,7 @@ impl TestServer {
         self.boot().await;
     }
 
-    /// Graceful shutdown.
+    /// Graceful shutdown (of the node; the worker keeps running).
     pub async fn shutdown(&mut self) {
         if let Some(server) = self.server.take() {
             server.shutdown().await;
