@@ -174,10 +174,14 @@ pub struct Rejected {
     pub reason: Reject,
 }
 
+/// Entries taken by the first read into an empty batch.
+const FIRST_READ: usize = 32;
+
 /// When a batch is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlushRules {
-    /// Entries at most.
+    /// Messages (records) at most; a batch may exceed it by the records
+    /// of one read's entries.
     pub count: usize,
     /// Record bytes at most (a batch may exceed it by one read).
     pub bytes: usize,
@@ -256,13 +260,26 @@ impl Batch {
         self.bytes
     }
 
-    /// Entries that may still be read into the batch before it is full.
+    /// Messages held: decoded rows and rejected records (an entry without
+    /// records counts as one).
+    pub fn messages(&self) -> usize {
+        self.rows.len() + self.rejects.len() + self.deleted.len()
+    }
+
+    /// Entries that may still be read into the batch before it is full,
+    /// judging by the messages per entry seen so far.
     pub fn room(&self) -> usize {
-        if self.bytes >= self.rules.bytes {
-            0
-        } else {
-            self.rules.count.saturating_sub(self.entries.len())
+        let left = self.rules.count.saturating_sub(self.messages());
+        if self.bytes >= self.rules.bytes || left == 0 {
+            return 0;
         }
+        if self.entries.is_empty() {
+            // Nothing seen yet: a small first read tells how many messages
+            // an entry carries.
+            return left.min(FIRST_READ);
+        }
+        let per_entry = self.messages().div_ceil(self.entries.len()).max(1);
+        left.div_ceil(per_entry)
     }
 
     /// When the batch must be stored at the latest (`None` when empty).

@@ -80,8 +80,9 @@ pub struct WorkerConfig {
     pub consumer: Option<String>,
 
     // ---- batching ----
-    /// Entries per batch at most: a batch is stored once it holds this many.
-    #[arg(long, env = "IM_BATCH_COUNT", default_value_t = 1000)]
+    /// Messages per batch: a batch is stored once it holds this many (one
+    /// transaction; it may exceed it by one read's entries).
+    #[arg(long, env = "IM_BATCH_COUNT", default_value_t = 4000)]
     pub batch_count: usize,
 
     /// Record bytes per batch: a batch is stored once it holds this many
@@ -313,7 +314,7 @@ mod tests {
         assert_eq!(c.redis_prefix, "im");
         assert_eq!(c.streams, 16);
         assert_eq!(c.group, "storage");
-        assert_eq!(c.batch_count, 1000);
+        assert_eq!(c.batch_count, 4000);
         assert_eq!(c.batch_bytes, 4 << 20);
         assert_eq!(c.claim_idle_ms, 30_000);
         assert_eq!(c.max_attempts, 5);
