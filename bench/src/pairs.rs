@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::Parser;
 use futures::{SinkExt, StreamExt};
 use im_proto::pb;
@@ -67,7 +67,13 @@ async fn register(addr: SocketAddr, name: &str) -> anyhow::Result<(Conn, u64)> {
 
 /// Sends `n` messages to `to`, keeping `window` in flight; returns when all
 /// are acknowledged.
-async fn send_all(conn: Conn, to: u64, n: usize, window: usize, text: String) -> anyhow::Result<()> {
+async fn send_all(
+    conn: Conn,
+    to: u64,
+    n: usize,
+    window: usize,
+    text: String,
+) -> anyhow::Result<()> {
     let (mut tx, mut rx) = conn.split();
     let mut sent = 0;
     let mut acked = 0;
@@ -126,7 +132,13 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = Vec::new();
     for (sender, receiver, to) in pairs {
         tasks.push(tokio::spawn(receive_all(receiver, args.messages)));
-        tasks.push(tokio::spawn(send_all(sender, to, args.messages, args.window, text.clone())));
+        tasks.push(tokio::spawn(send_all(
+            sender,
+            to,
+            args.messages,
+            args.window,
+            text.clone(),
+        )));
     }
     for task in tasks {
         task.await??;
@@ -145,7 +157,11 @@ async fn main() -> anyhow::Result<()> {
         let mut conn = pool.get_conn().await?;
         let sql = format!(
             "SELECT COUNT(*) FROM messages WHERE conversation_id IN ({})",
-            conversations.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+            conversations
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
         );
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -154,7 +170,10 @@ async fn main() -> anyhow::Result<()> {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("only {} of {total} messages reached MySQL", stored.unwrap_or(0));
+                bail!(
+                    "only {} of {total} messages reached MySQL",
+                    stored.unwrap_or(0)
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -9,8 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::parser::ValueSource;
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatConfig;
@@ -22,17 +21,9 @@ use crate::store::sqlite::SqliteOptions;
 /// Invalid or unreadable configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The TOML file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The TOML file is malformed or has unknown keys.
-    #[error("invalid configuration: {0}")]
-    Parse(String),
+    /// Flags, variables or the TOML file could not be read or parsed.
+    #[error(transparent)]
+    Settings(#[from] im_storage::settings::SettingsError),
     /// A value is out of range.
     #[error("invalid configuration: {0}")]
     Invalid(String),
@@ -307,37 +298,7 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let matches = Config::command().get_matches_from(args);
-        let mut config =
-            Config::from_arg_matches(&matches).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        if let Some(path) = config.config.clone() {
-            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            let file: toml::Table =
-                toml::from_str(&text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-            let mut merged =
-                toml::Table::try_from(&config).map_err(|e| ConfigError::Parse(e.to_string()))?;
-            for (key, value) in file {
-                let id = key.replace('-', "_");
-                let explicit = matches!(
-                    matches
-                        .try_get_raw(&id)
-                        .ok()
-                        .and_then(|_| matches.value_source(&id)),
-                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-                );
-                if !explicit {
-                    merged.insert(key, value);
-                }
-            }
-            let mut from_file: Config = merged
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
-            from_file.config = Some(path);
-            config = from_file;
-        }
+        let config: Config = im_storage::settings::load(args, |c: &Config| c.config.as_deref())?;
         config.validate()?;
         Ok(config)
     }
@@ -492,7 +453,9 @@ mod tests {
         assert_eq!(c.listen, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(c.data_dir, PathBuf::from("data"));
         c.validate().unwrap();
-        let help = Config::command().render_long_help().to_string();
+        let help = <Config as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
         for flag in [
             "--max-frame-bytes",
             "--auth-timeout-secs",

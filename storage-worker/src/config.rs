@@ -8,8 +8,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::parser::ValueSource;
-use clap::{CommandFactory, FromArgMatches, Parser};
+use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{DEFAULT_PREFIX, DEFAULT_STREAMS, MAX_STREAMS, STORAGE_GROUP};
@@ -17,17 +16,9 @@ use crate::layout::{DEFAULT_PREFIX, DEFAULT_STREAMS, MAX_STREAMS, STORAGE_GROUP}
 /// Invalid or unreadable configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The TOML file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The TOML file is malformed or has unknown keys.
-    #[error("invalid configuration: {0}")]
-    Parse(String),
+    /// Flags, variables or the TOML file could not be read or parsed.
+    #[error(transparent)]
+    Settings(#[from] crate::settings::SettingsError),
     /// A value is out of range.
     #[error("invalid configuration: {0}")]
     Invalid(String),
@@ -187,38 +178,8 @@ impl WorkerConfig {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        // Prints --help/--version or a usage error and exits, like any CLI.
-        let matches = WorkerConfig::command().get_matches_from(args);
-        let mut config = WorkerConfig::from_arg_matches(&matches)
-            .map_err(|e| ConfigError::Parse(e.to_string()))?;
-        if let Some(path) = config.config.clone() {
-            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            let file: toml::Table =
-                toml::from_str(&text).map_err(|e| ConfigError::Parse(e.to_string()))?;
-            let mut merged =
-                toml::Table::try_from(&config).map_err(|e| ConfigError::Parse(e.to_string()))?;
-            for (key, value) in file {
-                let id = key.replace('-', "_");
-                let explicit = matches!(
-                    matches
-                        .try_get_raw(&id)
-                        .ok()
-                        .and_then(|_| matches.value_source(&id)),
-                    Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-                );
-                if !explicit {
-                    merged.insert(key, value);
-                }
-            }
-            let mut from_file: WorkerConfig = merged
-                .try_into()
-                .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
-            from_file.config = Some(path);
-            config = from_file;
-        }
+        let config: WorkerConfig =
+            crate::settings::load(args, |c: &WorkerConfig| c.config.as_deref())?;
         config.validate()?;
         Ok(config)
     }
@@ -319,7 +280,9 @@ mod tests {
         assert_eq!(c.claim_idle_ms, 30_000);
         assert_eq!(c.max_attempts, 5);
         assert!(!c.consumer_name().is_empty());
-        let help = WorkerConfig::command().render_long_help().to_string();
+        let help = <WorkerConfig as clap::CommandFactory>::command()
+            .render_long_help()
+            .to_string();
         for flag in [
             "--batch-count",
             "--batch-bytes",
@@ -353,7 +316,7 @@ mod tests {
         assert_eq!(c.consumer_name(), "w1");
         std::fs::write(&path, "no-such-key = 1\n").unwrap();
         let err = WorkerConfig::load_from(["w", "--config", path.to_str().unwrap()]);
-        assert!(matches!(err, Err(ConfigError::Parse(_))));
+        assert!(matches!(err, Err(ConfigError::Settings(_))));
         let _ = std::fs::remove_dir_all(&dir);
         let err = WorkerConfig::load_from(["w", "--batch-count", "0"]);
         assert!(matches!(err, Err(ConfigError::Invalid(_))));

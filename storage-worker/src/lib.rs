@@ -10,6 +10,8 @@
 //!   stored message, message ids, and the append script.
 //! - [`schema`]: the MySQL schema and its migrations, run at start-up by
 //!   every process that uses the database.
+//! - [`settings`]: how both binaries merge flags, `IM_*` variables and a
+//!   TOML file into their typed configuration.
 //! - [`worker`]: the consumer that moves stream entries into MySQL (one
 //!   task per shard), started with a [`config::WorkerConfig`] and watched
 //!   through [`stats`]. Its parts: [`batch`] (entries in hand and when to
@@ -25,6 +27,7 @@ pub mod config;
 pub mod cursors;
 pub mod layout;
 pub mod schema;
+pub mod settings;
 pub mod sql;
 pub mod stats;
 pub mod stream;
