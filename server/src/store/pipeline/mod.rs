@@ -19,6 +19,7 @@ mod sql;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use im_proto::ids::ConversationKind;
 use im_proto::{ConversationId, pb};
@@ -153,7 +154,15 @@ impl PipelineStore {
         let mut lanes = Vec::new();
         let mut tasks = Vec::new();
         for _ in 0..shared.options.append_lanes.max(1) {
-            let conn = client.get_connection_manager().await.map_err(redis_err)?;
+            // A Redis that stops answering fails the round (clients retry)
+            // rather than stalling its lane.
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Duration::from_secs(5))
+                .set_response_timeout(Duration::from_secs(5));
+            let conn = client
+                .get_connection_manager_with_config(config)
+                .await
+                .map_err(redis_err)?;
             let (tx, rx) = mpsc::channel(shared.options.append_queue.max(1));
             tasks.push(tokio::spawn(append::run_lane(shared.clone(), conn, rx)));
             lanes.push(tx);
