@@ -1,0 +1,110 @@
+//! Opening a simulated user's connection: TCP (bound to a chosen source
+//! address when there are several), then register or resume, speaking the
+//! protocol crate's framing directly.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::{SinkExt, StreamExt};
+use im_proto::pb;
+use im_proto::pb::frame::Body;
+use im_proto::{Frame, FrameCodec};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::codec::Framed;
+
+/// A framed connection.
+pub type Conn = Framed<TcpStream, FrameCodec>;
+
+/// Time allowed for connecting and logging in.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Opens a TCP connection to `server`, from `source` if given.
+pub async fn open(server: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
+    let socket = if server.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(ip) = source {
+        socket
+            .bind(SocketAddr::new(ip, 0))
+            .with_context(|| format!("bind {ip}"))?;
+    }
+    let stream = socket
+        .connect(server)
+        .await
+        .with_context(|| format!("connect {server}"))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// What logging in returned.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The user.
+    pub user_id: u64,
+    /// Token for the next resume.
+    pub token: String,
+    /// Heartbeat interval the server asked for.
+    pub heartbeat: Duration,
+}
+
+/// Connects and registers `username` (or logs in, if it exists from an
+/// earlier run), or resumes with `token`.
+pub async fn connect(
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    username: &str,
+    password: &str,
+    token: Option<&str>,
+) -> anyhow::Result<(Conn, Session)> {
+    tokio::time::timeout(CONNECT_TIMEOUT, async {
+        let stream = open(server, source).await?;
+        let mut conn = Framed::new(stream, FrameCodec::default());
+        let first = match token {
+            Some(token) => Body::Resume(pb::ResumeRequest {
+                token: token.to_string(),
+            }),
+            None => Body::Register(pb::RegisterRequest {
+                username: username.to_string(),
+                password: password.to_string(),
+            }),
+        };
+        let mut reply = call(&mut conn, 1, first).await?;
+        if let Body::Error(e) = &reply {
+            if e.code == im_proto::ErrorCode::UsernameTaken as i32 {
+                let login = Body::Login(pb::LoginRequest {
+                    username: username.to_string(),
+                    password: password.to_string(),
+                });
+                reply = call(&mut conn, 2, login).await?;
+            }
+        }
+        match reply {
+            Body::AuthOk(ok) => Ok((
+                conn,
+                Session {
+                    user_id: ok.user_id,
+                    token: ok.token,
+                    heartbeat: Duration::from_millis(u64::from(ok.heartbeat_interval_ms).max(1000)),
+                },
+            )),
+            other => bail!("authentication of {username} failed: {other:?}"),
+        }
+    })
+    .await
+    .context("connect and log in timed out")?
+}
+
+/// Sends a request and waits for its reply, skipping pushes.
+pub async fn call(conn: &mut Conn, request_id: u64, body: Body) -> anyhow::Result<Body> {
+    conn.send(Frame::new(request_id, body)).await?;
+    while let Some(frame) = conn.next().await {
+        let frame = frame?;
+        if frame.request_id == request_id {
+            return frame.body.context("reply without a body");
+        }
+    }
+    bail!("connection closed before the reply")
+}

@@ -1,0 +1,126 @@
+//! Delivery verification: what one simulated user knows of one
+//! conversation, by seq. No I/O.
+//!
+//! A user learns seqs two ways: its own sends are acknowledged with their
+//! seq, and everyone else's messages arrive as pushes (or, at the end, from
+//! a sync). Each seq must become known exactly once; pushes must arrive in
+//! increasing seq order; and after the final sync every seq up to the
+//! conversation's last must be known, or it was lost.
+
+use std::collections::BTreeSet;
+
+/// How a delivered message relates to what was known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// First time, in order.
+    New,
+    /// First time, but after a push with a higher seq.
+    Reordered,
+    /// Already known: delivered twice (or an own message pushed back).
+    Duplicate,
+}
+
+/// Known seqs of one conversation, compactly: everything up to
+/// `contiguous`, plus the few known beyond a gap.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SeqTracker {
+    contiguous: u64,
+    ahead: BTreeSet<u64>,
+    max_pushed: u64,
+    max_known: u64,
+}
+
+impl SeqTracker {
+    /// Whether `seq` is known.
+    pub fn knows(&self, seq: u64) -> bool {
+        seq <= self.contiguous || self.ahead.contains(&seq)
+    }
+
+    fn insert(&mut self, seq: u64) {
+        self.max_known = self.max_known.max(seq);
+        if seq == self.contiguous + 1 {
+            self.contiguous = seq;
+            while self.ahead.remove(&(self.contiguous + 1)) {
+                self.contiguous += 1;
+            }
+        } else {
+            self.ahead.insert(seq);
+        }
+    }
+
+    /// The user's own message was acknowledged with `seq`. Returns false if
+    /// the seq was already known (the server gave one seq twice).
+    pub fn own(&mut self, seq: u64) -> bool {
+        if seq == 0 || self.knows(seq) {
+            return false;
+        }
+        self.insert(seq);
+        true
+    }
+
+    /// A message of someone else arrived: live (`push`) or from a sync.
+    pub fn deliver(&mut self, seq: u64, push: bool) -> Seen {
+        if seq == 0 || self.knows(seq) {
+            return Seen::Duplicate;
+        }
+        self.insert(seq);
+        if !push {
+            return Seen::New;
+        }
+        let in_order = seq > self.max_pushed;
+        self.max_pushed = self.max_pushed.max(seq);
+        if in_order { Seen::New } else { Seen::Reordered }
+    }
+
+    /// Every seq up to here is known.
+    pub fn contiguous(&self) -> u64 {
+        self.contiguous
+    }
+
+    /// The highest seq known.
+    pub fn max_known(&self) -> u64 {
+        self.max_known
+    }
+
+    /// How many seqs in `1..=last` are not known.
+    pub fn missing_upto(&self, last: u64) -> u64 {
+        if last <= self.contiguous {
+            return 0;
+        }
+        let known_beyond = self.ahead.range(..=last).count() as u64;
+        last - self.contiguous - known_beyond
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_and_delivered_seqs_interleave() {
+        let mut t = SeqTracker::default();
+        assert!(t.own(2));
+        assert_eq!(t.deliver(1, true), Seen::New);
+        assert_eq!(t.contiguous(), 2);
+        assert_eq!(t.deliver(4, true), Seen::New);
+        assert!(t.own(3));
+        assert_eq!(t.contiguous(), 4);
+        assert_eq!(t.missing_upto(4), 0);
+    }
+
+    #[test]
+    fn duplicates_reorders_and_losses_are_told_apart() {
+        let mut t = SeqTracker::default();
+        assert_eq!(t.deliver(1, true), Seen::New);
+        assert_eq!(t.deliver(1, true), Seen::Duplicate);
+        assert_eq!(t.deliver(3, true), Seen::New);
+        assert_eq!(t.deliver(2, true), Seen::Reordered);
+        assert_eq!(t.deliver(6, true), Seen::New);
+        assert_eq!(t.missing_upto(7), 3); // 4, 5, 7
+        // A sync fills a gap without counting as a reorder.
+        assert_eq!(t.deliver(4, false), Seen::New);
+        assert_eq!(t.missing_upto(7), 2);
+        assert!(!t.own(6), "own ack of a known seq");
+        assert_eq!(t.max_known(), 6);
+    }
+}

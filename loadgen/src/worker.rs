@@ -1,0 +1,870 @@
+//! One worker's run: connect its share of users, play the scenario, then
+//! verify. A run is one process, or several that each run a worker and
+//! report to the first (see `main`).
+//!
+//! Every simulated user is one task owning its connection. Senders send at
+//! their share of the rate with a bounded window of unacknowledged sends;
+//! every message carries its send time, so recipients measure send-to-
+//! deliver latency. Every user tracks the seqs of its conversation
+//! ([`SeqTracker`]); at the end each does a final sync, and the worker
+//! counts what no recipient ever got.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use futures::{SinkExt, StreamExt};
+use im_proto::pb;
+use im_proto::pb::frame::Body;
+use im_proto::{ConversationId, Frame};
+use rand::seq::SliceRandom;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{Semaphore, watch};
+
+use crate::args::{Args, Scenario};
+use crate::conn::{self, Conn, Session};
+use crate::metrics::{Metrics, Snapshot};
+use crate::track::{Seen, SeqTracker};
+
+/// Connects (and logs in) at once per worker at most.
+const CONNECT_CONCURRENCY: usize = 512;
+/// Messages per final sync page.
+const SYNC_PAGE: u32 = 500;
+
+/// What the users are told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Send at the rate and receive.
+    Load,
+    /// Stop sending; keep receiving.
+    Settle,
+    /// Fetch what is missing, report and end.
+    Sync,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Control {
+    phase: Phase,
+    /// Storms so far: each one makes every user drop its connection and
+    /// resume on a new one.
+    storms: u32,
+}
+
+/// Microseconds since the Unix epoch (all workers of a run share the
+/// clock: they run on one machine).
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A simulated user taking part in a conversation.
+struct Member {
+    index: usize,
+    username: String,
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    session: Session,
+    conversation: u64,
+    target: pb::send_request::Target,
+    /// Seconds between sends (0: as fast as the window allows).
+    interval: f64,
+    /// Seqs this user knows from setup (the creator of a group got the
+    /// group's first notice while waiting for the creation reply).
+    known: Option<u64>,
+}
+
+/// What a user knows at the end.
+struct Outcome {
+    conversation: u64,
+    tracker: SeqTracker,
+    problems: Vec<String>,
+}
+
+struct Shared {
+    args: Arc<Args>,
+    metrics: Arc<Metrics>,
+    connects: Semaphore,
+    text_pad: String,
+}
+
+/// Runs one worker's share of the scenario; `emit` gets a snapshot every
+/// second. Returns the final snapshot (with verification results).
+pub async fn run(
+    args: Arc<Args>,
+    worker: usize,
+    mut emit: impl FnMut(&Snapshot),
+) -> anyhow::Result<Snapshot> {
+    let started = Instant::now();
+    let metrics = Arc::new(Metrics::default());
+    let (count, rate) = args.share(worker);
+    let shared = Arc::new(Shared {
+        args: args.clone(),
+        metrics: metrics.clone(),
+        connects: Semaphore::new(CONNECT_CONCURRENCY),
+        text_pad: "x".repeat(args.size),
+    });
+    let prefix = args
+        .user_prefix
+        .clone()
+        .unwrap_or_else(|| format!("lg{}", now_us() / 1_000_000 % 1_000_000_000));
+    let mut timeline = Vec::new();
+    let mut tick = Ticker::new(started);
+
+    // Connect everyone at this worker's share of the ramp.
+    let ramp = f64::from(args.ramp) / args.workers as f64;
+    let mut connecting = Vec::with_capacity(count);
+    for i in 0..count {
+        if ramp > 0.0 {
+            let due = started + Duration::from_secs_f64(i as f64 / ramp);
+            while Instant::now() < due {
+                let wait = due
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(100));
+                tokio::time::sleep(wait).await;
+                tick.maybe(&metrics, &mut emit, &mut timeline);
+            }
+        }
+        let global = worker * 1_000_000 + i;
+        let username = format!("{prefix}w{worker}u{i}");
+        let server = args.server[placement(&args, i) % args.server.len()];
+        let source = args.source_addrs.as_ref().map(|s| s.0[global % s.0.len()]);
+        let shared = shared.clone();
+        connecting.push(tokio::spawn(async move {
+            let permit = shared.connects.acquire().await.ok();
+            let t = Instant::now();
+            let result =
+                conn::connect(server, source, &username, &shared.args.password, None).await;
+            drop(permit);
+            match result {
+                Ok((c, session)) => {
+                    shared
+                        .metrics
+                        .connect
+                        .record(t.elapsed().as_micros() as u64);
+                    Metrics::add(&shared.metrics.connections, 1);
+                    Some((i, username, server, source, c, session))
+                }
+                Err(e) => {
+                    Metrics::add(&shared.metrics.connections_failed, 1);
+                    eprintln!("worker {worker}: {username}: {e:#}");
+                    None
+                }
+            }
+        }));
+    }
+    let mut established = Vec::with_capacity(count);
+    for task in connecting {
+        if let Some(c) = task.await.context("connect task")? {
+            established.push(c);
+        }
+        tick.maybe(&metrics, &mut emit, &mut timeline);
+    }
+
+    let (control, rx) = watch::channel(Control {
+        phase: Phase::Load,
+        storms: 0,
+    });
+    let mut users = Vec::new();
+    match args.scenario {
+        Scenario::Idle => {
+            for (_, _, _, _, c, session) in established {
+                let rx = rx.clone();
+                users.push(tokio::spawn(idle(c.into_inner(), session.heartbeat, rx)));
+            }
+        }
+        Scenario::Direct | Scenario::Storm | Scenario::Group => {
+            let members = plan_conversations(&args, rate, established, &metrics).await?;
+            for (member, c) in members {
+                let shared = shared.clone();
+                let rx = rx.clone();
+                users.push(tokio::spawn(async move {
+                    converse(member, c, rx, shared).await
+                }));
+            }
+        }
+    }
+    let members = users.len() as u64;
+
+    // Warm up, measure, (storm), settle.
+    wait(
+        &args,
+        args.warmup,
+        &metrics,
+        &mut tick,
+        &mut emit,
+        &mut timeline,
+    )
+    .await;
+    metrics.start_measuring();
+    let measure_start = Instant::now();
+    let acked_before = metrics.acked.load(Relaxed);
+    let delivered_before = metrics.delivered.load(Relaxed);
+    let mut storm_secs = 0.0;
+    if args.scenario == Scenario::Storm {
+        wait(
+            &args,
+            args.duration / 2,
+            &metrics,
+            &mut tick,
+            &mut emit,
+            &mut timeline,
+        )
+        .await;
+        metrics.connect.reset();
+        let before = metrics.reconnects.load(Relaxed);
+        let storm_started = Instant::now();
+        let _ = control.send(Control {
+            phase: Phase::Load,
+            storms: 1,
+        });
+        let deadline = storm_started + Duration::from_secs(120);
+        while metrics.reconnects.load(Relaxed) < before + members && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            tick.maybe(&metrics, &mut emit, &mut timeline);
+        }
+        storm_secs = storm_started.elapsed().as_secs_f64();
+        let rest = args.duration.saturating_sub(args.duration / 2);
+        let rest = Duration::from_secs(rest).saturating_sub(storm_started.elapsed());
+        wait_for(rest, &metrics, &mut tick, &mut emit, &mut timeline).await;
+    } else {
+        wait(
+            &args,
+            args.duration,
+            &metrics,
+            &mut tick,
+            &mut emit,
+            &mut timeline,
+        )
+        .await;
+    }
+    let measured_secs = measure_start.elapsed().as_secs_f64();
+    let measured_acked = metrics.acked.load(Relaxed) - acked_before;
+    let measured_delivered = metrics.delivered.load(Relaxed) - delivered_before;
+    // (Read the storm count first: a borrow held across send() deadlocks.)
+    let storms = control.borrow().storms;
+    let _ = control.send(Control {
+        phase: Phase::Settle,
+        storms,
+    });
+    wait(
+        &args,
+        args.settle,
+        &metrics,
+        &mut tick,
+        &mut emit,
+        &mut timeline,
+    )
+    .await;
+    let _ = control.send(Control {
+        phase: Phase::Sync,
+        storms,
+    });
+
+    // Verify: every seq up to each conversation's last is known to each of
+    // its users.
+    let mut outcomes = Vec::new();
+    for user in users {
+        if let Some(outcome) = user.await.context("user task")? {
+            outcomes.push(outcome);
+        }
+        tick.maybe(&metrics, &mut emit, &mut timeline);
+    }
+    let mut last: HashMap<u64, u64> = HashMap::new();
+    for o in &outcomes {
+        let l = last.entry(o.conversation).or_default();
+        *l = (*l).max(o.tracker.max_known());
+    }
+    let mut lost = 0;
+    let mut problems = Vec::new();
+    for o in outcomes {
+        let missing = o.tracker.missing_upto(last[&o.conversation]);
+        if missing > 0 {
+            problems.push(format!(
+                "conversation {}: a user never got {missing} message(s)",
+                o.conversation
+            ));
+        }
+        lost += missing;
+        problems.extend(o.problems);
+    }
+    let mut snapshot = metrics.snapshot(started.elapsed().as_secs_f64());
+    timeline.push((
+        snapshot.t,
+        snapshot.sent,
+        snapshot.acked,
+        snapshot.delivered,
+    ));
+    snapshot.done = true;
+    snapshot.lost = lost;
+    snapshot.measured_acked = measured_acked;
+    snapshot.measured_delivered = measured_delivered;
+    snapshot.measured_secs = measured_secs;
+    snapshot.storm_secs = storm_secs;
+    snapshot.timeline = timeline;
+    problems.truncate(20);
+    snapshot.problems = problems;
+    Ok(snapshot)
+}
+
+/// Which server a user goes to: a whole pair or group shares one (nodes do
+/// not forward pushes to each other).
+fn placement(args: &Args, i: usize) -> usize {
+    match args.scenario {
+        Scenario::Idle => i,
+        Scenario::Direct | Scenario::Storm => i / 2,
+        Scenario::Group => i / args.group_size,
+    }
+}
+
+/// Emits a snapshot once a second.
+struct Ticker {
+    started: Instant,
+    next: Instant,
+}
+
+impl Ticker {
+    fn new(started: Instant) -> Ticker {
+        Ticker {
+            started,
+            next: started + Duration::from_secs(1),
+        }
+    }
+
+    fn maybe(
+        &mut self,
+        metrics: &Metrics,
+        emit: &mut impl FnMut(&Snapshot),
+        timeline: &mut Vec<(f64, u64, u64, u64)>,
+    ) {
+        let now = Instant::now();
+        if now < self.next {
+            return;
+        }
+        self.next = now + Duration::from_secs(1);
+        let s = metrics.snapshot(now.duration_since(self.started).as_secs_f64());
+        timeline.push((s.t, s.sent, s.acked, s.delivered));
+        emit(&s);
+    }
+}
+
+async fn wait(
+    _args: &Args,
+    secs: u64,
+    metrics: &Metrics,
+    tick: &mut Ticker,
+    emit: &mut impl FnMut(&Snapshot),
+    timeline: &mut Vec<(f64, u64, u64, u64)>,
+) {
+    wait_for(Duration::from_secs(secs), metrics, tick, emit, timeline).await;
+}
+
+async fn wait_for(
+    span: Duration,
+    metrics: &Metrics,
+    tick: &mut Ticker,
+    emit: &mut impl FnMut(&Snapshot),
+    timeline: &mut Vec<(f64, u64, u64, u64)>,
+) {
+    let until = Instant::now() + span;
+    while Instant::now() < until {
+        let step = until
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(100));
+        tokio::time::sleep(step).await;
+        tick.maybe(metrics, emit, timeline);
+    }
+}
+
+/// Pairs users (direct, storm) or forms groups, and gives each its part of
+/// the rate.
+async fn plan_conversations(
+    args: &Args,
+    rate: f64,
+    mut established: Vec<(usize, String, SocketAddr, Option<IpAddr>, Conn, Session)>,
+    metrics: &Metrics,
+) -> anyhow::Result<Vec<(Member, Conn)>> {
+    // Pairs and groups stay on one server: shuffle within each server.
+    established.sort_by_key(|e| (e.2, e.0));
+    let unit = if args.scenario == Scenario::Group {
+        args.group_size
+    } else {
+        2
+    };
+    let mut by_server: HashMap<SocketAddr, Vec<_>> = HashMap::new();
+    for e in established {
+        by_server.entry(e.2).or_default().push(e);
+    }
+    let mut out = Vec::new();
+    let senders: usize = by_server.values().map(|v| v.len() / unit * unit).sum();
+    let per_sender = if senders == 0 {
+        0.0
+    } else {
+        rate / senders as f64
+    };
+    let interval = if args.rate == 0 || per_sender <= 0.0 {
+        0.0
+    } else {
+        1.0 / per_sender
+    };
+    for (_, mut users) in by_server {
+        users.shuffle(&mut rand::rng());
+        // Users left over (too few for a pair or group) just disconnect.
+        let whole = users.len() / unit * unit;
+        for _ in users.drain(whole..) {
+            metrics.connections.fetch_sub(1, Relaxed);
+        }
+        let mut users = users.into_iter();
+        loop {
+            let mut group: Vec<_> = users.by_ref().take(unit).collect();
+            if group.len() < unit {
+                break;
+            }
+            let ids: Vec<u64> = group.iter().map(|g| g.5.user_id).collect();
+            let (conversation, targets) = if args.scenario == Scenario::Group {
+                let body = Body::CreateGroup(pb::CreateGroupRequest {
+                    name: "loadgen".into(),
+                    member_ids: ids[1..].to_vec(),
+                });
+                let info = match conn::call(&mut group[0].4, 7, body).await? {
+                    Body::Group(info) => info,
+                    other => anyhow::bail!("creating a group failed: {other:?}"),
+                };
+                let target = pb::send_request::Target::ConversationId(info.conversation_id);
+                (info.conversation_id, vec![target; unit])
+            } else {
+                let conv = ConversationId::direct(ids[0], ids[1])
+                    .context("user ids out of range")?
+                    .raw();
+                let targets = vec![
+                    pb::send_request::Target::ToUser(ids[1]),
+                    pb::send_request::Target::ToUser(ids[0]),
+                ];
+                (conv, targets)
+            };
+            let first = out.len();
+            for (g, target) in group.into_iter().zip(targets) {
+                out.push(member(g, conversation, target, interval));
+            }
+            if args.scenario == Scenario::Group {
+                out[first].0.known = Some(1);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn member(
+    (index, username, server, source, c, session): (
+        usize,
+        String,
+        SocketAddr,
+        Option<IpAddr>,
+        Conn,
+        Session,
+    ),
+    conversation: u64,
+    target: pb::send_request::Target,
+    interval: f64,
+) -> (Member, Conn) {
+    (
+        Member {
+            index,
+            username,
+            server,
+            source,
+            session,
+            conversation,
+            target,
+            interval,
+            known: None,
+        },
+        c,
+    )
+}
+
+/// An idle user: answers nothing, pings at the heartbeat interval, holds
+/// no buffer between pongs.
+async fn idle(
+    mut stream: tokio::net::TcpStream,
+    heartbeat: Duration,
+    mut control: watch::Receiver<Control>,
+) -> Option<Outcome> {
+    use tokio::io::AsyncWriteExt;
+    let ping = im_proto::codec::encode_to_bytes(&Frame::new(1, Body::Ping(pb::Ping {})));
+    let every = heartbeat.mul_f64(0.8);
+    let mut next = tokio::time::Instant::now() + every;
+    loop {
+        let mut scratch = [0u8; 256];
+        tokio::select! {
+            changed = control.changed() => {
+                if changed.is_err() || control.borrow().phase == Phase::Sync {
+                    return None;
+                }
+            }
+            read = stream.read(&mut scratch) => {
+                if matches!(read, Ok(0) | Err(_)) {
+                    return None;
+                }
+            }
+            _ = tokio::time::sleep_until(next) => {
+                if stream.write_all(&ping).await.is_err() {
+                    return None;
+                }
+                next += every;
+            }
+        }
+    }
+}
+
+/// A user in a conversation, for the whole run.
+async fn converse(
+    mut m: Member,
+    mut c: Conn,
+    mut control: watch::Receiver<Control>,
+    shared: Arc<Shared>,
+) -> Option<Outcome> {
+    let metrics = &shared.metrics;
+    let mut state = State {
+        tracker: SeqTracker::default(),
+        pending: VecDeque::new(),
+        next_request: 100,
+        counter: 0,
+        problems: Vec::new(),
+    };
+    if let Some(seq) = m.known {
+        state.tracker.own(seq);
+    }
+    let mut storms = 0;
+    loop {
+        let ctl = *control.borrow();
+        if ctl.storms > storms {
+            // Everyone drops at once, then resumes with its token.
+            storms = ctl.storms;
+            drop(c);
+            state.pending.clear();
+            match reconnect(&m, &shared).await {
+                Some((fresh, session)) => {
+                    m.session = session;
+                    c = fresh;
+                    Metrics::add(&metrics.reconnects, 1);
+                    // Catch up, as a client does after every reconnect.
+                    if let Err(e) = sync(&m, &mut c, &mut state, metrics, true).await {
+                        state
+                            .problems
+                            .push(format!("{}: catch-up failed: {e:#}", m.username));
+                    }
+                }
+                None => return Some(state.outcome(&m)),
+            }
+            continue;
+        }
+        match ctl.phase {
+            Phase::Load | Phase::Settle => {
+                let sending = ctl.phase == Phase::Load;
+                match drive(&m, &mut c, &mut state, &mut control, sending, &shared).await {
+                    Ok(()) => {}
+                    Err(e) => {
+                        Metrics::add(&metrics.errors, 1);
+                        state.pending.clear();
+                        eprintln!("{}: connection lost ({e:#}); resuming", m.username);
+                        match reconnect(&m, &shared).await {
+                            Some((fresh, session)) => {
+                                m.session = session;
+                                c = fresh;
+                                let _ = sync(&m, &mut c, &mut state, metrics, true).await;
+                            }
+                            None => return Some(state.outcome(&m)),
+                        }
+                    }
+                }
+            }
+            Phase::Sync => {
+                if let Err(e) = sync(&m, &mut c, &mut state, metrics, false).await {
+                    state
+                        .problems
+                        .push(format!("{}: final sync failed: {e:#}", m.username));
+                }
+                let _ = SinkExt::<Frame>::close(&mut c).await;
+                return Some(state.outcome(&m));
+            }
+        }
+    }
+}
+
+struct State {
+    tracker: SeqTracker,
+    /// Unacknowledged sends: (request id, send time in µs).
+    pending: VecDeque<(u64, u64)>,
+    next_request: u64,
+    counter: u64,
+    problems: Vec<String>,
+}
+
+impl State {
+    fn outcome(self, m: &Member) -> Outcome {
+        Outcome {
+            conversation: m.conversation,
+            tracker: self.tracker,
+            problems: self.problems,
+        }
+    }
+}
+
+async fn reconnect(m: &Member, shared: &Shared) -> Option<(Conn, Session)> {
+    let mut delay = Duration::from_millis(50);
+    for _ in 0..50 {
+        let permit = shared.connects.acquire().await.ok();
+        let t = Instant::now();
+        let result = conn::connect(
+            m.server,
+            m.source,
+            &m.username,
+            &shared.args.password,
+            Some(&m.session.token),
+        )
+        .await;
+        drop(permit);
+        match result {
+            Ok(ok) => {
+                shared
+                    .metrics
+                    .connect
+                    .record(t.elapsed().as_micros() as u64);
+                return Some(ok);
+            }
+            Err(e) => {
+                Metrics::add(&shared.metrics.errors, 1);
+                eprintln!("{}: reconnect failed: {e:#}", m.username);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    None
+}
+
+/// Sends and receives until the control changes or the connection fails.
+async fn drive(
+    m: &Member,
+    c: &mut Conn,
+    state: &mut State,
+    control: &mut watch::Receiver<Control>,
+    sending: bool,
+    shared: &Shared,
+) -> anyhow::Result<()> {
+    let metrics = &shared.metrics;
+    let window = shared.args.window;
+    let saturate = m.interval == 0.0;
+    let interval = Duration::from_secs_f64(m.interval.max(1e-6));
+    // Spread the first sends over one interval.
+    let mut next_send = tokio::time::Instant::now() + interval.mul_f64(rand::random::<f64>());
+    let ping_every = m.session.heartbeat.mul_f64(0.8);
+    let mut last_write = tokio::time::Instant::now();
+    loop {
+        let can_send = sending && state.pending.len() < window;
+        tokio::select! {
+            biased;
+            changed = control.changed() => {
+                changed.context("control gone")?;
+                return Ok(());
+            }
+            frame = c.next() => {
+                let frame = frame.context("server closed the connection")??;
+                handle(m, state, frame, metrics)?;
+            }
+            _ = std::future::ready(()), if can_send && saturate => {
+                send(m, c, state, &shared.text_pad, shared.args.size, metrics).await?;
+                last_write = tokio::time::Instant::now();
+            }
+            _ = tokio::time::sleep_until(next_send), if sending && !saturate => {
+                if state.pending.len() < window {
+                    send(m, c, state, &shared.text_pad, shared.args.size, metrics).await?;
+                    last_write = tokio::time::Instant::now();
+                }
+                next_send += interval;
+                let now = tokio::time::Instant::now();
+                if next_send + Duration::from_secs(1) < now {
+                    next_send = now; // Far behind: do not burst to catch up.
+                }
+            }
+            _ = tokio::time::sleep_until(last_write + ping_every) => {
+                let id = state.next_request;
+                state.next_request += 1;
+                c.send(Frame::new(id, Body::Ping(pb::Ping {}))).await?;
+                last_write = tokio::time::Instant::now();
+            }
+        }
+    }
+}
+
+async fn send(
+    m: &Member,
+    c: &mut Conn,
+    state: &mut State,
+    pad: &str,
+    size: usize,
+    metrics: &Metrics,
+) -> anyhow::Result<()> {
+    let id = state.next_request;
+    state.next_request += 1;
+    let sent_us = now_us();
+    let mut text = format!("{sent_us}:{}:{}:", m.index, state.counter);
+    let fill = size.saturating_sub(text.len());
+    text.push_str(&pad[..fill.min(pad.len())]);
+    state.counter += 1;
+    let body = Body::Send(pb::SendRequest {
+        target: Some(m.target),
+        client_msg_id: format!("{}-{}", m.index, state.counter),
+        content: Some(pb::Content {
+            kind: Some(pb::content::Kind::Text(pb::Text { text })),
+        }),
+    });
+    c.send(Frame::new(id, body)).await?;
+    state.pending.push_back((id, sent_us));
+    Metrics::add(&metrics.sent, 1);
+    Ok(())
+}
+
+/// The send time carried at the start of a message's text.
+fn sent_at(message: &pb::Message) -> Option<u64> {
+    match message.content.as_ref()?.kind.as_ref()? {
+        pb::content::Kind::Text(t) => t.text.split(':').next()?.parse().ok(),
+        _ => None,
+    }
+}
+
+fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> anyhow::Result<()> {
+    let Some(body) = frame.body else {
+        return Ok(());
+    };
+    match body {
+        Body::SendAck(ack) => {
+            if let Some(pos) = state
+                .pending
+                .iter()
+                .position(|&(id, _)| id == frame.request_id)
+            {
+                let (_, sent_us) = state.pending.remove(pos).unwrap_or_default();
+                if metrics.measuring() {
+                    metrics.ack.record(now_us().saturating_sub(sent_us));
+                }
+            }
+            Metrics::add(&metrics.acked, 1);
+            if !state.tracker.own(ack.seq) {
+                state.problems.push(format!(
+                    "{}: seq {} acknowledged but already known",
+                    m.username, ack.seq
+                ));
+                Metrics::add(&metrics.duplicated, 1);
+            }
+        }
+        Body::Message(message) if message.conversation_id == m.conversation => {
+            if message.sender_id == m.session.user_id {
+                // Our own message pushed back to us.
+                Metrics::add(&metrics.duplicated, 1);
+                state.problems.push(format!(
+                    "{}: own message {} pushed back",
+                    m.username, message.seq
+                ));
+                return Ok(());
+            }
+            match state.tracker.deliver(message.seq, true) {
+                Seen::New => Metrics::add(&metrics.delivered, 1),
+                Seen::Reordered => {
+                    Metrics::add(&metrics.delivered, 1);
+                    Metrics::add(&metrics.reordered, 1);
+                    if state.problems.len() < 5 {
+                        state.problems.push(format!(
+                            "{}: seq {} arrived after a later one",
+                            m.username, message.seq
+                        ));
+                    }
+                }
+                Seen::Duplicate => {
+                    Metrics::add(&metrics.duplicated, 1);
+                    if state.problems.len() < 5 {
+                        state.problems.push(format!(
+                            "{}: seq {} delivered twice",
+                            m.username, message.seq
+                        ));
+                    }
+                }
+            }
+            if metrics.measuring() {
+                if let Some(sent) = sent_at(&message) {
+                    metrics.deliver.record(now_us().saturating_sub(sent));
+                }
+            }
+        }
+        Body::Error(e) => {
+            Metrics::add(&metrics.errors, 1);
+            if let Some(pos) = state
+                .pending
+                .iter()
+                .position(|&(id, _)| id == frame.request_id)
+            {
+                state.pending.remove(pos);
+            }
+            if e.fatal {
+                anyhow::bail!("fatal error {}: {}", e.code, e.message);
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Fetches every message of the conversation above what is known without a
+/// gap. `catch_up`: after a reconnect (storm), else the final check.
+async fn sync(
+    m: &Member,
+    c: &mut Conn,
+    state: &mut State,
+    metrics: &Metrics,
+    catch_up: bool,
+) -> anyhow::Result<()> {
+    let mut cursor = state.tracker.contiguous();
+    loop {
+        let id = state.next_request;
+        state.next_request += 1;
+        let body = Body::Sync(pb::SyncRequest {
+            cursors: vec![pb::ConvCursor {
+                conversation_id: m.conversation,
+                seq: cursor,
+            }],
+            limit: SYNC_PAGE,
+        });
+        c.send(Frame::new(id, body)).await?;
+        let page = loop {
+            let frame = c.next().await.context("closed during sync")??;
+            if frame.request_id == id {
+                match frame.body {
+                    Some(Body::SyncResponse(r)) => break r,
+                    other => anyhow::bail!("sync answered with {other:?}"),
+                }
+            }
+            // Pushes and late acks keep counting meanwhile.
+            handle(m, state, frame, metrics)?;
+        };
+        let mut highest = cursor;
+        for message in &page.messages {
+            highest = highest.max(message.seq);
+            if message.sender_id == m.session.user_id {
+                state.tracker.own(message.seq);
+            } else if state.tracker.deliver(message.seq, false) == Seen::New {
+                Metrics::add(&metrics.delivered, 1);
+                if !catch_up {
+                    Metrics::add(&metrics.recovered, 1);
+                }
+            }
+        }
+        if !page.has_more || highest == cursor {
+            return Ok(());
+        }
+        cursor = highest;
+    }
+}
