@@ -87,8 +87,8 @@ pub struct Args {
     pub workers: usize,
 
     /// Local source addresses to spread connections over, as a range
-    /// `127.0.0.2-127.0.0.40` or a list; each gives another 28,000
-    /// ephemeral ports per server address.
+    /// `127.0.0.2-127.0.0.40` or a list; each allows about another 28,000
+    /// connections (the ephemeral port range of one address).
     #[arg(long, value_parser = parse_source_addrs)]
     pub source_addrs: Option<SourceAddrs>,
 
