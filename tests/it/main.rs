@@ -4,6 +4,7 @@ mod accounts;
 mod chat;
 mod crash;
 mod lifecycle;
+mod loadgen;
 mod protocol;
 mod resilience;
 mod worker;
