@@ -147,17 +147,20 @@ fn gauge_metric(value: u64) -> Metric {
 /// A bound admin socket that does not serve yet.
 #[derive(Debug)]
 pub struct AdminListener {
-    listener: std::net::TcpListener,
+    listener: tokio::net::TcpListener,
     local_addr: SocketAddr,
 }
 
 impl AdminListener {
-    /// Binds `addr` (port 0 picks a free port).
+    /// Binds `addr` (port 0 picks a free port). Must be called within a
+    /// tokio runtime; binding is all that can fail, so a process can bind
+    /// before it starts anything else and serve once it runs.
     pub fn bind(addr: SocketAddr) -> Result<AdminListener, AdminError> {
         let err = |source| AdminError::Bind { addr, source };
         let listener = std::net::TcpListener::bind(addr).map_err(err)?;
         listener.set_nonblocking(true).map_err(err)?;
         let local_addr = listener.local_addr().map_err(err)?;
+        let listener = tokio::net::TcpListener::from_std(listener).map_err(err)?;
         Ok(AdminListener {
             listener,
             local_addr,
@@ -169,12 +172,10 @@ impl AdminListener {
         self.local_addr
     }
 
-    /// Starts serving `source` on a task of the current tokio runtime (must
-    /// be called within one).
-    pub fn serve<T: AdminSource>(self, source: Arc<T>) -> Result<AdminServer, AdminError> {
+    /// Starts serving `source` on a task of the current tokio runtime.
+    pub fn serve<T: AdminSource>(self, source: Arc<T>) -> AdminServer {
         let addr = self.local_addr;
-        let listener = tokio::net::TcpListener::from_std(self.listener)
-            .map_err(|source| AdminError::Bind { addr, source })?;
+        let listener = self.listener;
         let app = Router::new()
             .route("/metrics", get(metrics::<T>))
             .route("/healthz", get(healthz::<T>))
@@ -191,11 +192,11 @@ impl AdminListener {
             }
         });
         tracing::info!(addr = %addr, "admin listener serving /metrics and /healthz");
-        Ok(AdminServer {
+        AdminServer {
             local_addr: addr,
             stop: Some(stop),
             task: Some(task),
-        })
+        }
     }
 }
 
@@ -214,7 +215,7 @@ impl AdminServer {
         addr: SocketAddr,
         source: Arc<T>,
     ) -> Result<AdminServer, AdminError> {
-        AdminListener::bind(addr)?.serve(source)
+        Ok(AdminListener::bind(addr)?.serve(source))
     }
 
     /// The address it listens on.
@@ -307,8 +308,8 @@ mod tests {
         assert!(text.starts_with("# HELP im_x a \\\\ b\\nc\n"), "{text}");
     }
 
-    #[test]
-    fn a_taken_port_fails_clearly() {
+    #[tokio::test]
+    async fn a_taken_port_fails_clearly() {
         let first = AdminListener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let err = AdminListener::bind(first.local_addr()).unwrap_err();
         assert!(matches!(err, AdminError::Bind { .. }));

@@ -207,13 +207,12 @@ impl Worker {
             )));
         }
         let running = Arc::new(AtomicBool::new(true));
-        let admin = match admin {
-            Some(listener) => Some(listener.serve(Arc::new(WorkerAdmin {
+        let admin = admin.map(|listener| {
+            listener.serve(Arc::new(WorkerAdmin {
                 stats: stats.clone(),
                 running: running.clone(),
-            }))?),
-            None => None,
-        };
+            }))
+        });
         Ok(WorkerHandle {
             stop,
             tasks,
