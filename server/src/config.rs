@@ -44,6 +44,13 @@ pub struct Config {
     #[arg(long, env = "IM_DATA_DIR", default_value = "data")]
     pub data_dir: PathBuf,
 
+    /// Address of the admin HTTP listener: Prometheus metrics at /metrics,
+    /// a health check at /healthz (e.g. 127.0.0.1:9100; keep it off public
+    /// networks). Default: no listener.
+    #[arg(long, env = "IM_ADMIN_LISTEN")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// TOML file with any of these settings (flags and IM_* variables win).
     #[arg(long, env = "IM_CONFIG")]
     #[serde(skip)]
@@ -452,6 +459,7 @@ mod tests {
         let c = Config::defaults();
         assert_eq!(c.listen, "127.0.0.1:7000".parse().unwrap());
         assert_eq!(c.data_dir, PathBuf::from("data"));
+        assert_eq!(c.admin_listen, None);
         c.validate().unwrap();
         let help = <Config as clap::CommandFactory>::command()
             .render_long_help()
@@ -461,6 +469,8 @@ mod tests {
             "--auth-timeout-secs",
             "--max-outbound-bytes",
             "--reuse-port",
+            "--admin-listen",
+            "IM_ADMIN_LISTEN",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help");
         }
@@ -483,8 +493,11 @@ mod tests {
             path.to_str().unwrap(),
             "--listen",
             "127.0.0.1:7200",
+            "--admin-listen",
+            "127.0.0.1:9100",
         ])
         .unwrap();
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9100".parse().unwrap()));
         assert_eq!(c.max_frame_bytes, 8192);
         assert_eq!(c.heartbeat_interval_secs, 5);
         assert_eq!(c.listen, "127.0.0.1:7200".parse().unwrap());

@@ -5,10 +5,12 @@
 //! - [`store`]: the storage trait and the embedded SQLite store.
 //! - [`config`]: flags, `IM_*` variables and TOML, validated.
 //! - [`server`]: assembly of one node and its graceful shutdown.
+//! - [`metrics`]: what a node reports on its admin listener.
 #![forbid(unsafe_code)]
 
 pub mod chat;
 pub mod config;
+pub mod metrics;
 pub mod net;
 pub mod server;
 pub mod store;

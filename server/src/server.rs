@@ -1,17 +1,21 @@
 //! Assembly and lifecycle of one server node: open the store, bind the
-//! listeners, start the chat service and the event loops; and the ordered
-//! shutdown (stop accepting, finish in-flight requests, close sessions with
-//! a reason, flush the store).
+//! listeners, start the chat service, the event loops and the optional
+//! admin listener; and the ordered shutdown (report unhealthy, stop
+//! accepting, finish in-flight requests, close sessions with a reason,
+//! flush the store, close the admin listener).
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use im_proto::{ErrorCode, Frame};
+use im_storage::admin::{AdminError, AdminListener, AdminServer};
 
-use crate::chat::ChatService;
+use crate::chat::{ChatService, ChatStatsSnapshot};
 use crate::config::Config;
+use crate::metrics::NodeMetrics;
 use crate::net::{Net, NetError, NetStatsSnapshot, Outbound, RunningNet};
 use crate::store::pipeline::PipelineStore;
 use crate::store::sqlite::SqliteStore;
@@ -40,15 +44,30 @@ pub enum ServerError {
     /// The chat service could not be built.
     #[error("cannot start chat service: {0}")]
     Chat(String),
+    /// The admin listener could not be bound.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
-/// Storage that can be shut down cleanly.
+/// How long the pipeline store's health check waits for Redis.
+const REDIS_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Storage a node runs on: it can be health-checked and shut down cleanly.
 pub trait Closeable: Store {
+    /// `Ok` while the backend can take appends, otherwise why not; answers
+    /// within about a second.
+    fn health(&self) -> impl std::future::Future<Output = Result<(), String>> + Send;
+
     /// Finishes queued writes and releases the backend.
     fn shutdown(self: Arc<Self>) -> impl std::future::Future<Output = ()> + Send;
 }
 
 impl Closeable for SqliteStore {
+    async fn health(&self) -> Result<(), String> {
+        // In-process: it is there as long as the node is.
+        Ok(())
+    }
+
     async fn shutdown(self: Arc<Self>) {
         // Closing joins the writer thread: keep it off the reactor.
         let _ = tokio::task::spawn_blocking(move || self.close()).await;
@@ -56,6 +75,12 @@ impl Closeable for SqliteStore {
 }
 
 impl Closeable for PipelineStore {
+    async fn health(&self) -> Result<(), String> {
+        self.ping(REDIS_HEALTH_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     async fn shutdown(self: Arc<Self>) {
         self.close().await;
     }
@@ -67,6 +92,9 @@ pub struct Server<S: Closeable> {
     service: ChatService<S>,
     store: Arc<S>,
     grace: Duration,
+    /// Cleared when shutdown begins (the health check fails from then on).
+    accepting: Arc<AtomicBool>,
+    admin: Option<AdminServer>,
 }
 
 /// The node with the embedded store, as `im-server` runs it by default.
@@ -123,22 +151,36 @@ impl Server<PipelineStore> {
 }
 
 impl<S: Closeable> Server<S> {
-    /// Starts a node on an already opened store.
+    /// Starts a node on an already opened store. With `admin_listen` set,
+    /// that address is bound before the client listener, so a bad one
+    /// fails start-up before any client is accepted.
     pub fn with_store(
         config: Config,
         store: Arc<S>,
         token_key: Vec<u8>,
     ) -> Result<Self, ServerError> {
+        let admin = config.admin_listen.map(AdminListener::bind).transpose()?;
         let net = Net::bind(config.net())?;
         let service = ChatService::new(store.clone(), net.outbound(), config.chat(), token_key)
             .map_err(ServerError::Chat)?;
         let net = net.run(Arc::new(service.clone()))?;
         tracing::info!(addr = %net.local_addr(), "listening");
+        let accepting = Arc::new(AtomicBool::new(true));
+        let admin = admin.map(|listener| {
+            listener.serve(Arc::new(NodeMetrics {
+                outbound: net.outbound(),
+                service: service.clone(),
+                store: store.clone(),
+                accepting: accepting.clone(),
+            }))
+        });
         Ok(Server {
             net,
             service,
             store,
             grace: Duration::from_secs(config.shutdown_grace_secs),
+            accepting,
+            admin,
         })
     }
 
@@ -152,6 +194,16 @@ impl<S: Closeable> Server<S> {
         self.outbound().stats()
     }
 
+    /// Chat-service counters and queue depths.
+    pub fn chat_stats(&self) -> ChatStatsSnapshot {
+        self.service.stats()
+    }
+
+    /// The address of the admin listener, if one was asked for.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
+    }
+
     fn outbound(&self) -> Outbound {
         self.net.outbound()
     }
@@ -161,17 +213,21 @@ impl<S: Closeable> Server<S> {
         self.service.online_users()
     }
 
-    /// Graceful shutdown: stop accepting and reading requests, wait (up to
-    /// the grace period) until every received request is answered, close
-    /// every connection with SERVER_SHUTDOWN, then flush and close the
-    /// store.
+    /// Graceful shutdown: report unhealthy, stop accepting and reading
+    /// requests, wait (up to the grace period) until every received request
+    /// is answered, close every connection with SERVER_SHUTDOWN, flush and
+    /// close the store, and close the admin listener last (so the final
+    /// counters can be scraped meanwhile).
     pub async fn shutdown(self) {
         let Server {
             net,
             service,
             store,
             grace,
+            accepting,
+            admin,
         } = self;
+        accepting.store(false, Ordering::Release);
         net.drain();
         if tokio::time::timeout(grace, service.wait_idle())
             .await
@@ -188,6 +244,9 @@ impl<S: Closeable> Server<S> {
             tracing::error!("closing connections failed");
         }
         store.shutdown().await;
+        if let Some(admin) = admin {
+            admin.shutdown().await;
+        }
         tracing::info!("shut down");
     }
 }

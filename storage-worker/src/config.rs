@@ -5,6 +5,7 @@
 //! `--config` file, then the built-in default. TOML keys are the flag names
 //! without the leading dashes (`batch-count = 2000`).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -162,6 +163,13 @@ pub struct WorkerConfig {
     /// Seconds between two progress lines in the log (0 = none).
     #[arg(long, env = "IM_PROGRESS_SECS", default_value_t = 10)]
     pub progress_secs: u64,
+
+    /// Address of the admin HTTP listener: Prometheus metrics at /metrics,
+    /// a health check at /healthz (e.g. 127.0.0.1:9101; keep it off public
+    /// networks). Default: no listener.
+    #[arg(long, env = "IM_ADMIN_LISTEN")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl WorkerConfig {
@@ -279,6 +287,7 @@ mod tests {
         assert_eq!(c.batch_bytes, 4 << 20);
         assert_eq!(c.claim_idle_ms, 30_000);
         assert_eq!(c.max_attempts, 5);
+        assert_eq!(c.admin_listen, None);
         assert!(!c.consumer_name().is_empty());
         let help = <WorkerConfig as clap::CommandFactory>::command()
             .render_long_help()
@@ -290,6 +299,8 @@ mod tests {
             "--claim-idle-ms",
             "--max-attempts",
             "--trim-interval-ms",
+            "--admin-listen",
+            "IM_ADMIN_LISTEN",
             "IM_REDIS_URL",
             "[default: 1000]",
         ] {
@@ -302,7 +313,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("im-worker-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("worker.toml");
-        std::fs::write(&path, "batch-count = 77\nstreams = 4\nconsumer = \"w1\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "batch-count = 77\nstreams = 4\nconsumer = \"w1\"\nadmin-listen = \"127.0.0.1:9101\"\n",
+        )
+        .unwrap();
         let c = WorkerConfig::load_from([
             "im-storage-worker",
             "--config",
@@ -314,6 +329,7 @@ mod tests {
         assert_eq!(c.batch_count, 77);
         assert_eq!(c.streams, 8);
         assert_eq!(c.consumer_name(), "w1");
+        assert_eq!(c.admin_listen, Some("127.0.0.1:9101".parse().unwrap()));
         std::fs::write(&path, "no-such-key = 1\n").unwrap();
         let err = WorkerConfig::load_from(["w", "--config", path.to_str().unwrap()]);
         assert!(matches!(err, Err(ConfigError::Settings(_))));

@@ -12,6 +12,8 @@
 //!   every process that uses the database.
 //! - [`settings`]: how both binaries merge flags, `IM_*` variables and a
 //!   TOML file into their typed configuration.
+//! - [`admin`]: the admin HTTP listener of both binaries (Prometheus
+//!   metrics and a health check).
 //! - [`worker`]: the consumer that moves stream entries into MySQL (one
 //!   task per shard), started with a [`config::WorkerConfig`] and watched
 //!   through [`stats`]. Its parts: [`batch`] (entries in hand and when to
@@ -22,6 +24,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod batch;
 pub mod config;
 pub mod cursors;

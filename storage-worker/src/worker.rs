@@ -28,6 +28,8 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,6 +40,7 @@ use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::admin::{AdminError, AdminListener, AdminServer, AdminSource, Exposition};
 use crate::batch::{Batch, EntryId, FlushRules};
 use crate::config::{ConfigError, WorkerConfig};
 use crate::cursors::{Deferred, Flusher};
@@ -62,6 +65,9 @@ pub enum WorkerError {
     /// Redis is unreachable or refused to create a consumer group.
     #[error(transparent)]
     Redis(#[from] StreamError),
+    /// The admin listener could not be bound.
+    #[error(transparent)]
+    Admin(#[from] AdminError),
 }
 
 /// The storage worker.
@@ -75,13 +81,41 @@ pub struct WorkerHandle {
     flusher: Option<JoinHandle<()>>,
     stats: Arc<WorkerStats>,
     pool: Pool,
+    /// Cleared when shutdown begins (the health check fails from then on).
+    running: Arc<AtomicBool>,
+    admin: Option<AdminServer>,
+}
+
+/// What the worker reports on its admin listener.
+struct WorkerAdmin {
+    stats: Arc<WorkerStats>,
+    running: Arc<AtomicBool>,
+}
+
+impl AdminSource for WorkerAdmin {
+    fn collect(&self, out: &mut Exposition) {
+        self.stats.snapshot().export(out);
+    }
+
+    async fn health(&self) -> Result<(), String> {
+        if self.running.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err("stopping".into())
+        }
+    }
 }
 
 impl Worker {
     /// Migrates the schema, creates the consumer groups and starts one task
     /// per stream shard.
+    ///
+    /// With `admin_listen` set, its address is bound first (so a bad one
+    /// fails before anything else) and serves metrics and health once the
+    /// shard tasks run.
     pub async fn start(config: WorkerConfig) -> Result<WorkerHandle, WorkerError> {
         config.validate()?;
+        let admin = config.admin_listen.map(AdminListener::bind).transpose()?;
         let settings = Arc::new(Settings::from(&config));
 
         let opts = mysql_async::Opts::from_url(&config.mysql_url)
@@ -172,6 +206,13 @@ impl Worker {
                 stop_rx,
             )));
         }
+        let running = Arc::new(AtomicBool::new(true));
+        let admin = admin.map(|listener| {
+            listener.serve(Arc::new(WorkerAdmin {
+                stats: stats.clone(),
+                running: running.clone(),
+            }))
+        });
         Ok(WorkerHandle {
             stop,
             tasks,
@@ -179,6 +220,8 @@ impl Worker {
             flusher: Some(flusher),
             stats,
             pool,
+            running,
+            admin,
         })
     }
 }
@@ -189,10 +232,20 @@ impl WorkerHandle {
         self.stats.snapshot()
     }
 
+    /// The address of the admin listener, if one was asked for.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(AdminServer::local_addr)
+    }
+
     /// Stops reading, stores and acknowledges the batches in hand (within
     /// the shutdown grace period; what is not stored by then stays pending
     /// for the next start), and returns when every task has ended.
+    ///
+    /// The health check fails from the start of shutdown; the admin
+    /// listener closes last, so the final counters can still be scraped
+    /// meanwhile.
     pub async fn shutdown(mut self) {
+        self.running.store(false, Ordering::Release);
         let _ = self.stop.send(true);
         for task in self.tasks.drain(..) {
             if let Err(e) = task.await {
@@ -208,6 +261,9 @@ impl WorkerHandle {
         }
         if let Err(e) = self.pool.clone().disconnect().await {
             tracing::debug!(error = %e, "closing the MySQL pool");
+        }
+        if let Some(admin) = self.admin.take() {
+            admin.shutdown().await;
         }
         tracing::info!("storage worker stopped");
     }

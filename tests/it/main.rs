@@ -1,6 +1,7 @@
 //! End-to-end tests against real server nodes, one module per area.
 
 mod accounts;
+mod admin;
 mod chat;
 mod crash;
 mod lifecycle;

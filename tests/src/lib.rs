@@ -161,6 +161,14 @@ impl Node {
         }
     }
 
+    /// The admin listener's address, if the node has one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Node::Embedded(s) => s.admin_addr(),
+            Node::Pipeline(s) => s.admin_addr(),
+        }
+    }
+
     /// Graceful shutdown.
     pub async fn shutdown(self) {
         match self {
@@ -478,6 +486,69 @@ impl Drop for ServerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A reply of an HTTP server (the admin listener).
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    /// The status code.
+    pub status: u16,
+    /// The Content-Type header, if any.
+    pub content_type: Option<String>,
+    /// The body as text.
+    pub body: String,
+}
+
+/// `GET path` as HTTP/1.0, so the server closes the connection after the
+/// reply: just enough of a client to scrape the admin listener. Errors if
+/// the connection is refused or no full reply comes within 5 s.
+pub async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<HttpReply> {
+    use std::io::{Error, ErrorKind};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        Ok::<_, Error>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .map_err(|_| Error::new(ErrorKind::TimedOut, "no HTTP reply within 5 s"))??;
+    let text = String::from_utf8_lossy(&raw);
+    let bad = || {
+        Error::new(
+            ErrorKind::InvalidData,
+            format!("not an HTTP reply: {text:?}"),
+        )
+    };
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(bad)?;
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(bad)?;
+    let content_type = lines.find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-type")
+            .then(|| value.trim().to_string())
+    });
+    Ok(HttpReply {
+        status,
+        content_type,
+        body: body.to_string(),
+    })
+}
+
+/// The value of the sample `name` (exactly, no labels) in a Prometheus
+/// text exposition.
+pub fn metric(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let (sample, value) = line.split_once(' ')?;
+        (sample == name).then(|| value.trim().parse().ok())?
+    })
 }
 
 /// A TCP port that was free a moment ago.

@@ -15,7 +15,7 @@ mod requests;
 mod send;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -123,6 +123,52 @@ impl Default for ChatConfig {
     }
 }
 
+/// Totals of the chat service, for metrics. Relaxed atomics, added to at
+/// most once per append batch or per message: no lock, no allocation.
+#[derive(Debug, Default)]
+pub(crate) struct ChatCounters {
+    appended: AtomicU64,
+    acked: AtomicU64,
+    duplicates: AtomicU64,
+    pushed: AtomicU64,
+    receipts: AtomicU64,
+    auth_failures: AtomicU64,
+}
+
+impl ChatCounters {
+    fn add(counter: &AtomicU64, n: u64) {
+        if n > 0 {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The chat service's counters and queues at one moment.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ChatStatsSnapshot {
+    /// Messages the store appended (client sends and server notices;
+    /// resends answered from the dedup window are not counted).
+    pub appended: u64,
+    /// SendAcks sent to clients, duplicates included.
+    pub acked: u64,
+    /// SendAcks for a resend the store had already appended.
+    pub duplicates: u64,
+    /// Message pushes queued to recipients' connections.
+    pub pushed: u64,
+    /// Delivered and read receipts that moved a cursor.
+    pub receipts: u64,
+    /// Logins and resumes refused: wrong credentials, a bad or expired
+    /// token, or rate limited.
+    pub auth_failures: u64,
+    /// Sends waiting in the send lanes' queues (not yet in an append
+    /// batch).
+    pub send_queued: u64,
+    /// Requests received and not answered yet.
+    pub in_flight: u64,
+    /// Users with at least one live connection.
+    pub online_users: u64,
+}
+
 /// The chat service: implements [`Handler`] for the connection layer.
 pub struct ChatService<S: Store> {
     inner: Arc<Inner<S>>,
@@ -151,6 +197,7 @@ pub(crate) struct Inner<S: Store> {
     /// Requests received and not answered yet (for graceful shutdown).
     pending: AtomicUsize,
     idle: Notify,
+    counters: ChatCounters,
 }
 
 impl<S: Store> ChatService<S> {
@@ -197,6 +244,7 @@ impl<S: Store> ChatService<S> {
             runtime: Handle::current(),
             pending: AtomicUsize::new(0),
             idle: Notify::new(),
+            counters: ChatCounters::default(),
         });
         for rx in receivers {
             tokio::spawn(send::run_lane(inner.clone(), rx));
@@ -223,6 +271,29 @@ impl<S: Store> ChatService<S> {
     /// Users with at least one live connection.
     pub fn online_users(&self) -> usize {
         self.inner.registry.online_users()
+    }
+
+    /// Counters and queue depths now.
+    pub fn stats(&self) -> ChatStatsSnapshot {
+        let inner = &self.inner;
+        let c = &inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let send_queued = inner
+            .lanes
+            .iter()
+            .map(|lane| (lane.max_capacity() - lane.capacity()) as u64)
+            .sum();
+        ChatStatsSnapshot {
+            appended: get(&c.appended),
+            acked: get(&c.acked),
+            duplicates: get(&c.duplicates),
+            pushed: get(&c.pushed),
+            receipts: get(&c.receipts),
+            auth_failures: get(&c.auth_failures),
+            send_queued,
+            in_flight: self.pending() as u64,
+            online_users: self.online_users() as u64,
+        }
     }
 }
 
@@ -281,13 +352,17 @@ impl<S: Store> Inner<S> {
         }
     }
 
-    /// Pushes `frame` to every live connection of `user` except `skip`.
-    fn push_to_user(&self, user: UserId, frame: &Bytes, skip: Option<ConnRef>) {
+    /// Pushes `frame` to every live connection of `user` except `skip`;
+    /// returns how many connections it was queued to.
+    fn push_to_user(&self, user: UserId, frame: &Bytes, skip: Option<ConnRef>) -> u64 {
+        let mut pushed = 0;
         self.registry.for_each_device(user, |conn| {
             if Some(conn) != skip {
                 self.out.push(conn, frame.clone());
+                pushed += 1;
             }
         });
+        pushed
     }
 
     fn notify_presence(&self, user: UserId, online: bool) {

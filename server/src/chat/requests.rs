@@ -10,7 +10,7 @@ use im_proto::pb::{self, group_notice};
 use im_proto::{ConversationId, Frame, codec};
 
 use super::auth::{validate_password, validate_username};
-use super::{ChatError, Inner};
+use super::{ChatCounters, ChatError, Inner};
 use crate::net::{ConnRef, FrameCtx};
 use crate::store::{CursorKind, GroupId, GroupRecord, Store, StoreError, UserId};
 
@@ -147,7 +147,17 @@ impl<S: Store> Inner<S> {
                     self.notify_presence(user_id, true);
                 }
             }
-            Err(e) => self.answer_auth(ctx.conn, None, e.to_frame(request_id)),
+            Err(e) => {
+                if matches!(
+                    e,
+                    ChatError::InvalidCredentials
+                        | ChatError::InvalidToken
+                        | ChatError::RateLimited(_)
+                ) {
+                    ChatCounters::add(&self.counters.auth_failures, 1);
+                }
+                self.answer_auth(ctx.conn, None, e.to_frame(request_id))
+            }
         }
     }
 
@@ -373,6 +383,7 @@ impl<S: Store> Inner<S> {
         let Some(moved) = self.store.advance_cursor(user, conv, kind, r.seq).await? else {
             return Ok(());
         };
+        ChatCounters::add(&self.counters.receipts, 1);
         let receipt = pb::Receipt {
             conversation_id: conv.raw(),
             user_id: user,

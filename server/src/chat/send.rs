@@ -16,7 +16,7 @@ use im_proto::pb::{self, content, send_request};
 use im_proto::{ConversationId, Frame, codec};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ChatError, Inner};
+use super::{ChatCounters, ChatError, Inner};
 use crate::net::ConnRef;
 use crate::store::{
     AppendOutcome, AppendRejection, AppendResult, NewMessage, Store, StoreError, UserId,
@@ -191,6 +191,7 @@ impl<S: Store> Inner<S> {
             }
             Err(e) => return self.fail_all(origins, e.into()),
         };
+        self.count_batch(&origins, &results);
         for ((origin, extra), result) in origins.into_iter().zip(results) {
             match origin {
                 Origin::Client { conn, request_id } => {
@@ -240,6 +241,30 @@ impl<S: Store> Inner<S> {
         }
     }
 
+    /// Counts a stored batch before it is answered, so the totals already
+    /// include a message when its sender sees the ack.
+    fn count_batch(&self, origins: &[(Origin, Vec<UserId>)], results: &[AppendResult]) {
+        let (mut stored, mut acked, mut duplicates) = (0, 0, 0);
+        for ((origin, _), result) in origins.iter().zip(results) {
+            let client = matches!(origin, Origin::Client { .. });
+            match result {
+                Ok(AppendOutcome::Stored(_)) => {
+                    stored += 1;
+                    acked += u64::from(client);
+                }
+                Ok(AppendOutcome::Duplicate(_)) => {
+                    acked += u64::from(client);
+                    duplicates += u64::from(client);
+                }
+                Err(_) => {}
+            }
+        }
+        let counters = &self.counters;
+        ChatCounters::add(&counters.appended, stored);
+        ChatCounters::add(&counters.acked, acked);
+        ChatCounters::add(&counters.duplicates, duplicates);
+    }
+
     fn fail_all(&self, origins: Vec<(Origin, Vec<UserId>)>, error: ChatError) {
         for (origin, _) in origins {
             match origin {
@@ -260,17 +285,18 @@ impl<S: Store> Inner<S> {
             return;
         };
         let frame = codec::encode_to_bytes(&Frame::new(0, Body::Message(message)));
+        let mut pushed = 0;
         match conversation.kind() {
             ConversationKind::Direct { lo, hi } => {
-                self.push_to_user(lo, &frame, origin);
+                pushed += self.push_to_user(lo, &frame, origin);
                 if hi != lo {
-                    self.push_to_user(hi, &frame, origin);
+                    pushed += self.push_to_user(hi, &frame, origin);
                 }
             }
             ConversationKind::Group(group) => match self.group_members(group).await {
                 Ok(members) => {
                     for &user in members.iter() {
-                        self.push_to_user(user, &frame, origin);
+                        pushed += self.push_to_user(user, &frame, origin);
                     }
                 }
                 Err(e) => {
@@ -280,8 +306,9 @@ impl<S: Store> Inner<S> {
             },
         }
         for &user in extra {
-            self.push_to_user(user, &frame, origin);
+            pushed += self.push_to_user(user, &frame, origin);
         }
+        ChatCounters::add(&self.counters.pushed, pushed);
     }
 }
 

@@ -1,7 +1,9 @@
 //! `im-storage-worker`: moves messages from the Redis stream shards into
 //! MySQL until SIGTERM or SIGINT, then stores the batches in hand and exits
 //! 0. Settings come from flags, `IM_*` variables or `--config FILE` (see
-//! `--help`); logging follows `RUST_LOG` (default `info`).
+//! `--help`); logging follows `RUST_LOG` (default `info`). With
+//! `--admin-listen ADDR` it serves Prometheus metrics at `/metrics` and a
+//! health check at `/healthz` until it exits.
 
 use im_storage::{Worker, WorkerConfig};
 use tokio::signal::unix::{SignalKind, signal};

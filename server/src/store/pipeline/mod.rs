@@ -184,6 +184,26 @@ impl PipelineStore {
         &self.shared.layout
     }
 
+    /// Whether Redis answers PING within `timeout` (taking a pooled
+    /// connection included); `Err` says why not.
+    pub async fn ping(&self, timeout: Duration) -> StoreResult<()> {
+        let ping = async {
+            let mut conn = self.shared.redis().await?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await
+                .map_err(redis_err)
+        };
+        match tokio::time::timeout(timeout, ping).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError::Backend(format!(
+                "redis: no answer to PING within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+
     /// Stops the append lanes and closes the MySQL pool. Call it once no
     /// append is in flight (the server does, after draining requests);
     /// appends still queued fail with [`StoreError::Closed`]. Everything
