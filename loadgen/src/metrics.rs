@@ -92,6 +92,9 @@ pub struct Metrics {
     pub reordered: AtomicU64,
     /// Deliveries that only the final sync brought (missed live).
     pub recovered: AtomicU64,
+    /// Sends the server refused as overloaded or rate limited (the sender
+    /// backs off and goes on; nothing was stored).
+    pub rejected: AtomicU64,
     /// Error replies and broken connections.
     pub errors: AtomicU64,
     /// Reconnects completed (storm).
@@ -138,6 +141,7 @@ impl Metrics {
             duplicated: get(&self.duplicated),
             reordered: get(&self.reordered),
             recovered: get(&self.recovered),
+            rejected: get(&self.rejected),
             errors: get(&self.errors),
             reconnects: get(&self.reconnects),
             connect: encode(&self.connect.snapshot()),
@@ -190,6 +194,9 @@ pub struct Snapshot {
     pub reordered: u64,
     /// Deliveries only the final sync brought.
     pub recovered: u64,
+    /// Sends refused as overloaded.
+    #[serde(default)]
+    pub rejected: u64,
     /// Errors.
     pub errors: u64,
     /// Reconnects (storm).

@@ -78,6 +78,8 @@ pub struct Report {
     pub messages_reordered: u64,
     /// Deliveries that only the final sync brought (missed live).
     pub messages_recovered: u64,
+    /// Sends the server refused as overloaded (backed off, not stored).
+    pub messages_rejected: u64,
     /// Error replies and lost connections.
     pub errors: u64,
     /// Seconds of measured load.
@@ -137,6 +139,7 @@ pub fn build(args: &Args, finals: &[Snapshot]) -> Report {
         messages_duplicated: sum(|f| f.duplicated),
         messages_reordered: sum(|f| f.reordered),
         messages_recovered: sum(|f| f.recovered),
+        messages_rejected: sum(|f| f.rejected),
         errors: sum(|f| f.errors),
         duration_s: measured_secs,
         throughput_msgs_per_s: per_s(sum(|f| f.measured_acked)),
@@ -175,13 +178,14 @@ pub fn progress_line(parts: &[Snapshot], previous: &mut (u64, u64, u64, f64)) ->
     let dt = (t - previous.3).max(1e-3);
     let rate = |now: u64, before: u64| (now.saturating_sub(before)) as f64 / dt;
     let line = format!(
-        "[{t:5.1}s] conns {:>7} | sent {:>8.0}/s acked {:>8.0}/s delivered {:>9.0}/s | p99 ack {} ms deliver {} ms | errors {}{}",
+        "[{t:5.1}s] conns {:>7} | sent {:>8.0}/s acked {:>8.0}/s delivered {:>9.0}/s | p99 ack {} ms deliver {} ms | refused {} errors {}{}",
         parts.iter().map(|p| p.connections).sum::<u64>(),
         rate(sent, previous.0),
         rate(acked, previous.1),
         rate(delivered, previous.2),
         ms(merged(parts, |s| &s.ack).value_at_quantile(0.99)),
         ms(merged(parts, |s| &s.deliver).value_at_quantile(0.99)),
+        parts.iter().map(|p| p.rejected).sum::<u64>(),
         parts.iter().map(|p| p.errors).sum::<u64>(),
         if parts.iter().any(|p| p.measuring) {
             ""
@@ -215,9 +219,10 @@ pub fn summary(r: &Report) -> String {
         r.workers
     );
     out += &format!(
-        "messages: {} sent, {} acked, {} delivered | {:.0} msgs/s acked, {:.0} deliveries/s over {:.1} s\n",
+        "messages: {} sent, {} acked, {} refused (overloaded), {} delivered | {:.0} msgs/s acked, {:.0} deliveries/s over {:.1} s\n",
         r.messages_sent,
         r.messages_acked,
+        r.messages_rejected,
         r.messages_delivered,
         r.throughput_msgs_per_s,
         r.deliveries_per_s,

@@ -19,7 +19,7 @@ use anyhow::Context;
 use futures::{SinkExt, StreamExt};
 use im_proto::pb;
 use im_proto::pb::frame::Body;
-use im_proto::{ConversationId, Frame};
+use im_proto::{ConversationId, ErrorCode, Frame};
 use rand::seq::SliceRandom;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Semaphore, watch};
@@ -33,6 +33,10 @@ use crate::track::{Seen, SeqTracker};
 const CONNECT_CONCURRENCY: usize = 512;
 /// Messages per final sync page.
 const SYNC_PAGE: u32 = 500;
+/// First pause of a sender after the server refused a send as overloaded.
+const MIN_BACKOFF: Duration = Duration::from_millis(5);
+/// Longest pause between refused sends.
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
 /// What the users are told to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -534,6 +538,8 @@ async fn converse(
         next_request: 100,
         counter: 0,
         problems: Vec::new(),
+        resume_at: None,
+        backoff: Duration::ZERO,
     };
     if let Some(seq) = m.known {
         state.tracker.own(seq);
@@ -602,6 +608,10 @@ struct State {
     next_request: u64,
     counter: u64,
     problems: Vec<String>,
+    /// After the server refused a send as overloaded: no sends before this.
+    resume_at: Option<tokio::time::Instant>,
+    /// The pause after the next refusal (doubles while refusals go on).
+    backoff: Duration,
 }
 
 impl State {
@@ -665,7 +675,9 @@ async fn drive(
     let ping_every = m.session.heartbeat.mul_f64(0.8);
     let mut last_write = tokio::time::Instant::now();
     loop {
-        let can_send = sending && state.pending.len() < window;
+        let paused = state.resume_at.is_some();
+        let can_send = sending && !paused && state.pending.len() < window;
+        let resume_at = state.resume_at.unwrap_or_else(tokio::time::Instant::now);
         tokio::select! {
             biased;
             changed = control.changed() => {
@@ -680,8 +692,11 @@ async fn drive(
                 send(m, c, state, &shared.text_pad, shared.args.size, metrics).await?;
                 last_write = tokio::time::Instant::now();
             }
+            _ = tokio::time::sleep_until(resume_at), if paused => {
+                state.resume_at = None;
+            }
             _ = tokio::time::sleep_until(next_send), if sending && !saturate => {
-                if state.pending.len() < window {
+                if !paused && state.pending.len() < window {
                     send(m, c, state, &shared.text_pad, shared.args.size, metrics).await?;
                     last_write = tokio::time::Instant::now();
                 }
@@ -749,6 +764,7 @@ fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> any
                 .position(|&(id, _)| id == frame.request_id)
             {
                 let (_, sent_us) = state.pending.remove(pos).unwrap_or_default();
+                state.backoff = Duration::ZERO;
                 if metrics.measuring() {
                     metrics.ack.record(now_us().saturating_sub(sent_us));
                 }
@@ -801,7 +817,17 @@ fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> any
             }
         }
         Body::Error(e) => {
-            Metrics::add(&metrics.errors, 1);
+            let refused =
+                e.code == ErrorCode::Overloaded as i32 || e.code == ErrorCode::RateLimited as i32;
+            if refused {
+                // As a client does: back off, then go on sending.
+                Metrics::add(&metrics.rejected, 1);
+                state.backoff = (state.backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
+                let pause = state.backoff.mul_f64(0.5 + rand::random::<f64>());
+                state.resume_at = Some(tokio::time::Instant::now() + pause);
+            } else {
+                Metrics::add(&metrics.errors, 1);
+            }
             if let Some(pos) = state
                 .pending
                 .iter()
