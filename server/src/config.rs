@@ -245,12 +245,6 @@ pub struct Config {
     #[arg(long, env = "IM_APPEND_LANES", default_value_t = 4)]
     pub append_lanes: usize,
 
-    /// Seconds within which a resend with the same client_msg_id returns
-    /// the original ack (memory: about 60 bytes per message sent in twice
-    /// this window).
-    #[arg(long, env = "IM_DEDUP_WINDOW_SECS", default_value_t = 600)]
-    pub dedup_window_secs: u64,
-
     /// Recent messages kept per conversation in Redis for sync, beyond
     /// those the worker has not stored yet.
     #[arg(long, env = "IM_RECENT_CACHE_LEN", default_value_t = 200)]
@@ -269,6 +263,18 @@ pub struct Config {
     pub mysql_pool_size: usize,
 
     // ---- storage and process ----
+    /// Seconds within which a resend with the same client_msg_id returns
+    /// the original ack, in either store (recognised for at least this
+    /// long, at most twice; memory: about 60 bytes per message sent in
+    /// twice this window in Redis, 24 in the embedded store).
+    #[arg(long, env = "IM_DEDUP_WINDOW_SECS", default_value_t = 600)]
+    pub dedup_window_secs: u64,
+
+    /// Sends the embedded store's dedup window holds at most (a burst
+    /// larger than this within the window shortens it).
+    #[arg(long, env = "IM_SQLITE_DEDUP_CAPACITY", default_value_t = 2_000_000)]
+    pub sqlite_dedup_capacity: usize,
+
     /// Read connections of the embedded store.
     #[arg(long, env = "IM_SQLITE_READERS", default_value_t = 4)]
     pub sqlite_readers: usize,
@@ -445,6 +451,8 @@ impl Config {
         SqliteOptions {
             read_connections: self.sqlite_readers,
             write_queue: self.sqlite_write_queue,
+            dedup_window: Duration::from_secs(self.dedup_window_secs.max(1)),
+            dedup_capacity: self.sqlite_dedup_capacity,
             ..SqliteOptions::default()
         }
     }

@@ -13,6 +13,7 @@
 //! lives in this module.
 
 mod read;
+mod recent;
 mod schema;
 mod writer;
 
@@ -23,6 +24,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use crossbeam_channel::{Sender, TrySendError};
 use im_proto::{ConversationId, pb};
@@ -30,6 +32,7 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use self::read::ReadPool;
+use self::recent::RecentSends;
 use self::writer::{Job, Reply, Writer};
 use super::{
     AppendResult, CursorKind, CursorMove, GroupId, GroupRecord, NewMessage, Page, Store,
@@ -50,6 +53,11 @@ pub struct SqliteOptions {
     /// Most messages (plus other jobs) committed in one transaction.
     /// Default 4096.
     pub max_group_commit: usize,
+    /// How long a resend is recognised at least (at most twice as long).
+    /// Default 600 s.
+    pub dedup_window: Duration,
+    /// Sends the dedup window holds at most. Default 2,000,000.
+    pub dedup_capacity: usize,
 }
 
 impl Default for SqliteOptions {
@@ -58,6 +66,8 @@ impl Default for SqliteOptions {
             read_connections: 4,
             write_queue: 8192,
             max_group_commit: 4096,
+            dedup_window: Duration::from_secs(600),
+            dedup_capacity: 2_000_000,
         }
     }
 }
@@ -105,7 +115,8 @@ impl SqliteStore {
         let reads = Arc::new(ReadPool::open(&path, options.read_connections)?);
 
         let (tx, rx) = crossbeam_channel::bounded(options.write_queue.max(1));
-        let writer = Writer::new(conn, rx, options.max_group_commit);
+        let recent = RecentSends::new(options.dedup_window, options.dedup_capacity);
+        let writer = Writer::new(conn, rx, options.max_group_commit, recent)?;
         let handle = std::thread::Builder::new()
             .name("im-store-writer".into())
             .spawn(move || writer.run())

@@ -40,7 +40,7 @@ fn new_message(
         conversation,
         client_msg_id: client_msg_id.into(),
         content: text(words),
-        server_time_ms: 1_700_000_000_000,
+        server_time_ms: im_proto::now_ms(),
     }
 }
 
@@ -157,7 +157,10 @@ async fn seqs_are_dense_per_conversation_across_batches() {
     assert_eq!(m.conversation_id, ab.raw());
     assert_eq!(m.sender_id, b);
     assert_eq!(m.client_msg_id, "2");
-    assert_eq!(m.server_time_ms, 1_700_000_000_000);
+    assert!(
+        m.server_time_ms > 1_700_000_000_000,
+        "the time it was given"
+    );
     assert_eq!(body(m), "two");
 
     let second = send_n(&store, b, ab, "later", 2).await;
@@ -814,6 +817,47 @@ async fn everything_survives_close_and_reopen() {
     // A fresh user gets a fresh id.
     let dave = store.create_user("dave", "h").await.unwrap();
     assert!(![a, b, c].contains(&dave));
+}
+
+#[tokio::test]
+async fn resends_are_recognised_within_the_dedup_window_only() {
+    let dir = tempfile::tempdir().unwrap();
+    // Each generation holds one send: a resend is recognised while its
+    // original is among the last two.
+    let options = SqliteOptions {
+        dedup_capacity: 2,
+        ..SqliteOptions::default()
+    };
+    let store = SqliteStore::open(dir.path(), options.clone()).unwrap();
+    let ids = users(&store, &["a", "b"]).await;
+    let ab = direct(ids[0], ids[1]);
+    let send = |id: &str| {
+        let store = &store;
+        let m = new_message(ids[0], ab, id, id);
+        async move { store.append_batch(vec![m]).await.unwrap().remove(0) }
+    };
+    assert_eq!(stored(&send("m1").await).seq, 1);
+    assert_eq!(stored(&send("m2").await).seq, 2);
+    assert!(matches!(
+        send("m2").await,
+        Ok(AppendOutcome::Duplicate(Ack { seq: 2, .. }))
+    ));
+    assert_eq!(stored(&send("m3").await).seq, 3);
+    assert_eq!(stored(&send("m4").await).seq, 4);
+    // "m1" has left the window: a resend this late is a new message.
+    assert_eq!(stored(&send("m1").await).seq, 5);
+    store.close();
+
+    // Reopened, the window is refilled from the newest rows.
+    let store = SqliteStore::open(dir.path(), options).unwrap();
+    let results = store
+        .append_batch(vec![new_message(ids[0], ab, "m1", "again")])
+        .await
+        .unwrap();
+    assert!(matches!(
+        results[0],
+        Ok(AppendOutcome::Duplicate(Ack { seq: 5, .. }))
+    ));
 }
 
 #[tokio::test]

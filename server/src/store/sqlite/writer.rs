@@ -4,15 +4,18 @@
 //! The thread takes one job, drains whatever else is already queued (up to
 //! `max_group_commit` messages and jobs), applies them all inside one
 //! transaction, commits once and only then replies to every job. One fsync
-//! thus serves many sends. Each job runs inside its own savepoint, so a job
-//! that fails leaves the others of its group untouched; when the commit
-//! itself fails, every job of the group gets [`StoreError::Backend`].
+//! thus serves many sends. Each job but an append runs inside its own
+//! savepoint, so a job that fails leaves the others of its group untouched.
+//! Appends check everything before they write and skip the savepoint (its
+//! statement journal was a measurable cost per send); one that fails anyway
+//! (a backend error) abandons the group. When the commit fails, every job
+//! of the group gets [`StoreError::Backend`].
 //!
-//! The thread keeps two caches: the last seq of recently used conversations
-//! and the ids of users known to exist. They mirror what this connection
-//! sees (committed state plus the open transaction) and are dropped
-//! whenever something is rolled back, so they never get ahead of the
-//! database.
+//! The thread owns the dedup window ([`RecentSends`]) and keeps two caches:
+//! the last seq of recently used conversations and the ids of users known
+//! to exist. They mirror what this connection sees (committed state plus
+//! the open transaction) and are dropped whenever something is rolled
+//! back, so they never get ahead of the database.
 
 use std::collections::{HashMap, HashSet};
 
@@ -23,6 +26,7 @@ use prost::Message as _;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+use super::recent::RecentSends;
 use crate::store::{
     Ack, AppendOutcome, AppendRejection, AppendResult, CursorKind, CursorMove, GroupId,
     GroupRecord, NewMessage, StoreError, StoreResult, UserId,
@@ -126,20 +130,64 @@ pub(super) struct Writer {
     last_seq: HashMap<u64, u64>,
     /// Ids of users that exist (users are never deleted).
     known_users: HashSet<u64>,
+    /// The dedup window.
+    recent: RecentSends,
     /// A savepoint could not be closed: the open transaction must not commit.
     poisoned: bool,
 }
 
 impl Writer {
-    pub(super) fn new(conn: Connection, jobs: Receiver<Job>, max_group_commit: usize) -> Self {
-        Writer {
+    /// A writer over `conn`, its dedup window refilled from the newest
+    /// stored messages.
+    pub(super) fn new(
+        conn: Connection,
+        jobs: Receiver<Job>,
+        max_group_commit: usize,
+        recent: RecentSends,
+    ) -> StoreResult<Self> {
+        let mut writer = Writer {
             conn,
             jobs,
             max_group_commit: max_group_commit.max(1),
             last_seq: HashMap::new(),
             known_users: HashSet::new(),
+            recent,
             poisoned: false,
+        };
+        writer.refill_recent()?;
+        Ok(writer)
+    }
+
+    /// Loads the sends of the last two windows (at most the window's
+    /// capacity), so that resends are still recognised after a restart.
+    fn refill_recent(&mut self) -> StoreResult<()> {
+        let window_ms = i64::try_from(self.recent.window().as_millis()).unwrap_or(i64::MAX);
+        let since = im_proto::now_ms().saturating_sub(window_ms.saturating_mul(2));
+        let newest =
+            i64::try_from(self.recent.per_generation().saturating_mul(2)).unwrap_or(i64::MAX);
+        let mut rows = Vec::new();
+        {
+            let mut stmt = self.conn.prepare(
+                "SELECT sender_id, client_msg_id, conversation_id, seq FROM messages
+                 WHERE id > (SELECT coalesce(max(id), 0) FROM messages) - ?1
+                   AND server_time_ms >= ?2 AND client_msg_id <> ''
+                 ORDER BY id",
+            )?;
+            let mut found = stmt.query(params![newest, since])?;
+            while let Some(row) = found.next()? {
+                let sender: u64 = row.get(0)?;
+                let client_msg_id: String = row.get(1)?;
+                rows.push((sender, client_msg_id, row.get(2)?, row.get(3)?));
+            }
         }
+        for (sender, client_msg_id, conversation, seq) in &rows {
+            self.recent
+                .preload(*sender, client_msg_id, (*conversation, *seq));
+        }
+        if !rows.is_empty() {
+            tracing::info!(sends = rows.len(), "dedup window refilled");
+        }
+        Ok(())
     }
 
     /// Applies jobs until every sender is gone and the queue is empty, then
@@ -168,6 +216,7 @@ impl Writer {
     }
 
     fn commit_group(&mut self, jobs: Vec<Job>) {
+        self.recent.rotate_if_due();
         if self.last_seq.len() > CACHE_LIMIT {
             self.last_seq.clear();
         }
@@ -188,18 +237,22 @@ impl Writer {
         let done: Vec<Done> = jobs.into_iter().map(|job| self.apply(job)).collect();
         let commit = if self.poisoned {
             Err(StoreError::Backend(
-                "write transaction abandoned after a failed savepoint".into(),
+                "write transaction abandoned after a failed job".into(),
             ))
         } else {
             self.exec("COMMIT")
         };
         let commit_error = match commit {
-            Ok(()) => None,
+            Ok(()) => {
+                self.recent.commit();
+                None
+            }
             Err(e) => {
                 tracing::error!(error = %e, jobs = done.len(), "write transaction failed");
                 if let Err(e) = self.exec("ROLLBACK") {
                     tracing::error!(error = %e, "rollback failed");
                 }
+                self.recent.rollback();
                 self.clear_caches();
                 Some(e.to_string())
             }
@@ -234,7 +287,7 @@ impl Writer {
                 self.savepoint(|w| w.create_user(&username, &password_hash)),
             ),
             Job::Append { batch, reply } => {
-                Done::Append(reply, self.savepoint(|w| w.append(batch)))
+                Done::Append(reply, self.unguarded(|w| w.append(batch)))
             }
             Job::AdvanceCursor {
                 user,
@@ -301,6 +354,24 @@ impl Writer {
             self.poisoned = true;
             self.clear_caches();
             return Err(e);
+        }
+        result
+    }
+
+    /// Runs `f` without a savepoint, for jobs that check everything before
+    /// they write and so fail only on a backend error: that error poisons
+    /// the transaction (the whole group fails and rolls back). Saves the
+    /// statement journal a savepoint costs on the hot path.
+    fn unguarded<T>(&mut self, f: impl FnOnce(&mut Self) -> StoreResult<T>) -> StoreResult<T> {
+        if self.poisoned {
+            return Err(StoreError::Backend(
+                "write transaction abandoned after a failed job".into(),
+            ));
+        }
+        let result = f(self);
+        if result.is_err() {
+            self.poisoned = true;
+            self.clear_caches();
         }
         result
     }
@@ -490,6 +561,10 @@ impl Writer {
             .map_err(|_| StoreError::Backend("negative message id".into()))?;
         self.last_seq.insert(conversation, seq);
         touched.insert(conversation, (seq, message_id));
+        if sender != 0 && !message.client_msg_id.is_empty() {
+            self.recent
+                .insert(sender, &message.client_msg_id, (conversation, seq));
+        }
         Ok(Ok(AppendOutcome::Stored(pb::Message {
             conversation_id: conversation,
             seq,
@@ -501,27 +576,32 @@ impl Writer {
         })))
     }
 
-    /// The ack of a message the sender already stored under this id.
+    /// The ack of a message the sender stored under this id within the
+    /// dedup window, confirmed against the stored row.
     fn find_sent(&self, sender: UserId, client_msg_id: &str) -> StoreResult<Option<Ack>> {
-        let Ok(sender) = i64::try_from(sender) else {
+        let Some((conversation, seq)) = self.recent.get(sender, client_msg_id) else {
             return Ok(None);
         };
-        // The `<> ''` term lets SQLite use the partial dedup index.
-        Ok(self
+        let row: Option<(u64, u64, String, i64)> = self
             .conn
             .prepare_cached(
-                "SELECT id, conversation_id, seq, server_time_ms FROM messages
-                 WHERE sender_id = ?1 AND client_msg_id = ?2 AND client_msg_id <> ''",
+                "SELECT id, sender_id, client_msg_id, server_time_ms FROM messages
+                 WHERE conversation_id = ?1 AND seq = ?2",
             )?
-            .query_row(params![sender, client_msg_id], |row| {
-                Ok(Ack {
-                    message_id: row.get(0)?,
-                    conversation_id: row.get(1)?,
-                    seq: row.get(2)?,
-                    server_time_ms: row.get(3)?,
-                })
+            .query_row(params![conversation, seq], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
             })
-            .optional()?)
+            .optional()?;
+        Ok(
+            row.and_then(|(message_id, stored_sender, stored_id, server_time_ms)| {
+                (stored_sender == sender && stored_id == client_msg_id).then_some(Ack {
+                    message_id,
+                    conversation_id: conversation,
+                    seq,
+                    server_time_ms,
+                })
+            }),
+        )
     }
 
     /// Moves the sender's read and delivered cursors to `seq`; false when the
