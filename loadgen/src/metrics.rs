@@ -92,6 +92,9 @@ pub struct Metrics {
     pub reordered: AtomicU64,
     /// Deliveries that only the final sync brought (missed live).
     pub recovered: AtomicU64,
+    /// Pushes of a message a catch-up sync had already brought (allowed by
+    /// the protocol; not a duplicate).
+    pub overlaps: AtomicU64,
     /// Sends the server refused as overloaded or rate limited (the sender
     /// backs off and goes on; nothing was stored).
     pub rejected: AtomicU64,
@@ -142,6 +145,7 @@ impl Metrics {
             reordered: get(&self.reordered),
             recovered: get(&self.recovered),
             rejected: get(&self.rejected),
+            overlaps: get(&self.overlaps),
             errors: get(&self.errors),
             reconnects: get(&self.reconnects),
             connect: encode(&self.connect.snapshot()),
@@ -197,6 +201,9 @@ pub struct Snapshot {
     /// Sends refused as overloaded.
     #[serde(default)]
     pub rejected: u64,
+    /// Pushes that raced a sync.
+    #[serde(default)]
+    pub overlaps: u64,
     /// Errors.
     pub errors: u64,
     /// Reconnects (storm).

@@ -80,6 +80,9 @@ pub struct Report {
     pub messages_recovered: u64,
     /// Sends the server refused as overloaded (backed off, not stored).
     pub messages_rejected: u64,
+    /// Pushes of a message the recipient's catch-up sync had already
+    /// brought (the push raced the sync; clients drop them by seq).
+    pub pushes_after_sync: u64,
     /// Error replies and lost connections.
     pub errors: u64,
     /// Seconds of measured load.
@@ -140,6 +143,7 @@ pub fn build(args: &Args, finals: &[Snapshot]) -> Report {
         messages_reordered: sum(|f| f.reordered),
         messages_recovered: sum(|f| f.recovered),
         messages_rejected: sum(|f| f.rejected),
+        pushes_after_sync: sum(|f| f.overlaps),
         errors: sum(|f| f.errors),
         duration_s: measured_secs,
         throughput_msgs_per_s: per_s(sum(|f| f.measured_acked)),
@@ -236,11 +240,12 @@ pub fn summary(r: &Report) -> String {
     out += &lat("ack", &r.latency_us.ack);
     out += &lat("deliver", &r.latency_us.deliver);
     out += &format!(
-        "verification: {} lost, {} duplicated, {} reordered, {} recovered only by the final sync, {} errors: {}\n",
+        "verification: {} lost, {} duplicated, {} reordered, {} recovered only by the final sync, {} pushes after a sync had them, {} errors: {}\n",
         r.messages_lost,
         r.messages_duplicated,
         r.messages_reordered,
         r.messages_recovered,
+        r.pushes_after_sync,
         r.errors,
         if r.failed() { "FAILED" } else { "ok" }
     );

@@ -6,6 +6,12 @@
 //! a sync). Each seq must become known exactly once; pushes must arrive in
 //! increasing seq order; and after the final sync every seq up to the
 //! conversation's last must be known, or it was lost.
+//!
+//! One repeat is expected rather than wrong: a push that raced a sync (the
+//! message was stored, a reconnecting recipient's sync returned it, then
+//! its push arrived). The protocol allows it and a client drops it by seq
+//! (docs/protocol.md, "Exactly-once, in-order display"), so it is told
+//! apart as [`Seen::Overlap`].
 
 use std::collections::BTreeSet;
 
@@ -18,6 +24,9 @@ pub enum Seen {
     Reordered,
     /// Already known: delivered twice (or an own message pushed back).
     Duplicate,
+    /// A push of a message a sync already brought: the push raced the
+    /// sync, which the protocol allows.
+    Overlap,
 }
 
 /// Known seqs of one conversation, compactly: everything up to
@@ -28,6 +37,8 @@ pub struct SeqTracker {
     ahead: BTreeSet<u64>,
     max_pushed: u64,
     max_known: u64,
+    /// The seqs syncs brought first lie in `synced.0..=synced.1`.
+    synced: (u64, u64),
 }
 
 impl SeqTracker {
@@ -60,11 +71,23 @@ impl SeqTracker {
 
     /// A message of someone else arrived: live (`push`) or from a sync.
     pub fn deliver(&mut self, seq: u64, push: bool) -> Seen {
-        if seq == 0 || self.knows(seq) {
+        if seq == 0 {
             return Seen::Duplicate;
+        }
+        if self.knows(seq) {
+            let (lo, hi) = self.synced;
+            return if push && lo <= seq && seq <= hi {
+                Seen::Overlap
+            } else {
+                Seen::Duplicate
+            };
         }
         self.insert(seq);
         if !push {
+            self.synced = match self.synced {
+                (0, 0) => (seq, seq),
+                (lo, hi) => (lo.min(seq), hi.max(seq)),
+            };
             return Seen::New;
         }
         let in_order = seq > self.max_pushed;
@@ -122,5 +145,17 @@ mod tests {
         assert_eq!(t.missing_upto(7), 2);
         assert!(!t.own(6), "own ack of a known seq");
         assert_eq!(t.max_known(), 6);
+    }
+
+    #[test]
+    fn a_push_racing_a_sync_is_an_overlap_not_a_duplicate() {
+        let mut t = SeqTracker::default();
+        assert_eq!(t.deliver(1, true), Seen::New);
+        assert_eq!(t.deliver(2, false), Seen::New);
+        assert_eq!(t.deliver(3, false), Seen::New);
+        assert_eq!(t.deliver(3, true), Seen::Overlap);
+        assert_eq!(t.deliver(1, true), Seen::Duplicate, "pushed twice");
+        assert_eq!(t.deliver(4, true), Seen::New);
+        assert_eq!(t.deliver(4, true), Seen::Duplicate);
     }
 }

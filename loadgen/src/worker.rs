@@ -790,6 +790,11 @@ fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> any
             }
             match state.tracker.deliver(message.seq, true) {
                 Seen::New => Metrics::add(&metrics.delivered, 1),
+                Seen::Overlap => {
+                    // Raced a catch-up sync; a client drops it by seq.
+                    Metrics::add(&metrics.overlaps, 1);
+                    return Ok(());
+                }
                 Seen::Reordered => {
                     Metrics::add(&metrics.delivered, 1);
                     Metrics::add(&metrics.reordered, 1);
