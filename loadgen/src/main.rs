@@ -56,14 +56,15 @@ fn spawn_workers(args: &Args) -> anyhow::Result<Vec<Snapshot>> {
     let (tx, rx) = std::sync::mpsc::channel::<(usize, Snapshot)>();
     let mut children = Vec::new();
     for index in 0..args.workers {
-        let mut child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        command
             .args(std::env::args_os().skip(1))
-            .args([
-                "--worker-index",
-                &index.to_string(),
-                "--user-prefix",
-                &prefix,
-            ])
+            .args(["--worker-index", &index.to_string()]);
+        if args.user_prefix.is_none() {
+            // Every worker must name its users alike.
+            command.args(["--user-prefix", &prefix]);
+        }
+        let mut child = command
             .stdout(Stdio::piped())
             .spawn()
             .context("start a worker process")?;

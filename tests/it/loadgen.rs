@@ -115,6 +115,7 @@ async fn the_binary_splits_a_run_over_worker_processes() {
     let output = tokio::process::Command::new(im_tests::binary("im-loadgen"))
         .args(["--server", &server.addr.to_string(), "--scenario", "direct"])
         .args(["--connections", "200", "--rate", "2000", "--workers", "2"])
+        .args(["--user-prefix", "split"])
         .args([
             "--warmup",
             "1",
