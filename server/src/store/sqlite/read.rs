@@ -451,3 +451,46 @@ pub(super) fn user_groups(conn: &mut Connection, user: UserId) -> StoreResult<Ve
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::StatementStatus;
+
+    use super::*;
+    use crate::store::sqlite::{DB_FILE, SqliteOptions, SqliteStore};
+    use crate::store::{NewMessage, Store};
+
+    #[tokio::test]
+    async fn queries_with_a_bound_limit_are_compiled_once() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path(), SqliteOptions::default()).expect("open store");
+        let alice = store.create_user("alice", "h").await.expect("user");
+        let bob = store.create_user("bob", "h").await.expect("user");
+        let conversation = ConversationId::direct(alice, bob).expect("valid ids");
+        let batch = (0..3)
+            .map(|i| NewMessage {
+                sender: alice,
+                conversation,
+                client_msg_id: format!("m{i}"),
+                content: pb::Content {
+                    kind: Some(pb::content::Kind::Text(pb::Text { text: "hi".into() })),
+                },
+                server_time_ms: im_proto::now_ms(),
+            })
+            .collect();
+        store.append_batch(batch).await.expect("append");
+
+        let mut conn = open_reader(&dir.path().join(DB_FILE)).expect("reader");
+        for limit in 1..=5 {
+            let page = sync(&mut conn, bob, &[(conversation, 0)], limit).expect("sync");
+            assert_eq!(page.messages.len(), limit.min(3));
+        }
+        let select = conn
+            .prepare_cached(&format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages
+             WHERE conversation_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
+            ))
+            .expect("cached statement");
+        assert_eq!(select.get_status(StatementStatus::RePrepare), 0);
+    }
+}

@@ -103,6 +103,14 @@ pub(super) fn configure_writer(conn: &Connection) -> StoreResult<()> {
 /// Settings of a read-only pool connection.
 pub(super) fn configure_reader(conn: &Connection) -> StoreResult<()> {
     conn.pragma_update(None, "query_only", "ON")?;
+    // Plans must not depend on bound values: the planner reads a bound
+    // `LIMIT ?n`, and SQLite then recompiles the statement every time it is
+    // bound again, i.e. on every query. With no statistics tables and no
+    // `LIKE ?` the plans are the same either way.
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )?;
     common(conn)
 }
 
