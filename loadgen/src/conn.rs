@@ -71,14 +71,14 @@ pub async fn connect(
                 password: password.to_string(),
             }),
         };
-        let mut reply = call(&mut conn, 1, first).await?;
+        let mut reply = call_patiently(&mut conn, 1, &first).await?;
         if let Body::Error(e) = &reply {
             if e.code == im_proto::ErrorCode::UsernameTaken as i32 {
                 let login = Body::Login(pb::LoginRequest {
                     username: username.to_string(),
                     password: password.to_string(),
                 });
-                reply = call(&mut conn, 2, login).await?;
+                reply = call_patiently(&mut conn, 100, &login).await?;
             }
         }
         match reply {
@@ -95,6 +95,33 @@ pub async fn connect(
     })
     .await
     .context("connect and log in timed out")?
+}
+
+/// First pause after the server refused a login as overloaded.
+const AUTH_BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// Longest pause between login attempts.
+const AUTH_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// [`call`], repeated after a jittered, doubling pause while the server
+/// answers `OVERLOADED` or `RATE_LIMITED` (it keeps the connection open
+/// for that), as a client does when thousands log in at once. Request ids
+/// count up from `first_id`.
+async fn call_patiently(conn: &mut Conn, first_id: u64, body: &Body) -> anyhow::Result<Body> {
+    let mut backoff = AUTH_BACKOFF_MIN;
+    let mut id = first_id;
+    loop {
+        let reply = call(conn, id, body.clone()).await?;
+        let refused = matches!(&reply, Body::Error(e)
+            if e.code == im_proto::ErrorCode::Overloaded as i32
+                || e.code == im_proto::ErrorCode::RateLimited as i32);
+        if !refused {
+            return Ok(reply);
+        }
+        let jitter = rand::random_range(0.5..1.5);
+        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        backoff = (backoff * 2).min(AUTH_BACKOFF_MAX);
+        id += 1;
+    }
 }
 
 /// Sends a request and waits for its reply, skipping pushes.

@@ -69,7 +69,24 @@ impl SeqTracker {
         true
     }
 
-    /// A message of someone else arrived: live (`push`) or from a sync.
+    /// A sync brought the user's own message (sent from a connection that
+    /// dropped before its ack arrived). Returns false if already known.
+    pub fn own_synced(&mut self, seq: u64) -> bool {
+        if !self.own(seq) {
+            return false;
+        }
+        self.mark_synced(seq);
+        true
+    }
+
+    fn mark_synced(&mut self, seq: u64) {
+        self.synced = match self.synced {
+            (0, 0) => (seq, seq),
+            (lo, hi) => (lo.min(seq), hi.max(seq)),
+        };
+    }
+
+    /// A message arrived: live (`push`) or from a sync.
     pub fn deliver(&mut self, seq: u64, push: bool) -> Seen {
         if seq == 0 {
             return Seen::Duplicate;
@@ -84,10 +101,7 @@ impl SeqTracker {
         }
         self.insert(seq);
         if !push {
-            self.synced = match self.synced {
-                (0, 0) => (seq, seq),
-                (lo, hi) => (lo.min(seq), hi.max(seq)),
-            };
+            self.mark_synced(seq);
             return Seen::New;
         }
         let in_order = seq > self.max_pushed;
@@ -157,5 +171,15 @@ mod tests {
         assert_eq!(t.deliver(1, true), Seen::Duplicate, "pushed twice");
         assert_eq!(t.deliver(4, true), Seen::New);
         assert_eq!(t.deliver(4, true), Seen::Duplicate);
+    }
+
+    #[test]
+    fn an_own_message_a_sync_brought_may_also_arrive_as_a_push() {
+        let mut t = SeqTracker::default();
+        assert!(t.own(1), "acked");
+        assert!(t.own_synced(2), "its ack was lost with the connection");
+        assert!(!t.own_synced(1));
+        assert_eq!(t.deliver(2, true), Seen::Overlap);
+        assert_eq!(t.deliver(1, true), Seen::Duplicate, "acked and pushed back");
     }
 }
