@@ -1,0 +1,104 @@
+# Shared by the bench scripts (source it): throwaway deployments on free
+# ports in a temp directory, stopped when the script exits.
+#
+#   bench_init                    temp dir in $BENCH_DIR, cleanup on exit
+#   free_port                     an unused TCP port
+#   start_redis [flags...]        redis-server (AOF, fsync always); sets REDIS_PORT, REDIS_PID
+#   start_mariadb [flags...]      durable mariadbd; sets MYSQL_PORT, MYSQL_PID, MYSQL_URL (database im)
+#   start_server NAME [flags...]  release im-server; sets SERVER_PORT, SERVER_PID, ADMIN_PORT
+#   start_worker NAME [flags...]  release im-storage-worker against $REDIS_PORT / $MYSQL_URL
+#   wait_port PORT                until something listens there
+#   stop_all                      stops everything started so far
+
+bench_pids=()
+
+bench_init() {
+  BENCH_DIR=$(mktemp -d)
+  trap 'stop_all; rm -rf "$BENCH_DIR"' EXIT
+}
+
+stop_all() {
+  local p
+  for p in "${bench_pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${bench_pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  bench_pids=()
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() {
+  local _
+  for _ in $(seq 600); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on port $1" >&2
+  return 1
+}
+
+start_redis() {
+  REDIS_PORT=$(free_port)
+  mkdir -p "$BENCH_DIR/redis-$REDIS_PORT"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" \
+    --dir "$BENCH_DIR/redis-$REDIS_PORT" --appendonly yes --appendfsync always \
+    --daemonize no --logfile "$BENCH_DIR/redis-$REDIS_PORT/log" "$@" &
+  REDIS_PID=$!
+  bench_pids+=("$REDIS_PID")
+  until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
+}
+
+start_mariadb() {
+  MYSQL_PORT=$(free_port)
+  local dir="$BENCH_DIR/mysql-$MYSQL_PORT"
+  mariadb-install-db --no-defaults --datadir="$dir" --user="$(id -un)" \
+    --auth-root-authentication-method=normal --skip-test-db >"$dir.install.log" 2>&1
+  # Durable InnoDB: the redo log is flushed at every commit.
+  mariadbd --no-defaults --datadir="$dir" --socket="$dir.sock" --pid-file="$dir.pid" \
+    --port="$MYSQL_PORT" --bind-address=127.0.0.1 --user="$(id -un)" \
+    --skip-name-resolve --skip-log-bin --innodb-flush-log-at-trx-commit=1 \
+    --innodb-buffer-pool-size=1G --innodb-log-file-size=512M \
+    --max-connections=1000 "$@" >"$dir.log" 2>&1 &
+  MYSQL_PID=$!
+  bench_pids+=("$MYSQL_PID")
+  until mariadb -h127.0.0.1 -P"$MYSQL_PORT" -uroot -e 'CREATE DATABASE IF NOT EXISTS im' >/dev/null 2>&1; do
+    sleep 0.1
+  done
+  MYSQL_URL="mysql://root@127.0.0.1:$MYSQL_PORT/im"
+}
+
+# Cheap password hashing: registering simulated users is not what is
+# measured. Generous timeouts: the load generator's users are slow to
+# log in during a ramp of thousands per second.
+start_server() {
+  local name=$1
+  shift
+  SERVER_PORT=$(free_port)
+  ADMIN_PORT=$(free_port)
+  target/release/im-server --listen "127.0.0.1:$SERVER_PORT" \
+    --admin-listen "127.0.0.1:$ADMIN_PORT" --data-dir "$BENCH_DIR/$name" \
+    --argon2-memory-kib 64 --argon2-iterations 1 --auth-timeout-secs 60 \
+    "$@" >"$BENCH_DIR/$name.log" 2>&1 &
+  SERVER_PID=$!
+  bench_pids+=("$SERVER_PID")
+  wait_port "$SERVER_PORT"
+}
+
+start_worker() {
+  local name=$1
+  shift
+  target/release/im-storage-worker --redis-url "redis://127.0.0.1:$REDIS_PORT" \
+    --mysql-url "$MYSQL_URL" --consumer "$name" "$@" >"$BENCH_DIR/$name.log" 2>&1 &
+  bench_pids+=("$!")
+}
+
+# Resident set size of a process, in KiB.
+rss_kib() {
+  awk '/^VmRSS:/ {print $2}' "/proc/$1/status"
+}
+
+# Kernel slab memory, in KiB.
+slab_kib() {
+  awk '/^Slab:/ {print $2}' /proc/meminfo
+}
