@@ -840,7 +840,8 @@ fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> any
                 state.orphans -= 1;
             }
             match state.tracker.deliver(message.seq, true) {
-                Seen::New if echo => return Ok(()),
+                // An echo is not a delivery: the sender had the message.
+                Seen::New if echo => {}
                 Seen::New => Metrics::add(&metrics.delivered, 1),
                 Seen::Overlap => {
                     // Raced a catch-up sync; a client drops it by seq.
@@ -848,7 +849,9 @@ fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> any
                     return Ok(());
                 }
                 Seen::Reordered => {
-                    Metrics::add(&metrics.delivered, 1);
+                    if !echo {
+                        Metrics::add(&metrics.delivered, 1);
+                    }
                     Metrics::add(&metrics.reordered, 1);
                     if state.problems.len() < 5 {
                         state.problems.push(format!(
@@ -867,7 +870,7 @@ fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> any
                     }
                 }
             }
-            if metrics.measuring() {
+            if metrics.measuring() && !echo {
                 if let Some(sent) = sent_at(&message) {
                     metrics.deliver.record(now_us().saturating_sub(sent));
                 }
