@@ -228,8 +228,8 @@ impl Lane {
             for conv in load {
                 self.load_members(conv).await?;
             }
-            for conv in seed {
-                self.seed(conv).await?;
+            if !seed.is_empty() {
+                self.seed(&seed).await?;
             }
             pending = again;
         }
@@ -389,16 +389,20 @@ impl Lane {
     /// Seeds a missing seq counter from MySQL (a new conversation starts at
     /// 0; after a loss of Redis data, seqs continue after what is stored).
     /// Counters hold last seq + 1.
-    async fn seed(&mut self, conversation: u64) -> StoreResult<()> {
-        let last = sql::max_stored_seq(&self.shared, conversation).await?;
-        let shard = self.shared.layout.shard_of(conversation);
-        let _: i64 = redis::cmd("HSETNX")
-            .arg(self.shared.layout.seq_key(shard))
-            .arg(conversation)
-            .arg(last + 1)
-            .query_async(&mut self.conn)
-            .await
-            .map_err(redis_err)?;
+    async fn seed(&mut self, conversations: &HashSet<u64>) -> StoreResult<()> {
+        let conversations: Vec<u64> = conversations.iter().copied().collect();
+        let last = sql::stored_last_seqs(&self.shared, &conversations).await?;
+        let mut pipe = redis::pipe();
+        for conversation in conversations {
+            let shard = self.shared.layout.shard_of(conversation);
+            let next = last.get(&conversation).copied().unwrap_or(0) + 1;
+            pipe.cmd("HSETNX")
+                .arg(self.shared.layout.seq_key(shard))
+                .arg(conversation)
+                .arg(next)
+                .ignore();
+        }
+        let _: () = pipe.query_async(&mut self.conn).await.map_err(redis_err)?;
         Ok(())
     }
 

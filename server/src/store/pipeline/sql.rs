@@ -138,15 +138,17 @@ pub(super) async fn existing_users(shared: &Shared, ids: &[UserId]) -> StoreResu
 
 // ---- conversations ----
 
-/// Last seqs the worker has recorded, for conversations Redis does not
-/// know.
+/// The highest seq stored in MySQL for each of `conversations` that has
+/// any message there (the others are absent): what a conversation's seq
+/// counter resumes from when Redis does not know it.
 pub(super) async fn stored_last_seqs(
     shared: &Shared,
     conversations: &[u64],
 ) -> StoreResult<HashMap<u64, u64>> {
     let mut conn = shared.mysql().await?;
     let sql = format!(
-        "SELECT id, last_seq FROM conversations WHERE id IN ({})",
+        "SELECT conversation_id, MAX(seq) FROM messages WHERE conversation_id IN ({}) \
+         GROUP BY conversation_id",
         placeholders(conversations.len())
     );
     let rows: Vec<(u64, u64)> = conn
@@ -154,19 +156,6 @@ pub(super) async fn stored_last_seqs(
         .await
         .map_err(mysql_err)?;
     Ok(rows.into_iter().collect())
-}
-
-/// The highest seq stored in MySQL for a conversation (0 if none).
-pub(super) async fn max_stored_seq(shared: &Shared, conversation: u64) -> StoreResult<u64> {
-    let mut conn = shared.mysql().await?;
-    let max: Option<Option<u64>> = conn
-        .exec_first(
-            "SELECT MAX(seq) FROM messages WHERE conversation_id = ?",
-            (conversation,),
-        )
-        .await
-        .map_err(mysql_err)?;
-    Ok(max.flatten().unwrap_or(0))
 }
 
 /// `Some(joined_seq)` if the user is a member of the group conversation.
