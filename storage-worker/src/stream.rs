@@ -159,20 +159,7 @@ impl ShardKeys {
         count: usize,
         block: Duration,
     ) -> Result<Vec<Entry>, StreamError> {
-        let reply: Value = cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(count.max(1))
-            .arg("BLOCK")
-            .arg(block.as_millis().max(1) as u64)
-            .arg("STREAMS")
-            .arg(&self.stream)
-            .arg(">")
-            .query_async(conn)
-            .await?;
-        parse_read(reply)
+        self.read_group(conn, count, Some(block), ">").await
     }
 
     /// Reads up to `count` of this consumer's own pending entries after
@@ -183,15 +170,31 @@ impl ShardKeys {
         after: EntryId,
         count: usize,
     ) -> Result<Vec<Entry>, StreamError> {
-        let reply: Value = cmd("XREADGROUP")
-            .arg("GROUP")
+        self.read_group(conn, count, None, &after.to_string()).await
+    }
+
+    /// XREADGROUP for this consumer from `from` (`>`: never delivered;
+    /// an id: own pending entries after it).
+    async fn read_group(
+        &self,
+        conn: &mut MultiplexedConnection,
+        count: usize,
+        block: Option<Duration>,
+        from: &str,
+    ) -> Result<Vec<Entry>, StreamError> {
+        let mut read = cmd("XREADGROUP");
+        read.arg("GROUP")
             .arg(&self.group)
             .arg(&self.consumer)
             .arg("COUNT")
-            .arg(count.max(1))
+            .arg(count.max(1));
+        if let Some(block) = block {
+            read.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        let reply: Value = read
             .arg("STREAMS")
             .arg(&self.stream)
-            .arg(after.to_string())
+            .arg(from)
             .query_async(conn)
             .await?;
         parse_read(reply)

@@ -45,6 +45,31 @@ impl Env {
         }
     }
 
+    /// Creates consumer group `group` on `stream` (from the start) and has
+    /// `consumer` read up to `count` entries, leaving them pending.
+    async fn read_as(&self, stream: &str, group: &str, consumer: &str, count: usize) {
+        let _: () = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(stream)
+            .arg(group)
+            .arg("0")
+            .query_async(&mut self.r())
+            .await
+            .unwrap();
+        let _: redis::Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(group)
+            .arg(consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg(stream)
+            .arg(">")
+            .query_async(&mut self.r())
+            .await
+            .unwrap();
+    }
+
     /// A handle on the Redis connection.
     fn r(&self) -> MultiplexedConnection {
         self.redis.clone()
@@ -328,26 +353,7 @@ async fn entries_of_a_dead_consumer_are_claimed() {
         env.append(direct(1, 2), 1, seq, "orphan").await;
     }
     // A consumer reads them and dies before storing anything.
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("storage")
-        .arg("0")
-        .query_async(&mut env.r())
-        .await
-        .unwrap();
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("storage")
-        .arg("dead")
-        .arg("COUNT")
-        .arg(100)
-        .arg("STREAMS")
-        .arg(&stream)
-        .arg(">")
-        .query_async(&mut env.r())
-        .await
-        .unwrap();
+    env.read_as(&stream, "storage", "dead", 100).await;
     assert_eq!(env.pending(0).await, 20);
 
     let started = Instant::now();
@@ -461,26 +467,7 @@ async fn trimming_keeps_what_any_group_has_not_acknowledged() {
     }
     // Another consumer group (say, a search indexer) is behind: it read 5
     // entries and acknowledged the first 2.
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg("indexer")
-        .arg("0")
-        .query_async(&mut env.r())
-        .await
-        .unwrap();
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("indexer")
-        .arg("i1")
-        .arg("COUNT")
-        .arg(5)
-        .arg("STREAMS")
-        .arg(&stream)
-        .arg(">")
-        .query_async(&mut env.r())
-        .await
-        .unwrap();
+    env.read_as(&stream, "indexer", "i1", 5).await;
     let _: u64 = env.r().xack(&stream, "indexer", &ids[..2]).await.unwrap();
 
     let mut config = env.config("w1");
