@@ -25,7 +25,7 @@ use tokio::sync::{Notify, watch};
 use crate::layout::Layout;
 use crate::sql::{MemberRow, Statements, StoreError};
 use crate::stats::WorkerStats;
-use crate::stream::RAISE_STORED_SCRIPT;
+use crate::stream::raise_stored;
 
 /// Changes waiting for the next flush.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -235,32 +235,40 @@ impl Flusher {
                 .extend(&p.new_direct);
         }
         if !p.marks.is_empty() {
-            let c = match conn {
-                Some(c) => c,
-                None => conn.insert(self.client.get_multiplexed_async_connection().await?),
-            };
-            let mut pipe = redis::pipe();
-            let mut by_shard: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
-            for (&(shard, conv), &seq) in &p.marks {
-                by_shard.entry(shard).or_default().push((conv, seq));
-            }
-            for (shard, marks) in by_shard {
-                for chunk in marks.chunks(1000) {
-                    let cmd = pipe
-                        .cmd("EVAL")
-                        .arg(RAISE_STORED_SCRIPT)
-                        .arg(1)
-                        .arg(self.layout.stored_key(shard));
-                    for &(conv, seq) in chunk {
-                        cmd.arg(conv).arg(seq);
-                    }
-                    cmd.ignore();
+            // Bounded like the MySQL write: a stalled Redis must not hold
+            // up shutdown beyond its grace period.
+            let write = self.write_marks(p, conn);
+            match tokio::time::timeout(self.timeout, write).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    *conn = None;
+                    return Err(FlushError::RedisTimeout);
                 }
             }
-            if let Err(e) = pipe.query_async::<()>(c).await {
-                *conn = None;
-                return Err(e.into());
-            }
+        }
+        Ok(())
+    }
+
+    async fn write_marks(
+        &self,
+        p: &Pending,
+        conn: &mut Option<MultiplexedConnection>,
+    ) -> Result<(), FlushError> {
+        let c = match conn {
+            Some(c) => c,
+            None => conn.insert(self.client.get_multiplexed_async_connection().await?),
+        };
+        let mut pipe = redis::pipe();
+        let mut by_shard: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();
+        for (&(shard, conv), &seq) in &p.marks {
+            by_shard.entry(shard).or_default().push((conv, seq));
+        }
+        for (shard, marks) in by_shard {
+            raise_stored(&mut pipe, &self.layout.stored_key(shard), &marks);
+        }
+        if let Err(e) = pipe.query_async::<()>(c).await {
+            *conn = None;
+            return Err(e.into());
         }
         Ok(())
     }
@@ -273,6 +281,8 @@ enum FlushError {
     Mysql(String),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    #[error("redis: timed out")]
+    RedisTimeout,
 }
 
 #[cfg(test)]

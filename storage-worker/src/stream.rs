@@ -16,7 +16,7 @@ use crate::layout::{Layout, RECORD_FIELD};
 /// given seqs; never lowers a field. `ARGV`: conversation, seq, ... (one
 /// HMGET and one HSET, not two calls per conversation: this runs for every
 /// batch).
-pub const RAISE_STORED_SCRIPT: &str = r"
+const RAISE_STORED_SCRIPT: &str = r"
 local fields = {}
 for i = 1, #ARGV, 2 do
   fields[#fields + 1] = ARGV[i]
@@ -35,6 +35,19 @@ if #raise > 0 then
 end
 return #raise / 2
 ";
+
+/// Adds to `pipe` the calls of [`RAISE_STORED_SCRIPT`] that raise the
+/// watermarks in `key` to `marks` (conversation, seq), in chunks Lua's
+/// `unpack` takes.
+pub(crate) fn raise_stored(pipe: &mut redis::Pipeline, key: &str, marks: &[(u64, u64)]) {
+    for chunk in marks.chunks(1000) {
+        let c = pipe.cmd("EVAL").arg(RAISE_STORED_SCRIPT).arg(1).arg(key);
+        for &(conversation, seq) in chunk {
+            c.arg(conversation).arg(seq);
+        }
+        c.ignore();
+    }
+}
 
 /// A Redis failure.
 #[derive(Debug, thiserror::Error)]
@@ -264,39 +277,22 @@ impl ShardKeys {
             .collect())
     }
 
-    /// Acknowledges stored entries and raises the stored watermark of
-    /// their conversations, in one round trip. Call only after the rows
-    /// are committed.
+    /// Acknowledges stored entries. Call only after their rows are
+    /// committed.
     pub async fn ack(
         &self,
         conn: &mut MultiplexedConnection,
         ids: &[EntryId],
-        stored: &[(u64, u64)],
     ) -> Result<(), StreamError> {
-        if ids.is_empty() && stored.is_empty() {
+        if ids.is_empty() {
             return Ok(());
         }
-        let mut p = pipe();
-        if !ids.is_empty() {
-            let c = p.cmd("XACK").arg(&self.stream).arg(&self.group);
-            for id in ids {
-                c.arg(id);
-            }
-            c.ignore();
+        let mut c = cmd("XACK");
+        c.arg(&self.stream).arg(&self.group);
+        for id in ids {
+            c.arg(id);
         }
-        // Lua's unpack() takes a few thousand values at most.
-        for chunk in stored.chunks(1000) {
-            let c = p
-                .cmd("EVAL")
-                .arg(RAISE_STORED_SCRIPT)
-                .arg(1)
-                .arg(&self.stored);
-            for &(conversation, seq) in chunk {
-                c.arg(conversation).arg(seq);
-            }
-            c.ignore();
-        }
-        p.query_async::<()>(conn).await?;
+        c.query_async::<()>(conn).await?;
         Ok(())
     }
 

@@ -740,6 +740,7 @@ impl ShardTask {
                 continue; // Not every row was tried (stopping): stays pending.
             }
             let tries = attempts.get(&e).copied();
+            let letters_before = letters.len();
             if let Some(list) = rejected_here {
                 let Some(tries) = tries.filter(|&t| t >= self.settings.max_attempts) else {
                     for (_, reason) in list {
@@ -772,7 +773,9 @@ impl ShardTask {
                 });
             }
             stored_bytes += entry.len();
-            ack.push(entry.id);
+            if letters.len() == letters_before {
+                ack.push(entry.id);
+            } // else dead_letter acknowledges it with its letters, atomically.
         }
         for letter in &letters {
             tracing::warn!(
@@ -786,7 +789,7 @@ impl ShardTask {
 
         let acked = with_redis(&mut self.link, &mut self.pace, shard, "XACK", |mut c| {
             let ack = &ack;
-            async move { keys.ack(&mut c, ack, &[]).await }
+            async move { keys.ack(&mut c, ack).await }
         })
         .await
         .is_some();
