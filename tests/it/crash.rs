@@ -7,7 +7,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -16,7 +15,7 @@ use im_client::{Client, Events, Target};
 use im_proto::pb;
 use im_tests::sdk::{self, text_of};
 use im_tests::services::{MariaDb, RedisServer, fresh_database, unique_prefix};
-use im_tests::{ServerProcess, binary, free_port};
+use im_tests::{ServerProcess, WorkerProcess, free_port};
 use mysql_async::prelude::*;
 use tokio::sync::Mutex;
 
@@ -32,7 +31,7 @@ struct Stack {
     data: tempfile::TempDir,
     addr: SocketAddr,
     server: Option<ServerProcess>,
-    worker: Option<Child>,
+    worker: Option<WorkerProcess>,
 }
 
 impl Stack {
@@ -77,30 +76,29 @@ impl Stack {
     }
 
     fn start_worker(&mut self) {
-        let child = Command::new(binary("im-storage-worker"))
-            .args([
+        let redis_url = self.redis.url();
+        self.worker = Some(WorkerProcess::start(
+            &[
                 "--redis-url",
-                &self.redis.url(),
+                &redis_url,
                 "--mysql-url",
                 &self.mysql_url,
-            ])
-            .args(["--redis-prefix", &self.prefix, "--streams", STREAMS])
-            .args(["--consumer", "crash-test", "--claim-idle-ms", "2000"])
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start im-storage-worker");
-        self.worker = Some(child);
+                "--redis-prefix",
+                &self.prefix,
+                "--streams",
+                STREAMS,
+                "--consumer",
+                "crash-test",
+                "--claim-idle-ms",
+                "2000",
+            ],
+            &[],
+        ));
     }
 
     fn kill_worker(&mut self) {
-        if let Some(mut worker) = self.worker.take() {
-            let _ = worker.kill();
-            let _ = worker.wait();
-        }
+        // Dropping it kills it.
+        self.worker = None;
     }
 
     /// (conversation, seq) → client_msg_id of every row in MySQL.

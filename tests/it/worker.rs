@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use im_proto::{ConversationId, pb};
 use im_storage::layout::{Layout, encode_record, message_id, record_body};
 use im_storage::{Worker, WorkerConfig, WorkerHandle};
+use im_tests::WorkerProcess;
 use im_tests::services::{self, MariaDb, RedisServer};
 use mysql_async::prelude::*;
 use redis::AsyncCommands;
@@ -36,6 +37,9 @@ impl Env {
             .await
             .unwrap();
         let pool = mysql_async::Pool::new(mysql_url.as_str());
+        // The schema exists before any worker starts, so that every count
+        // below is a real query (a failing one fails the test).
+        im_storage::schema::migrate(&pool).await.expect("migrate");
         Env {
             layout: Layout::new(services::unique_prefix(), streams),
             redis_url: redis_url.to_string(),
@@ -160,7 +164,10 @@ impl Env {
 
     async fn count(&self, sql: &str) -> u64 {
         let mut conn = self.pool.get_conn().await.unwrap();
-        conn.query_first(sql).await.ok().flatten().unwrap_or(0)
+        conn.query_first(sql)
+            .await
+            .expect("count query")
+            .unwrap_or(0)
     }
 
     async fn pending(&self, shard: u32) -> u64 {
@@ -628,37 +635,26 @@ async fn two_workers_share_the_load_without_duplicates() {
 async fn binary_runs_until_sigterm_and_exits_cleanly() {
     let env = Env::new(2).await;
     let (_, stored) = env.append(group(4), 2, 1, "via the binary").await;
-    let mut child = std::process::Command::new(im_tests::binary("im-storage-worker"))
-        .env("IM_REDIS_URL", &env.redis_url)
-        .env("IM_MYSQL_URL", &env.mysql_url)
-        .env("IM_REDIS_PREFIX", env.layout.prefix())
-        .env("IM_STREAMS", "2")
-        .env("IM_CONSUMER", "bin")
-        .env("IM_BLOCK_MS", "100")
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .expect("start im-storage-worker");
+    let mut worker = WorkerProcess::start(
+        &[],
+        &[
+            ("IM_REDIS_URL", &env.redis_url),
+            ("IM_MYSQL_URL", &env.mysql_url),
+            ("IM_REDIS_PREFIX", env.layout.prefix()),
+            ("IM_STREAMS", "2"),
+            ("IM_CONSUMER", "bin"),
+            ("IM_BLOCK_MS", "100"),
+        ],
+    );
     eventually(15, "row stored by the binary", || async {
         env.count("SELECT COUNT(*) FROM messages").await == 1
     })
     .await;
     assert_eq!(env.messages().await, [stored]);
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
+    worker.signal("TERM");
+    let code = tokio::task::spawn_blocking(move || worker.wait_exit(10))
+        .await
         .unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("im-storage-worker did not exit after SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
     assert_eq!(code, Some(0));
 }
 

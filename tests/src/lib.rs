@@ -418,17 +418,9 @@ impl ServerProcess {
         Self::start_on(addr, data_dir, &args)
     }
 
-    /// Starts `im-server` on a free port with `data_dir` and extra flags,
-    /// and waits until it accepts connections.
-    pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-            .parse()
-            .expect("address");
-        Self::start_on(addr, data_dir, extra)
-    }
-
-    /// Like [`ServerProcess::start`] on a given address (to restart a node
-    /// where its clients expect it).
+    /// Starts `im-server` on `addr` (e.g. to restart a node where its
+    /// clients expect it) with `data_dir` and extra flags, and waits until
+    /// it accepts connections.
     pub fn start_on(addr: SocketAddr, data_dir: &Path, extra: &[&str]) -> ServerProcess {
         let child = Command::new(binary("im-server"))
             .arg("--listen")
@@ -457,27 +449,12 @@ impl ServerProcess {
 
     /// Sends a signal (by name, e.g. "TERM") to the process.
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{signal} failed");
+        signal_child(&self.child, signal);
     }
 
     /// Waits for exit (up to `secs`) and returns the exit code.
     pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(secs);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status.code();
-            }
-            if std::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("im-server did not exit within {secs} s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_child(&mut self.child, secs)
     }
 }
 
@@ -485,6 +462,70 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// An `im-storage-worker` child process, killed when dropped (also when a
+/// test fails).
+pub struct WorkerProcess {
+    /// The child.
+    pub child: Child,
+}
+
+impl WorkerProcess {
+    /// Starts `im-storage-worker` with `args` and environment `envs`.
+    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> WorkerProcess {
+        let child = Command::new(binary("im-storage-worker"))
+            .args(args)
+            .envs(envs.iter().copied())
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn im-storage-worker");
+        WorkerProcess { child }
+    }
+
+    /// Sends a signal (by name, e.g. "TERM") to the process.
+    pub fn signal(&self, signal: &str) {
+        signal_child(&self.child, signal);
+    }
+
+    /// Waits for exit (up to `secs`) and returns the exit code.
+    pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
+        wait_child(&mut self.child, secs)
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal_child(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} failed");
+}
+
+fn wait_child(child: &mut Child, secs: u64) -> Option<i32> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("process {} did not exit within {secs} s", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
