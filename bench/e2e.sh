@@ -14,15 +14,12 @@ mode=${1:-pipeline}
 shift || true
 cargo build --release -q -p im-server -p im-storage -p im-bench
 bench_init
-server_flags=()
 bench_flags=()
 if [ "$mode" = pipeline ]; then
-  start_redis
-  start_mariadb
-  start_worker worker
-  server_flags+=(--redis-url "redis://127.0.0.1:$REDIS_PORT" --mysql-url "$MYSQL_URL")
+  start_pipeline node
   bench_flags+=(--mysql-url "$MYSQL_URL")
+else
+  start_server node
 fi
-start_server node "${server_flags[@]}"
 echo "$mode mode, $(nproc) cores, everything on this machine"
 target/release/im-pairs-bench --server "127.0.0.1:$SERVER_PORT" "${bench_flags[@]}" "$@"

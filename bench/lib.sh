@@ -5,7 +5,8 @@
 #   free_port                     an unused TCP port
 #   start_redis [flags...]        redis-server (AOF, fsync always); sets REDIS_PORT, REDIS_PID
 #   start_mariadb [flags...]      durable mariadbd; sets MYSQL_PORT, MYSQL_PID, MYSQL_URL (database im)
-#   start_server NAME [flags...]  release im-server; sets SERVER_PORT, SERVER_PID, ADMIN_PORT
+#   start_server NAME [flags...]  release im-server (also given $SERVER_FLAGS); sets SERVER_PORT, SERVER_PID
+#   start_pipeline NAME [flags...] Redis, MariaDB, a storage worker and an im-server on them
 #   start_worker NAME [flags...]  release im-storage-worker against $REDIS_PORT / $MYSQL_URL
 #   wait_port PORT                until something listens there
 #   stop_all                      stops everything started so far
@@ -75,14 +76,23 @@ start_server() {
   local name=$1
   shift
   SERVER_PORT=$(free_port)
-  ADMIN_PORT=$(free_port)
+  # shellcheck disable=SC2086 # SERVER_FLAGS holds several flags
   target/release/im-server --listen "127.0.0.1:$SERVER_PORT" \
-    --admin-listen "127.0.0.1:$ADMIN_PORT" --data-dir "$BENCH_DIR/$name" \
+    --data-dir "$BENCH_DIR/$name" \
     --argon2-memory-kib 64 --argon2-iterations 1 --auth-timeout-secs 60 \
-    "$@" >"$BENCH_DIR/$name.log" 2>&1 &
+    ${SERVER_FLAGS:-} "$@" >"$BENCH_DIR/$name.log" 2>&1 &
   SERVER_PID=$!
   bench_pids+=("$SERVER_PID")
   wait_port "$SERVER_PORT"
+}
+
+start_pipeline() {
+  local name=$1
+  shift
+  start_redis
+  start_mariadb
+  start_worker worker
+  start_server "$name" --redis-url "redis://127.0.0.1:$REDIS_PORT" --mysql-url "$MYSQL_URL" "$@"
 }
 
 start_worker() {

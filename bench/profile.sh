@@ -6,8 +6,10 @@
 #
 #   bench/profile.sh embedded|pipeline [im-loadgen flags...]
 #
-# Default load: 2,000 connections, 50,000 msgs/s offered, 25 s. Needs perf
-# (linux-perf); the perf data stays in target/bench/profile-MODE.data.
+# Default load: 2,000 connections, 50,000 msgs/s offered, 25 s. Server
+# flags come from $SERVER_FLAGS (e.g. SERVER_FLAGS="--send-queue 4096").
+# Needs perf (linux-perf); the perf data stays in
+# target/bench/profile-MODE.data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -18,12 +20,7 @@ cargo build --release -q -p im-server -p im-storage -p im-loadgen
 bench_init
 case $mode in
   embedded) start_server node ;;
-  pipeline)
-    start_redis
-    start_mariadb
-    start_worker worker
-    start_server node --redis-url "redis://127.0.0.1:$REDIS_PORT" --mysql-url "$MYSQL_URL"
-    ;;
+  pipeline) start_pipeline node ;;
   *) echo "usage: bench/profile.sh embedded|pipeline [im-loadgen flags...]" >&2; exit 2 ;;
 esac
 flags=(--scenario direct --connections 2000 --rate 50000 --duration 25 --warmup 5)

@@ -150,10 +150,7 @@ for mode in ${modes//,/ }; do
       stop_all
       ;;
     pipeline)
-      start_redis
-      start_mariadb
-      start_worker worker
-      start_server pipeline --redis-url "redis://127.0.0.1:$REDIS_PORT" --mysql-url "$MYSQL_URL"
+      start_pipeline pipeline
       standard_runs pipeline "127.0.0.1:$SERVER_PORT"
       stop_all
       echo "[pipeline] storage worker rows/s" >&2
