@@ -90,6 +90,8 @@ pub struct Metrics {
     pub duplicated: AtomicU64,
     /// Live deliveries after a higher seq had been pushed.
     pub reordered: AtomicU64,
+    /// Pushes of a conversation the user is not in.
+    pub misrouted: AtomicU64,
     /// Deliveries that only the final sync brought (missed live).
     pub recovered: AtomicU64,
     /// Pushes of a message a catch-up sync had already brought (allowed by
@@ -143,6 +145,7 @@ impl Metrics {
             delivered: get(&self.delivered),
             duplicated: get(&self.duplicated),
             reordered: get(&self.reordered),
+            misrouted: get(&self.misrouted),
             recovered: get(&self.recovered),
             rejected: get(&self.rejected),
             overlaps: get(&self.overlaps),
@@ -196,6 +199,9 @@ pub struct Snapshot {
     pub duplicated: u64,
     /// Out-of-order live deliveries.
     pub reordered: u64,
+    /// Pushes of a conversation the user is not in.
+    #[serde(default)]
+    pub misrouted: u64,
     /// Deliveries only the final sync brought.
     pub recovered: u64,
     /// Sends refused as overloaded.

@@ -76,6 +76,8 @@ pub struct Report {
     pub messages_duplicated: u64,
     /// Live deliveries that arrived after a later one.
     pub messages_reordered: u64,
+    /// Pushes to a user of a conversation it is not in.
+    pub messages_misrouted: u64,
     /// Deliveries that only the final sync brought (missed live).
     pub messages_recovered: u64,
     /// Sends the server refused as overloaded (backed off, not stored).
@@ -104,7 +106,10 @@ pub struct Report {
 impl Report {
     /// Whether verification found a loss, a duplicate or a reorder.
     pub fn failed(&self) -> bool {
-        self.messages_lost > 0 || self.messages_duplicated > 0 || self.messages_reordered > 0
+        self.messages_lost > 0
+            || self.messages_duplicated > 0
+            || self.messages_reordered > 0
+            || self.messages_misrouted > 0
     }
 }
 
@@ -128,7 +133,6 @@ pub fn build(args: &Args, finals: &[Snapshot]) -> Report {
             0.0
         }
     };
-    let connections = sum(|f| f.connections) + sum(|f| f.connections_failed);
     let storm = finals.iter().map(|f| f.storm_secs).fold(0.0, f64::max);
     Report {
         scenario: args.scenario.name().into(),
@@ -141,6 +145,7 @@ pub fn build(args: &Args, finals: &[Snapshot]) -> Report {
         messages_lost: sum(|f| f.lost),
         messages_duplicated: sum(|f| f.duplicated),
         messages_reordered: sum(|f| f.reordered),
+        messages_misrouted: sum(|f| f.misrouted),
         messages_recovered: sum(|f| f.recovered),
         messages_rejected: sum(|f| f.rejected),
         pushes_after_sync: sum(|f| f.overlaps),
@@ -149,9 +154,8 @@ pub fn build(args: &Args, finals: &[Snapshot]) -> Report {
         throughput_msgs_per_s: per_s(sum(|f| f.measured_acked)),
         deliveries_per_s: per_s(sum(|f| f.measured_delivered)),
         reconnects_per_s: if args.scenario == Scenario::Storm && storm > 0.0 {
-            sum(|f| f.connections) as f64 / storm
+            sum(|f| f.reconnects) as f64 / storm
         } else {
-            let _ = connections;
             0.0
         },
         latency_us: Latencies {
@@ -240,10 +244,11 @@ pub fn summary(r: &Report) -> String {
     out += &lat("ack", &r.latency_us.ack);
     out += &lat("deliver", &r.latency_us.deliver);
     out += &format!(
-        "verification: {} lost, {} duplicated, {} reordered, {} recovered only by the final sync, {} pushes after a sync had them, {} errors: {}\n",
+        "verification: {} lost, {} duplicated, {} reordered, {} misrouted, {} recovered only by the final sync, {} pushes after a sync had them, {} errors: {}\n",
         r.messages_lost,
         r.messages_duplicated,
         r.messages_reordered,
+        r.messages_misrouted,
         r.messages_recovered,
         r.pushes_after_sync,
         r.errors,

@@ -37,8 +37,9 @@ pub struct SeqTracker {
     ahead: BTreeSet<u64>,
     max_pushed: u64,
     max_known: u64,
-    /// The seqs syncs brought first lie in `synced.0..=synced.1`.
-    synced: (u64, u64),
+    /// Seqs a sync brought first that no push or ack has repeated yet:
+    /// one repeat of each is expected, a second is a duplicate.
+    synced: BTreeSet<u64>,
 }
 
 impl SeqTracker {
@@ -60,30 +61,28 @@ impl SeqTracker {
     }
 
     /// The user's own message was acknowledged with `seq`. Returns false if
-    /// the seq was already known (the server gave one seq twice).
+    /// the seq was already known (the server gave one seq twice), unless a
+    /// sync brought it just before its ack arrived.
     pub fn own(&mut self, seq: u64) -> bool {
-        if seq == 0 || self.knows(seq) {
+        if seq == 0 {
             return false;
+        }
+        if self.knows(seq) {
+            return self.synced.remove(&seq);
         }
         self.insert(seq);
         true
     }
 
-    /// A sync brought the user's own message (sent from a connection that
-    /// dropped before its ack arrived). Returns false if already known.
+    /// A sync brought the user's own message (its ack is late, or was lost
+    /// with a dropped connection). Returns false if already known.
     pub fn own_synced(&mut self, seq: u64) -> bool {
-        if !self.own(seq) {
+        if seq == 0 || self.knows(seq) {
             return false;
         }
-        self.mark_synced(seq);
+        self.insert(seq);
+        self.synced.insert(seq);
         true
-    }
-
-    fn mark_synced(&mut self, seq: u64) {
-        self.synced = match self.synced {
-            (0, 0) => (seq, seq),
-            (lo, hi) => (lo.min(seq), hi.max(seq)),
-        };
     }
 
     /// A message arrived: live (`push`) or from a sync.
@@ -92,8 +91,7 @@ impl SeqTracker {
             return Seen::Duplicate;
         }
         if self.knows(seq) {
-            let (lo, hi) = self.synced;
-            return if push && lo <= seq && seq <= hi {
+            return if push && self.synced.remove(&seq) {
                 Seen::Overlap
             } else {
                 Seen::Duplicate
@@ -101,7 +99,7 @@ impl SeqTracker {
         }
         self.insert(seq);
         if !push {
-            self.mark_synced(seq);
+            self.synced.insert(seq);
             return Seen::New;
         }
         let in_order = seq > self.max_pushed;
@@ -171,6 +169,17 @@ mod tests {
         assert_eq!(t.deliver(1, true), Seen::Duplicate, "pushed twice");
         assert_eq!(t.deliver(4, true), Seen::New);
         assert_eq!(t.deliver(4, true), Seen::Duplicate);
+        assert_eq!(
+            t.deliver(3, true),
+            Seen::Duplicate,
+            "a sync allows one repeat"
+        );
+        // A seq pushed before a sync that brought its neighbours is not
+        // one the sync brought.
+        assert_eq!(t.deliver(6, true), Seen::New);
+        assert_eq!(t.deliver(5, false), Seen::New);
+        assert_eq!(t.deliver(7, false), Seen::New);
+        assert_eq!(t.deliver(6, true), Seen::Duplicate);
     }
 
     #[test]
@@ -181,5 +190,8 @@ mod tests {
         assert!(!t.own_synced(1));
         assert_eq!(t.deliver(2, true), Seen::Overlap);
         assert_eq!(t.deliver(1, true), Seen::Duplicate, "acked and pushed back");
+        assert!(t.own_synced(3), "a sync raced the ack");
+        assert!(t.own(3), "the late ack of a message a sync brought");
+        assert!(!t.own(3), "acknowledged twice");
     }
 }

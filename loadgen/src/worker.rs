@@ -198,9 +198,8 @@ pub async fn run(
     let members = users.len() as u64;
 
     // Warm up, measure, (storm), settle.
-    wait(
-        &args,
-        args.warmup,
+    wait_for(
+        Duration::from_secs(args.warmup),
         &metrics,
         &mut tick,
         &mut emit,
@@ -213,9 +212,8 @@ pub async fn run(
     let delivered_before = metrics.delivered.load(Relaxed);
     let mut storm_secs = 0.0;
     if args.scenario == Scenario::Storm {
-        wait(
-            &args,
-            args.duration / 2,
+        wait_for(
+            Duration::from_secs(args.duration / 2),
             &metrics,
             &mut tick,
             &mut emit,
@@ -239,9 +237,8 @@ pub async fn run(
         let rest = Duration::from_secs(rest).saturating_sub(storm_started.elapsed());
         wait_for(rest, &metrics, &mut tick, &mut emit, &mut timeline).await;
     } else {
-        wait(
-            &args,
-            args.duration,
+        wait_for(
+            Duration::from_secs(args.duration),
             &metrics,
             &mut tick,
             &mut emit,
@@ -258,9 +255,8 @@ pub async fn run(
         phase: Phase::Settle,
         storms,
     });
-    wait(
-        &args,
-        args.settle,
+    wait_for(
+        Duration::from_secs(args.settle),
         &metrics,
         &mut tick,
         &mut emit,
@@ -357,17 +353,6 @@ impl Ticker {
         timeline.push((s.t, s.sent, s.acked, s.delivered));
         emit(&s);
     }
-}
-
-async fn wait(
-    _args: &Args,
-    secs: u64,
-    metrics: &Metrics,
-    tick: &mut Ticker,
-    emit: &mut impl FnMut(&Snapshot),
-    timeline: &mut Vec<(f64, u64, u64, u64)>,
-) {
-    wait_for(Duration::from_secs(secs), metrics, tick, emit, timeline).await;
 }
 
 async fn wait_for(
@@ -545,7 +530,6 @@ async fn converse(
         resume_at: None,
         backoff: Duration::ZERO,
         orphans: 0,
-        run_nonce: shared.run_nonce,
     };
     if let Some(seq) = m.known {
         state.tracker.own(seq);
@@ -625,8 +609,6 @@ struct State {
     /// be stored and pushed to the current connection as to another
     /// device of this user.
     orphans: u64,
-    /// See [`Shared::run_nonce`].
-    run_nonce: u32,
 }
 
 impl State {
@@ -725,7 +707,7 @@ async fn drive(
                 handle(m, state, frame, metrics)?;
             }
             _ = std::future::ready(()), if can_send && saturate => {
-                send(m, c, state, &shared.text_pad, shared.args.size, metrics).await?;
+                send(m, c, state, shared).await?;
                 last_write = tokio::time::Instant::now();
             }
             _ = &mut pause, if paused => {
@@ -733,7 +715,7 @@ async fn drive(
             }
             _ = &mut pacing, if sending && !saturate => {
                 if !paused && state.pending.len() < window {
-                    send(m, c, state, &shared.text_pad, shared.args.size, metrics).await?;
+                    send(m, c, state, shared).await?;
                     last_write = tokio::time::Instant::now();
                 }
                 next_send += interval;
@@ -759,14 +741,9 @@ async fn drive(
     }
 }
 
-async fn send(
-    m: &Member,
-    c: &mut Conn,
-    state: &mut State,
-    pad: &str,
-    size: usize,
-    metrics: &Metrics,
-) -> anyhow::Result<()> {
+async fn send(m: &Member, c: &mut Conn, state: &mut State, shared: &Shared) -> anyhow::Result<()> {
+    let pad = &shared.text_pad;
+    let size = shared.args.size;
     let id = state.next_request;
     state.next_request += 1;
     let sent_us = now_us();
@@ -776,14 +753,14 @@ async fn send(
     state.counter += 1;
     let body = Body::Send(pb::SendRequest {
         target: Some(m.target),
-        client_msg_id: format!("{:08x}-{}-{}", state.run_nonce, m.index, state.counter),
+        client_msg_id: format!("{:08x}-{}-{}", shared.run_nonce, m.index, state.counter),
         content: Some(pb::Content {
             kind: Some(pb::content::Kind::Text(pb::Text { text })),
         }),
     });
     c.send(Frame::new(id, body)).await?;
     state.pending.push_back((id, sent_us));
-    Metrics::add(&metrics.sent, 1);
+    Metrics::add(&shared.metrics.sent, 1);
     Ok(())
 }
 
@@ -897,6 +874,15 @@ fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> any
             }
             if e.fatal {
                 anyhow::bail!("fatal error {}: {}", e.code, e.message);
+            }
+        }
+        Body::Message(message) => {
+            Metrics::add(&metrics.misrouted, 1);
+            if state.problems.len() < 5 {
+                state.problems.push(format!(
+                    "{}: got seq {} of conversation {}, which it is not in",
+                    m.username, message.seq, message.conversation_id
+                ));
             }
         }
         _ => {}
