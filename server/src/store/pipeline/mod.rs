@@ -179,11 +179,6 @@ impl PipelineStore {
         })
     }
 
-    /// The key layout in use.
-    pub fn layout(&self) -> &Layout {
-        &self.shared.layout
-    }
-
     /// Whether Redis answers PING within `timeout` (taking a pooled
     /// connection included); `Err` says why not.
     pub async fn ping(&self, timeout: Duration) -> StoreResult<()> {

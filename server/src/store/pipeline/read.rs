@@ -8,6 +8,7 @@
 //! boundary never leaves a gap; whatever is returned is contiguous.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::LazyLock;
 
 use im_proto::ids::ConversationKind;
 use im_proto::{ConversationId, pb};
@@ -16,6 +17,11 @@ use prost::Message as _;
 
 use super::{Shared, redis_err, sql};
 use crate::store::{CursorKind, CursorMove, Page, StoreError, StoreResult, UserId};
+
+/// Scripts are hashed once, not per call.
+static RECENT_RANGE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(layout::RECENT_RANGE_SCRIPT));
+static ADVANCE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ADVANCE_SCRIPT));
 
 /// Messages read per conversation when looking for the senders a receipt
 /// concerns.
@@ -66,7 +72,7 @@ async fn complete_ascending(
     }
     // The cache starts too late (or is empty): the older part is in MySQL.
     let below = cached.first().map_or(upto, |m| m.seq - 1);
-    let rows = sql::messages(shared, conversation, after, below, limit, false).await?;
+    let rows = sql::messages(shared, conversation, after, below, limit).await?;
     let mut messages = rows
         .into_iter()
         .map(decode_row)
@@ -88,7 +94,7 @@ async fn cached_ranges(
     if ranges.is_empty() {
         return Ok(Vec::new());
     }
-    let script = redis::Script::new(layout::RECENT_RANGE_SCRIPT);
+    let script = &*RECENT_RANGE;
     let mut pipe = redis::pipe();
     for &(conv, after, upto) in ranges {
         let shard = shared.layout.shard_of(conv);
@@ -382,7 +388,7 @@ pub(super) async fn advance_cursor(
             .map(|(from, to)| CursorMove { from, to })),
         CursorKind::Delivered => {
             let mut conn = shared.redis().await?;
-            let from: u64 = redis::Script::new(ADVANCE_SCRIPT)
+            let from: u64 = ADVANCE
                 .key(shared.layout.delivered_key(user))
                 .arg(conversation.raw())
                 .arg(to)

@@ -249,25 +249,23 @@ pub(super) async fn titles(
     Ok((group_names, user_names))
 }
 
-/// Stored messages of a conversation with seq in `(after, upto]`, ascending
-/// or descending, at most `limit`: (seq, message_id, body).
+/// Stored messages of a conversation with seq in `(after, upto]`,
+/// ascending, at most `limit`: (seq, message_id, body).
 pub(super) async fn messages(
     shared: &Shared,
     conversation: u64,
     after: u64,
     upto: u64,
     limit: usize,
-    newest_first: bool,
 ) -> StoreResult<Vec<(u64, u64, Vec<u8>)>> {
     let mut conn = shared.mysql().await?;
-    let order = if newest_first { "DESC" } else { "ASC" };
-    let sql = format!(
+    conn.exec(
         "SELECT seq, message_id, body FROM messages \
-         WHERE conversation_id = ? AND seq > ? AND seq <= ? ORDER BY seq {order} LIMIT ?"
-    );
-    conn.exec(sql, (conversation, after, upto, limit as u64))
-        .await
-        .map_err(mysql_err)
+         WHERE conversation_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+        (conversation, after, upto, limit as u64),
+    )
+    .await
+    .map_err(mysql_err)
 }
 
 /// Moves the read cursor forward: `Some((from, to))` if it moved, `None` if
