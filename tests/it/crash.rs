@@ -2,8 +2,9 @@
 //! worker, kill -9 the server node, stop MySQL, restart Redis (AOF). Each
 //! time every acknowledged message must end up in MySQL exactly once, seqs
 //! must stay dense, and every recipient must get every message once, in
-//! order, after sync. Each test runs its own Redis and MariaDB so it can
-//! break them.
+//! order, after sync. Also Redis state going wrong: lost seq counters, a
+//! member cache left stale. Each test runs its own Redis and MariaDB so it
+//! can break them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -420,4 +421,56 @@ async fn lost_seq_counters_resume_from_mysql() {
         .unwrap();
     assert_eq!(ack.seq, 4);
     assert_eq!(sdk::next_message(&mut bob_events, 10).await.seq, 4);
+}
+
+/// Removing a member commits to MySQL, then drops the group's member set
+/// cached in Redis. Should that second step fail, the owner's retry of the
+/// removal, which now changes nothing in MySQL, must still drop it: a
+/// stale set would let the removed member post for a day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_removal_drops_a_stale_member_cache() {
+    let stack = Stack::start();
+    let (owner, _owner_events) = sdk::register(stack.addr, "owner").await;
+    let (bob, _bob_events) = sdk::register(stack.addr, "bob").await;
+    let group = owner
+        .create_group("team", vec![bob.user_id()])
+        .await
+        .unwrap();
+    let target = Target::Group(group.group_id);
+    bob.send_text(target, "hello").await.unwrap();
+
+    let client = redis::Client::open(stack.redis.url()).unwrap();
+    let mut redis = client.get_multiplexed_async_connection().await.unwrap();
+    let cached: Vec<String> = redis::cmd("KEYS")
+        .arg(format!(
+            "{}:*:members:{}",
+            stack.prefix, group.conversation_id
+        ))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(cached.len(), 1, "the append cached the member set");
+    let stale: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&cached[0])
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    owner
+        .remove_members(group.group_id, vec![bob.user_id()])
+        .await
+        .unwrap();
+    // As if dropping the cache had failed after the commit.
+    let _: () = redis::cmd("SADD")
+        .arg(&cached[0])
+        .arg(&stale)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    owner
+        .remove_members(group.group_id, vec![bob.user_id()])
+        .await
+        .unwrap();
+    let refused = bob.send_text(target, "still here?").await.unwrap_err();
+    assert_eq!(refused.code(), Some(im_proto::ErrorCode::Forbidden));
 }

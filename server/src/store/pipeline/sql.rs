@@ -320,22 +320,42 @@ pub(super) async fn advance_read(
 
 /// Bumps a group's membership version and drops its cached member set, so
 /// the next append reloads it (appends are authorised against that set).
+/// It runs after the MySQL commit, so it is retried a few times (for about
+/// a second and a half) before the change is reported as failed; callers
+/// invalidate even when a request changed nothing, so that the client's
+/// retry of a failed change repairs the cache too.
 async fn invalidate_members(shared: &Shared, conversation: u64) -> StoreResult<()> {
     let layout = &shared.layout;
     let shard = layout.shard_of(conversation);
-    let mut redis = shared.redis().await?;
-    let _: () = redis::pipe()
-        .atomic()
-        .cmd("INCR")
-        .arg(layout.members_version_key(shard, conversation))
-        .ignore()
-        .cmd("DEL")
-        .arg(layout.members_key(shard, conversation))
-        .ignore()
-        .query_async(&mut redis)
-        .await
-        .map_err(redis_err)?;
-    Ok(())
+    let mut pause = std::time::Duration::from_millis(50);
+    let mut attempts = 0;
+    loop {
+        let result: StoreResult<()> = async {
+            let mut redis = shared.redis().await?;
+            redis::pipe()
+                .atomic()
+                .cmd("INCR")
+                .arg(layout.members_version_key(shard, conversation))
+                .ignore()
+                .cmd("DEL")
+                .arg(layout.members_key(shard, conversation))
+                .ignore()
+                .query_async::<()>(&mut redis)
+                .await
+                .map_err(redis_err)
+        }
+        .await;
+        attempts += 1;
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) if attempts >= 5 => return Err(e),
+            Err(e) => {
+                tracing::warn!(conversation, error = %e, "dropping a cached member set failed; retrying");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
+    }
 }
 
 /// Joining order: Unix milliseconds times a million plus the position in
@@ -507,9 +527,7 @@ pub(super) async fn add_members(
         .await?
         .ok_or(StoreError::NotFound)?;
     tx.commit().await.map_err(mysql_err)?;
-    if !added.is_empty() {
-        invalidate_members(shared, conversation).await?;
-    }
+    invalidate_members(shared, conversation).await?;
     Ok((record, added))
 }
 
@@ -579,9 +597,7 @@ pub(super) async fn remove_members(
         .await?
         .ok_or(StoreError::NotFound)?;
     tx.commit().await.map_err(mysql_err)?;
-    if !removed.is_empty() {
-        invalidate_members(shared, conversation).await?;
-    }
+    invalidate_members(shared, conversation).await?;
     Ok((record, removed))
 }
 
