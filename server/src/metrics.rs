@@ -129,6 +129,11 @@ pub fn export(
         "Users with at least one live connection on this node.",
         chat.online_users,
     );
+    out.gauge(
+        "im_presence_subscriptions",
+        "Connections on this node with a presence subscription.",
+        chat.presence_subscriptions,
+    );
 
     // ---- queues ----
     out.gauge(
@@ -190,6 +195,7 @@ mod tests {
         let gauges = [
             "im_connections",
             "im_online_users",
+            "im_presence_subscriptions",
             "im_outbound_queue_depth",
             "im_send_queue_depth",
             "im_requests_in_flight",

@@ -167,6 +167,8 @@ pub struct ChatStatsSnapshot {
     pub in_flight: u64,
     /// Users with at least one live connection.
     pub online_users: u64,
+    /// Connections with a presence subscription.
+    pub presence_subscriptions: u64,
 }
 
 /// The chat service: implements [`Handler`] for the connection layer.
@@ -293,6 +295,7 @@ impl<S: Store> ChatService<S> {
             send_queued,
             in_flight: self.pending() as u64,
             online_users: self.online_users() as u64,
+            presence_subscriptions: inner.presence.subscribed_connections() as u64,
         }
     }
 }
@@ -326,8 +329,12 @@ impl<S: Store> Handler for ChatService<S> {
     }
 
     fn on_close(&self, conn: ConnRef, user_id: u64) {
+        // Registry first: a presence subscribe racing this close either
+        // sees the connection gone or has its watchers removed below (see
+        // `PresenceHub::subscribe`).
+        let went_offline = self.inner.registry.remove(user_id, conn);
         self.inner.presence.unsubscribe_all(conn);
-        if self.inner.registry.remove(user_id, conn) {
+        if went_offline {
             self.inner.notify_presence(user_id, false);
         }
     }

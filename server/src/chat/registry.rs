@@ -6,6 +6,7 @@
 //! and for connections that subscribed to presence.
 
 use dashmap::DashMap;
+use dashmap::mapref::entry::Entry;
 use smallvec::SmallVec;
 
 use crate::net::ConnRef;
@@ -48,6 +49,13 @@ impl Registry {
         }
     }
 
+    /// Whether `conn` is a live connection of `user`.
+    pub fn has_device(&self, user: UserId, conn: ConnRef) -> bool {
+        self.users
+            .get(&user)
+            .is_some_and(|devices| devices.contains(&conn))
+    }
+
     /// Whether the user has a live connection.
     pub fn is_online(&self, user: UserId) -> bool {
         self.users.contains_key(&user)
@@ -68,31 +76,73 @@ pub struct PresenceHub {
 }
 
 impl PresenceHub {
-    /// Replaces `conn`'s subscriptions with `users` (deduplicated).
-    pub fn subscribe(&self, conn: ConnRef, mut users: Vec<UserId>) {
-        self.unsubscribe_all(conn);
+    /// Replaces `conn`'s subscriptions with `users` (deduplicated), then
+    /// asks `live` whether the connection still exists and drops what it
+    /// just added if not.
+    ///
+    /// The connection's entry stays locked while its watchers change, so
+    /// two subscribes of one connection apply one after the other and the
+    /// watchers always match the connection's list. A subscribe handled
+    /// after its connection closed cleans up after itself: the closing side
+    /// removes the connection from the registry before it unsubscribes, so
+    /// either `live` sees it gone or that unsubscribe sees this list.
+    pub fn subscribe(&self, conn: ConnRef, mut users: Vec<UserId>, live: impl FnOnce() -> bool) {
         users.sort_unstable();
         users.dedup();
-        if users.is_empty() {
-            return;
+        // Lock order: a subscriptions entry, then watcher entries (nothing
+        // takes them the other way round).
+        match self.subscriptions.entry(conn) {
+            Entry::Occupied(mut entry) => {
+                self.remove_watcher(conn, entry.get());
+                if users.is_empty() {
+                    entry.remove();
+                } else {
+                    self.add_watcher(conn, &users);
+                    entry.insert(users.into_boxed_slice());
+                }
+            }
+            Entry::Vacant(entry) => {
+                if !users.is_empty() {
+                    self.add_watcher(conn, &users);
+                    entry.insert(users.into_boxed_slice());
+                }
+            }
         }
-        for &user in &users {
-            self.watchers.entry(user).or_default().push(conn);
+        if !live() {
+            self.unsubscribe_all(conn);
         }
-        self.subscriptions.insert(conn, users.into_boxed_slice());
     }
 
-    /// Drops every subscription of `conn`.
-    pub fn unsubscribe_all(&self, conn: ConnRef) {
-        let Some((_, users)) = self.subscriptions.remove(&conn) else {
-            return;
-        };
-        for user in users.iter() {
+    fn add_watcher(&self, conn: ConnRef, users: &[UserId]) {
+        for &user in users {
+            self.watchers.entry(user).or_default().push(conn);
+        }
+    }
+
+    fn remove_watcher(&self, conn: ConnRef, users: &[UserId]) {
+        for user in users {
             self.watchers.remove_if_mut(user, |_, conns| {
                 conns.retain(|c| *c != conn);
                 conns.is_empty()
             });
         }
+    }
+
+    /// Drops every subscription of `conn`.
+    pub fn unsubscribe_all(&self, conn: ConnRef) {
+        if let Some((_, users)) = self.subscriptions.remove(&conn) {
+            self.remove_watcher(conn, &users);
+        }
+    }
+
+    /// Connections with at least one subscription.
+    pub fn subscribed_connections(&self) -> usize {
+        self.subscriptions.len()
+    }
+
+    /// Watched users.
+    pub fn watched_users(&self) -> usize {
+        self.watchers.len()
     }
 
     /// Calls `f` for each connection watching `user`.
@@ -102,5 +152,73 @@ impl PresenceHub {
                 f(conn);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Barrier};
+
+    use super::*;
+
+    fn watchers_of(hub: &PresenceHub, user: UserId) -> Vec<ConnRef> {
+        let mut conns = Vec::new();
+        hub.for_each_watcher(user, |c| conns.push(c));
+        conns
+    }
+
+    #[test]
+    fn a_subscribe_handled_after_the_close_leaves_nothing() {
+        let registry = Registry::default();
+        let hub = PresenceHub::default();
+        let conn = ConnRef::for_test(1);
+        registry.add(7, conn);
+        // The connection closes (registry first, then its subscriptions)...
+        registry.remove(7, conn);
+        hub.unsubscribe_all(conn);
+        // ...and only then is its subscribe request handled.
+        hub.subscribe(conn, vec![1, 2, 3], || registry.has_device(7, conn));
+        assert_eq!(hub.subscribed_connections(), 0);
+        assert_eq!(hub.watched_users(), 0);
+    }
+
+    #[test]
+    fn replacing_keeps_watchers_equal_to_the_list() {
+        let hub = PresenceHub::default();
+        let conn = ConnRef::for_test(1);
+        hub.subscribe(conn, vec![3, 1, 3, 2], || true);
+        assert_eq!(watchers_of(&hub, 3), [conn]);
+        hub.subscribe(conn, vec![2, 4], || true);
+        assert!(watchers_of(&hub, 1).is_empty());
+        assert_eq!(watchers_of(&hub, 4), [conn]);
+        hub.subscribe(conn, Vec::new(), || true);
+        assert_eq!((hub.subscribed_connections(), hub.watched_users()), (0, 0));
+    }
+
+    #[test]
+    fn concurrent_subscribes_of_one_connection_leave_one_consistent_list() {
+        let hub = Arc::new(PresenceHub::default());
+        let conn = ConnRef::for_test(1);
+        for round in 0..200u64 {
+            let barrier = Arc::new(Barrier::new(4));
+            let threads: Vec<_> = (0..4u64)
+                .map(|t| {
+                    let (hub, barrier) = (hub.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        let base = 1 + (round * 4 + t) * 10;
+                        hub.subscribe(conn, (base..base + 10).collect(), || true);
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            // Exactly the ten users of the subscribe that won are watched.
+            assert_eq!(hub.subscribed_connections(), 1);
+            assert_eq!(hub.watched_users(), 10, "round {round}");
+        }
+        hub.unsubscribe_all(conn);
+        assert_eq!((hub.subscribed_connections(), hub.watched_users()), (0, 0));
     }
 }

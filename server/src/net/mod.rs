@@ -127,6 +127,17 @@ impl ConnRef {
     pub fn shard(self) -> usize {
         self.shard as usize
     }
+
+    /// A reference to slot `slot` of shard 0, for unit tests of code that
+    /// only stores and compares references.
+    #[cfg(test)]
+    pub(crate) fn for_test(slot: u32) -> ConnRef {
+        ConnRef {
+            shard: 0,
+            slot,
+            generation: 0,
+        }
+    }
 }
 
 /// Where a frame came from.
