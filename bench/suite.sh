@@ -9,8 +9,9 @@
 #           im-server and one im-storage-worker.
 # Every run verifies every delivery (the table says if one did not).
 # Besides both modes it runs 100,000 idle connections over six embedded
-# server processes and six load generator processes, and the storage
-# worker's rows/s (bench/worker-rows.sh). --quick shortens every run (to
+# server processes and six load generator processes, a registration storm
+# at the default password hashing cost (bench/register-rss.sh) and the
+# storage worker's rows/s (bench/worker-rows.sh). --quick shortens every run (to
 # try the suite, not to quote). The JSON reports stay in DIR (default
 # target/bench/DATE).
 set -euo pipefail
@@ -41,6 +42,7 @@ duration=15
 warmup=3
 storm=18000
 worker_rows=1000000
+register=300
 if [ $quick = 1 ]; then
   idle=2000
   many=6000
@@ -148,6 +150,9 @@ for mode in ${modes//,/ }; do
       done
       measure_pids="${pids[*]}" idle_run many "$many" "$nodes" "$(IFS=,; echo "${servers[*]}")"
       stop_all
+      echo "[embedded] registration storm at the default argon2 cost" >&2
+      bench/register-rss.sh "$register" >"$out/embedded-register.txt" 2>&1 || true
+      sed 's/^/    /' "$out/embedded-register.txt" >&2
       ;;
     pipeline)
       start_pipeline pipeline

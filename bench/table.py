@@ -108,6 +108,21 @@ def worker_rows(results):
     return out
 
 
+def registration(results):
+    try:
+        with open(os.path.join(results, "embedded-register.txt")) as f:
+            text = f.read()
+    except OSError:
+        return "not run"
+    m = re.search(r"(\d+) of (\d+) users registered in ([\d.]+) s .*?RSS ([\d.]+) MiB before, "
+                  r"([\d.]+) MiB after", text)
+    if not m:
+        return "failed (see embedded-register.txt)"
+    held, users, secs, before, after = m.groups()
+    return (f"{held} of {users} in {float(secs):.1f} s, server RSS {before} MiB before, "
+            f"{after} MiB after (+{float(after) - float(before):.1f} MiB)")
+
+
 def main():
     results = sys.argv[1]
     modes = [m for m in ("embedded", "pipeline")
@@ -118,6 +133,8 @@ def main():
     rows.append(("idle connections held, one server process", *[idles[m][0] for m in modes]))
     rows.append(("server RSS per idle connection", *[idles[m][1] for m in modes]))
     rows.append(("kernel slab per socket (loopback: 2 per connection)", *[idles[m][2] for m in modes]))
+    rows.append(("registration storm, 300 new users at the default argon2 cost",
+                 *[registration(results) if m == "embedded" else "n/a (same code)" for m in modes]))
     direct = lambda run: [flow(get(m, run)) for m in modes]
     conns = next((get(m, "direct-20k")["connections_target"] for m in modes
                   if get(m, "direct-20k")), 0)

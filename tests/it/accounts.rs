@@ -104,3 +104,52 @@ async fn repeated_failures_are_rate_limited() {
         ErrorCode::RateLimited
     );
 }
+
+/// A registration storm at a real argon2 cost leaves the hashing threads'
+/// buffers behind (concurrency × cost) and nothing per registration.
+#[tokio::test]
+async fn a_registration_storm_leaves_bounded_memory() {
+    const COST_KIB: u64 = 8 * 1024;
+    const CONCURRENCY: u64 = 2;
+    const USERS: usize = 120;
+    let dir = tempfile::tempdir().unwrap();
+    let cost = COST_KIB.to_string();
+    let concurrency = CONCURRENCY.to_string();
+    let server = im_tests::ServerProcess::start_in(
+        dir.path(),
+        None,
+        &[
+            "--argon2-memory-kib",
+            &cost,
+            "--argon2-iterations",
+            "1",
+            "--hash-concurrency",
+            &concurrency,
+        ],
+    );
+    let before = server.rss_kib();
+    let addr = server.addr;
+    let mut tasks = Vec::new();
+    for batch in 0..USERS / 30 {
+        for i in 0..30 {
+            tasks.push(tokio::spawn(async move {
+                let mut conn = im_tests::RawConn::connect(addr).await;
+                let ok = conn.register(&format!("storm{batch}x{i}")).await;
+                assert!(ok.user_id > 0);
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let after = server.rss_kib();
+    let grown = after.saturating_sub(before);
+    eprintln!("rss before {before} KiB, after {after} KiB");
+    // The buffers of the hashing threads, plus room for the store's page
+    // cache and the connections.
+    let bound = CONCURRENCY * COST_KIB + 24 * 1024;
+    assert!(
+        grown <= bound,
+        "{USERS} registrations left {grown} KiB more RSS (bound {bound} KiB)"
+    );
+}

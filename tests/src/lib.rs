@@ -427,7 +427,12 @@ impl ServerProcess {
             .arg(addr.to_string())
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--argon2-memory-kib", "64", "--argon2-iterations", "1"])
+            // Cheap password hashing unless the test asks for a cost.
+            .args(if extra.contains(&"--argon2-memory-kib") {
+                &[][..]
+            } else {
+                &["--argon2-memory-kib", "64", "--argon2-iterations", "1"][..]
+            })
             .args(extra)
             .env(
                 "RUST_LOG",
@@ -455,6 +460,17 @@ impl ServerProcess {
     /// Waits for exit (up to `secs`) and returns the exit code.
     pub fn wait_exit(&mut self, secs: u64) -> Option<i32> {
         wait_child(&mut self.child, secs)
+    }
+
+    /// Resident memory of the process now, in KiB (Linux).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc status")
     }
 }
 

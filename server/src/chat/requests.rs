@@ -354,9 +354,8 @@ impl<S: Store> Inner<S> {
             Body::PresenceSubscribe(r) => {
                 let max = c.max_presence_subscriptions.min(c.max_frame_bytes / 16);
                 let ids = user_ids(&r.user_ids, max)?;
-                self.presence.subscribe(conn, ids.clone(), || {
-                    self.registry.has_device(user, conn)
-                });
+                self.presence
+                    .subscribe(conn, ids.clone(), || self.registry.has_device(user, conn));
                 let users = ids
                     .into_iter()
                     .map(|user_id| pb::Presence {
