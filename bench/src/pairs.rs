@@ -85,6 +85,7 @@ async fn send_all(
                 content: Some(pb::Content {
                     kind: Some(pb::content::Kind::Text(pb::Text { text: text.clone() })),
                 }),
+                resend: false,
             });
             tx.feed(Frame::new(sent as u64 + 1, body)).await?;
             sent += 1;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use im_proto::{ConversationId, pb};
-use im_storage::layout::{Layout, encode_record, message_id, record_body};
+use im_storage::layout::{Layout, dedup_key, encode_record, message_id, record_body};
 use im_storage::{Worker, WorkerConfig};
 use mysql_async::prelude::*;
 use rand::Rng;
@@ -163,10 +163,12 @@ async fn main() -> anyhow::Result<()> {
         conv.seq += 1;
         let sender = conv.members[rng.random_range(0..conv.members.len())];
         let time = now + (i / 1000) as i64;
+        let client_msg_id = format!("{sender}-{i}");
+        let key = dedup_key(sender, &client_msg_id);
         let body = record_body(&pb::Message {
             conversation_id: conv.id,
             sender_id: sender,
-            client_msg_id: format!("{sender}-{i}"),
+            client_msg_id,
             server_time_ms: time,
             content: Some(pb::Content {
                 kind: Some(pb::content::Kind::Text(pb::Text { text: text.clone() })),
@@ -200,10 +202,10 @@ async fn main() -> anyhow::Result<()> {
             use std::fmt::Write as _;
             let _ = write!(hex, "{b:02x}");
         }
-        let id = message_id(time, shard as u32, counters[shard]);
+        let id = message_id(shard as u32, counters[shard]);
         writeln!(
             file,
-            "{}\t{}\t{id}\t{sender}\t{time}\t{hex}",
+            "{}\t{}\t{id}\t{sender}\t{time}\t{key}\t{hex}",
             conv.id, conv.seq
         )?;
     }
@@ -313,7 +315,7 @@ async fn main() -> anyhow::Result<()> {
         conn.query_drop(format!(
             "LOAD DATA LOCAL INFILE '{}' INTO TABLE messages_load \
              FIELDS TERMINATED BY '\\t' \
-             (conversation_id, seq, message_id, sender_id, server_time_ms, @b) \
+             (conversation_id, seq, message_id, sender_id, server_time_ms, dedup_key, @b) \
              SET body = UNHEX(@b)",
             file_path.display()
         ))

@@ -210,11 +210,12 @@ impl Client {
     /// Sends a message with the caller's `client_msg_id` (1 to 64 bytes,
     /// unique per sender) and returns the ack once the server has stored it.
     ///
-    /// Retries with the same id (so the message is stored at most once) on
-    /// `OVERLOADED`, `INTERNAL` and `RATE_LIMITED` after a backoff, on a
-    /// request timeout at once, and after a lost connection once the next
-    /// connection has caught up; all within
-    /// [`ClientConfig::send_timeout`]. Other errors are returned at once.
+    /// Retries with the same id, flagged as a resend (so the message is
+    /// stored at most once, however late the retry), on `OVERLOADED`,
+    /// `INTERNAL` and `RATE_LIMITED` after a backoff, on a request timeout
+    /// at once, and after a lost connection once the next connection has
+    /// caught up; all within [`ClientConfig::send_timeout`]. Other errors
+    /// are returned at once.
     pub async fn send_with_id(
         &self,
         target: Target,
@@ -227,10 +228,11 @@ impl Client {
                 "client_msg_id must be 1 to {MAX_CLIENT_MSG_ID} bytes"
             )));
         }
-        let request = pb::SendRequest {
+        let mut request = pb::SendRequest {
             target: Some(target.to_wire()?),
             client_msg_id,
             content: Some(content),
+            resend: false,
         };
         let config = &self.shared().config;
         let deadline = Instant::now() + config.send_timeout;
@@ -241,7 +243,11 @@ impl Client {
                 return Err(ClientError::Timeout);
             }
             let limit = remaining.min(config.request_timeout);
-            match self.shared().call(Body::Send(request.clone()), limit).await {
+            let attempt = Body::Send(request.clone());
+            // Every retry may follow an attempt that was stored: say so, and
+            // the server finds it however long ago that was.
+            request.resend = true;
+            match self.shared().call(attempt, limit).await {
                 Ok(Body::SendAck(ack)) => return Ok(ack),
                 Ok(other) => return Err(unexpected("SendAck", &other)),
                 Err(ClientError::Server { code, message })

@@ -104,6 +104,13 @@ pub struct Metrics {
     pub errors: AtomicU64,
     /// Reconnects completed (storm).
     pub reconnects: AtomicU64,
+    /// Sends resent (flagged as resends) after their connection was lost
+    /// before the ack.
+    pub resent: AtomicU64,
+    /// Acks of a resend whose first attempt had been stored (`duplicate`).
+    pub resends_found: AtomicU64,
+    /// `SyncHint` pushes received (each followed by a sync).
+    pub sync_hints: AtomicU64,
     /// Whether the warm-up is over.
     pub measuring: AtomicBool,
     /// Connect + log-in (or resume) latency.
@@ -151,6 +158,9 @@ impl Metrics {
             overlaps: get(&self.overlaps),
             errors: get(&self.errors),
             reconnects: get(&self.reconnects),
+            resent: get(&self.resent),
+            resends_found: get(&self.resends_found),
+            sync_hints: get(&self.sync_hints),
             connect: encode(&self.connect.snapshot()),
             ack: encode(&self.ack.snapshot()),
             deliver: encode(&self.deliver.snapshot()),
@@ -214,6 +224,15 @@ pub struct Snapshot {
     pub errors: u64,
     /// Reconnects (storm).
     pub reconnects: u64,
+    /// Sends resent after a lost connection.
+    #[serde(default)]
+    pub resent: u64,
+    /// Resends answered as duplicates (their first attempt was stored).
+    #[serde(default)]
+    pub resends_found: u64,
+    /// SyncHint pushes received.
+    #[serde(default)]
+    pub sync_hints: u64,
     /// Connect latency histogram (base64 V2).
     pub connect: String,
     /// Ack latency histogram.

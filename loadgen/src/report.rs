@@ -87,6 +87,18 @@ pub struct Report {
     pub pushes_after_sync: u64,
     /// Error replies and lost connections.
     pub errors: u64,
+    /// Sends resent (flagged as resends) after their connection was lost
+    /// before the ack; each is stored once either way.
+    #[serde(default)]
+    pub messages_resent: u64,
+    /// Resends the server answered as duplicates (the lost attempt had
+    /// been stored).
+    #[serde(default)]
+    pub resends_found_stored: u64,
+    /// `SyncHint` pushes received: the server skipped pushes to a
+    /// connection whose queue was full, and it synced instead.
+    #[serde(default)]
+    pub sync_hints: u64,
     /// Seconds of measured load.
     pub duration_s: f64,
     /// Acknowledged messages per second during the measured load.
@@ -150,6 +162,9 @@ pub fn build(args: &Args, finals: &[Snapshot]) -> Report {
         messages_rejected: sum(|f| f.rejected),
         pushes_after_sync: sum(|f| f.overlaps),
         errors: sum(|f| f.errors),
+        messages_resent: sum(|f| f.resent),
+        resends_found_stored: sum(|f| f.resends_found),
+        sync_hints: sum(|f| f.sync_hints),
         duration_s: measured_secs,
         throughput_msgs_per_s: per_s(sum(|f| f.measured_acked)),
         deliveries_per_s: per_s(sum(|f| f.measured_delivered)),
@@ -238,6 +253,12 @@ pub fn summary(r: &Report) -> String {
     );
     if r.reconnects_per_s > 0.0 {
         out += &format!("storm: {:.0} reconnects/s (resume)\n", r.reconnects_per_s);
+    }
+    if r.messages_resent > 0 || r.sync_hints > 0 {
+        out += &format!(
+            "recovery: {} sends resent after a lost connection ({} had been stored), {} sync hints\n",
+            r.messages_resent, r.resends_found_stored, r.sync_hints
+        );
     }
     out += "latency:\n";
     out += &lat("connect", &r.latency_us.connect);

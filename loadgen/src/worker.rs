@@ -524,6 +524,7 @@ async fn converse(
     let mut state = State {
         tracker: SeqTracker::default(),
         pending: VecDeque::new(),
+        unsure: Vec::new(),
         next_request: 100,
         counter: 0,
         problems: Vec::new(),
@@ -550,11 +551,16 @@ async fn converse(
                     m.session = session;
                     c = fresh;
                     Metrics::add(&metrics.reconnects, 1);
-                    // Catch up, as a client does after every reconnect.
+                    // Catch up, as a client does after every reconnect, then
+                    // resend what the lost connection left unacknowledged.
                     if let Err(e) = sync(&m, &mut c, &mut state, metrics, true).await {
                         state
                             .problems
                             .push(format!("{}: catch-up failed: {e:#}", m.username));
+                    } else if let Err(e) = resend_unsure(&mut c, &mut state, &shared).await {
+                        state
+                            .problems
+                            .push(format!("{}: resending failed: {e:#}", m.username));
                     }
                 }
                 None => return Some(state.outcome(&m)),
@@ -574,7 +580,9 @@ async fn converse(
                             Some((fresh, session)) => {
                                 m.session = session;
                                 c = fresh;
-                                let _ = sync(&m, &mut c, &mut state, metrics, true).await;
+                                if sync(&m, &mut c, &mut state, metrics, true).await.is_ok() {
+                                    let _ = resend_unsure(&mut c, &mut state, &shared).await;
+                                }
                             }
                             None => return Some(state.outcome(&m)),
                         }
@@ -596,8 +604,11 @@ async fn converse(
 
 struct State {
     tracker: SeqTracker,
-    /// Unacknowledged sends: (request id, send time in µs).
-    pending: VecDeque<(u64, u64)>,
+    /// Unacknowledged sends on this connection.
+    pending: VecDeque<Pending>,
+    /// Sends left unacknowledged by a lost connection, to resend (flagged
+    /// as resends) once the next one has caught up.
+    unsure: Vec<pb::SendRequest>,
     next_request: u64,
     counter: u64,
     problems: Vec<String>,
@@ -612,10 +623,15 @@ struct State {
 }
 
 impl State {
-    /// The connection is gone: its unacknowledged sends become orphans.
+    /// The connection is gone: its unacknowledged sends become orphans,
+    /// to be resent.
     fn orphan_pending(&mut self) {
         self.orphans += self.pending.len() as u64;
-        self.pending.clear();
+        for p in self.pending.drain(..) {
+            if self.unsure.len() < MAX_UNSURE {
+                self.unsure.push(p.request);
+            }
+        }
     }
 
     fn outcome(self, m: &Member) -> Outcome {
@@ -741,6 +757,39 @@ async fn drive(
     }
 }
 
+/// A send waiting for its ack.
+struct Pending {
+    request_id: u64,
+    /// When it was first sent, in µs since the epoch.
+    sent_us: u64,
+    /// Whether this is a resend (its ack latency is not a sample).
+    resend: bool,
+    request: pb::SendRequest,
+}
+
+/// Unsure sends kept for resending per user at most (more are only
+/// counted as orphans).
+const MAX_UNSURE: usize = 1024;
+
+/// Resends, with `resend` set, every send a lost connection left without
+/// an ack: each is stored once, whether or not the first attempt was.
+async fn resend_unsure(c: &mut Conn, state: &mut State, shared: &Shared) -> anyhow::Result<()> {
+    for mut request in std::mem::take(&mut state.unsure) {
+        request.resend = true;
+        let id = state.next_request;
+        state.next_request += 1;
+        c.send(Frame::new(id, Body::Send(request.clone()))).await?;
+        state.pending.push_back(Pending {
+            request_id: id,
+            sent_us: now_us(),
+            resend: true,
+            request,
+        });
+        Metrics::add(&shared.metrics.resent, 1);
+    }
+    Ok(())
+}
+
 async fn send(m: &Member, c: &mut Conn, state: &mut State, shared: &Shared) -> anyhow::Result<()> {
     let pad = &shared.text_pad;
     let size = shared.args.size;
@@ -751,15 +800,21 @@ async fn send(m: &Member, c: &mut Conn, state: &mut State, shared: &Shared) -> a
     let fill = size.saturating_sub(text.len());
     text.push_str(&pad[..fill.min(pad.len())]);
     state.counter += 1;
-    let body = Body::Send(pb::SendRequest {
+    let request = pb::SendRequest {
         target: Some(m.target),
         client_msg_id: format!("{:08x}-{}-{}", shared.run_nonce, m.index, state.counter),
         content: Some(pb::Content {
             kind: Some(pb::content::Kind::Text(pb::Text { text })),
         }),
+        resend: false,
+    };
+    c.send(Frame::new(id, Body::Send(request.clone()))).await?;
+    state.pending.push_back(Pending {
+        request_id: id,
+        sent_us,
+        resend: false,
+        request,
     });
-    c.send(Frame::new(id, body)).await?;
-    state.pending.push_back((id, sent_us));
     Metrics::add(&shared.metrics.sent, 1);
     Ok(())
 }
@@ -781,16 +836,25 @@ fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> any
             if let Some(pos) = state
                 .pending
                 .iter()
-                .position(|&(id, _)| id == frame.request_id)
+                .position(|p| p.request_id == frame.request_id)
             {
-                let (_, sent_us) = state.pending.remove(pos).unwrap_or_default();
-                state.backoff = Duration::ZERO;
-                if metrics.measuring() {
-                    metrics.ack.record(now_us().saturating_sub(sent_us));
+                if let Some(p) = state.pending.remove(pos) {
+                    state.backoff = Duration::ZERO;
+                    if metrics.measuring() && !p.resend {
+                        metrics.ack.record(now_us().saturating_sub(p.sent_us));
+                    }
                 }
             }
             Metrics::add(&metrics.acked, 1);
-            if !state.tracker.own(ack.seq) {
+            if ack.duplicate {
+                // A resend of something already stored: its seq may be
+                // known already (from the catch-up sync, or its push to
+                // this connection as to another device of this user).
+                Metrics::add(&metrics.resends_found, 1);
+                if !state.tracker.knows(ack.seq) {
+                    state.tracker.own(ack.seq);
+                }
+            } else if !state.tracker.own(ack.seq) {
                 state.problems.push(format!(
                     "{}: seq {} acknowledged but already known",
                     m.username, ack.seq
@@ -868,7 +932,7 @@ fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> any
             if let Some(pos) = state
                 .pending
                 .iter()
-                .position(|&(id, _)| id == frame.request_id)
+                .position(|p| p.request_id == frame.request_id)
             {
                 state.pending.remove(pos);
             }

@@ -182,6 +182,7 @@ mod tests {
                 content: Some(pb::Content {
                     kind: Some(pb::content::Kind::Text(pb::Text { text })),
                 }),
+                resend: false,
             }),
         )
     }

@@ -2,16 +2,25 @@
 --
 -- KEYS[1]  the shard's stream, "<prefix>:{s<N>}:stream"; every other key
 --          is derived from it and shares its hash tag.
--- ARGV[1]  server time, Unix ms
--- ARGV[2]  current dedup bucket number (the previous one is checked too)
--- ARGV[3]  seconds a dedup bucket lives
+-- ARGV[1]  server time, Unix ms (the messages' server_time_ms)
+-- ARGV[2]  the same time as a tick of the shard clock (layout::tick_of)
+-- ARGV[3]  seconds a dedup bucket covers (the dedup window)
 -- ARGV[4]  records kept per conversation in the recent cache, beyond
 --          those not yet stored in MySQL
 -- ARGV[5]  seconds an idle conversation's recent cache lives
--- ARGV[6]  number of messages; then 5 arguments per message:
+-- ARGV[6]  number of messages; then 6 arguments per message:
 --          conversation id, sender id ("0" for server notices),
 --          client_msg_id ("" for none), kind ("d" direct, "g" group,
---          "n" notice), record body
+--          "n" notice), attempt ("" first attempt, "r" a resend, "c" a
+--          resend MySQL was checked for), record body
+--
+-- The shard clock. `#t` in the seq hash holds the last tick taken; each
+-- stored message takes the next one, which is the wall clock (ARGV[2])
+-- or one past the last tick, whichever is later. Ticks never repeat or go
+-- back, so message ids (tick and shard) are unique however many messages
+-- arrive within one millisecond and whichever node appends them. Dedup
+-- buckets follow the same clock, so where a message's dedup entry lives
+-- is a function of its tick.
 --
 -- All messages appended by one call go into one stream entry, as repeated
 -- "m" fields in order, so the stream costs one entry per call, not per
@@ -19,29 +28,77 @@
 -- records, contiguous in seq.
 --
 -- Returns one reply per message, in order:
---   {"ok", seq, n}          stored; the record is "<seq>:<n>:" .. body
---   {"dup", "seq:n:time"}   the sender already stored this client_msg_id
+--   {"ok", seq, tick}       stored; the record is "<seq>:<tick>:" .. body
+--   {"dup", "seq:tick:time"} the sender already stored this client_msg_id
 --   {"nm"}                  the sender is not a member of the group
 --   {"load"}                the group's member set is not cached: load it
 --   {"seed"}                the conversation's seq counter is missing:
 --                           seed it from MySQL (HSETNX to last seq + 1)
+--   {"check"}               a resend the dedup window does not know, while
+--                           every message of the conversation MySQL may
+--                           lack is inside the window: look it up in MySQL,
+--                           then resubmit it as "c" if it is not there
+--   {"lag"}                 a resend the dedup window does not know, while
+--                           the storage worker is more than the window
+--                           behind on the conversation: nobody can tell yet
+--                           whether it was stored; refuse it for now
 --   {"blocked"}             an earlier message of the same conversation
---                           needs "load" or "seed" first; resubmit
--- A conversation that needs "load" or "seed" is blocked for the rest of
--- the batch, so resubmitting keeps its order.
+--                           needs "load", "seed" or "check" first; resubmit
+-- A conversation that needs "load", "seed" or "check" is blocked for the
+-- rest of the batch, so resubmitting keeps its order.
 
 local stream = KEYS[1]
 local base = string.sub(stream, 1, -8)
 local seq_key = base .. ":seq"
 local stored_key = base .. ":stored"
 local now = ARGV[1]
-local bucket = tonumber(ARGV[2])
-local dedup_cur = base .. ":dedup:" .. string.format("%d", bucket)
-local dedup_prev = base .. ":dedup:" .. string.format("%d", bucket - 1)
-local dedup_ttl = tonumber(ARGV[3])
+local window = tonumber(ARGV[3])
 local cache_len = tonumber(ARGV[4])
 local cache_ttl = tonumber(ARGV[5])
 local count = tonumber(ARGV[6])
+
+-- Lua numbers are doubles: ticks stay below 2^53 (exact) until 2093, but
+-- must be printed with %.0f, not tostring, to stay plain integers.
+local function int(x)
+  return string.format("%.0f", x)
+end
+
+local last_tick = tonumber(redis.call("HGET", seq_key, "#t") or "0")
+local clock = math.max(tonumber(ARGV[2]), last_tick + 1)
+local bucket_ticks = window * 1000 * 4096
+local bucket = math.floor(clock / bucket_ticks)
+local dedup_cur = base .. ":dedup:" .. int(bucket)
+local dedup_prev = base .. ":dedup:" .. int(bucket - 1)
+-- The two buckets checked hold every message with a tick from here on
+-- (a second of margin for ticks taken within one call).
+local window_start = (bucket - 1) * bucket_ticks + 1000 * 4096
+
+-- Whether every message of `conv` that MySQL may not have yet is young
+-- enough for the dedup window, so that a resend the window misses is
+-- either in MySQL or was never stored.
+local function covered(conv)
+  local counter = redis.call("HGET", seq_key, conv)
+  if not counter then
+    -- No counter: a new conversation, or one whose Redis state was lost
+    -- (and with it anything not yet stored); MySQL is all there is.
+    return true
+  end
+  local last = tonumber(counter) - 1
+  local stored = tonumber(redis.call("HGET", stored_key, conv) or "0")
+  if stored >= last then
+    return true
+  end
+  -- The oldest message MySQL may lack is seq stored + 1; the recent cache
+  -- keeps every record above the stored watermark.
+  local recent = base .. ":recent:" .. conv
+  local first = tonumber(string.match(redis.call("LINDEX", recent, 0) or "", "^(%d+):"))
+  if not first or first > stored + 1 then
+    return false
+  end
+  local record = redis.call("LINDEX", recent, stored + 1 - first)
+  local tick = tonumber(string.match(record or "", "^%d+:(%d+):"))
+  return tick ~= nil and tick >= window_start
+end
 
 local out = {}
 local blocked = {}
@@ -50,21 +107,15 @@ local entry = {}
 -- (and consulted for duplicates within the call).
 local written = {}
 local dedup = {}
--- Message counter values are reserved for the whole call at once.
-local n_next = redis.call("HINCRBY", seq_key, "#n", count) - count
-if n_next >= 1099511627776 then
-  -- Only n mod 4096 enters message ids; keep the counter small.
-  redis.call("HSET", seq_key, "#n", count)
-  n_next = 0
-end
 
 for i = 1, count do
-  local at = 7 + (i - 1) * 5
+  local at = 7 + (i - 1) * 6
   local conv = ARGV[at]
   local sender = ARGV[at + 1]
   local cmid = ARGV[at + 2]
   local kind = ARGV[at + 3]
-  local body = ARGV[at + 4]
+  local attempt = ARGV[at + 4]
+  local body = ARGV[at + 5]
   local reply = nil
   local field = nil
 
@@ -80,6 +131,13 @@ for i = 1, count do
     end
     if seen then
       reply = {"dup", seen}
+    elseif attempt == "r" then
+      if covered(conv) then
+        blocked[conv] = true
+        reply = {"check"}
+      else
+        reply = {"lag"}
+      end
     end
   end
 
@@ -105,9 +163,9 @@ for i = 1, count do
       blocked[conv] = true
       reply = {"seed"}
     else
-      n_next = n_next + 1
-      -- Both stay far below 1e14, so Lua prints them as plain integers.
-      local head = seq .. ":" .. n_next .. ":"
+      local tick = clock
+      clock = clock + 1
+      local head = int(seq) .. ":" .. int(tick) .. ":"
       local record = head .. body
       entry[#entry + 1] = "m"
       entry[#entry + 1] = record
@@ -132,7 +190,7 @@ for i = 1, count do
         dedup[#dedup + 1] = field
         dedup[#dedup + 1] = value
       end
-      reply = {"ok", seq, n_next}
+      reply = {"ok", seq, int(tick)}
     end
   end
 
@@ -140,10 +198,11 @@ for i = 1, count do
 end
 
 if #entry > 0 then
+  redis.call("HSET", seq_key, "#t", int(clock - 1))
   redis.call("XADD", stream, "*", unpack(entry))
 end
 if #dedup > 0 then
   redis.call("HSET", dedup_cur, unpack(dedup))
-  redis.call("EXPIRE", dedup_cur, dedup_ttl * 2)
+  redis.call("EXPIRE", dedup_cur, window * 2)
 end
 return out

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use im_proto::{ConversationId, pb};
 use prost::Message as _;
 
-use crate::layout::{message_id, parse_record};
+use crate::layout::{dedup_key, message_id, parse_record};
 
 /// A stream entry id, `<ms>-<seq>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -116,6 +116,8 @@ pub struct Row {
     pub sender_id: u64,
     /// `messages.server_time_ms`.
     pub server_time_ms: i64,
+    /// `messages.dedup_key` (0 without a client_msg_id).
+    pub dedup_key: u64,
     /// Where the body starts in the record.
     pub body_start: usize,
 }
@@ -156,9 +158,10 @@ pub fn decode_row(bytes: &[u8], entry: usize, record: usize, shard: u32) -> Resu
         record,
         conversation_id: message.conversation_id,
         seq: parts.seq,
-        message_id: message_id(message.server_time_ms, shard, parts.counter),
+        message_id: message_id(shard, parts.tick),
         sender_id: message.sender_id,
         server_time_ms: message.server_time_ms,
+        dedup_key: dedup_key(message.sender_id, &message.client_msg_id),
         body_start: bytes.len() - parts.body.len(),
     })
 }
@@ -337,6 +340,7 @@ mod tests {
         record_body(&pb::Message {
             conversation_id: conversation,
             sender_id: sender,
+            client_msg_id: "c".into(),
             server_time_ms: MESSAGE_ID_EPOCH_MS + 1000,
             content: Some(pb::Content {
                 kind: Some(pb::content::Kind::Text(pb::Text { text: text.into() })),
@@ -389,10 +393,8 @@ mod tests {
         assert_eq!(row.seq, 42);
         assert_eq!(row.sender_id, 9);
         assert_eq!(row.server_time_ms, MESSAGE_ID_EPOCH_MS + 1000);
-        assert_eq!(
-            row.message_id,
-            message_id(MESSAGE_ID_EPOCH_MS + 1000, 5, 4097)
-        );
+        assert_eq!(row.message_id, message_id(5, 4097));
+        assert_eq!(row.dedup_key, dedup_key(9, "c"));
         assert_eq!(&record[row.body_start..], &b[..]);
     }
 

@@ -8,8 +8,8 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `P:{sN}:stream` | stream | one entry per append call: field `m` repeated, one record per message, in order |
-//! | `P:{sN}:seq` | hash | conversation → last seq + 1 (so a missing counter is told apart from a new one); `#n` → message counter |
-//! | `P:{sN}:dedup:B` | hash | `conv:sender:client_msg_id` → `seq:n:time`, bucket B of the dedup window |
+//! | `P:{sN}:seq` | hash | conversation → last seq + 1 (so a missing counter is told apart from a new one); `#t` → the shard clock's last tick |
+//! | `P:{sN}:dedup:B` | hash | `conv:sender:client_msg_id` → `seq:tick:time`, bucket B of the dedup window (buckets follow the shard clock) |
 //! | `P:{sN}:recent:C` | list | newest records of conversation C, contiguous in seq |
 //! | `P:{sN}:stored` | hash | conversation → highest seq the worker has stored in MySQL |
 //! | `P:{sN}:members:C` | set | member ids of group conversation C, plus `0` as a marker |
@@ -20,10 +20,10 @@
 //! not yet known to MySQL) and `P:{uU}:delivered` (hash: conversation →
 //! delivered cursor). Global: `P:users` (bitmap of existing user ids).
 //!
-//! A *record* is `"<seq>:<n>:"` followed by a Protobuf `Message` without its
-//! `seq` and `message_id`; the script prepends the first two, which it
-//! assigns. Message ids are derived from the server time, the shard and the
-//! shard's message counter (see [`message_id`]).
+//! A *record* is `"<seq>:<tick>:"` followed by a Protobuf `Message` without
+//! its `seq` and `message_id`; the script prepends the first two, which it
+//! assigns. Message ids are the shard and the tick of the shard's clock the
+//! message took (see [`message_id`]).
 
 use im_proto::pb;
 use prost::Message as _;
@@ -111,7 +111,7 @@ impl Layout {
         self.shard_key(shard, "stream")
     }
 
-    /// Conversation → last seq + 1 (and the shard's message counter).
+    /// Conversation → last seq + 1 (and the shard clock's last tick).
     pub fn seq_key(&self, shard: u32) -> String {
         self.shard_key(shard, "seq")
     }
@@ -157,20 +157,52 @@ impl Layout {
     }
 }
 
-/// The message id of the `counter`-th message of `shard`, appended at
-/// `server_time_ms`: 41 bits of milliseconds since [`MESSAGE_ID_EPOCH_MS`],
-/// 10 bits of shard, 12 bits of counter. Unique unless one shard takes more
-/// than 4096 messages within one millisecond, and positive as an `i64`
-/// until 2093.
-pub fn message_id(server_time_ms: i64, shard: u32, counter: u64) -> u64 {
-    let millis = (server_time_ms - MESSAGE_ID_EPOCH_MS).max(0) as u64 & ((1 << 41) - 1);
-    (millis << 22) | (u64::from(shard & 0x3ff) << 12) | (counter & 0xfff)
+/// Ticks of a shard's message clock per millisecond: a tick is the
+/// position of a message in its shard's total order, and runs at least as
+/// fast as the wall clock (see [`message_id`]).
+pub const TICKS_PER_MS: u64 = 4096;
+
+/// The shard clock's tick for Unix time `now_ms`: what the append script
+/// starts from when its shard's clock is behind the wall clock.
+pub fn tick_of(now_ms: i64) -> u64 {
+    (now_ms - MESSAGE_ID_EPOCH_MS).max(0) as u64 * TICKS_PER_MS
+}
+
+/// The message id of the message of `shard` that took tick `tick` of the
+/// shard's clock: `tick << 10 | shard`.
+///
+/// Every append of a shard takes the next tick of that shard's clock, which
+/// lives in Redis (`#t` in the seq hash) and only moves forward: it is the
+/// wall clock in units of 1/4096 ms (41 bits of milliseconds since
+/// [`MESSAGE_ID_EPOCH_MS`], 12 bits below them), or one past the last tick
+/// taken when that is later. So ids are unique by construction, on every
+/// node, however many messages a shard takes within one millisecond; they
+/// grow with time and stay positive as an `i64` until 2093.
+pub fn message_id(shard: u32, tick: u64) -> u64 {
+    (tick << 10) | u64::from(shard & 0x3ff)
+}
+
+/// The key under which a send is found again when it is resent after the
+/// dedup window: a stable 64-bit hash of the sender and its
+/// `client_msg_id`, never 0 (0 marks messages without one). Stored beside
+/// each message in both stores' `messages` tables and indexed with the
+/// conversation; a hit is confirmed against the stored message's own
+/// sender and client_msg_id, so a collision can never make a new message
+/// a duplicate.
+pub fn dedup_key(sender: u64, client_msg_id: &str) -> u64 {
+    if client_msg_id.is_empty() {
+        return 0;
+    }
+    let mut input = Vec::with_capacity(8 + client_msg_id.len());
+    input.extend_from_slice(&sender.to_le_bytes());
+    input.extend_from_slice(client_msg_id.as_bytes());
+    xxhash_rust::xxh3::xxh3_64(&input).max(1)
 }
 
 /// Why a record could not be read.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    /// The `<seq>:<n>:` header is missing or not numeric.
+    /// The `<seq>:<tick>:` header is missing or not numeric.
     #[error("malformed record header")]
     Header,
     /// The Protobuf body does not decode.
@@ -183,8 +215,8 @@ pub enum RecordError {
 pub struct RecordParts<'a> {
     /// The message's seq in its conversation.
     pub seq: u64,
-    /// The shard's message counter at append time.
-    pub counter: u64,
+    /// The tick of the shard clock the message took.
+    pub tick: u64,
     /// The Protobuf `Message` without seq and message id.
     pub body: &'a [u8],
 }
@@ -199,8 +231,8 @@ pub fn record_body(message: &pb::Message) -> Vec<u8> {
 /// Splits a record into its header numbers and body.
 pub fn parse_record(record: &[u8]) -> Result<RecordParts<'_>, RecordError> {
     let (seq, rest) = take_number(record)?;
-    let (counter, body) = take_number(rest)?;
-    Ok(RecordParts { seq, counter, body })
+    let (tick, body) = take_number(rest)?;
+    Ok(RecordParts { seq, tick, body })
 }
 
 fn take_number(bytes: &[u8]) -> Result<(u64, &[u8]), RecordError> {
@@ -219,26 +251,26 @@ pub fn decode_record(record: &[u8], shard: u32) -> Result<pb::Message, RecordErr
     let parts = parse_record(record)?;
     let mut message = pb::Message::decode(parts.body)?;
     message.seq = parts.seq;
-    message.message_id = message_id(message.server_time_ms, shard, parts.counter);
+    message.message_id = message_id(shard, parts.tick);
     Ok(message)
 }
 
 /// A record as the append script builds it (for tests and tools that write
 /// streams directly).
-pub fn encode_record(seq: u64, counter: u64, body: &[u8]) -> Vec<u8> {
-    let mut out = format!("{seq}:{counter}:").into_bytes();
+pub fn encode_record(seq: u64, tick: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = format!("{seq}:{tick}:").into_bytes();
     out.extend_from_slice(body);
     out
 }
 
-/// The dedup value `seq:n:time` the script stores and returns for
+/// The dedup value `seq:tick:time` the script stores and returns for
 /// duplicates.
 pub fn parse_dedup(value: &str) -> Option<(u64, u64, i64)> {
     let mut parts = value.splitn(3, ':');
     let seq = parts.next()?.parse().ok()?;
-    let counter = parts.next()?.parse().ok()?;
+    let tick = parts.next()?.parse().ok()?;
     let time = parts.next()?.parse().ok()?;
-    Some((seq, counter, time))
+    Some((seq, tick, time))
 }
 
 #[cfg(test)]
@@ -278,14 +310,27 @@ mod tests {
     }
 
     #[test]
-    fn message_ids_are_ordered_by_time_and_distinct_by_shard_and_counter() {
-        let t = MESSAGE_ID_EPOCH_MS + 1_000;
-        assert!(message_id(t + 1, 0, 0) > message_id(t, 1023, 4095));
-        assert_ne!(message_id(t, 1, 5), message_id(t, 2, 5));
-        assert_ne!(message_id(t, 1, 5), message_id(t, 1, 6));
+    fn message_ids_are_ordered_by_tick_and_distinct_by_shard_and_tick() {
+        let t = tick_of(MESSAGE_ID_EPOCH_MS + 1_000);
+        assert_eq!(tick_of(MESSAGE_ID_EPOCH_MS + 1_001), t + TICKS_PER_MS);
+        assert!(message_id(0, t + 1) > message_id(1023, t));
+        assert_ne!(message_id(1, t), message_id(2, t));
+        assert_ne!(message_id(1, t), message_id(1, t + 1));
         // Positive as i64 for the next decades.
-        let year_2090 = MESSAGE_ID_EPOCH_MS + 66 * 365 * 24 * 3600 * 1000;
-        assert!(i64::try_from(message_id(year_2090, 1023, 4095)).is_ok());
+        let year_2090 = tick_of(MESSAGE_ID_EPOCH_MS + 66 * 365 * 24 * 3600 * 1000);
+        assert!(i64::try_from(message_id(1023, year_2090 + 4095)).is_ok());
+        // Lua numbers (doubles) hold ticks exactly until then as well.
+        assert!(year_2090 < 1 << 53);
+    }
+
+    #[test]
+    fn dedup_keys_are_stable_and_never_zero() {
+        assert_eq!(dedup_key(7, "abc"), dedup_key(7, "abc"));
+        assert_ne!(dedup_key(7, "abc"), dedup_key(8, "abc"));
+        assert_ne!(dedup_key(7, "abc"), dedup_key(7, "abd"));
+        assert_eq!(dedup_key(7, ""), 0);
+        // Fixed across releases: it is stored in both databases.
+        assert_eq!(dedup_key(1, "m1"), 0xdbe6_6bb3_13aa_5aba);
     }
 
     #[test]
@@ -305,10 +350,7 @@ mod tests {
         let record = encode_record(12, 34, &record_body(&message));
         let decoded = decode_record(&record, 3).unwrap();
         assert_eq!(decoded.seq, 12);
-        assert_eq!(
-            decoded.message_id,
-            message_id(message.server_time_ms, 3, 34)
-        );
+        assert_eq!(decoded.message_id, message_id(3, 34));
         assert_eq!(decoded.client_msg_id, "abc");
         assert_eq!(decoded.content, message.content);
         assert!(matches!(parse_record(b"12"), Err(RecordError::Header)));

@@ -7,7 +7,10 @@ use mysql_async::prelude::*;
 
 /// Migrations in order: (version, SQL). Append only; never edit a released
 /// one.
-pub const MIGRATIONS: &[(u32, &str)] = &[(1, include_str!("../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(u32, &str)] = &[
+    (1, include_str!("../migrations/0001_init.sql")),
+    (2, include_str!("../migrations/0002_dedup_key.sql")),
+];
 
 /// Why the schema could not be brought up to date.
 #[derive(Debug, thiserror::Error)]
@@ -111,8 +114,11 @@ mod tests {
     #[test]
     fn migrations_split_into_statements() {
         let all: Vec<String> = MIGRATIONS.iter().flat_map(|m| statements(m.1)).collect();
-        assert_eq!(all.len(), 4);
-        assert!(all.iter().all(|s| s.starts_with("CREATE TABLE")));
+        assert_eq!(all.len(), 5);
+        assert!(
+            all.iter()
+                .all(|s| s.starts_with("CREATE TABLE") || s.starts_with("ALTER TABLE"))
+        );
         assert!(all.iter().all(|s| !s.contains("--")));
         let versions: Vec<u32> = MIGRATIONS.iter().map(|m| m.0).collect();
         assert!(versions.windows(2).all(|w| w[0] < w[1]));

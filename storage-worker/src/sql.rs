@@ -105,6 +105,8 @@ pub struct MessageRow<'a> {
     pub sender_id: u64,
     /// Server time.
     pub server_time_ms: i64,
+    /// The send's dedup key (0 without a client_msg_id).
+    pub dedup_key: u64,
     /// The record body.
     pub body: &'a [u8],
 }
@@ -200,7 +202,7 @@ impl Kind {
     /// Placeholders per row.
     pub fn params(self) -> usize {
         match self {
-            Kind::Messages => 6,
+            Kind::Messages => 7,
             Kind::DirectMembers | Kind::GroupReads => 3,
         }
     }
@@ -220,9 +222,9 @@ impl Kind {
         match self {
             Kind::Messages => format!(
                 "INSERT INTO messages \
-                 (conversation_id, seq, message_id, sender_id, server_time_ms, body) \
+                 (conversation_id, seq, message_id, sender_id, server_time_ms, dedup_key, body) \
                  VALUES {} ON DUPLICATE KEY UPDATE seq = seq",
-                values("(?,?,?,?,?,?)")
+                values("(?,?,?,?,?,?,?)")
             ),
             Kind::DirectMembers => format!(
                 "INSERT INTO members (conversation_id, user_id, read_seq) VALUES {} \
@@ -365,7 +367,7 @@ impl Statements {
         let (classes, _) = self.of(Kind::Messages);
         let per_row = |i: usize| messages[i].body.len() + 64;
         for chunk in chunks(messages.len(), classes, self.max_bytes, per_row) {
-            let mut params = Vec::with_capacity(chunk.class * 6);
+            let mut params = Vec::with_capacity(chunk.class * 7);
             for i in 0..chunk.class {
                 let r = &messages[chunk.start + i.min(chunk.rows - 1)];
                 params.extend([
@@ -374,6 +376,7 @@ impl Statements {
                     Value::UInt(r.message_id),
                     Value::UInt(r.sender_id),
                     Value::Int(r.server_time_ms),
+                    Value::UInt(r.dedup_key),
                     Value::Bytes(r.body.to_vec()),
                 ]);
             }
@@ -424,6 +427,7 @@ mod tests {
             message_id: conversation_id.wrapping_add(seq),
             sender_id,
             server_time_ms: 1,
+            dedup_key: 0,
             body: b"body",
         }
     }
@@ -492,7 +496,7 @@ mod tests {
     #[test]
     fn statements_have_the_right_shape() {
         let sql = Kind::Messages.sql(2);
-        assert!(sql.contains("VALUES (?,?,?,?,?,?),(?,?,?,?,?,?) ON DUPLICATE KEY UPDATE"));
+        assert!(sql.contains("VALUES (?,?,?,?,?,?,?),(?,?,?,?,?,?,?) ON DUPLICATE KEY UPDATE"));
         assert!(!sql.contains("IGNORE"));
         let reads = Kind::GroupReads.sql(3);
         assert_eq!(reads.matches('?').count(), 9);

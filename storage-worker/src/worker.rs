@@ -893,6 +893,7 @@ impl ShardTask {
                     message_id: r.message_id,
                     sender_id: r.sender_id,
                     server_time_ms: r.server_time_ms,
+                    dedup_key: r.dedup_key,
                     body: batch.body(r),
                 }
             })

@@ -176,6 +176,58 @@ async fn resend_with_the_same_id_returns_the_original_ack() {
     assert_eq!(history.messages.len(), 2);
 }
 
+/// The protocol's promise: a resend flagged as one gets the original ack
+/// at any later time, long after the dedup window (one second here). While
+/// the store cannot tell yet (the pipeline's worker behind), the answer is
+/// OVERLOADED, never a second copy.
+#[tokio::test]
+async fn a_resend_after_the_dedup_window_returns_the_original_ack() {
+    let server = TestServer::start_with(|c| c.dedup_window_secs = 1).await;
+    let mut alice = RawConn::connect(server.addr).await;
+    alice.register("alice").await;
+    let mut bob = RawConn::connect(server.addr).await;
+    let bob_id = bob.register("bob").await.user_id;
+    let send = |resend: bool| {
+        Body::Send(pb::SendRequest {
+            target: Some(pb::send_request::Target::ToUser(bob_id)),
+            client_msg_id: "late-1".into(),
+            content: Some(text("only once")),
+            resend,
+        })
+    };
+    let Body::SendAck(first) = alice.call(send(false)).await else {
+        panic!("first attempt not acked");
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let again = loop {
+        match alice.call(send(true)).await {
+            Body::SendAck(ack) => break ack,
+            Body::Error(e) if e.code == ErrorCode::Overloaded as i32 => {
+                assert!(std::time::Instant::now() < deadline, "still OVERLOADED");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            other => panic!("late resend answered {other:?}"),
+        }
+    };
+    assert!(again.duplicate);
+    assert_eq!(
+        (again.message_id, again.seq, again.server_time_ms),
+        (first.message_id, first.seq, first.server_time_ms)
+    );
+    let history = bob
+        .call(Body::History(pb::HistoryRequest {
+            conversation_id: first.conversation_id,
+            before_seq: 0,
+            limit: 10,
+        }))
+        .await;
+    let Body::HistoryResponse(history) = history else {
+        panic!("history: {history:?}");
+    };
+    assert_eq!(history.messages.len(), 1, "stored twice");
+}
+
 #[tokio::test]
 async fn concurrent_senders_see_one_dense_order() {
     let server = TestServer::start().await;
@@ -245,6 +297,7 @@ async fn pipelined_sends_get_seqs_in_request_order() {
                 target: Some(pb::send_request::Target::ToUser(bob_id)),
                 client_msg_id: format!("p{n}"),
                 content: Some(text(&n.to_string())),
+                resend: false,
             }))
             .await;
         ids.push(id);

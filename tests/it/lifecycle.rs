@@ -33,6 +33,7 @@ async fn sigterm_answers_in_flight_sends_then_closes_with_a_reason() {
                         text: n.to_string(),
                     })),
                 }),
+                resend: false,
             }))
             .await;
     }

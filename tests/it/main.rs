@@ -8,4 +8,5 @@ mod lifecycle;
 mod loadgen;
 mod protocol;
 mod resilience;
+mod store;
 mod worker;

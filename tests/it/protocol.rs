@@ -40,6 +40,7 @@ async fn assert_alive(conn: &mut RawConn, me: u64) {
             target: Some(pb::send_request::Target::ToUser(me)),
             client_msg_id: format!("alive-{}", rand_id()),
             content: text("still here"),
+            resend: false,
         }))
         .await;
     assert!(

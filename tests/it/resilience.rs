@@ -143,6 +143,7 @@ async fn request_storm_from_one_client_is_bounded_by_backpressure() {
                         text: n.to_string(),
                     })),
                 }),
+                resend: false,
             }))
             .await;
         ids.push(id);

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use im_proto::{ConversationId, pb};
-use im_storage::layout::{Layout, encode_record, message_id, record_body};
+use im_storage::layout::{Layout, encode_record, message_id, record_body, tick_of};
 use im_storage::{Worker, WorkerConfig, WorkerHandle};
 use im_tests::WorkerProcess;
 use im_tests::services::{self, MariaDb, RedisServer};
@@ -121,12 +121,14 @@ impl Env {
             ..Default::default()
         });
         let shard = self.layout.shard_of(conv);
-        let counter = seq * 7 + conv % 1000;
+        // A tick of the shard clock, unique as the script's are.
+        static NEXT_TICK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let counter = tick_of(time) + NEXT_TICK.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let id = self.xadd(shard, &encode_record(seq, counter, &body)).await;
         let stored = Stored {
             conversation_id: conv,
             seq,
-            message_id: message_id(time, shard, counter),
+            message_id: message_id(shard, counter),
             sender_id: sender,
             server_time_ms: time,
             body,

@@ -156,20 +156,33 @@ impl Drop for MariaDb {
     }
 }
 
+/// The temp directory of one MariaDB instance. Each needs its own: the
+/// bootstrap names its temporary tables after the thread, not the process,
+/// so installs running side by side in one /tmp clobber each other's.
+fn mariadb_tmp(dir: &Path) -> PathBuf {
+    let tmp = dir.join("tmp");
+    std::fs::create_dir_all(&tmp).expect("MariaDB temp dir");
+    tmp
+}
+
 fn install_mariadb(dir: &Path) {
     let status = Command::new("mariadb-install-db")
         .arg("--no-defaults")
         .arg(format!("--datadir={}", dir.join("data").display()))
+        .arg(format!("--tmpdir={}", mariadb_tmp(dir).display()))
         .args([
             "--user=root",
             "--auth-root-authentication-method=normal",
             "--skip-test-db",
         ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
+        .output()
         .expect("run mariadb-install-db (is MariaDB installed?)");
-    assert!(status.success(), "mariadb-install-db failed");
+    assert!(
+        status.status.success(),
+        "mariadb-install-db failed: {}{}",
+        String::from_utf8_lossy(&status.stdout),
+        String::from_utf8_lossy(&status.stderr)
+    );
 }
 
 fn mariadb_command(dir: &Path, port: u16) -> Command {
@@ -178,6 +191,7 @@ fn mariadb_command(dir: &Path, port: u16) -> Command {
         .arg(format!("--datadir={}", dir.join("data").display()))
         .arg(format!("--socket={}", dir.join("mysql.sock").display()))
         .arg(format!("--pid-file={}", dir.join("mysql.pid").display()))
+        .arg(format!("--tmpdir={}", mariadb_tmp(dir).display()))
         .arg(format!("--port={port}"))
         .args([
             "--bind-address=127.0.0.1",

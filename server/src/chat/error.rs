@@ -31,6 +31,10 @@ pub enum ChatError {
     /// Too much work queued; retry later.
     #[error("server overloaded; retry later")]
     Overloaded,
+    /// A resend whose first attempt cannot be looked up yet (storage is
+    /// behind); retry later.
+    #[error("cannot tell yet whether the first attempt was stored; resend later")]
+    ResendUnverified,
     /// An unexpected failure (details are logged, not sent).
     #[error("internal error")]
     Internal,
@@ -52,7 +56,7 @@ impl ChatError {
             ChatError::UsernameTaken => ErrorCode::UsernameTaken,
             ChatError::RateLimited(_) => ErrorCode::RateLimited,
             ChatError::InvalidToken => ErrorCode::InvalidToken,
-            ChatError::Overloaded => ErrorCode::Overloaded,
+            ChatError::Overloaded | ChatError::ResendUnverified => ErrorCode::Overloaded,
             ChatError::Internal => ErrorCode::Internal,
         }
     }

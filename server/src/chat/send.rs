@@ -112,6 +112,7 @@ impl<S: Store> Inner<S> {
                     kind: Some(content::Kind::Notice(notice)),
                 },
                 server_time_ms: im_proto::now_ms(),
+                resend: false,
             },
             extra_recipients,
         };
@@ -170,6 +171,7 @@ impl<S: Store> Inner<S> {
             client_msg_id: req.client_msg_id,
             content,
             server_time_ms: im_proto::now_ms(),
+            resend: req.resend,
         })
     }
 
@@ -316,6 +318,9 @@ fn rejection_error(rejection: AppendRejection) -> ChatError {
     match rejection {
         AppendRejection::NotMember => ChatError::Forbidden("not a member of this conversation"),
         AppendRejection::NoSuchUser => ChatError::NotFound("no such user"),
+        AppendRejection::Overloaded => ChatError::Overloaded,
+        AppendRejection::Failed => ChatError::Internal,
+        AppendRejection::DedupBehind => ChatError::ResendUnverified,
     }
 }
 

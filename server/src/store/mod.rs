@@ -63,6 +63,10 @@ pub struct NewMessage {
     /// time it sequences the message; the stored message and its ack carry
     /// the final value.
     pub server_time_ms: i64,
+    /// The client says an earlier attempt of this send may have been
+    /// stored: when the dedup window does not know it, the store checks
+    /// its durable index before storing it (see [`Store::append_batch`]).
+    pub resend: bool,
 }
 
 /// Where an appended message landed.
@@ -98,6 +102,18 @@ pub enum AppendRejection {
     /// A direct conversation names a user that does not exist.
     #[error("no such user")]
     NoSuchUser,
+    /// The store had no room for this message now; it was not stored.
+    #[error("store overloaded")]
+    Overloaded,
+    /// The append failed before this message's fate was known: it may or
+    /// may not be stored (a resend tells which).
+    #[error("append failed; resend to learn whether it was stored")]
+    Failed,
+    /// A resend the dedup window does not know, while the durable index
+    /// may still lack its first attempt (the pipeline's storage worker is
+    /// more than the window behind): it was not stored; retry later.
+    #[error("the durable dedup index is behind; retry later")]
+    DedupBehind,
 }
 
 /// Result of one message in [`Store::append_batch`].
@@ -198,10 +214,17 @@ pub trait Store: Send + Sync + 'static {
     /// get increasing seqs in the order they were passed in, across calls.
     /// Each conversation's seqs are dense: 1, 2, 3, ...
     ///
-    /// A non-empty `client_msg_id` already stored for the same sender yields
-    /// [`AppendOutcome::Duplicate`] with the original ack. Sending advances
-    /// the sender's read cursor to the new seq. The message is durable when
-    /// the future resolves with `Ok`.
+    /// Deduplication is per `(conversation, sender, client_msg_id)`: a
+    /// non-empty `client_msg_id` the sender already stored in the same
+    /// conversation yields [`AppendOutcome::Duplicate`] with the original
+    /// ack (whatever the content). A first attempt is recognised within the
+    /// dedup window; a message with `resend` set at any later time, from
+    /// the durable index, or it gets [`AppendRejection::DedupBehind`] while
+    /// that index may not have it yet. Sending advances the sender's read
+    /// cursor to the new seq. The message is durable when the future
+    /// resolves with `Ok` and its result is [`AppendOutcome::Stored`]; each
+    /// message of the batch has its own result, so some may be stored and
+    /// others refused (e.g. [`AppendRejection::Overloaded`]).
     fn append_batch(
         &self,
         batch: Vec<NewMessage>,

@@ -6,8 +6,9 @@
 //! round trips are shared by every send in flight.
 //!
 //! The script may ask for help before it can append to a conversation: its
-//! member set is not cached (`load`) or its seq counter is missing
-//! (`seed`). The lane fetches that from MySQL, then resubmits the
+//! member set is not cached (`load`), its seq counter is missing (`seed`),
+//! or a resend the dedup window does not know must be looked up in MySQL
+//! (`check`). The lane fetches that from MySQL, then resubmits the
 //! conversation's blocked messages, still in order.
 
 use std::collections::{BTreeMap, HashSet};
@@ -24,6 +25,7 @@ use super::{DIRECT_INDEX_TTL_SECS, MEMBERS_TTL_SECS, Shared, redis_err, sql};
 use crate::store::{
     Ack, AppendOutcome, AppendRejection, AppendResult, NewMessage, StoreError, StoreResult,
 };
+use sql::SentQuery;
 
 /// A batch for one lane.
 pub(crate) struct AppendJob {
@@ -33,8 +35,8 @@ pub(crate) struct AppendJob {
 
 /// Messages taken into one round at most (more wait for the next round).
 const ROUND_MESSAGES: usize = 8192;
-/// Rounds of load/seed/resubmit before giving up on a conversation.
-const MAX_ROUNDS: usize = 4;
+/// Rounds of load/seed/check/resubmit before giving up on a conversation.
+const MAX_ROUNDS: usize = 6;
 
 /// Replaces a group's cached member set, unless its membership changed
 /// since `ARGV[1]` (its version) was read.
@@ -56,10 +58,32 @@ redis.call("EXPIRE", KEYS[1], tonumber(ARGV[2]))
 return 1
 "#;
 
+/// Which attempt of a send an entry is, as the script's argument says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// A first attempt: the dedup window decides alone.
+    First,
+    /// A resend: on a window miss, MySQL may have to be asked.
+    Resend,
+    /// A resend MySQL was asked about and did not have.
+    Checked,
+}
+
+impl Attempt {
+    fn arg(self) -> &'static str {
+        match self {
+            Attempt::First => "",
+            Attempt::Resend => "r",
+            Attempt::Checked => "c",
+        }
+    }
+}
+
 struct Entry {
     job: usize,
     shard: u32,
     kind: &'static str,
+    attempt: Attempt,
     /// The message as it will be stored (seq and id filled in on success).
     message: pb::Message,
     body: Vec<u8>,
@@ -116,38 +140,29 @@ impl Lane {
                 entries.push(self.entry(job, m, now_ms));
             }
         }
-        let mut failed: HashSet<usize> = HashSet::new();
+        // Each message is answered for what happened to it: stored ones
+        // are acked and pushed even when others of the round failed.
         if let Err(e) = self.append_all(&mut entries, now_ms).await {
             tracing::warn!(error = %e, "append round failed");
-            failed.extend(
-                entries
-                    .iter()
-                    .filter(|e| e.outcome.is_none())
-                    .map(|e| e.job),
-            );
         }
         if let Err(e) = self.index_new_direct_conversations(&entries).await {
             tracing::warn!(error = %e, "indexing new direct conversations failed");
-            failed.extend(entries.iter().map(|e| e.job));
+            // Their conversations may be missing from conversation lists:
+            // the client resends, and the duplicate indexes them again.
+            for entry in &mut entries {
+                if entry.opens_direct_conversation() {
+                    entry.outcome = Some(Err(AppendRejection::Failed));
+                }
+            }
         }
         let mut results: Vec<Vec<AppendResult>> = replies.iter().map(|_| Vec::new()).collect();
         for entry in entries {
-            if let Some(outcome) = entry.outcome {
-                results[entry.job].push(outcome);
-            } else {
-                failed.insert(entry.job);
-            }
+            // No outcome: the round failed before the message's fate was
+            // known (it may be stored; the resend will tell).
+            results[entry.job].push(entry.outcome.unwrap_or(Err(AppendRejection::Failed)));
         }
-        for (job, (reply, result)) in replies.into_iter().zip(results).enumerate() {
-            let answer = if failed.contains(&job) {
-                // Sends are retried by clients; deduplication makes any
-                // message of this job that did land answer with its
-                // original ack.
-                Err(StoreError::Backend("append failed; retry".into()))
-            } else {
-                Ok(result)
-            };
-            let _ = reply.send(answer);
+        for (reply, result) in replies.into_iter().zip(results) {
+            let _ = reply.send(Ok(result));
         }
     }
 
@@ -169,10 +184,16 @@ impl Lane {
             content: Some(m.content),
         };
         let body = layout::record_body(&message);
+        let attempt = if m.resend && !message.client_msg_id.is_empty() {
+            Attempt::Resend
+        } else {
+            Attempt::First
+        };
         Entry {
             job,
             shard,
             kind,
+            attempt,
             message,
             body,
             outcome: None,
@@ -194,26 +215,31 @@ impl Lane {
             let replies = self.run_script(entries, &pending, now_ms).await?;
             let mut load = HashSet::new();
             let mut seed = HashSet::new();
+            let mut check = Vec::new();
             let mut again = Vec::new();
             for (&i, reply) in pending.iter().zip(replies) {
                 let entry = &mut entries[i];
                 match reply {
-                    Reply::Ok { seq, counter } => {
+                    Reply::Ok { seq, tick } => {
                         let mut message = entry.message.clone();
                         message.seq = seq;
-                        message.message_id =
-                            layout::message_id(message.server_time_ms, entry.shard, counter);
+                        message.message_id = layout::message_id(entry.shard, tick);
                         entry.outcome = Some(Ok(AppendOutcome::Stored(message)));
                     }
-                    Reply::Duplicate { seq, counter, time } => {
+                    Reply::Duplicate { seq, tick, time } => {
                         entry.outcome = Some(Ok(AppendOutcome::Duplicate(Ack {
-                            message_id: layout::message_id(time, entry.shard, counter),
+                            message_id: layout::message_id(entry.shard, tick),
                             conversation_id: entry.message.conversation_id,
                             seq,
                             server_time_ms: time,
                         })));
                     }
                     Reply::NotMember => entry.outcome = Some(Err(AppendRejection::NotMember)),
+                    Reply::Lag => entry.outcome = Some(Err(AppendRejection::DedupBehind)),
+                    Reply::Check => {
+                        check.push(i);
+                        again.push(i);
+                    }
                     Reply::Load => {
                         load.insert(entry.message.conversation_id);
                         again.push(i);
@@ -225,12 +251,15 @@ impl Lane {
                     Reply::Blocked => again.push(i),
                 }
             }
+            self.check_sent(entries, &check).await?;
             for conv in load {
                 self.load_members(conv).await?;
             }
             if !seed.is_empty() {
                 self.seed(&seed).await?;
             }
+            // Resends MySQL already had are answered.
+            again.retain(|&i| entries[i].outcome.is_none());
             pending = again;
         }
         if pending.is_empty() {
@@ -279,7 +308,6 @@ impl Lane {
     ) -> StoreResult<Vec<Reply>> {
         let options = &self.shared.options;
         let window = options.dedup_window_secs.max(1);
-        let bucket = (now_ms / 1000) as u64 / window;
         // Each message takes two values in one XADD and one HSET: stay well
         // below Lua's limit on unpacked values.
         let chunk = options.script_batch.clamp(1, 2000);
@@ -296,7 +324,7 @@ impl Lane {
                 let mut invocation = self.append.key(&stream);
                 invocation
                     .arg(now_ms)
-                    .arg(bucket)
+                    .arg(layout::tick_of(now_ms))
                     .arg(window)
                     .arg(options.recent_cache_len)
                     .arg(options.recent_cache_ttl_secs)
@@ -308,6 +336,7 @@ impl Lane {
                         .arg(e.message.sender_id)
                         .arg(e.message.client_msg_id.as_str())
                         .arg(e.kind)
+                        .arg(e.attempt.arg())
                         .arg(e.body.as_slice());
                 }
                 pipe.invoke_script(&invocation);
@@ -349,6 +378,32 @@ impl Lane {
             .collect();
         replies.sort_by_key(|(i, _)| position[i]);
         Ok(replies.into_iter().map(|(_, r)| r).collect())
+    }
+
+    /// Looks up in MySQL the resends at `indices` that the script could
+    /// not find in the dedup window: one found there is a duplicate, one
+    /// that is not is resubmitted as checked (and stored).
+    async fn check_sent(&self, entries: &mut [Entry], indices: &[usize]) -> StoreResult<()> {
+        if indices.is_empty() {
+            return Ok(());
+        }
+        let queries: Vec<SentQuery<'_>> = indices
+            .iter()
+            .map(|&i| SentQuery {
+                conversation: entries[i].message.conversation_id,
+                sender: entries[i].message.sender_id,
+                client_msg_id: &entries[i].message.client_msg_id,
+            })
+            .collect();
+        let found = sql::find_sent(&self.shared, &queries).await?;
+        for (&i, ack) in indices.iter().zip(found) {
+            let entry = &mut entries[i];
+            match ack {
+                Some(ack) => entry.outcome = Some(Ok(AppendOutcome::Duplicate(ack))),
+                None => entry.attempt = Attempt::Checked,
+            }
+        }
+        Ok(())
     }
 
     /// Caches a group's member set from MySQL, guarded by its version so a
@@ -411,17 +466,12 @@ impl Lane {
     async fn index_new_direct_conversations(&mut self, entries: &[Entry]) -> StoreResult<()> {
         let mut pipe = redis::pipe();
         let mut any = false;
-        for entry in entries {
-            let first = match &entry.outcome {
-                Some(Ok(AppendOutcome::Stored(m))) => m.seq == 1,
-                Some(Ok(AppendOutcome::Duplicate(a))) => a.seq == 1,
-                _ => false,
-            };
+        for entry in entries.iter().filter(|e| e.opens_direct_conversation()) {
             let Some(conv) = im_proto::ConversationId::from_raw(entry.message.conversation_id)
             else {
                 continue;
             };
-            if let (true, ConversationKind::Direct { lo, hi }) = (first, conv.kind()) {
+            if let ConversationKind::Direct { lo, hi } = conv.kind() {
                 for user in [lo, hi] {
                     let key = self.shared.layout.direct_index_key(user);
                     pipe.cmd("SADD").arg(&key).arg(conv.raw()).ignore();
@@ -440,14 +490,28 @@ impl Lane {
     }
 }
 
+impl Entry {
+    /// Whether this is (an answer for) seq 1 of a direct conversation.
+    fn opens_direct_conversation(&self) -> bool {
+        let first = match &self.outcome {
+            Some(Ok(AppendOutcome::Stored(m))) => m.seq == 1,
+            Some(Ok(AppendOutcome::Duplicate(a))) => a.seq == 1,
+            _ => false,
+        };
+        first && self.kind == "d"
+    }
+}
+
 /// One message's answer from the append script.
 #[derive(Debug, PartialEq, Eq)]
 enum Reply {
-    Ok { seq: u64, counter: u64 },
-    Duplicate { seq: u64, counter: u64, time: i64 },
+    Ok { seq: u64, tick: u64 },
+    Duplicate { seq: u64, tick: u64, time: i64 },
     NotMember,
     Load,
     Seed,
+    Check,
+    Lag,
     Blocked,
 }
 
@@ -474,16 +538,22 @@ impl Reply {
         Ok(match status.as_str() {
             "ok" => Reply::Ok {
                 seq: items.get(1).and_then(int).ok_or_else(bad)?,
-                counter: items.get(2).and_then(int).ok_or_else(bad)?,
+                tick: items
+                    .get(2)
+                    .and_then(text)
+                    .and_then(|t| t.parse().ok())
+                    .ok_or_else(bad)?,
             },
             "dup" => {
                 let value = items.get(1).and_then(text).ok_or_else(bad)?;
-                let (seq, counter, time) = layout::parse_dedup(&value).ok_or_else(bad)?;
-                Reply::Duplicate { seq, counter, time }
+                let (seq, tick, time) = layout::parse_dedup(&value).ok_or_else(bad)?;
+                Reply::Duplicate { seq, tick, time }
             }
             "nm" => Reply::NotMember,
             "load" => Reply::Load,
             "seed" => Reply::Seed,
+            "check" => Reply::Check,
+            "lag" => Reply::Lag,
             "blocked" => Reply::Blocked,
             _ => return Err(bad()),
         })

@@ -27,8 +27,8 @@ use im_storage::layout::Layout;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AppendResult, CursorKind, CursorMove, GroupId, GroupRecord, NewMessage, Page, Store,
-    StoreError, StoreResult, UserId, UserRecord,
+    AppendRejection, AppendResult, CursorKind, CursorMove, GroupId, GroupRecord, NewMessage, Page,
+    Store, StoreError, StoreResult, UserId, UserRecord,
 };
 use append::AppendJob;
 
@@ -254,8 +254,10 @@ impl Store for PipelineStore {
             split[lane].0.push(i);
             split[lane].1.push(message);
         }
+        // A lane that is full (or gone) refuses its own messages only: the
+        // others are submitted, stored and answered as usual.
+        let mut results: Vec<Option<AppendResult>> = (0..total).map(|_| None).collect();
         let mut waiting = Vec::new();
-        let mut submitted = Ok(());
         for (lane, (indices, messages)) in split.into_iter().enumerate() {
             if messages.is_empty() {
                 continue;
@@ -265,18 +267,27 @@ impl Store for PipelineStore {
                 batch: messages,
                 reply: tx,
             };
-            if let Err(e) = self.lanes[lane].try_send(job) {
-                submitted = Err(match e {
-                    mpsc::error::TrySendError::Full(_) => StoreError::Overloaded,
-                    mpsc::error::TrySendError::Closed(_) => StoreError::Closed,
-                });
-                break;
+            match self.lanes[lane].try_send(job) {
+                Ok(()) => waiting.push((indices, rx)),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    for i in indices {
+                        results[i] = Some(Err(AppendRejection::Overloaded));
+                    }
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    if waiting.is_empty() && results.iter().all(Option::is_none) {
+                        // Nothing was submitted: the store is closed.
+                        return futures::future::Either::Left(std::future::ready(Err(
+                            StoreError::Closed,
+                        )));
+                    }
+                    for i in indices {
+                        results[i] = Some(Err(AppendRejection::Overloaded));
+                    }
+                }
             }
-            waiting.push((indices, rx));
         }
-        async move {
-            submitted?;
-            let mut results: Vec<Option<AppendResult>> = (0..total).map(|_| None).collect();
+        futures::future::Either::Right(async move {
             for (indices, rx) in waiting {
                 let part = rx.await.map_err(|_| StoreError::Closed)??;
                 for (i, result) in indices.into_iter().zip(part) {
@@ -287,7 +298,7 @@ impl Store for PipelineStore {
                 .into_iter()
                 .map(|r| r.ok_or_else(|| StoreError::Backend("append lane answered partly".into())))
                 .collect()
-        }
+        })
     }
 
     fn sync(

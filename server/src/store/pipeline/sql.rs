@@ -5,11 +5,13 @@
 use std::collections::{HashMap, HashSet};
 
 use im_proto::ConversationId;
+use im_storage::layout::dedup_key;
 use mysql_async::prelude::*;
 use mysql_async::{Params, TxOpts, Value};
+use prost::Message as _;
 
 use super::{Shared, mysql_err, redis_err};
-use crate::store::{GroupId, GroupRecord, StoreError, StoreResult, UserId, UserRecord};
+use crate::store::{Ack, GroupId, GroupRecord, StoreError, StoreResult, UserId, UserRecord};
 
 /// MySQL's "duplicate entry" error.
 const ER_DUP_ENTRY: u16 = 1062;
@@ -266,6 +268,67 @@ pub(super) async fn messages(
     )
     .await
     .map_err(mysql_err)
+}
+
+/// A send looked up by its dedup key.
+pub(super) struct SentQuery<'a> {
+    pub conversation: u64,
+    pub sender: UserId,
+    pub client_msg_id: &'a str,
+}
+
+/// For each query, the ack of the stored message with that conversation,
+/// sender and client_msg_id (the lowest seq, should there be several), or
+/// `None`: one statement for all of them, through the dedup-key index.
+pub(super) async fn find_sent(
+    shared: &Shared,
+    queries: &[SentQuery<'_>],
+) -> StoreResult<Vec<Option<Ack>>> {
+    let mut found = vec![None; queries.len()];
+    if queries.is_empty() {
+        return Ok(found);
+    }
+    let keys: Vec<(u64, u64)> = queries
+        .iter()
+        .map(|q| (q.conversation, dedup_key(q.sender, q.client_msg_id)))
+        .collect();
+    let condition = vec!["(conversation_id = ? AND dedup_key = ?)"; keys.len()].join(" OR ");
+    let params: Vec<Value> = keys
+        .iter()
+        .flat_map(|&(c, k)| [Value::from(c), Value::from(k)])
+        .collect();
+    let mut conn = shared.mysql().await?;
+    let rows: Vec<(u64, u64, u64, u64, i64, Vec<u8>)> = conn
+        .exec(
+            format!(
+                "SELECT conversation_id, dedup_key, seq, message_id, server_time_ms, body \
+                 FROM messages WHERE {condition} ORDER BY seq"
+            ),
+            Params::Positional(params),
+        )
+        .await
+        .map_err(mysql_err)?;
+    for (conversation, key, seq, message_id, server_time_ms, body) in rows {
+        // The key is a hash: believe a row only if it is the same send.
+        let Ok(stored) = im_proto::pb::Message::decode(body.as_slice()) else {
+            continue;
+        };
+        for (i, q) in queries.iter().enumerate() {
+            if found[i].is_none()
+                && keys[i] == (conversation, key)
+                && stored.sender_id == q.sender
+                && stored.client_msg_id == q.client_msg_id
+            {
+                found[i] = Some(Ack {
+                    message_id,
+                    conversation_id: conversation,
+                    seq,
+                    server_time_ms,
+                });
+            }
+        }
+    }
+    Ok(found)
 }
 
 /// Moves the read cursor forward: `Some((from, to))` if it moved, `None` if

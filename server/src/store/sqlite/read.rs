@@ -476,6 +476,7 @@ mod tests {
                     kind: Some(pb::content::Kind::Text(pb::Text { text: "hi".into() })),
                 },
                 server_time_ms: im_proto::now_ms(),
+                resend: false,
             })
             .collect();
         store.append_batch(batch).await.expect("append");

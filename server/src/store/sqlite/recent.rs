@@ -1,18 +1,20 @@
-//! The dedup window of the embedded store: which `(sender, client_msg_id)`
-//! pairs were stored recently, and where.
+//! The dedup window of the embedded store: which sends `(conversation,
+//! sender, client_msg_id)` were stored recently, and where.
 //!
 //! A unique index on client-chosen ids costs a random B-tree insert per
 //! message, spread over an index that grows forever; it dominated the
-//! writer's time (WAL pages written per commit grow with it). Resends come
-//! from clients retrying after a lost ack, i.e. within minutes, so, like the
-//! production pipeline, the embedded store recognises them within a window:
-//! two generations of an in-memory map, each covering `window` (or at most
-//! `capacity / 2` sends), so a resend is recognised for at least one window
-//! and at most two. At open the window is refilled from the tail of the
-//! `messages` table, so a restart keeps it.
+//! writer's time (WAL pages written per commit grow with it). Most resends
+//! come from clients retrying after a lost ack, i.e. within minutes, so,
+//! like the production pipeline, the embedded store recognises first
+//! attempts within a window: two generations of an in-memory map, each
+//! covering `window` (or at most `capacity / 2` sends), so a send is
+//! recognised for at least one window and at most two. At open the window
+//! is refilled from the tail of the `messages` table, so a restart keeps
+//! it. Sends flagged as resends that the window misses are looked up in
+//! the compact `(conversation_id, dedup_key)` index instead.
 //!
-//! Keys are a keyed 64-bit hash of the pair and values `(conversation, seq)`:
-//! 24 bytes a send. A hit is confirmed against the stored row before it is
+//! Keys are a keyed 64-bit hash of the send and values `(conversation,
+//! seq)`: 24 bytes a send. A hit is confirmed against the stored row before it is
 //! believed, so a hash collision can never turn a new message into a
 //! "duplicate"; at worst it lets one resend through as new.
 
@@ -60,14 +62,19 @@ impl RecentSends {
         self.per_generation
     }
 
-    fn key(&self, sender: UserId, client_msg_id: &str) -> u64 {
-        self.hasher.hash_one((sender, client_msg_id))
+    fn key(&self, conversation: u64, sender: UserId, client_msg_id: &str) -> u64 {
+        self.hasher.hash_one((conversation, sender, client_msg_id))
     }
 
     /// Where the send was stored, if it is in the window (to be confirmed
     /// against the row).
-    pub(super) fn get(&self, sender: UserId, client_msg_id: &str) -> Option<(u64, u64)> {
-        let key = self.key(sender, client_msg_id);
+    pub(super) fn get(
+        &self,
+        conversation: u64,
+        sender: UserId,
+        client_msg_id: &str,
+    ) -> Option<(u64, u64)> {
+        let key = self.key(conversation, sender, client_msg_id);
         self.current
             .get(&key)
             .or_else(|| self.previous.get(&key))
@@ -76,14 +83,14 @@ impl RecentSends {
 
     /// Records a send stored by the open transaction.
     pub(super) fn insert(&mut self, sender: UserId, client_msg_id: &str, at: (u64, u64)) {
-        let key = self.key(sender, client_msg_id);
+        let key = self.key(at.0, sender, client_msg_id);
         self.current.insert(key, at);
         self.uncommitted.push(key);
     }
 
     /// Records a send loaded at open (already committed).
     pub(super) fn preload(&mut self, sender: UserId, client_msg_id: &str, at: (u64, u64)) {
-        let key = self.key(sender, client_msg_id);
+        let key = self.key(at.0, sender, client_msg_id);
         self.current.insert(key, at);
     }
 
@@ -102,7 +109,13 @@ impl RecentSends {
     /// Starts a new generation when the current one is full or older than
     /// the window. Called between transactions.
     pub(super) fn rotate_if_due(&mut self) {
-        if self.current.len() >= self.per_generation || self.started.elapsed() >= self.window {
+        let age = self.started.elapsed();
+        if age >= self.window.saturating_mul(2) {
+            // Idle for two windows: both generations are past.
+            self.current.clear();
+            self.previous.clear();
+            self.started = Instant::now();
+        } else if self.current.len() >= self.per_generation || age >= self.window {
             self.previous = std::mem::take(&mut self.current);
             self.started = Instant::now();
         }
@@ -125,17 +138,18 @@ mod tests {
         r.insert(1, "a", (10, 1));
         r.insert(1, "b", (10, 2));
         r.commit();
-        assert_eq!(r.get(1, "a"), Some((10, 1)));
-        assert_eq!(r.get(2, "a"), None, "the sender is part of the key");
+        assert_eq!(r.get(10, 1, "a"), Some((10, 1)));
+        assert_eq!(r.get(10, 2, "a"), None, "the sender is part of the key");
+        assert_eq!(r.get(11, 1, "a"), None, "so is the conversation");
         r.rotate_if_due(); // full: "a" and "b" move to the previous generation
         r.insert(1, "c", (10, 3));
         r.commit();
-        assert_eq!(r.get(1, "a"), Some((10, 1)));
+        assert_eq!(r.get(10, 1, "a"), Some((10, 1)));
         r.insert(1, "d", (10, 4));
         r.commit();
         r.rotate_if_due();
-        assert_eq!(r.get(1, "a"), None, "two generations later it is gone");
-        assert_eq!(r.get(1, "c"), Some((10, 3)));
+        assert_eq!(r.get(10, 1, "a"), None, "two generations later it is gone");
+        assert_eq!(r.get(10, 1, "c"), Some((10, 3)));
         assert_eq!(r.len(), 2);
     }
 
@@ -146,8 +160,8 @@ mod tests {
         r.commit();
         r.insert(1, "lost", (10, 2));
         r.rollback();
-        assert_eq!(r.get(1, "kept"), Some((10, 1)));
-        assert_eq!(r.get(1, "lost"), None);
+        assert_eq!(r.get(10, 1, "kept"), Some((10, 1)));
+        assert_eq!(r.get(10, 1, "lost"), None);
     }
 
     #[test]
@@ -156,6 +170,6 @@ mod tests {
         r.preload(1, "a", (10, 1));
         r.rotate_if_due();
         r.rotate_if_due();
-        assert_eq!(r.get(1, "a"), None);
+        assert_eq!(r.get(10, 1, "a"), None);
     }
 }

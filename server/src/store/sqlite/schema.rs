@@ -15,7 +15,10 @@
 //! - Send deduplication is a window kept in memory (see `recent.rs`) and
 //!   refilled from the newest rows at open; version 1 had a unique index on
 //!   `(sender_id, client_msg_id)`, which version 2 drops because its random
-//!   inserts dominated the cost of an append.
+//!   inserts dominated the cost of an append. Version 3 adds
+//!   `messages.dedup_key` (see `im_storage::layout::dedup_key`) and a
+//!   partial index on `(conversation_id, dedup_key)`, consulted only for
+//!   resends the window no longer knows.
 //! - There are no foreign keys: only the writer thread writes, and it checks
 //!   every reference before writing, so enforcing them again on the hot
 //!   append path would only cost time.
@@ -74,6 +77,13 @@ const MIGRATIONS: &[&str] = &[
         WHERE client_msg_id <> '';",
     // 2: the dedup window moves to memory.
     "DROP INDEX messages_dedup;",
+    // 3: resends are recognised after the window too, by a compact index
+    // of each send's dedup key (a stable hash of sender and
+    // client_msg_id) within its conversation. Inserts into it land where
+    // the (conversation_id, seq) index's do, so it adds little to a commit.
+    "ALTER TABLE messages ADD COLUMN dedup_key INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX messages_dedup ON messages (conversation_id, dedup_key)
+        WHERE dedup_key <> 0;",
 ];
 
 /// Settings of the single write connection: WAL so readers run beside the

@@ -41,6 +41,7 @@ fn new_message(
         client_msg_id: client_msg_id.into(),
         content: text(words),
         server_time_ms: im_proto::now_ms(),
+        resend: false,
     }
 }
 
@@ -294,16 +295,20 @@ async fn resends_return_the_original_ack_within_and_across_batches() {
     assert_eq!(results[1], Ok(AppendOutcome::Duplicate(ack)));
     assert_eq!(stored(&results[2]).seq, 2);
 
-    // A later batch, even aimed at another conversation, is still a resend.
+    // A later batch to the same conversation is still a resend; the same
+    // id in another conversation is another message (dedup is per
+    // conversation, sender and id, as in the pipeline store).
     let later = store
         .append_batch(vec![
-            new_message(a, ac, "x", "again"),
+            new_message(a, ab, "x", "again"),
+            new_message(a, ac, "x", "elsewhere"),
             new_message(a, ac, "y", "new"),
         ])
         .await
         .unwrap();
     assert_eq!(later[0], Ok(AppendOutcome::Duplicate(ack)));
-    assert_eq!(stored(&later[1]).seq, 1, "the resend used no seq");
+    assert_eq!(stored(&later[1]).seq, 1);
+    assert_eq!(stored(&later[2]).seq, 2, "the resend used no seq");
 
     // Server notices are never deduplicated.
     let notices = store
@@ -820,43 +825,67 @@ async fn everything_survives_close_and_reopen() {
 }
 
 #[tokio::test]
-async fn resends_are_recognised_within_the_dedup_window_only() {
+async fn first_attempts_are_recognised_in_the_window_and_resends_at_any_time() {
     let dir = tempfile::tempdir().unwrap();
-    // Each generation holds one send: a resend is recognised while its
-    // original is among the last two.
+    // Each generation holds one send: a first attempt is recognised while
+    // its original is among the last two.
     let options = SqliteOptions {
         dedup_capacity: 2,
         ..SqliteOptions::default()
     };
     let store = SqliteStore::open(dir.path(), options.clone()).unwrap();
-    let ids = users(&store, &["a", "b"]).await;
+    let ids = users(&store, &["a", "b", "c"]).await;
     let ab = direct(ids[0], ids[1]);
-    let send = |id: &str| {
+    let send = |id: &str, resend: bool| {
         let store = &store;
-        let m = new_message(ids[0], ab, id, id);
+        let mut m = new_message(ids[0], ab, id, id);
+        m.resend = resend;
         async move { store.append_batch(vec![m]).await.unwrap().remove(0) }
     };
-    assert_eq!(stored(&send("m1").await).seq, 1);
-    assert_eq!(stored(&send("m2").await).seq, 2);
+    assert_eq!(stored(&send("m1", false).await).seq, 1);
+    assert_eq!(stored(&send("m2", false).await).seq, 2);
     assert!(matches!(
-        send("m2").await,
+        send("m2", false).await,
         Ok(AppendOutcome::Duplicate(Ack { seq: 2, .. }))
     ));
-    assert_eq!(stored(&send("m3").await).seq, 3);
-    assert_eq!(stored(&send("m4").await).seq, 4);
-    // "m1" has left the window: a resend this late is a new message.
-    assert_eq!(stored(&send("m1").await).seq, 5);
+    assert_eq!(stored(&send("m3", false).await).seq, 3);
+    assert_eq!(stored(&send("m4", false).await).seq, 4);
+    // "m1" has left the window: flagged as a resend it is still found...
+    assert!(matches!(
+        send("m1", true).await,
+        Ok(AppendOutcome::Duplicate(Ack { seq: 1, .. }))
+    ));
+    // ...while an unflagged repeat this late counts as a new message.
+    assert_eq!(stored(&send("m1", false).await).seq, 5);
+    // A resend of something never stored is stored once.
+    assert_eq!(stored(&send("m9", true).await).seq, 6);
+    assert!(matches!(
+        send("m9", true).await,
+        Ok(AppendOutcome::Duplicate(Ack { seq: 6, .. }))
+    ));
+    // The same id in another conversation is another message.
+    let ac = direct(ids[0], ids[2]);
+    let mut other = new_message(ids[0], ac, "m2", "elsewhere");
+    other.resend = true;
+    let results = store.append_batch(vec![other]).await.unwrap();
+    assert_eq!(stored(&results[0]).seq, 1);
     store.close();
 
-    // Reopened, the window is refilled from the newest rows.
+    // Reopened, the window is refilled from the newest rows, and the index
+    // still finds the oldest.
     let store = SqliteStore::open(dir.path(), options).unwrap();
-    let results = store
-        .append_batch(vec![new_message(ids[0], ab, "m1", "again")])
-        .await
-        .unwrap();
+    let mut again = new_message(ids[0], ab, "m9", "again");
+    let mut oldest = new_message(ids[0], ab, "m2", "again");
+    again.resend = false;
+    oldest.resend = true;
+    let results = store.append_batch(vec![again, oldest]).await.unwrap();
     assert!(matches!(
         results[0],
-        Ok(AppendOutcome::Duplicate(Ack { seq: 5, .. }))
+        Ok(AppendOutcome::Duplicate(Ack { seq: 6, .. }))
+    ));
+    assert!(matches!(
+        results[1],
+        Ok(AppendOutcome::Duplicate(Ack { seq: 2, .. }))
     ));
 }
 

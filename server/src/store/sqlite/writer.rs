@@ -507,8 +507,25 @@ impl Writer {
     ) -> StoreResult<AppendResult> {
         let sender = message.sender;
         let conversation = message.conversation.raw();
-        if sender != 0 && !message.client_msg_id.is_empty() {
-            if let Some(ack) = self.find_sent(sender, &message.client_msg_id)? {
+        let dedup_key = if sender == 0 {
+            0
+        } else {
+            im_storage::layout::dedup_key(sender, &message.client_msg_id)
+        };
+        if dedup_key != 0 {
+            let found = match self
+                .recent
+                .get(conversation, sender, &message.client_msg_id)
+            {
+                Some(at) => self.confirm_sent(at, sender, &message.client_msg_id)?,
+                // Past the window only a resend is looked up (first attempts
+                // stay one map probe).
+                None if message.resend => {
+                    self.find_sent(conversation, dedup_key, sender, &message.client_msg_id)?
+                }
+                None => None,
+            };
+            if let Some(ack) = found {
                 return Ok(Ok(AppendOutcome::Duplicate(ack)));
             }
         }
@@ -546,8 +563,8 @@ impl Writer {
         self.conn
             .prepare_cached(
                 "INSERT INTO messages
-                 (conversation_id, seq, sender_id, client_msg_id, server_time_ms, content)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                 (conversation_id, seq, sender_id, client_msg_id, server_time_ms, content, dedup_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?
             .execute(params![
                 conversation,
@@ -555,7 +572,9 @@ impl Writer {
                 sender,
                 message.client_msg_id,
                 message.server_time_ms,
-                content
+                content,
+                // SQLite integers are signed: keep the bits.
+                dedup_key as i64
             ])?;
         let message_id = u64::try_from(self.conn.last_insert_rowid())
             .map_err(|_| StoreError::Backend("negative message id".into()))?;
@@ -576,12 +595,14 @@ impl Writer {
         })))
     }
 
-    /// The ack of a message the sender stored under this id within the
-    /// dedup window, confirmed against the stored row.
-    fn find_sent(&self, sender: UserId, client_msg_id: &str) -> StoreResult<Option<Ack>> {
-        let Some((conversation, seq)) = self.recent.get(sender, client_msg_id) else {
-            return Ok(None);
-        };
+    /// The ack of the message the dedup window says is at `at`, if that row
+    /// really is this send.
+    fn confirm_sent(
+        &self,
+        (conversation, seq): (u64, u64),
+        sender: UserId,
+        client_msg_id: &str,
+    ) -> StoreResult<Option<Ack>> {
         let row: Option<(u64, u64, String, i64)> = self
             .conn
             .prepare_cached(
@@ -602,6 +623,37 @@ impl Writer {
                 })
             }),
         )
+    }
+
+    /// The ack of the send stored under this conversation, sender and
+    /// client_msg_id at any time, from the dedup-key index (the lowest seq,
+    /// should there be several).
+    fn find_sent(
+        &self,
+        conversation: u64,
+        dedup_key: u64,
+        sender: UserId,
+        client_msg_id: &str,
+    ) -> StoreResult<Option<Ack>> {
+        let row: Option<(u64, u64, i64)> = self
+            .conn
+            .prepare_cached(
+                "SELECT id, seq, server_time_ms FROM messages
+                 WHERE conversation_id = ?1 AND dedup_key = ?2
+                   AND sender_id = ?3 AND client_msg_id = ?4
+                 ORDER BY seq LIMIT 1",
+            )?
+            .query_row(
+                params![conversation, dedup_key as i64, sender as i64, client_msg_id],
+                |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
+            )
+            .optional()?;
+        Ok(row.map(|(message_id, seq, server_time_ms)| Ack {
+            message_id,
+            conversation_id: conversation,
+            seq,
+            server_time_ms,
+        }))
     }
 
     /// Moves the sender's read and delivered cursors to `seq`; false when the

@@ -1,0 +1,325 @@
+//! The storage contract on both backends, through the `Store` trait: each
+//! check is written once, generic over the store, and run against the
+//! embedded store and the pipeline store (on the shared throwaway Redis and
+//! MariaDB, with a prefix and database of its own), whatever
+//! `IM_TEST_STORE` says.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use im_proto::{ConversationId, pb};
+use im_server::store::pipeline::{PipelineOptions, PipelineStore};
+use im_server::store::sqlite::{SqliteOptions, SqliteStore};
+use im_server::store::{AppendOutcome, AppendRejection, AppendResult, NewMessage, Store, UserId};
+use im_tests::PipelineEnv;
+use im_tests::services::RedisServer;
+
+fn message(sender: UserId, conversation: ConversationId, id: &str, resend: bool) -> NewMessage {
+    NewMessage {
+        sender,
+        conversation,
+        client_msg_id: id.into(),
+        content: pb::Content {
+            kind: Some(pb::content::Kind::Text(pb::Text { text: id.into() })),
+        },
+        server_time_ms: im_proto::now_ms(),
+        resend,
+    }
+}
+
+fn stored(result: &AppendResult) -> &pb::Message {
+    match result {
+        Ok(AppendOutcome::Stored(m)) => m,
+        other => panic!("expected a stored message, got {other:?}"),
+    }
+}
+
+fn duplicate_seq(result: &AppendResult) -> u64 {
+    match result {
+        Ok(AppendOutcome::Duplicate(ack)) => ack.seq,
+        other => panic!("expected a duplicate, got {other:?}"),
+    }
+}
+
+async fn pair<S: Store>(store: &S, tag: &str) -> (UserId, UserId, ConversationId) {
+    let a = store.create_user(&format!("{tag}a"), "h").await.unwrap();
+    let b = store.create_user(&format!("{tag}b"), "h").await.unwrap();
+    (a, b, ConversationId::direct(a, b).unwrap())
+}
+
+fn sqlite(dir: &std::path::Path, dedup_window_secs: u64) -> SqliteStore {
+    let options = SqliteOptions {
+        dedup_window: Duration::from_secs(dedup_window_secs),
+        ..SqliteOptions::default()
+    };
+    SqliteStore::open(dir, options).unwrap()
+}
+
+fn pipeline_options(env: &PipelineEnv, dedup_window_secs: u64) -> PipelineOptions {
+    PipelineOptions {
+        redis_url: env.redis_url.clone(),
+        mysql_url: env.mysql_url.clone(),
+        prefix: env.prefix.clone(),
+        streams: 4,
+        dedup_window_secs,
+        ..PipelineOptions::default()
+    }
+}
+
+// ---- message ids ----
+
+/// More messages than one millisecond's worth of the old 12-bit counter,
+/// into one conversation (one shard) in one call, from two stores at once
+/// (two nodes on the same shared engines): every id is different.
+async fn message_ids_are_unique<S: Store>(one: &S, other: &S) {
+    const N: usize = 6000;
+    let (a, _, ab) = pair(one, "ids").await;
+    let batch = |tag: &str| -> Vec<NewMessage> {
+        (0..N)
+            .map(|i| message(a, ab, &format!("{tag}{i}"), false))
+            .collect()
+    };
+    let (first, second) =
+        tokio::join!(one.append_batch(batch("x")), other.append_batch(batch("y")));
+    let mut ids = HashSet::new();
+    let mut seqs = HashSet::new();
+    for result in first.unwrap().iter().chain(second.unwrap().iter()) {
+        let m = stored(result);
+        assert!(
+            ids.insert(m.message_id),
+            "message id {} repeated",
+            m.message_id
+        );
+        assert!(seqs.insert(m.seq));
+    }
+    assert_eq!(ids.len(), 2 * N);
+    assert_eq!(seqs, (1..=2 * N as u64).collect());
+}
+
+#[tokio::test]
+async fn embedded_message_ids_are_unique() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(sqlite(dir.path(), 600));
+    message_ids_are_unique(&*store, &*store).await;
+}
+
+#[tokio::test]
+async fn pipeline_message_ids_are_unique_across_nodes() {
+    let env = PipelineEnv::fresh();
+    let one = PipelineStore::open(pipeline_options(&env, 600))
+        .await
+        .unwrap();
+    let other = PipelineStore::open(pipeline_options(&env, 600))
+        .await
+        .unwrap();
+    message_ids_are_unique(&one, &other).await;
+}
+
+// ---- deduplication past the window ----
+
+/// With a one-second window: a first attempt repeated after it is a new
+/// message, a resend at any time finds the original, in the same
+/// conversation only. `settle` waits until the store has made what was
+/// appended durable in its index (the pipeline's worker has stored it).
+async fn resends_are_found_after_the_window<S: Store>(store: &S, settle: impl AsyncFn()) {
+    let (a, b, ab) = pair(store, "late").await;
+    let original = store
+        .append_batch(vec![
+            message(a, ab, "m1", false),
+            message(b, ab, "m2", false),
+        ])
+        .await
+        .unwrap();
+    let m1 = stored(&original[0]).clone();
+    assert_eq!(m1.seq, 1);
+    settle().await;
+    // Two windows later the window has forgotten both.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let late = store
+        .append_batch(vec![
+            message(a, ab, "m1", true),
+            message(b, ab, "m2", false),
+            message(a, ab, "m3", true),
+        ])
+        .await
+        .unwrap();
+    match &late[0] {
+        Ok(AppendOutcome::Duplicate(ack)) => {
+            assert_eq!((ack.seq, ack.message_id), (1, m1.message_id));
+            assert_eq!(ack.server_time_ms, m1.server_time_ms);
+        }
+        other => panic!("a late resend was not recognised: {other:?}"),
+    }
+    // Not flagged as a resend: only the window protects a first attempt.
+    assert_eq!(stored(&late[1]).seq, 3);
+    // A resend of something never stored is stored, once.
+    assert_eq!(stored(&late[2]).seq, 4);
+    let again = store
+        .append_batch(vec![message(a, ab, "m3", true)])
+        .await
+        .unwrap();
+    assert_eq!(duplicate_seq(&again[0]), 4);
+    // The same id in another conversation is another message.
+    let c = store.create_user("latec", "h").await.unwrap();
+    let ac = ConversationId::direct(a, c).unwrap();
+    let elsewhere = store
+        .append_batch(vec![message(a, ac, "m1", true)])
+        .await
+        .unwrap();
+    assert_eq!(stored(&elsewhere[0]).seq, 1);
+}
+
+#[tokio::test]
+async fn embedded_resends_are_found_after_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path(), 1);
+    resends_are_found_after_the_window(&store, async || {}).await;
+}
+
+#[tokio::test]
+async fn pipeline_resends_are_found_after_the_window() {
+    let env = PipelineEnv::fresh();
+    let store = PipelineStore::open(pipeline_options(&env, 1))
+        .await
+        .unwrap();
+    let _worker = env.start_worker().await;
+    let settle = async || wait_stored(&env, 2).await;
+    resends_are_found_after_the_window(&store, settle).await;
+}
+
+/// Waits until MySQL holds `rows` message rows (and the worker has had
+/// time to publish its stored watermark).
+async fn wait_stored(env: &PipelineEnv, rows: u64) {
+    use mysql_async::prelude::*;
+    let pool = mysql_async::Pool::new(env.mysql_url.as_str());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut conn = pool.get_conn().await.unwrap();
+        let n: Option<u64> = conn
+            .query_first("SELECT COUNT(*) FROM messages")
+            .await
+            .unwrap();
+        drop(conn);
+        if n.unwrap_or(0) >= rows {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker did not store {rows} rows"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The watermark is written after the rows, coalesced (50 ms in tests).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = pool.disconnect().await;
+}
+
+/// While the worker is further behind than the window, a late resend
+/// cannot be decided and is refused, not guessed; once the worker has
+/// caught up it is found.
+#[tokio::test]
+async fn pipeline_resends_wait_for_a_lagging_worker() {
+    let env = PipelineEnv::fresh();
+    let store = PipelineStore::open(pipeline_options(&env, 1))
+        .await
+        .unwrap();
+    let (a, _, ab) = pair(&store, "lag").await;
+    let first = store
+        .append_batch(vec![message(a, ab, "m1", false)])
+        .await
+        .unwrap();
+    assert_eq!(stored(&first[0]).seq, 1);
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let refused = store
+        .append_batch(vec![
+            message(a, ab, "m1", true),
+            message(a, ab, "m2", false),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(refused[0], Err(AppendRejection::DedupBehind));
+    // Other messages of the conversation are not held up.
+    assert_eq!(stored(&refused[1]).seq, 2);
+
+    let _worker = env.start_worker().await;
+    wait_stored(&env, 2).await;
+    let found = store
+        .append_batch(vec![message(a, ab, "m1", true)])
+        .await
+        .unwrap();
+    assert_eq!(duplicate_seq(&found[0]), 1);
+}
+
+// ---- partial overload ----
+
+/// One append lane is full, another is not: the messages for the full one
+/// are refused, each on its own, and the others are stored and answered.
+#[tokio::test]
+async fn pipeline_a_full_lane_refuses_only_its_own_messages() {
+    // Its own Redis: the test pauses it.
+    let redis = RedisServer::start(false);
+    let mut env = PipelineEnv::fresh();
+    env.redis_url = redis.url();
+    let options = PipelineOptions {
+        append_lanes: 2,
+        append_queue: 1,
+        ..pipeline_options(&env, 600)
+    };
+    let layout = im_storage::layout::Layout::new(env.prefix.clone(), 4);
+    let store = PipelineStore::open(options).await.unwrap();
+    // Conversations whose shards go to lane 0 and to lane 1 (shard % 2).
+    let mut by_lane: [Vec<(UserId, ConversationId)>; 2] = [Vec::new(), Vec::new()];
+    let mut n = 0;
+    while by_lane.iter().any(|l| l.len() < 3) {
+        let (a, _, conv) = pair(&store, &format!("lane{n}")).await;
+        n += 1;
+        let lane = layout.shard_of(conv.raw()) as usize % 2;
+        by_lane[lane].push((a, conv));
+    }
+    // Warm both lanes' conversations (seq counters seeded, users known).
+    for (i, &(a, conv)) in by_lane.iter().flatten().enumerate() {
+        let r = store
+            .append_batch(vec![message(a, conv, &format!("warm{i}"), false)])
+            .await
+            .unwrap();
+        stored(&r[0]);
+    }
+
+    // Writes wait while the pause lasts: lane 0 gets stuck in a round with
+    // one job, and a second job fills its queue.
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let (a0, c0) = by_lane[0][0];
+    let stuck = store.append_batch(vec![message(a0, c0, "stuck", false)]);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (a0b, c0b) = by_lane[0][1];
+    let queued = store.append_batch(vec![message(a0b, c0b, "queued", false)]);
+    let (a0c, c0c) = by_lane[0][2];
+    let (a1, c1) = by_lane[1][0];
+    let mixed = store.append_batch(vec![
+        message(a1, c1, "lane1", false),
+        message(a0c, c0c, "lane0", false),
+    ]);
+    let (stuck, queued, mixed) = tokio::join!(stuck, queued, mixed);
+    stored(&stuck.unwrap()[0]);
+    stored(&queued.unwrap()[0]);
+    let mixed = mixed.unwrap();
+    assert_eq!(stored(&mixed[0]).seq, 2, "lane 1's message is stored");
+    assert_eq!(mixed[1], Err(AppendRejection::Overloaded));
+    // And the refused one was not stored: its resend is a new message.
+    let retry = store
+        .append_batch(vec![message(a0c, c0c, "lane0", true)])
+        .await
+        .unwrap();
+    assert_eq!(stored(&retry[0]).seq, 2);
+}
