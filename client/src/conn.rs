@@ -204,6 +204,7 @@ pub(crate) fn body_name(body: &Body) -> &'static str {
         Body::Message(_) => "Message",
         Body::Receipt(_) => "Receipt",
         Body::Presence(_) => "Presence",
+        Body::SyncHint(_) => "SyncHint",
     }
 }
 

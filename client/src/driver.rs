@@ -85,6 +85,10 @@ pub(crate) struct Driver {
     cancel: CancellationToken,
     credentials: Credentials,
     pending: HashMap<u64, Pending>,
+    /// What `SyncHint`s said was missed and no resync has taken up yet.
+    missed: Option<crate::sync::Missed>,
+    /// The resync running after a hint (one at a time).
+    resync: Option<tokio::task::JoinHandle<()>>,
     generation: u64,
     /// The user of the current connection.
     me: u64,
@@ -105,6 +109,8 @@ impl Driver {
             cancel,
             credentials,
             pending: HashMap::new(),
+            missed: None,
+            resync: None,
             generation: 0,
             me: 0,
         }
@@ -170,6 +176,11 @@ impl Driver {
             let started = Instant::now();
             let end = self.connection(conn, &ok).await;
             catch_up.abort();
+            // The next connection catches up on everything anyway.
+            if let Some(resync) = self.resync.take() {
+                resync.abort();
+            }
+            self.missed = None;
 
             // Order matters: the link leaves Ready before the waiters learn
             // of the disconnect, so a retrying send waits for the next
@@ -293,6 +304,7 @@ impl Driver {
                         break End::Lost(format!("no frame from the server for {dead_after:?}"));
                     }
                     self.expire(now);
+                    self.start_resync();
                     if self.shared.config.auto_ack_delivered && now >= next_ack_flush {
                         next_ack_flush = now + self.shared.config.ack_interval;
                         self.flush_acks(&writes);
@@ -321,6 +333,11 @@ impl Driver {
                 Body::Message(message) => self.deliver(vec![message]).await?,
                 Body::Receipt(receipt) => self.emit(Event::Receipt(receipt)).await?,
                 Body::Presence(presence) => self.emit(Event::Presence(presence)).await?,
+                Body::SyncHint(hint) => {
+                    tracing::debug!(?hint, "the server skipped pushes; syncing");
+                    self.missed.get_or_insert_default().add(&hint);
+                    self.start_resync();
+                }
                 Body::Error(err) if !err.fatal => {
                     tracing::warn!(code = ?error_code(err.code), message = %err.message, "server error");
                 }
@@ -386,6 +403,21 @@ impl Driver {
             None => {}
         }
         Ok(fatal)
+    }
+
+    /// Starts a resync for what hints said was missed, unless one runs
+    /// (then it starts at a later tick, with everything merged).
+    fn start_resync(&mut self) {
+        if self.resync.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        if let Some(missed) = self.missed.take() {
+            self.resync = Some(tokio::spawn(crate::sync::resync(
+                self.shared.clone(),
+                self.events.clone(),
+                missed,
+            )));
+        }
     }
 
     /// Runs messages through delivery and emits whatever became ready.

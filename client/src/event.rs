@@ -54,10 +54,12 @@ pub enum Event {
 ///
 /// The channel is bounded ([`ClientConfig::event_buffer`]). When the
 /// application stops reading, the connection task stops reading the socket;
-/// the server then drops the connection as a slow consumer, and once the
-/// application reads again the client reconnects and catches up by sync, so
-/// nothing is lost, only delayed. Dropping `Events` discards all further
-/// events without stalling the client.
+/// the server then skips pushes to it and says so (`SyncHint`) once it
+/// reads again, and the client syncs what was skipped; if it stays stalled
+/// the server drops the connection as a slow consumer and the client
+/// reconnects and catches up by sync. Either way nothing is lost, only
+/// delayed. Dropping `Events` discards all further events without stalling
+/// the client.
 ///
 /// [`ClientConfig::event_buffer`]: crate::ClientConfig::event_buffer
 #[derive(Debug)]

@@ -20,7 +20,8 @@
 //! - Every request is bounded by [`ClientConfig::request_timeout`], which
 //!   includes waiting for a connection while the client reconnects.
 //! - The event channel is bounded; a stalled reader stalls the socket, and
-//!   the client recovers by reconnecting and syncing (see [`Events`]).
+//!   the client recovers what the server skipped meanwhile by syncing
+//!   after the server's `SyncHint`, or after reconnecting (see [`Events`]).
 //! - Tests can wait for [`Client::wait_ready`] (catch-up done), turn
 //!   catch-up or delivery acks off in [`ClientConfig`], and send arbitrary
 //!   request bodies with [`Client::request`].

@@ -23,24 +23,7 @@ const CATCH_UP_ATTEMPTS: u32 = 3;
 /// Runs once per authenticated connection `generation`, next to the
 /// connection task; aborted if the connection is lost first.
 pub(crate) async fn catch_up(shared: Arc<Shared>, events: mpsc::Sender<Event>, generation: u64) {
-    let limit = shared.config.request_timeout;
-    let subscription = lock(&shared.presence).clone();
-    if !subscription.is_empty() {
-        let body = Body::PresenceSubscribe(pb::PresenceSubscribeRequest {
-            user_ids: subscription,
-        });
-        match shared.call(body, limit).await {
-            Ok(Body::PresenceSnapshot(snapshot)) => {
-                for presence in snapshot.users {
-                    if events.send(Event::Presence(presence)).await.is_err() {
-                        break;
-                    }
-                }
-            }
-            Ok(_) => tracing::warn!("unexpected reply to the presence subscription"),
-            Err(e) => tracing::warn!(error = %e, "renewing the presence subscription failed"),
-        }
-    }
+    renew_presence(&shared, &events).await;
 
     let mut messages = 0;
     if shared.config.catch_up {
@@ -75,6 +58,76 @@ pub(crate) async fn catch_up(shared: Arc<Shared>, events: mpsc::Sender<Event>, g
     });
     if became_ready {
         let _ = events.send(Event::Resynced { messages }).await;
+    }
+}
+
+/// Subscribes to presence again (the subscription belongs to the
+/// connection) and reports the snapshot as presence events.
+async fn renew_presence(shared: &Shared, events: &mpsc::Sender<Event>) {
+    let subscription = lock(&shared.presence).clone();
+    if subscription.is_empty() {
+        return;
+    }
+    let body = Body::PresenceSubscribe(pb::PresenceSubscribeRequest {
+        user_ids: subscription,
+    });
+    match shared.call(body, shared.config.request_timeout).await {
+        Ok(Body::PresenceSnapshot(snapshot)) => {
+            for presence in snapshot.users {
+                if events.send(Event::Presence(presence)).await.is_err() {
+                    break;
+                }
+            }
+        }
+        Ok(_) => tracing::warn!("unexpected reply to the presence subscription"),
+        Err(e) => tracing::warn!(error = %e, "renewing the presence subscription failed"),
+    }
+}
+
+/// What the server said this connection missed (merged `SyncHint`s).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct Missed {
+    /// Every conversation (the hint named none).
+    pub all: bool,
+    pub conversations: std::collections::BTreeSet<u64>,
+    pub presence: bool,
+}
+
+impl Missed {
+    /// Adds a hint.
+    pub fn add(&mut self, hint: &pb::SyncHint) {
+        if hint.conversation_ids.is_empty() {
+            self.all = true;
+            self.conversations.clear();
+        } else if !self.all {
+            self.conversations.extend(&hint.conversation_ids);
+        }
+        self.presence |= hint.presence;
+    }
+}
+
+/// After a `SyncHint`: renews presence if presence changes were skipped,
+/// and syncs what the hint names from the local cursors (everything
+/// behind, when it named no conversation). The messages reach the
+/// application through the connection task like any others.
+pub(crate) async fn resync(shared: Arc<Shared>, events: mpsc::Sender<Event>, missed: Missed) {
+    if missed.presence {
+        renew_presence(&shared, &events).await;
+    }
+    let result = if missed.all {
+        full_sync(&shared).await
+    } else {
+        // The last seq is unknown: page until the server has nothing more.
+        let wanted: Vec<(u64, u64)> = missed
+            .conversations
+            .iter()
+            .map(|&c| (c, u64::MAX))
+            .collect();
+        sync_behind(&shared, wanted).await
+    };
+    match result {
+        Ok(n) => tracing::debug!(messages = n, "synced after a hint"),
+        Err(e) => tracing::debug!(error = %e, "sync after a hint failed"),
     }
 }
 
@@ -114,7 +167,15 @@ pub(crate) async fn full_sync(shared: &Shared) -> Result<usize, ClientError> {
             .filter(|&(conv, last)| last > delivery.delivered(conv))
             .collect()
     };
+    sync_behind(shared, behind).await
+}
 
+/// Syncs each `(conversation, last_seq)` from the delivered cursor until it
+/// reaches `last_seq` or the server has nothing more. Returns how many
+/// messages the syncs returned.
+async fn sync_behind(shared: &Shared, behind: Vec<(u64, u64)>) -> Result<usize, ClientError> {
+    let limit = shared.config.request_timeout;
+    let page = shared.config.sync_page;
     let mut fetched = 0;
     for chunk in behind.chunks(MAX_CURSORS) {
         let mut active = chunk.to_vec();

@@ -888,3 +888,43 @@ async fn slow_reader_loses_nothing() {
     }
     assert_eq!(client.cursors().get(&c), Some(&50));
 }
+
+#[tokio::test]
+async fn a_sync_hint_fetches_what_the_server_skipped() {
+    let server = FakeServer::start().await;
+    let (client, mut events, mut conn) = connect(&server, config(&server)).await;
+    conn.serve_list(&Store::default()).await;
+    client.wait_ready().await.unwrap();
+    let c = conv_ab();
+    let mut store = Store::default();
+    for _ in 0..5 {
+        store.add(c, BOB);
+    }
+    // Pushes 1 and 2 arrive; the server skips 3 to 5 and then says so.
+    conn.push(&store.convs[&c][0]).await;
+    conn.push(&store.convs[&c][1]).await;
+    assert_eq!(next_message(&mut events).await.seq, 1);
+    assert_eq!(next_message(&mut events).await.seq, 2);
+    let hint = pb::SyncHint {
+        conversation_ids: vec![c],
+        presence: false,
+    };
+    conn.send(Frame::new(0, Body::SyncHint(hint))).await;
+    let sync = conn.serve_sync(&store).await;
+    assert_eq!(cursor_list(&sync), [(c, 2)], "synced from the cursor");
+    for seq in 3..=5 {
+        assert_eq!(next_message(&mut events).await.seq, seq);
+    }
+    // A hint naming no conversation means all: list, then sync the behind.
+    store.add(c, BOB);
+    let all = pb::SyncHint {
+        conversation_ids: vec![],
+        presence: false,
+    };
+    conn.send(Frame::new(0, Body::SyncHint(all))).await;
+    conn.serve_list(&store).await;
+    let sync = conn.serve_sync(&store).await;
+    assert_eq!(cursor_list(&sync), [(c, 5)]);
+    assert_eq!(next_message(&mut events).await.seq, 6);
+    assert_no_more_messages(&mut events).await;
+}

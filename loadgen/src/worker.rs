@@ -525,6 +525,7 @@ async fn converse(
         tracker: SeqTracker::default(),
         pending: VecDeque::new(),
         unsure: Vec::new(),
+        hinted: false,
         next_request: 100,
         counter: 0,
         problems: Vec::new(),
@@ -609,6 +610,8 @@ struct State {
     /// Sends left unacknowledged by a lost connection, to resend (flagged
     /// as resends) once the next one has caught up.
     unsure: Vec<pb::SendRequest>,
+    /// A `SyncHint` arrived and its sync is due.
+    hinted: bool,
     next_request: u64,
     counter: u64,
     problems: Vec<String>,
@@ -721,6 +724,12 @@ async fn drive(
             frame = c.next() => {
                 let frame = frame.context("server closed the connection")??;
                 handle(m, state, frame, metrics)?;
+                // The server skipped pushes while this connection's queue
+                // was full: fetch what they carried, as a client does.
+                while state.hinted {
+                    state.hinted = false;
+                    sync(m, c, state, metrics, true).await?;
+                }
             }
             _ = std::future::ready(()), if can_send && saturate => {
                 send(m, c, state, shared).await?;
@@ -939,6 +948,10 @@ fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> any
             if e.fatal {
                 anyhow::bail!("fatal error {}: {}", e.code, e.message);
             }
+        }
+        Body::SyncHint(_) => {
+            Metrics::add(&metrics.sync_hints, 1);
+            state.hinted = true;
         }
         Body::Message(message) => {
             Metrics::add(&metrics.misrouted, 1);

@@ -83,10 +83,16 @@ pub struct Config {
     #[arg(long, env = "IM_HEARTBEAT_TIMEOUT_SECS", default_value_t = 90)]
     pub heartbeat_timeout_secs: u32,
 
-    /// Bytes queued for one connection beyond its socket buffer before it is
-    /// disconnected as SLOW_CONSUMER.
+    /// Bytes queued for one connection beyond its socket buffer above which
+    /// pushes to it are skipped (it gets a SyncHint once it has read them
+    /// down, and syncs) and its requests are not read.
     #[arg(long, env = "IM_MAX_OUTBOUND_BYTES", default_value_t = 1 << 20)]
     pub max_outbound_bytes: usize,
+
+    /// Seconds queued output may wait without the client reading a byte
+    /// before the connection is closed as SLOW_CONSUMER.
+    #[arg(long, env = "IM_SLOW_CONSUMER_SECS", default_value_t = 30)]
+    pub slow_consumer_secs: u32,
 
     /// Requests of one connection awaiting replies before the server stops
     /// reading from it (backpressure).
@@ -140,9 +146,10 @@ pub struct Config {
     #[arg(long, env = "IM_SEND_BATCHES_IN_FLIGHT", default_value_t = 4)]
     pub send_batches_in_flight: usize,
 
-    /// Frames queued to the event loops above which sends pause.
-    #[arg(long, env = "IM_OUTBOUND_HIGH_WATER", default_value_t = 1_000_000)]
-    pub outbound_high_water: usize,
+    /// Bytes of replies and pushes queued to the event loops above which
+    /// fan-out and receipts wait for them to drain.
+    #[arg(long, env = "IM_OUTBOUND_QUEUE_BYTES", default_value_t = 256 << 20)]
+    pub outbound_queue_bytes: usize,
 
     /// Messages per sync page at most.
     #[arg(long, env = "IM_MAX_SYNC_PAGE", default_value_t = 500)]
@@ -339,6 +346,12 @@ impl Config {
         if self.max_outbound_bytes < self.max_frame_bytes {
             return bad("max-outbound-bytes must be at least max-frame-bytes");
         }
+        if self.slow_consumer_secs == 0 {
+            return bad("slow-consumer-secs must be positive");
+        }
+        if self.outbound_queue_bytes < self.max_frame_bytes {
+            return bad("outbound-queue-bytes must be at least max-frame-bytes");
+        }
         if self.max_in_flight == 0 || self.send_batch == 0 || self.send_queue == 0 {
             return bad("max-in-flight, send-batch and send-queue must be positive");
         }
@@ -376,6 +389,8 @@ impl Config {
             auth_timeout_secs: self.auth_timeout_secs,
             heartbeat_timeout_secs: self.heartbeat_timeout_secs,
             max_outbound_bytes: self.max_outbound_bytes,
+            slow_consumer_secs: self.slow_consumer_secs,
+            queue_high_water_bytes: self.outbound_queue_bytes,
             max_in_flight: self.max_in_flight,
             linger_secs: self.linger_secs,
             backlog: self.backlog,
@@ -401,7 +416,6 @@ impl Config {
             send_batch: self.send_batch,
             send_queue: self.send_queue,
             send_batches_in_flight: self.send_batches_in_flight,
-            outbound_high_water: self.outbound_high_water,
             max_sync_page: self.max_sync_page,
             max_history_page: self.max_history_page,
             max_list_page: self.max_list_page,

@@ -25,8 +25,7 @@ pub(crate) struct NodeMetrics<S: Closeable> {
 
 impl<S: Closeable> AdminSource for NodeMetrics<S> {
     fn collect(&self, out: &mut Exposition) {
-        let queued = self.outbound.queued() as u64;
-        export(out, &self.outbound.stats(), &self.service.stats(), queued);
+        export(out, &self.outbound.stats(), &self.service.stats());
     }
 
     async fn health(&self) -> Result<(), String> {
@@ -37,15 +36,9 @@ impl<S: Closeable> AdminSource for NodeMetrics<S> {
     }
 }
 
-/// Adds a node's metrics to a scrape: `net` from the connection layer,
-/// `chat` from the chat service, `outbound_queued` commands waiting for
-/// the event loops.
-pub fn export(
-    out: &mut Exposition,
-    net: &NetStatsSnapshot,
-    chat: &ChatStatsSnapshot,
-    outbound_queued: u64,
-) {
+/// Adds a node's metrics to a scrape: `net` from the connection layer
+/// (with the queues to its event loops), `chat` from the chat service.
+pub fn export(out: &mut Exposition, net: &NetStatsSnapshot, chat: &ChatStatsSnapshot) {
     // ---- connections ----
     out.gauge(
         "im_connections",
@@ -79,8 +72,23 @@ pub fn export(
     );
     out.counter(
         "im_slow_consumer_disconnects_total",
-        "Connections closed as SLOW_CONSUMER because their queued output passed --max-outbound-bytes.",
+        "Connections closed as SLOW_CONSUMER: queued output went unread for --slow-consumer-secs.",
         net.slow_consumers,
+    );
+    out.counter(
+        "im_pushes_shed_total",
+        "Pushes not queued because the connection's output passed --max-outbound-bytes (it was told to sync instead).",
+        net.pushes_shed,
+    );
+    out.counter(
+        "im_sync_hints_total",
+        "SyncHint pushes sent to connections that had pushes shed.",
+        net.sync_hints,
+    );
+    out.gauge(
+        "im_connection_output_bytes",
+        "Bytes waiting in connections' output queues for their sockets.",
+        net.output_bytes,
     );
     out.counter(
         "im_protocol_errors_total",
@@ -138,8 +146,13 @@ pub fn export(
     // ---- queues ----
     out.gauge(
         "im_outbound_queue_depth",
-        "Replies and pushes queued to the event loops and not yet taken up (sends pause above --outbound-high-water).",
-        outbound_queued,
+        "Replies and pushes queued to the event loops and not yet taken up.",
+        net.queued_commands,
+    );
+    out.gauge(
+        "im_outbound_queue_bytes",
+        "Bytes of those (fan-out and receipts wait above --outbound-queue-bytes).",
+        net.queued_bytes,
     );
     out.gauge(
         "im_send_queue_depth",
@@ -164,6 +177,7 @@ mod tests {
             accepted: 3,
             frames_in: 10,
             slow_consumers: 1,
+            queued_commands: 9,
             ..NetStatsSnapshot::default()
         };
         let chat = ChatStatsSnapshot {
@@ -174,7 +188,7 @@ mod tests {
             ..ChatStatsSnapshot::default()
         };
         let mut out = Exposition::new();
-        export(&mut out, &net, &chat, 9);
+        export(&mut out, &net, &chat);
         let text = out.encode().unwrap();
         let counters = [
             "im_connections_accepted_total",
@@ -183,6 +197,8 @@ mod tests {
             "im_bytes_received_total",
             "im_bytes_sent_total",
             "im_slow_consumer_disconnects_total",
+            "im_pushes_shed_total",
+            "im_sync_hints_total",
             "im_protocol_errors_total",
             "im_timeouts_total",
             "im_messages_appended_total",
@@ -196,7 +212,9 @@ mod tests {
             "im_connections",
             "im_online_users",
             "im_presence_subscriptions",
+            "im_connection_output_bytes",
             "im_outbound_queue_depth",
+            "im_outbound_queue_bytes",
             "im_send_queue_depth",
             "im_requests_in_flight",
         ];

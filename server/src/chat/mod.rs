@@ -27,7 +27,7 @@ use tokio::sync::{Notify, mpsc};
 
 pub use error::ChatError;
 
-use crate::net::{ConnRef, FrameCtx, Handler, Outbound};
+use crate::net::{ConnRef, FrameCtx, Handler, Outbound, Topic};
 use crate::store::{GroupId, Store, UserId};
 use auth::{HashCost, LoginLimiter, Passwords, Tokens};
 use registry::{PresenceHub, Registry};
@@ -50,9 +50,6 @@ pub struct ChatConfig {
     pub send_queue: usize,
     /// Append batches in flight per lane.
     pub send_batches_in_flight: usize,
-    /// Commands queued to the event loops above which the send pipelines
-    /// pause (backpressure from slow delivery to storage appends).
-    pub outbound_high_water: usize,
     /// Messages per sync page at most.
     pub max_sync_page: u32,
     /// Messages per history page at most.
@@ -98,7 +95,6 @@ impl Default for ChatConfig {
             send_batch: 512,
             send_queue: 16_384,
             send_batches_in_flight: 4,
-            outbound_high_water: 1_000_000,
             max_sync_page: 500,
             max_history_page: 200,
             max_list_page: 500,
@@ -359,13 +355,20 @@ impl<S: Store> Inner<S> {
         }
     }
 
-    /// Pushes `frame` to every live connection of `user` except `skip`;
-    /// returns how many connections it was queued to.
-    fn push_to_user(&self, user: UserId, frame: &Bytes, skip: Option<ConnRef>) -> u64 {
+    /// Pushes `frame`, about `conversation`, to every live connection of
+    /// `user` except `skip`; returns how many connections it was queued to.
+    fn push_to_user(
+        &self,
+        user: UserId,
+        frame: &Bytes,
+        conversation: u64,
+        skip: Option<ConnRef>,
+    ) -> u64 {
         let mut pushed = 0;
         self.registry.for_each_device(user, |conn| {
             if Some(conn) != skip {
-                self.out.push(conn, frame.clone());
+                self.out
+                    .push(conn, frame.clone(), Topic::Conversation(conversation));
                 pushed += 1;
             }
         });
@@ -384,7 +387,7 @@ impl<S: Store> Inner<S> {
                     }),
                 ))
             });
-            self.out.push(conn, bytes.clone());
+            self.out.push(conn, bytes.clone(), Topic::Presence);
         });
     }
 

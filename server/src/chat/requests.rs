@@ -392,12 +392,13 @@ impl<S: Store> Inner<S> {
             kind: r.kind,
         };
         let frame = codec::encode_to_bytes(&Frame::new(0, Body::Receipt(receipt)));
+        self.out.wait_room().await;
         // The user's other devices learn what this one received or read.
-        self.push_to_user(user, &frame, Some(conn));
+        self.push_to_user(user, &frame, conv.raw(), Some(conn));
         match conv.kind() {
             ConversationKind::Direct { .. } => {
                 if let Some(peer) = conv.peer_of(user).filter(|&p| p != user) {
-                    self.push_to_user(peer, &frame, None);
+                    self.push_to_user(peer, &frame, conv.raw(), None);
                 }
             }
             ConversationKind::Group(_) => {
@@ -406,7 +407,7 @@ impl<S: Store> Inner<S> {
                     .senders_between(conv, moved.from, moved.to, MAX_RECEIPT_SENDERS)
                     .await?;
                 for sender in senders.into_iter().filter(|&s| s != user) {
-                    self.push_to_user(sender, &frame, None);
+                    self.push_to_user(sender, &frame, conv.raw(), None);
                 }
             }
         }

@@ -7,7 +7,6 @@
 //! seq order.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::stream::{FuturesOrdered, StreamExt};
 use im_proto::ids::ConversationKind;
@@ -287,18 +286,22 @@ impl<S: Store> Inner<S> {
             return;
         };
         let frame = codec::encode_to_bytes(&Frame::new(0, Body::Message(message)));
+        let conv = conversation.raw();
+        // Delivery that lags behind holds this lane here (the shards wake
+        // it as they drain) rather than growing their queues.
+        self.out.wait_room().await;
         let mut pushed = 0;
         match conversation.kind() {
             ConversationKind::Direct { lo, hi } => {
-                pushed += self.push_to_user(lo, &frame, origin);
+                pushed += self.push_to_user(lo, &frame, conv, origin);
                 if hi != lo {
-                    pushed += self.push_to_user(hi, &frame, origin);
+                    pushed += self.push_to_user(hi, &frame, conv, origin);
                 }
             }
             ConversationKind::Group(group) => match self.group_members(group).await {
                 Ok(members) => {
                     for &user in members.iter() {
-                        pushed += self.push_to_user(user, &frame, origin);
+                        pushed += self.push_to_user(user, &frame, conv, origin);
                     }
                 }
                 Err(e) => {
@@ -308,7 +311,7 @@ impl<S: Store> Inner<S> {
             },
         }
         for &user in extra {
-            pushed += self.push_to_user(user, &frame, origin);
+            pushed += self.push_to_user(user, &frame, conv, origin);
         }
         ChatCounters::add(&self.counters.pushed, pushed);
     }
@@ -360,11 +363,6 @@ pub(crate) async fn run_lane<S: Store>(inner: Arc<Inner<S>>, mut rx: mpsc::Recei
                 if n == 0 {
                     open = false;
                     continue;
-                }
-                // Delivery lags far behind: hold new appends until the event
-                // loops catch up rather than queue without bound.
-                while inner.out.queued() > inner.config.outbound_high_water {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
                 }
                 let mut messages = Vec::with_capacity(jobs.len());
                 let mut origins = Vec::with_capacity(jobs.len());

@@ -4,10 +4,9 @@
 //! [`Bufs`], boxed and allocated only while a partial frame is being read or
 //! output is waiting for the socket, and recycled afterwards.
 
-use std::collections::VecDeque;
-
-use bytes::Bytes;
 use mio::net::TcpStream;
+
+use super::output::Output;
 
 /// Where a connection is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +32,8 @@ pub(crate) const READY: u8 = 1 << 2;
 pub(crate) const WRITE_BLOCKED: u8 = 1 << 3;
 /// The write side has been shut down (closing).
 pub(crate) const WRITE_SHUT: u8 = 1 << 4;
+/// Reading is paused until queued output drains below the limit.
+pub(crate) const OUT_PAUSED: u8 = 1 << 5;
 
 /// One client connection.
 #[derive(Debug)]
@@ -72,7 +73,7 @@ impl Conn {
 
     /// Bytes of output waiting for the socket.
     pub fn out_bytes(&self) -> usize {
-        self.bufs.as_ref().map_or(0, |b| b.out_bytes)
+        self.bufs.as_ref().map_or(0, |b| b.out.bytes())
     }
 
     /// Whether partial input is buffered.
@@ -87,11 +88,8 @@ pub(crate) struct Bufs {
     /// Received bytes not yet parsed into frames (a partial frame, or frames
     /// held back while reading is paused).
     pub inbound: Vec<u8>,
-    /// Encoded frames waiting for the socket; the front one may be partly
-    /// written already (it is advanced in place).
-    pub out: VecDeque<Bytes>,
-    /// Sum of the lengths in `out`.
-    pub out_bytes: usize,
+    /// Frames waiting for the socket, and the push policy.
+    pub out: Output,
 }
 
 impl Bufs {
@@ -105,10 +103,6 @@ impl Bufs {
         if self.inbound.capacity() > 16 * 1024 {
             self.inbound = Vec::new();
         }
-        self.out.clear();
-        if self.out.capacity() > 64 {
-            self.out = VecDeque::new();
-        }
-        self.out_bytes = 0;
+        self.out.reset();
     }
 }

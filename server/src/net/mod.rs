@@ -12,17 +12,30 @@
 //! Decoded frames go to a [`Handler`] (the chat service) on the shard
 //! thread; the handler must not block. Replies and pushes come back through
 //! [`Outbound`], a cheap handle that queues [`Command`]s to the owning shard
-//! and wakes it at most once per batch.
+//! and wakes it at most once per batch. What waits in those queues is
+//! counted in bytes; producers of pushes wait for room
+//! ([`Outbound::wait_room`]) and the shards wake them as they drain.
+//!
+//! - `shard`: the event loop.
+//! - `conn`: the compact per-connection state and its borrowed buffers.
+//! - `output`: a connection's output queue and its push policy (shed past
+//!   the limit, hint, cut only a reader that stalls), free of I/O.
+//! - `socket`: listener and socket options.
+//! - `wheel`: the timer wheel of deadlines.
 
 mod conn;
+mod output;
 mod shard;
 mod socket;
 mod wheel;
+
+pub use output::Topic;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
@@ -47,9 +60,16 @@ pub struct NetConfig {
     pub auth_timeout_secs: u32,
     /// Seconds of silence after which an authenticated connection is closed.
     pub heartbeat_timeout_secs: u32,
-    /// Bytes queued for one connection beyond its socket buffer before it is
-    /// disconnected as a slow consumer.
+    /// Bytes queued for one connection beyond its socket buffer above
+    /// which pushes to it are shed (and a `SyncHint` sent once it drains)
+    /// and its requests are not read.
     pub max_outbound_bytes: usize,
+    /// Seconds queued output may wait without the socket taking a byte
+    /// before the connection is closed as a slow consumer.
+    pub slow_consumer_secs: u32,
+    /// Bytes of replies and pushes queued to all shards above which
+    /// producers of pushes wait ([`Outbound::wait_room`]).
+    pub queue_high_water_bytes: usize,
     /// Requests of one connection awaiting a reply before the shard stops
     /// reading from it.
     pub max_in_flight: u16,
@@ -81,6 +101,8 @@ impl Default for NetConfig {
             auth_timeout_secs: 10,
             heartbeat_timeout_secs: 90,
             max_outbound_bytes: 1 << 20,
+            slow_consumer_secs: 30,
+            queue_high_water_bytes: 256 << 20,
             max_in_flight: 64,
             linger_secs: 2,
             backlog: 4096,
@@ -174,8 +196,12 @@ pub(crate) enum Command {
     /// The answer to one request of the connection.
     Reply { conn: ConnRef, frame: Bytes },
     /// An unsolicited frame (message, receipt, presence); dropped unless the
-    /// connection is authenticated.
-    Push { conn: ConnRef, frame: Bytes },
+    /// connection is authenticated, shed when its queue is full.
+    Push {
+        conn: ConnRef,
+        frame: Bytes,
+        topic: Topic,
+    },
     /// The answer to an authentication request: `Some(user)` on success.
     AuthResult {
         conn: ConnRef,
@@ -193,6 +219,22 @@ pub(crate) enum Command {
     CloseAll(Bytes),
 }
 
+impl Command {
+    /// What the command holds in the queue, in bytes: its slot and the
+    /// frame it carries (counted per command, even where recipients share
+    /// one buffer: that is how many bytes the shard still has to move).
+    fn cost(&self) -> usize {
+        let frame = match self {
+            Command::Reply { frame, .. }
+            | Command::Push { frame, .. }
+            | Command::AuthResult { frame, .. } => frame.len(),
+            Command::Close { frame, .. } => frame.as_ref().map_or(0, Bytes::len),
+            Command::Adopt(_) | Command::Drain | Command::CloseAll(_) => 0,
+        };
+        std::mem::size_of::<Command>() + frame
+    }
+}
+
 /// The sending side of one shard's command queue.
 struct ShardLink {
     tx: Sender<Command>,
@@ -200,13 +242,20 @@ struct ShardLink {
     /// Set while a wake-up is pending, so a burst of commands costs one
     /// `eventfd` write.
     notified: CachePadded<AtomicBool>,
+    /// Bytes of the commands queued and not yet taken (see
+    /// [`Command::cost`]).
+    queued: CachePadded<AtomicUsize>,
     stats: Arc<ShardStats>,
 }
 
 impl ShardLink {
     fn send(&self, command: Command) {
+        let cost = command.cost();
+        self.queued.fetch_add(cost, Ordering::Relaxed);
         if self.tx.send(command).is_err() {
-            return; // The shard has exited (shutdown); nothing to deliver to.
+            // The shard has exited (shutdown); nothing to deliver to.
+            self.queued.fetch_sub(cost, Ordering::Relaxed);
+            return;
         }
         if !self.notified.swap(true, Ordering::AcqRel) {
             if let Err(e) = self.waker.wake() {
@@ -216,11 +265,21 @@ impl ShardLink {
     }
 }
 
+/// Producers waiting for the shards' queues to drain, and how they are
+/// woken.
+struct Room {
+    high_water: usize,
+    /// Someone waits: shards that took commands wake them.
+    waiting: AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
 /// Handle through which the chat logic answers requests and pushes frames.
 /// Cheap to clone; usable from any thread.
 #[derive(Clone)]
 pub struct Outbound {
     links: Arc<[ShardLink]>,
+    room: Arc<Room>,
 }
 
 impl Outbound {
@@ -235,9 +294,11 @@ impl Outbound {
         self.send(conn.shard(), Command::Reply { conn, frame });
     }
 
-    /// Pushes an unsolicited frame to `conn` if it is (still) authenticated.
-    pub fn push(&self, conn: ConnRef, frame: Bytes) {
-        self.send(conn.shard(), Command::Push { conn, frame });
+    /// Pushes an unsolicited frame about `topic` to `conn` if it is (still)
+    /// authenticated. A connection whose queue is full skips it and is
+    /// told to sync `topic` later.
+    pub fn push(&self, conn: ConnRef, frame: Bytes, topic: Topic) {
+        self.send(conn.shard(), Command::Push { conn, frame, topic });
     }
 
     /// Completes an authentication request: `Some(user_id)` logs the
@@ -264,12 +325,60 @@ impl Outbound {
         self.links.iter().map(|l| l.tx.len()).sum()
     }
 
-    /// Counters summed over all shards.
+    /// Bytes of the commands queued to all shards and not yet processed.
+    pub fn queued_bytes(&self) -> usize {
+        self.links
+            .iter()
+            .map(|l| l.queued.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Waits while the shards' queues hold more than their high-water mark
+    /// (`queue_high_water_bytes`): producers of pushes call it before
+    /// queueing more, so delivery that lags behind slows them down instead
+    /// of growing the queues. Returns at once when there is room.
+    pub async fn wait_room(&self) {
+        loop {
+            if self.queued_bytes() <= self.room.high_water {
+                return;
+            }
+            let notified = self.room.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            self.room.waiting.store(true, Ordering::Release);
+            if self.queued_bytes() <= self.room.high_water {
+                return;
+            }
+            // A shard that takes commands wakes every waiter; the periodic
+            // timeout only guards against a shard that has exited.
+            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+        }
+    }
+
+    /// Called by a shard that took `bytes` worth of commands off its queue.
+    fn taken(&self, shard: usize, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        if let Some(link) = self.links.get(shard) {
+            link.queued.fetch_sub(bytes, Ordering::Relaxed);
+        }
+        if self.room.waiting.load(Ordering::Acquire)
+            && self.queued_bytes() <= self.room.high_water
+            && self.room.waiting.swap(false, Ordering::AcqRel)
+        {
+            self.room.notify.notify_waiters();
+        }
+    }
+
+    /// Counters summed over all shards, and the queues to them now.
     pub fn stats(&self) -> NetStatsSnapshot {
         let mut total = NetStatsSnapshot::default();
         for link in self.links.iter() {
             link.stats.add_to(&mut total);
         }
+        total.queued_commands = self.queued() as u64;
+        total.queued_bytes = self.queued_bytes() as u64;
         total
     }
 }
@@ -286,6 +395,10 @@ pub(crate) struct ShardStats {
     slow_consumers: AtomicU64,
     protocol_errors: AtomicU64,
     timeouts: AtomicU64,
+    pushes_shed: AtomicU64,
+    sync_hints: AtomicU64,
+    /// Bytes in the output queues of this shard's connections (a gauge).
+    output_bytes: AtomicU64,
 }
 
 impl ShardStats {
@@ -300,6 +413,9 @@ impl ShardStats {
         total.slow_consumers += get(&self.slow_consumers);
         total.protocol_errors += get(&self.protocol_errors);
         total.timeouts += get(&self.timeouts);
+        total.pushes_shed += get(&self.pushes_shed);
+        total.sync_hints += get(&self.sync_hints);
+        total.output_bytes += get(&self.output_bytes);
     }
 }
 
@@ -325,6 +441,17 @@ pub struct NetStatsSnapshot {
     pub protocol_errors: u64,
     /// Connections closed for missing authentication or heartbeat.
     pub timeouts: u64,
+    /// Pushes not queued because the connection's output queue was full
+    /// (each connection concerned got a `SyncHint` once it drained).
+    pub pushes_shed: u64,
+    /// `SyncHint`s sent.
+    pub sync_hints: u64,
+    /// Bytes waiting in connections' output queues now.
+    pub output_bytes: u64,
+    /// Replies and pushes queued to the shards and not taken up yet.
+    pub queued_commands: u64,
+    /// Their bytes.
+    pub queued_bytes: u64,
 }
 
 /// Bound listeners and event loops, ready to run once the handler exists.
@@ -374,6 +501,7 @@ impl Net {
                 tx,
                 waker,
                 notified: CachePadded::new(AtomicBool::new(false)),
+                queued: CachePadded::new(AtomicUsize::new(0)),
                 stats,
             });
             receivers.push(rx);
@@ -384,6 +512,11 @@ impl Net {
             receivers,
             outbound: Outbound {
                 links: links.into(),
+                room: Arc::new(Room {
+                    high_water: config.queue_high_water_bytes,
+                    waiting: AtomicBool::new(false),
+                    notify: tokio::sync::Notify::new(),
+                }),
             },
             local_addr,
         })

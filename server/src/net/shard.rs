@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use crossbeam_channel::Receiver;
 use im_proto::pb::{self, frame::Body};
 use im_proto::{ErrorCode, Frame, codec};
@@ -24,7 +24,10 @@ use mio::{Events, Interest, Poll, Token};
 use prost::Message;
 use slab::Slab;
 
-use super::conn::{Bufs, Conn, DIRTY, READ_PAUSED, READY, State, WRITE_BLOCKED, WRITE_SHUT};
+use super::conn::{
+    Bufs, Conn, DIRTY, OUT_PAUSED, READ_PAUSED, READY, State, WRITE_BLOCKED, WRITE_SHUT,
+};
+use super::output::{Offer, Topic};
 use super::wheel::{self, Wheel};
 use super::{Command, ConnRef, FrameCtx, Handler, NetConfig, NetError, Outbound, ShardStats};
 
@@ -146,7 +149,7 @@ impl FatalFrames {
             ),
             slow_consumer: enc(
                 ErrorCode::SlowConsumer,
-                "outbound queue overflowed; reconnect and sync",
+                "queued output went unread for too long; reconnect and sync",
             ),
             server_full: enc(
                 ErrorCode::ServerFull,
@@ -193,6 +196,10 @@ struct Loop {
 
 fn add(stat: &std::sync::atomic::AtomicU64, n: u64) {
     stat.fetch_add(n, Ordering::Relaxed);
+}
+
+fn sub(stat: &std::sync::atomic::AtomicU64, n: u64) {
+    stat.fetch_sub(n, Ordering::Relaxed);
 }
 
 impl Loop {
@@ -353,7 +360,7 @@ impl Loop {
     /// Whether the connection may hand another frame to the chat logic.
     fn can_dispatch(&self, conn: &Conn) -> bool {
         !self.draining
-            && !conn.has(READ_PAUSED)
+            && !conn.has(READ_PAUSED | OUT_PAUSED)
             && match conn.state {
                 State::Unauthenticated => true,
                 State::Authenticated => conn.in_flight < self.config.max_in_flight,
@@ -614,21 +621,62 @@ impl Loop {
 
     // ---- writing ----
 
+    /// Queues a frame the connection must get (a reply, an error): never
+    /// dropped. Past the output limit the connection's requests are not
+    /// read until it drains.
     fn queue_frame(&mut self, slot: usize, frame: Bytes) {
+        let now = self.now;
+        let limit = self.config.max_outbound_bytes;
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
         let bufs = conn
             .bufs
             .get_or_insert_with(|| self.pool.pop().unwrap_or_default());
-        bufs.out_bytes += frame.len();
-        bufs.out.push_back(frame);
-        if bufs.out_bytes > self.config.max_outbound_bytes && conn.state != State::Closing {
-            add(&self.stats.slow_consumers, 1);
-            tracing::debug!(shard = self.id, slot, "slow consumer disconnected");
-            let frame = self.errors.slow_consumer.clone();
-            self.close_conn(slot, Some(frame), true);
+        add(&self.stats.output_bytes, frame.len() as u64);
+        bufs.out.push_reply(frame, now);
+        if bufs.out.bytes() > limit && conn.state != State::Closing {
+            conn.set(OUT_PAUSED);
+        }
+        if !conn.has(DIRTY) {
+            conn.set(DIRTY);
+            self.dirty.push(slot as u32);
+        }
+    }
+
+    /// Queues a push, or sheds it when the connection's output is full
+    /// (after trying to hand what is queued to the socket first): the
+    /// connection then gets a `SyncHint` once it has read its queue down.
+    fn offer_push(&mut self, slot: usize, frame: Bytes, topic: Topic) {
+        let limit = self.config.max_outbound_bytes;
+        let over = |c: &Conn| c.out_bytes() + frame.len() > limit;
+        let Some(conn) = self.conns.get(slot) else {
             return;
+        };
+        if over(conn) && !conn.has(WRITE_BLOCKED) {
+            // A fast reader's socket may take it all at once.
+            self.flush(slot);
+        }
+        let now = self.now;
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if conn.state != State::Authenticated {
+            return;
+        }
+        let bufs = conn
+            .bufs
+            .get_or_insert_with(|| self.pool.pop().unwrap_or_default());
+        let len = frame.len() as u64;
+        match bufs.out.offer_push(frame, topic, limit, now) {
+            Offer::Queued => add(&self.stats.output_bytes, len),
+            Offer::Shed => {
+                add(&self.stats.pushes_shed, 1);
+                if bufs.is_empty() {
+                    self.recycle(slot);
+                }
+                return;
+            }
         }
         if !conn.has(DIRTY) {
             conn.set(DIRTY);
@@ -660,8 +708,12 @@ impl Loop {
         }
     }
 
-    /// Writes queued output until it is gone or the socket is full.
+    /// Writes queued output until it is gone or the socket is full, then
+    /// releases a hint that has become due and resumes reading when the
+    /// queue is back under the limit.
     fn flush(&mut self, slot: usize) {
+        let now = self.now;
+        let limit = self.config.max_outbound_bytes;
         loop {
             let Some(conn) = self.conns.get_mut(slot) else {
                 return;
@@ -669,39 +721,42 @@ impl Loop {
             let Some(bufs) = conn.bufs.as_mut() else {
                 break;
             };
-            if bufs.out.is_empty() {
+            if !bufs.out.has_frames() {
+                if conn.state == State::Authenticated {
+                    if let Some(len) = bufs.out.release_hint(limit, now) {
+                        add(&self.stats.sync_hints, 1);
+                        add(&self.stats.output_bytes, len as u64);
+                        continue;
+                    }
+                }
                 break;
             }
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
             let mut count = 0;
-            for (slice, frame) in iov.iter_mut().zip(bufs.out.iter()) {
+            for (slice, frame) in iov.iter_mut().zip(bufs.out.frames()) {
                 *slice = IoSlice::new(frame);
                 count += 1;
             }
             match conn.stream.write_vectored(&iov[..count]) {
                 Ok(0) => return self.abort(slot),
-                Ok(mut written) => {
+                Ok(written) => {
                     add(&self.stats.bytes_out, written as u64);
-                    bufs.out_bytes -= written;
-                    let mut frames = 0;
-                    while written > 0 {
-                        let Some(front) = bufs.out.front_mut() else {
-                            break;
-                        };
-                        if front.len() <= written {
-                            written -= front.len();
-                            bufs.out.pop_front();
-                            frames += 1;
-                        } else {
-                            front.advance(written);
-                            written = 0;
+                    sub(&self.stats.output_bytes, written as u64);
+                    let frames = bufs.out.written(written, now);
+                    add(&self.stats.frames_out, frames);
+                    if conn.state == State::Authenticated {
+                        if let Some(len) = bufs.out.release_hint(limit, now) {
+                            add(&self.stats.sync_hints, 1);
+                            add(&self.stats.output_bytes, len as u64);
                         }
                     }
-                    add(&self.stats.frames_out, frames);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     conn.set(WRITE_BLOCKED);
-                    return;
+                    // Cut it if the socket takes nothing for this long.
+                    let at = now + self.config.slow_consumer_secs;
+                    self.arm(slot, at);
+                    return self.resume_if_drained(slot);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return self.abort(slot),
@@ -715,8 +770,26 @@ impl Loop {
             // Our last frame is out: send FIN, then wait for the peer's.
             let _ = conn.stream.shutdown(Shutdown::Write);
         }
-        if conn.bufs.as_ref().is_some_and(|b| b.is_empty()) {
+        self.resume_if_drained(slot);
+        if self
+            .conns
+            .get(slot)
+            .and_then(|c| c.bufs.as_ref())
+            .is_some_and(|b| b.is_empty())
+        {
             self.recycle(slot);
+        }
+    }
+
+    /// Reading paused for a full output queue goes on once it is under the
+    /// limit again.
+    fn resume_if_drained(&mut self, slot: usize) {
+        let limit = self.config.max_outbound_bytes;
+        if let Some(conn) = self.conns.get_mut(slot) {
+            if conn.has(OUT_PAUSED) && conn.out_bytes() <= limit {
+                conn.clear(OUT_PAUSED);
+                self.mark_ready(slot);
+            }
         }
     }
 
@@ -750,13 +823,14 @@ impl Loop {
         let was_authenticated = conn.state == State::Authenticated;
         conn.state = State::Closing;
         conn.in_flight = 0;
-        conn.clear(READ_PAUSED);
+        conn.clear(READ_PAUSED | OUT_PAUSED);
         if let Some(bufs) = conn.bufs.as_mut() {
             bufs.inbound = Vec::new();
             if discard {
                 // Keep only the front frame, which may be partly written.
-                bufs.out.truncate(1);
-                bufs.out_bytes = bufs.out.front().map_or(0, Bytes::len);
+                let before = bufs.out.bytes();
+                bufs.out.keep_front_only();
+                sub(&self.stats.output_bytes, (before - bufs.out.bytes()) as u64);
             }
         }
         let conn_ref = ConnRef {
@@ -799,6 +873,8 @@ impl Loop {
         if self.conns[slot].state != State::Closing {
             self.close_conn(slot, None, true);
         }
+        let left = self.conns[slot].out_bytes();
+        sub(&self.stats.output_bytes, left as u64);
         self.recycle(slot);
         self.conns.remove(slot);
         self.open.fetch_sub(1, Ordering::Relaxed);
@@ -819,21 +895,53 @@ impl Loop {
         }
     }
 
+    /// Makes sure the connection's wheel entry fires by `at` (for a check
+    /// other than its deadline), without moving the deadline.
+    fn arm(&mut self, slot: usize, at: u32) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        if at < conn.wheel_at {
+            conn.wheel_at = self.wheel.insert(slot as u32, conn.generation, at);
+        }
+    }
+
+    /// When the connection's output will have stalled for too long, if
+    /// output waits for its socket.
+    fn stall_deadline(&self, conn: &Conn) -> Option<u32> {
+        if conn.state == State::Closing {
+            return None;
+        }
+        let since = conn.bufs.as_ref()?.out.stalled_since()?;
+        Some(since.saturating_add(self.config.slow_consumer_secs))
+    }
+
     fn expire(&mut self) {
         let mut due = std::mem::take(&mut self.due);
         self.wheel.expire(self.now, &mut due);
         for entry in due.drain(..) {
             let slot = entry.slot as usize;
-            let Some(conn) = self.conns.get_mut(slot) else {
+            let Some(conn) = self.conns.get(slot) else {
                 continue;
             };
             if conn.generation != entry.generation || conn.wheel_at != entry.at {
                 continue; // A stale entry: the connection has a newer one.
             }
-            if conn.deadline > self.now {
-                conn.wheel_at = self
-                    .wheel
-                    .insert(entry.slot, entry.generation, conn.deadline);
+            let stall = self.stall_deadline(conn);
+            let conn = &mut self.conns[slot];
+            if stall.is_some_and(|at| at <= self.now) {
+                // Output has waited the whole timeout without the socket
+                // taking a byte: the peer does not read.
+                conn.wheel_at = u32::MAX;
+                add(&self.stats.slow_consumers, 1);
+                tracing::debug!(shard = self.id, slot, "slow consumer disconnected");
+                let frame = self.errors.slow_consumer.clone();
+                self.close_conn(slot, Some(frame), true);
+                continue;
+            }
+            let next = stall.map_or(conn.deadline, |at| at.min(conn.deadline));
+            if next > self.now {
+                conn.wheel_at = self.wheel.insert(entry.slot, entry.generation, next);
                 continue;
             }
             conn.wheel_at = u32::MAX; // This entry is spent.
@@ -861,12 +969,20 @@ impl Loop {
             .notified
             .store(false, Ordering::Release);
         self.more_commands = false;
+        let mut taken = 0;
         for _ in 0..COMMAND_BUDGET {
             match self.rx.try_recv() {
-                Ok(command) => self.command(command),
-                Err(_) => return,
+                Ok(command) => {
+                    taken += command.cost();
+                    self.command(command);
+                }
+                Err(_) => {
+                    self.outbound.taken(self.id as usize, taken);
+                    return;
+                }
             }
         }
+        self.outbound.taken(self.id as usize, taken);
         self.more_commands = true;
     }
 
@@ -899,12 +1015,12 @@ impl Loop {
                     self.mark_ready(slot);
                 }
             }
-            Command::Push { conn, frame } => {
+            Command::Push { conn, frame, topic } => {
                 let Some(slot) = self.lookup(conn) else {
                     return;
                 };
                 if self.conns[slot].state == State::Authenticated {
-                    self.queue_frame(slot, frame);
+                    self.offer_push(slot, frame, topic);
                 }
             }
             Command::AuthResult {
