@@ -10,7 +10,10 @@
 pub const MAX_USER_ID: u64 = (1 << 31) - 1;
 /// Largest valid group id.
 pub const MAX_GROUP_ID: u64 = (1 << 62) - 1;
-const GROUP_BIT: u64 = 1 << 62;
+/// The conversation id of group 0 (not a valid group): group `g`'s
+/// conversation is `GROUP_BASE | g`, and every group conversation id is at
+/// least this.
+pub const GROUP_BASE: u64 = 1 << 62;
 
 /// A conversation id together with what it encodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -46,7 +49,7 @@ impl ConversationId {
     pub fn group(group_id: u64) -> Option<Self> {
         (1..=MAX_GROUP_ID)
             .contains(&group_id)
-            .then_some(ConversationId(GROUP_BIT | group_id))
+            .then_some(ConversationId(GROUP_BASE | group_id))
     }
 
     /// Checks a raw id received from the wire.
@@ -66,7 +69,7 @@ impl ConversationId {
 
     /// What this id refers to.
     pub fn kind(self) -> ConversationKind {
-        if self.0 & GROUP_BIT != 0 {
+        if self.0 & GROUP_BASE != 0 {
             ConversationKind::Group(self.0 & MAX_GROUP_ID)
         } else {
             ConversationKind::Direct {

@@ -142,6 +142,17 @@ pub struct Config {
     #[arg(long, env = "IM_SEND_QUEUE", default_value_t = 16_384)]
     pub send_queue: usize,
 
+    /// Bytes of sends admitted to one pipeline and not answered yet before
+    /// new ones get OVERLOADED.
+    #[arg(long, env = "IM_SEND_QUEUE_BYTES", default_value_t = 64 << 20)]
+    pub send_queue_bytes: usize,
+
+    /// Bytes of one user's sends admitted and not answered yet, over all of
+    /// the user's connections, before that user's new sends get
+    /// OVERLOADED (others are unaffected).
+    #[arg(long, env = "IM_MAX_USER_PENDING_BYTES", default_value_t = 4 << 20)]
+    pub max_user_pending_bytes: usize,
+
     /// Append batches in flight per pipeline.
     #[arg(long, env = "IM_SEND_BATCHES_IN_FLIGHT", default_value_t = 4)]
     pub send_batches_in_flight: usize,
@@ -171,6 +182,11 @@ pub struct Config {
     #[arg(long, env = "IM_MAX_GROUP_MEMBERS", default_value_t = 2000)]
     pub max_group_members: usize,
 
+    /// Groups one user may belong to at most (creating or joining one more
+    /// is refused).
+    #[arg(long, env = "IM_MAX_GROUPS_PER_USER", default_value_t = 1000)]
+    pub max_groups_per_user: usize,
+
     /// Presence subscriptions per connection at most.
     #[arg(long, env = "IM_MAX_PRESENCE_SUBSCRIPTIONS", default_value_t = 1000)]
     pub max_presence_subscriptions: usize,
@@ -179,9 +195,10 @@ pub struct Config {
     #[arg(long, env = "IM_MAX_TEXT_BYTES", default_value_t = 32 * 1024)]
     pub max_text_bytes: usize,
 
-    /// Groups whose member lists are cached for fan-out.
-    #[arg(long, env = "IM_MEMBER_CACHE_GROUPS", default_value_t = 100_000)]
-    pub member_cache_groups: u64,
+    /// Bytes of group member lists cached for fan-out (about 8 per member;
+    /// the least recently used groups are dropped first).
+    #[arg(long, env = "IM_MEMBER_CACHE_BYTES", default_value_t = 64 << 20)]
+    pub member_cache_bytes: u64,
 
     /// Seconds a cached member list is used for fan-out before reloading
     /// (bounds how long another node's membership change takes to apply).
@@ -355,8 +372,15 @@ impl Config {
         if self.max_in_flight == 0 || self.send_batch == 0 || self.send_queue == 0 {
             return bad("max-in-flight, send-batch and send-queue must be positive");
         }
-        if self.max_group_members < 2 {
-            return bad("max-group-members must be at least 2");
+        if self.send_queue_bytes < self.max_frame_bytes
+            || self.max_user_pending_bytes < self.max_frame_bytes
+        {
+            return bad(
+                "send-queue-bytes and max-user-pending-bytes must be at least max-frame-bytes",
+            );
+        }
+        if self.max_group_members < 2 || self.max_groups_per_user == 0 {
+            return bad("max-group-members must be at least 2, max-groups-per-user at least 1");
         }
         if let Some(secret) = &self.token_secret {
             if secret.len() < 32 {
@@ -415,12 +439,15 @@ impl Config {
             },
             send_batch: self.send_batch,
             send_queue: self.send_queue,
+            send_queue_bytes: self.send_queue_bytes,
+            max_user_pending_bytes: self.max_user_pending_bytes,
             send_batches_in_flight: self.send_batches_in_flight,
             max_sync_page: self.max_sync_page,
             max_history_page: self.max_history_page,
             max_list_page: self.max_list_page,
             max_sync_cursors: self.max_sync_cursors,
             max_group_members: self.max_group_members,
+            max_groups_per_user: self.max_groups_per_user,
             max_presence_subscriptions: self.max_presence_subscriptions,
             max_lookup: 1000,
             max_text_bytes: self.max_text_bytes,
@@ -438,7 +465,7 @@ impl Config {
             hash_queue: self.hash_queue,
             login_failures: self.login_failures,
             login_failure_window: Duration::from_secs(self.login_failure_window_secs),
-            member_cache_groups: self.member_cache_groups,
+            member_cache_bytes: self.member_cache_bytes,
             member_cache_ttl: Duration::from_secs(self.member_cache_ttl_secs.max(1)),
         }
     }

@@ -160,6 +160,11 @@ pub fn export(out: &mut Exposition, net: &NetStatsSnapshot, chat: &ChatStatsSnap
         chat.send_queued,
     );
     out.gauge(
+        "im_send_pending_bytes",
+        "Bytes of sends admitted to the send lanes and not answered yet (--send-queue-bytes per lane, --max-user-pending-bytes per user).",
+        chat.send_pending_bytes,
+    );
+    out.gauge(
         "im_requests_in_flight",
         "Requests received and not answered yet.",
         chat.in_flight,
@@ -216,6 +221,7 @@ mod tests {
             "im_outbound_queue_depth",
             "im_outbound_queue_bytes",
             "im_send_queue_depth",
+            "im_send_pending_bytes",
             "im_requests_in_flight",
         ];
         for (names, kind) in [(&counters[..], "counter"), (&gauges[..], "gauge")] {

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use im_client::Target;
-use im_proto::ConversationId;
 use im_proto::pb;
 use im_proto::pb::frame::Body;
+use im_proto::{ConversationId, ErrorCode};
 use im_tests::sdk::{self, messages, next_message, no_message, text_of};
 use im_tests::{RawConn, TestServer};
 
@@ -392,6 +392,106 @@ async fn restart_keeps_accounts_groups_history_and_tokens() {
         .await
         .unwrap();
     assert_eq!(ack.seq, 21);
+}
+
+/// One user pipelining big sends on several connections at once takes at
+/// most its share of the node's pending sends: past it that user's sends
+/// are refused, while another user's go through, and every acknowledged
+/// send is stored once.
+#[tokio::test]
+async fn one_user_cannot_take_more_than_its_share_of_pending_sends() {
+    let server = TestServer::start_with(|c| c.max_user_pending_bytes = 256 * 1024).await;
+    let mut flooders = Vec::new();
+    let mut hog_id = 0;
+    for i in 0..2 {
+        let mut conn = RawConn::connect(server.addr).await;
+        if i == 0 {
+            hog_id = conn.register("hog").await.user_id;
+        } else {
+            conn.call(Body::Login(pb::LoginRequest {
+                username: "hog".into(),
+                password: im_tests::PASSWORD.into(),
+            }))
+            .await;
+        }
+        flooders.push(conn);
+    }
+    let mut other = RawConn::connect(server.addr).await;
+    let other_id = other.register("modest").await.user_id;
+    let target = pb::send_request::Target::ToUser(other_id);
+    // Both of hog's connections write 64 sends of 30 KB at once.
+    let mut flood = Vec::new();
+    for (c, mut conn) in flooders.into_iter().enumerate() {
+        flood.push(tokio::spawn(async move {
+            use futures::SinkExt;
+            for i in 0..64u64 {
+                let frame =
+                    im_proto::Frame::new(i + 1, big_send(target, format!("h{c}-{i}"), 30_000));
+                conn.framed.feed(frame).await.unwrap();
+            }
+            SinkExt::<im_proto::Frame>::flush(&mut conn.framed)
+                .await
+                .unwrap();
+            let (mut acked, mut refused) = (0, 0);
+            while acked + refused < 64 {
+                match conn
+                    .recv_within(20)
+                    .await
+                    .expect("hog still connected")
+                    .body
+                {
+                    Some(Body::SendAck(_)) => acked += 1,
+                    Some(Body::Error(e)) if e.code == ErrorCode::Overloaded as i32 => refused += 1,
+                    Some(Body::Error(e)) => panic!("{e:?}"),
+                    _ => {}
+                }
+            }
+            (acked, refused)
+        }));
+    }
+    let to_hog = pb::send_request::Target::ToUser(hog_id);
+    let mine = other.call(big_send(to_hog, "mine".into(), 100)).await;
+    assert!(
+        matches!(mine, Body::SendAck(_)),
+        "the other user was refused: {mine:?}"
+    );
+    let (mut acked, mut refused) = (0, 0);
+    for f in flood {
+        let (a, r) = f.await.unwrap();
+        acked += a;
+        refused += r;
+    }
+    assert!(refused > 0, "hog was never held back ({acked} acked)");
+    let Body::SendAck(mine) = mine else {
+        unreachable!()
+    };
+    // Everything acked (and "mine") is stored, once; nothing refused is.
+    let mut stored = BTreeSet::new();
+    let mut before = 0;
+    loop {
+        let page = other
+            .call(Body::History(pb::HistoryRequest {
+                conversation_id: mine.conversation_id,
+                before_seq: before,
+                limit: 200,
+            }))
+            .await;
+        let Body::HistoryResponse(page) = page else {
+            panic!("{page:?}");
+        };
+        for m in &page.messages {
+            assert!(
+                stored.insert(m.client_msg_id.clone()),
+                "{} twice",
+                m.client_msg_id
+            );
+        }
+        match page.messages.first() {
+            Some(first) if page.has_more => before = first.seq,
+            _ => break,
+        }
+    }
+    assert_eq!(stored.len(), acked + 1);
 }
 
 #[tokio::test]

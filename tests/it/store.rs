@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use im_proto::{ConversationId, pb};
 use im_server::store::pipeline::{PipelineOptions, PipelineStore};
 use im_server::store::sqlite::{SqliteOptions, SqliteStore};
-use im_server::store::{AppendOutcome, AppendRejection, AppendResult, NewMessage, Store, UserId};
+use im_server::store::{
+    AppendOutcome, AppendRejection, AppendResult, GroupLimits, NewMessage, Store, StoreError,
+    UserId,
+};
 use im_tests::PipelineEnv;
 use im_tests::services::RedisServer;
 
@@ -322,4 +325,61 @@ async fn pipeline_a_full_lane_refuses_only_its_own_messages() {
         .await
         .unwrap();
     assert_eq!(stored(&retry[0]).seq, 2);
+}
+
+// ---- groups per user ----
+
+/// A user in the most groups allowed can neither create nor be added to
+/// another; a user's groups are listed a page at a time.
+async fn groups_per_user_are_capped_and_paged<S: Store>(store: &S) {
+    let limits = GroupLimits {
+        max_members: 10,
+        max_groups_per_user: 3,
+    };
+    let (a, b, _) = pair(store, "cap").await;
+    let c = store.create_user("capc", "h").await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let g = store
+            .create_group(a, &format!("g{i}"), &[b], limits)
+            .await
+            .unwrap();
+        ids.push(g.id);
+    }
+    fn full<T>(r: Result<T, StoreError>) -> bool {
+        matches!(r, Err(StoreError::LimitExceeded(_)))
+    }
+    assert!(full(store.create_group(a, "one more", &[], limits).await));
+    // b is full too: a group with b in it cannot be made either, and c's
+    // group is left untouched by the refused addition.
+    assert!(full(store.create_group(c, "with b", &[b], limits).await));
+    let own = store.create_group(c, "c's", &[], limits).await.unwrap();
+    assert!(full(store.add_members(own.id, &[a], limits).await));
+    assert_eq!(store.group_members(own.id).await.unwrap(), vec![c]);
+    // Leaving one makes room again.
+    store.remove_members(ids[0], &[b]).await.unwrap();
+    store.add_members(own.id, &[b], limits).await.unwrap();
+
+    let (page, more) = store.user_groups(a, 0, 2).await.unwrap();
+    assert_eq!(page.iter().map(|g| g.id).collect::<Vec<_>>(), ids[..2]);
+    assert!(more);
+    let (rest, more) = store.user_groups(a, page[1].id, 2).await.unwrap();
+    assert_eq!(rest.iter().map(|g| g.id).collect::<Vec<_>>(), ids[2..]);
+    assert!(!more);
+    assert_eq!(rest[0].member_count, 2);
+}
+
+#[tokio::test]
+async fn embedded_groups_per_user_are_capped_and_paged() {
+    let dir = tempfile::tempdir().unwrap();
+    groups_per_user_are_capped_and_paged(&sqlite(dir.path(), 600)).await;
+}
+
+#[tokio::test]
+async fn pipeline_groups_per_user_are_capped_and_paged() {
+    let env = PipelineEnv::fresh();
+    let store = PipelineStore::open(pipeline_options(&env, 600))
+        .await
+        .unwrap();
+    groups_per_user_are_capped_and_paged(&store).await;
 }

@@ -31,7 +31,7 @@ use crate::net::{ConnRef, FrameCtx, Handler, Outbound, Topic};
 use crate::store::{GroupId, Store, UserId};
 use auth::{HashCost, LoginLimiter, Passwords, Tokens};
 use registry::{PresenceHub, Registry};
-use send::SendJob;
+use send::{SendBudget, SendJob};
 
 /// Limits and settings of the chat layer (filled from `Config`).
 #[derive(Debug, Clone)]
@@ -48,6 +48,12 @@ pub struct ChatConfig {
     pub send_batch: usize,
     /// Sends queued per lane before new ones get OVERLOADED.
     pub send_queue: usize,
+    /// Bytes of sends admitted to one lane and not answered yet before new
+    /// ones get OVERLOADED.
+    pub send_queue_bytes: usize,
+    /// Bytes of one user's sends admitted and not answered yet (over all
+    /// the user's connections) before the user's new ones get OVERLOADED.
+    pub max_user_pending_bytes: usize,
     /// Append batches in flight per lane.
     pub send_batches_in_flight: usize,
     /// Messages per sync page at most.
@@ -60,6 +66,8 @@ pub struct ChatConfig {
     pub max_sync_cursors: usize,
     /// Members per group at most.
     pub max_group_members: usize,
+    /// Groups per user at most.
+    pub max_groups_per_user: usize,
     /// Presence subscriptions per connection at most.
     pub max_presence_subscriptions: usize,
     /// Users per lookup request at most.
@@ -78,8 +86,9 @@ pub struct ChatConfig {
     pub login_failures: u32,
     /// Window of the failed-login count.
     pub login_failure_window: Duration,
-    /// Groups whose member lists are cached for fan-out.
-    pub member_cache_groups: u64,
+    /// Bytes of group member lists cached for fan-out (8 per member and a
+    /// little per group).
+    pub member_cache_bytes: u64,
     /// How long a cached member list is used before it is reloaded (other
     /// nodes' changes become visible to fan-out within this time).
     pub member_cache_ttl: Duration,
@@ -94,12 +103,15 @@ impl Default for ChatConfig {
             send_lanes: 2,
             send_batch: 512,
             send_queue: 16_384,
+            send_queue_bytes: 64 << 20,
+            max_user_pending_bytes: 4 << 20,
             send_batches_in_flight: 4,
             max_sync_page: 500,
             max_history_page: 200,
             max_list_page: 500,
             max_sync_cursors: 1024,
             max_group_members: 2000,
+            max_groups_per_user: 1000,
             max_presence_subscriptions: 1000,
             max_lookup: 1000,
             max_text_bytes: 32 * 1024,
@@ -113,7 +125,7 @@ impl Default for ChatConfig {
             hash_queue: 1024,
             login_failures: 5,
             login_failure_window: Duration::from_secs(60),
-            member_cache_groups: 100_000,
+            member_cache_bytes: 64 << 20,
             member_cache_ttl: Duration::from_secs(5),
         }
     }
@@ -159,6 +171,8 @@ pub struct ChatStatsSnapshot {
     /// Sends waiting in the send lanes' queues (not yet in an append
     /// batch).
     pub send_queued: u64,
+    /// Bytes of sends admitted to the lanes and not answered yet.
+    pub send_pending_bytes: u64,
     /// Requests received and not answered yet.
     pub in_flight: u64,
     /// Users with at least one live connection.
@@ -191,11 +205,25 @@ pub(crate) struct Inner<S: Store> {
     presence: PresenceHub,
     members: moka::future::Cache<GroupId, Arc<[UserId]>>,
     lanes: Vec<mpsc::Sender<SendJob>>,
+    send_budget: Arc<SendBudget>,
     runtime: Handle,
     /// Requests received and not answered yet (for graceful shutdown).
     pending: AtomicUsize,
     idle: Notify,
     counters: ChatCounters,
+}
+
+/// The cache of group member lists used for fan-out, weighed in bytes (a
+/// 2,000-member group is 16 KiB, a small one under 100 B). Another node
+/// may change a membership: entries live `member_cache_ttl` at most.
+fn member_cache(config: &ChatConfig) -> moka::future::Cache<GroupId, Arc<[UserId]>> {
+    moka::future::Cache::builder()
+        .max_capacity(config.member_cache_bytes)
+        .weigher(|_, members: &Arc<[UserId]>| {
+            u32::try_from(members.len() * std::mem::size_of::<UserId>() + 64).unwrap_or(u32::MAX)
+        })
+        .time_to_live(config.member_cache_ttl)
+        .build()
 }
 
 impl<S: Store> ChatService<S> {
@@ -224,20 +252,22 @@ impl<S: Store> ChatService<S> {
             lanes.push(tx);
             receivers.push(rx);
         }
+        let send_budget = SendBudget::new(
+            lane_count,
+            config.send_queue_bytes,
+            config.max_user_pending_bytes,
+        );
         let inner = Arc::new(Inner {
             store,
             out,
-            // Another node may change a membership: bound the staleness.
-            members: moka::future::Cache::builder()
-                .max_capacity(config.member_cache_groups)
-                .time_to_live(config.member_cache_ttl)
-                .build(),
+            members: member_cache(&config),
             config,
             passwords,
             tokens,
             limiter,
             registry: Registry::default(),
             presence: PresenceHub::default(),
+            send_budget,
             lanes,
             runtime: Handle::current(),
             pending: AtomicUsize::new(0),
@@ -281,7 +311,11 @@ impl<S: Store> ChatService<S> {
             .iter()
             .map(|lane| (lane.max_capacity() - lane.capacity()) as u64)
             .sum();
+        let send_pending_bytes = (0..inner.lanes.len())
+            .map(|lane| inner.send_budget.lane_bytes(lane) as u64)
+            .sum();
         ChatStatsSnapshot {
+            send_pending_bytes,
             appended: get(&c.appended),
             acked: get(&c.acked),
             duplicates: get(&c.duplicates),
@@ -406,5 +440,35 @@ impl<S: Store> Inner<S> {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_member_cache_is_bounded_in_bytes() {
+        let config = ChatConfig {
+            member_cache_bytes: 1 << 20,
+            ..ChatConfig::default()
+        };
+        let cache = member_cache(&config);
+        let big: Arc<[UserId]> = (1..=2000).collect::<Vec<_>>().into();
+        for group in 0..200 {
+            cache.insert(group, big.clone()).await;
+        }
+        cache.run_pending_tasks().await;
+        // 200 groups of 2,000 would be 3.2 MB; at most the budget stays.
+        assert!(
+            cache.weighted_size() <= 1 << 20,
+            "{}",
+            cache.weighted_size()
+        );
+        assert!(
+            cache.entry_count() <= 65,
+            "{} groups kept",
+            cache.entry_count()
+        );
     }
 }

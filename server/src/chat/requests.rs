@@ -12,7 +12,7 @@ use im_proto::{ConversationId, Frame, codec};
 use super::auth::{validate_password, validate_username};
 use super::{ChatCounters, ChatError, Inner};
 use crate::net::{ConnRef, FrameCtx};
-use crate::store::{CursorKind, GroupId, GroupRecord, Store, StoreError, UserId};
+use crate::store::{CursorKind, GroupId, GroupLimits, GroupRecord, Store, StoreError, UserId};
 
 /// Bytes of a reply frame taken by everything but its repeated items
 /// (length prefix, request id, body tag and length, flags).
@@ -316,17 +316,16 @@ impl<S: Store> Inner<S> {
                 }))
             }
             Body::ListGroups(r) => {
-                let mut groups = self.store.user_groups(user).await?;
-                groups.sort_unstable_by_key(|g| g.id);
-                groups.retain(|g| g.id > r.after_group_id);
                 let limit = page_limit(r.limit, MAX_GROUP_PAGE as u32);
-                let mut infos: Vec<pb::GroupInfo> =
-                    groups.iter().take(limit).map(group_info).collect();
-                fit_prefix(&mut infos, c.max_frame_bytes);
-                let has_more = infos.len() < groups.len();
+                let (groups, more) = self
+                    .store
+                    .user_groups(user, r.after_group_id, limit)
+                    .await?;
+                let mut infos: Vec<pb::GroupInfo> = groups.iter().map(group_info).collect();
+                let cut = fit_prefix(&mut infos, c.max_frame_bytes);
                 Ok(Body::GroupList(pb::GroupList {
                     groups: infos,
-                    has_more,
+                    has_more: more || cut,
                 }))
             }
             Body::LookupUsers(r) => {
@@ -416,6 +415,13 @@ impl<S: Store> Inner<S> {
 
     // ---- groups ----
 
+    fn group_limits(&self) -> GroupLimits {
+        GroupLimits {
+            max_members: self.config.max_group_members,
+            max_groups_per_user: self.config.max_groups_per_user,
+        }
+    }
+
     /// Members of a group for fan-out, from the cache when possible.
     pub(crate) async fn group_members(
         &self,
@@ -474,7 +480,7 @@ impl<S: Store> Inner<S> {
         members.retain(|&m| m != user);
         let g = self
             .store
-            .create_group(user, name, &members, self.config.max_group_members)
+            .create_group(user, name, &members, self.group_limits())
             .await?;
         self.group_notice(&g, group_notice::Kind::Created, user, members, Vec::new())
             .await?;
@@ -487,7 +493,7 @@ impl<S: Store> Inner<S> {
         self.member_list(group, user).await?;
         let (g, added) = self
             .store
-            .add_members(group, &ids, self.config.max_group_members)
+            .add_members(group, &ids, self.group_limits())
             .await?;
         if !added.is_empty() {
             self.members.invalidate(&group).await;

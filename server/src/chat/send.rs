@@ -7,7 +7,10 @@
 //! seq order.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crossbeam_utils::CachePadded;
+use dashmap::DashMap;
 use futures::stream::{FuturesOrdered, StreamExt};
 use im_proto::ids::ConversationKind;
 use im_proto::pb::frame::Body;
@@ -31,11 +34,87 @@ const MAX_LABEL: usize = 255;
 /// summary.
 const MESSAGE_OVERHEAD: usize = 1024;
 
+/// Bytes of sends admitted and not answered yet, per lane and per sender,
+/// so that no lane's queue and no single user can take more than their
+/// share of the node's pending work.
+pub(crate) struct SendBudget {
+    lanes: Vec<CachePadded<AtomicUsize>>,
+    per_lane: usize,
+    users: DashMap<UserId, usize>,
+    per_user: usize,
+}
+
+impl SendBudget {
+    pub(crate) fn new(lanes: usize, per_lane: usize, per_user: usize) -> Arc<Self> {
+        Arc::new(SendBudget {
+            lanes: (0..lanes)
+                .map(|_| CachePadded::new(AtomicUsize::new(0)))
+                .collect(),
+            per_lane,
+            users: DashMap::new(),
+            per_user,
+        })
+    }
+
+    /// Takes `bytes` from the lane's and the user's budget, or `None` when
+    /// either would go past its limit.
+    fn admit(self: &Arc<Self>, lane: usize, user: UserId, bytes: usize) -> Option<SendPermit> {
+        let queued = &self.lanes[lane];
+        if queued.fetch_add(bytes, Ordering::AcqRel) + bytes > self.per_lane {
+            queued.fetch_sub(bytes, Ordering::AcqRel);
+            return None;
+        }
+        let mut pending = self.users.entry(user).or_insert(0);
+        if *pending + bytes > self.per_user {
+            drop(pending);
+            queued.fetch_sub(bytes, Ordering::AcqRel);
+            self.users.remove_if(&user, |_, p| *p == 0);
+            return None;
+        }
+        *pending += bytes;
+        Some(SendPermit {
+            budget: self.clone(),
+            lane,
+            user,
+            bytes,
+        })
+    }
+
+    /// Bytes admitted to a lane and not answered yet.
+    pub(crate) fn lane_bytes(&self, lane: usize) -> usize {
+        self.lanes[lane].load(Ordering::Relaxed)
+    }
+}
+
+/// A send's share of the [`SendBudget`], given back when it is answered
+/// (dropped), whatever the answer.
+pub(crate) struct SendPermit {
+    budget: Arc<SendBudget>,
+    lane: usize,
+    user: UserId,
+    bytes: usize,
+}
+
+impl Drop for SendPermit {
+    fn drop(&mut self) {
+        self.budget.lanes[self.lane].fetch_sub(self.bytes, Ordering::AcqRel);
+        self.budget.users.remove_if_mut(&self.user, |_, pending| {
+            *pending = pending.saturating_sub(self.bytes);
+            *pending == 0
+        });
+    }
+}
+
 /// Who is waiting for an append.
 pub(crate) enum Origin {
     /// A client's SendRequest: answer with an ack; do not push the message
-    /// back to the sending connection.
-    Client { conn: ConnRef, request_id: u64 },
+    /// back to the sending connection. The permit is the send's share of
+    /// the budget until then.
+    Client {
+        conn: ConnRef,
+        request_id: u64,
+        _permit: SendPermit,
+    },
     /// A notice written by the server (group changes).
     Internal(oneshot::Sender<Result<(), ChatError>>),
 }
@@ -47,6 +126,13 @@ pub(crate) struct SendJob {
     /// Users to push to besides the conversation's members (e.g. members
     /// just removed, who should see why).
     pub extra_recipients: Vec<UserId>,
+}
+
+/// What a send weighs in the budget: its content and id, as queued.
+fn send_cost(message: &NewMessage) -> usize {
+    prost::Message::encoded_len(&message.content)
+        + message.client_msg_id.len()
+        + std::mem::size_of::<SendJob>()
 }
 
 /// Spreads conversations evenly over lanes.
@@ -74,8 +160,17 @@ impl<S: Store> Inner<S> {
             Ok(m) => m,
             Err(e) => return self.answer(conn, e.to_frame(request_id)),
         };
+        let lane = lane_of(message.conversation, self.lanes.len());
+        let bytes = send_cost(&message);
+        let Some(permit) = self.send_budget.admit(lane, user, bytes) else {
+            return self.answer(conn, ChatError::Overloaded.to_frame(request_id));
+        };
         let job = SendJob {
-            origin: Origin::Client { conn, request_id },
+            origin: Origin::Client {
+                conn,
+                request_id,
+                _permit: permit,
+            },
             message,
             extra_recipients: Vec::new(),
         };
@@ -195,7 +290,9 @@ impl<S: Store> Inner<S> {
         self.count_batch(&origins, &results);
         for ((origin, extra), result) in origins.into_iter().zip(results) {
             match origin {
-                Origin::Client { conn, request_id } => {
+                Origin::Client {
+                    conn, request_id, ..
+                } => {
                     let frame = match &result {
                         Ok(AppendOutcome::Stored(m)) => Frame::new(
                             request_id,
@@ -269,9 +366,9 @@ impl<S: Store> Inner<S> {
     fn fail_all(&self, origins: Vec<(Origin, Vec<UserId>)>, error: ChatError) {
         for (origin, _) in origins {
             match origin {
-                Origin::Client { conn, request_id } => {
-                    self.answer(conn, error.to_frame(request_id))
-                }
+                Origin::Client {
+                    conn, request_id, ..
+                } => self.answer(conn, error.to_frame(request_id)),
                 Origin::Internal(tx) => {
                     let _ = tx.send(Err(ChatError::Internal));
                 }
@@ -380,6 +477,29 @@ pub(crate) async fn run_lane<S: Store>(inner: Arc<Inner<S>>, mut rx: mpsc::Recei
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_send_budget_is_shared_per_lane_and_per_user_and_given_back() {
+        let budget = SendBudget::new(2, 1000, 600);
+        let a1 = budget.admit(0, 1, 500).expect("room");
+        assert!(
+            budget.admit(1, 1, 200).is_none(),
+            "user 1 is over its share"
+        );
+        let b = budget.admit(0, 2, 500).expect("user 2 has its own share");
+        assert!(budget.admit(0, 3, 10).is_none(), "lane 0 is full");
+        assert!(budget.admit(1, 3, 10).is_some(), "lane 1 is not");
+        assert_eq!(budget.lane_bytes(0), 1000);
+        drop(a1);
+        assert_eq!(budget.lane_bytes(0), 500);
+        let a2 = budget.admit(1, 1, 600).expect("given back on drop");
+        drop((a2, b));
+        assert_eq!(budget.lane_bytes(0) + budget.lane_bytes(1), 0);
+        assert!(
+            budget.users.is_empty(),
+            "no entry for users without pending sends"
+        );
+    }
 
     #[test]
     fn lanes_spread_conversations() {

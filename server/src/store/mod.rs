@@ -46,6 +46,15 @@ pub struct GroupRecord {
     pub member_count: u32,
 }
 
+/// Limits a group change must respect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLimits {
+    /// Members of one group at most.
+    pub max_members: usize,
+    /// Groups one user belongs to at most.
+    pub max_groups_per_user: usize,
+}
+
 /// A message to append.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewMessage {
@@ -295,14 +304,15 @@ pub trait Store: Send + Sync + 'static {
 
     /// Creates a group owned by `owner` with `owner` and `members` in it
     /// (repeats ignored). [`StoreError::NotFound`] if a member does not
-    /// exist; [`StoreError::LimitExceeded`] above `max_members`. On error
-    /// nothing changes.
+    /// exist; [`StoreError::LimitExceeded`] above `limits.max_members`, or
+    /// if one of them is in `limits.max_groups_per_user` groups already. On
+    /// error nothing changes.
     fn create_group(
         &self,
         owner: UserId,
         name: &str,
         members: &[UserId],
-        max_members: usize,
+        limits: GroupLimits,
     ) -> impl Future<Output = StoreResult<GroupRecord>> + Send;
 
     /// Adds users (already-members are skipped) and returns the group and
@@ -311,7 +321,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         group: GroupId,
         users: &[UserId],
-        max_members: usize,
+        limits: GroupLimits,
     ) -> impl Future<Output = StoreResult<(GroupRecord, Vec<UserId>)>> + Send;
 
     /// Removes users (non-members are skipped) and returns the group and the
@@ -335,9 +345,12 @@ pub trait Store: Send + Sync + 'static {
         group: GroupId,
     ) -> impl Future<Output = StoreResult<Vec<UserId>>> + Send;
 
-    /// Groups the user belongs to.
+    /// The user's groups with id above `after`, ascending by id, at most
+    /// `limit`; the flag says whether more remain.
     fn user_groups(
         &self,
         user: UserId,
-    ) -> impl Future<Output = StoreResult<Vec<GroupRecord>>> + Send;
+        after: GroupId,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<(Vec<GroupRecord>, bool)>> + Send;
 }

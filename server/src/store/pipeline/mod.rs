@@ -27,8 +27,8 @@ use im_storage::layout::Layout;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    AppendRejection, AppendResult, CursorKind, CursorMove, GroupId, GroupRecord, NewMessage, Page,
-    Store, StoreError, StoreResult, UserId, UserRecord,
+    AppendRejection, AppendResult, CursorKind, CursorMove, GroupId, GroupLimits, GroupRecord,
+    NewMessage, Page, Store, StoreError, StoreResult, UserId, UserRecord,
 };
 use append::AppendJob;
 
@@ -354,18 +354,18 @@ impl Store for PipelineStore {
         owner: UserId,
         name: &str,
         members: &[UserId],
-        max_members: usize,
+        limits: GroupLimits,
     ) -> impl Future<Output = StoreResult<GroupRecord>> + Send {
-        sql::create_group(&self.shared, owner, name, members, max_members)
+        sql::create_group(&self.shared, owner, name, members, limits)
     }
 
     fn add_members(
         &self,
         group: GroupId,
         users: &[UserId],
-        max_members: usize,
+        limits: GroupLimits,
     ) -> impl Future<Output = StoreResult<(GroupRecord, Vec<UserId>)>> + Send {
-        sql::add_members(&self.shared, group, users, max_members)
+        sql::add_members(&self.shared, group, users, limits)
     }
 
     fn remove_members(
@@ -393,8 +393,10 @@ impl Store for PipelineStore {
     fn user_groups(
         &self,
         user: UserId,
-    ) -> impl Future<Output = StoreResult<Vec<GroupRecord>>> + Send {
-        sql::user_groups(&self.shared, user)
+        after: GroupId,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<(Vec<GroupRecord>, bool)>> + Send {
+        sql::user_groups(&self.shared, user, after, limit)
     }
 }
 

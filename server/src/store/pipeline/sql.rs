@@ -5,18 +5,19 @@
 use std::collections::{HashMap, HashSet};
 
 use im_proto::ConversationId;
+use im_proto::ids::GROUP_BASE;
 use im_storage::layout::dedup_key;
 use mysql_async::prelude::*;
 use mysql_async::{Params, TxOpts, Value};
 use prost::Message as _;
 
 use super::{Shared, mysql_err, redis_err};
-use crate::store::{Ack, GroupId, GroupRecord, StoreError, StoreResult, UserId, UserRecord};
+use crate::store::{
+    Ack, GroupId, GroupLimits, GroupRecord, StoreError, StoreResult, UserId, UserRecord,
+};
 
 /// MySQL's "duplicate entry" error.
 const ER_DUP_ENTRY: u16 = 1062;
-/// First conversation id of groups: `(1 << 62) | group_id`.
-const GROUP_BASE: u64 = 1 << 62;
 
 fn placeholders(n: usize) -> String {
     vec!["?"; n].join(",")
@@ -476,6 +477,39 @@ async fn insert_members(
         .map_err(mysql_err)
 }
 
+/// `LimitExceeded` if one of `users` belongs to `max` groups already. (Two
+/// transactions adding the same user at once may both pass: the limit can
+/// be overshot by the number of such races, never by more.)
+async fn check_group_counts(
+    tx: &mut mysql_async::Transaction<'_>,
+    users: &[UserId],
+    max: usize,
+) -> StoreResult<()> {
+    if users.is_empty() {
+        return Ok(());
+    }
+    let mut params = values(users);
+    params.push(Value::from(GROUP_BASE));
+    params.push(Value::from(max as u64));
+    let full: Option<u64> = tx
+        .exec_first(
+            format!(
+                "SELECT user_id FROM members WHERE user_id IN ({}) AND conversation_id > ? \
+                 GROUP BY user_id HAVING COUNT(*) >= ? LIMIT 1",
+                placeholders(users.len())
+            ),
+            Params::Positional(params),
+        )
+        .await
+        .map_err(mysql_err)?;
+    match full {
+        Some(_) => Err(StoreError::LimitExceeded(
+            "a user is in the most groups allowed",
+        )),
+        None => Ok(()),
+    }
+}
+
 async fn load_group(conn: &mut impl Queryable, group: GroupId) -> StoreResult<Option<GroupRecord>> {
     let conversation = group_conversation(group)?;
     let row: Option<(String, u64, u64)> = conn
@@ -499,7 +533,7 @@ pub(super) async fn create_group(
     owner: UserId,
     name: &str,
     members: &[UserId],
-    max_members: usize,
+    limits: GroupLimits,
 ) -> StoreResult<GroupRecord> {
     let mut all = vec![owner];
     for &m in members {
@@ -507,7 +541,7 @@ pub(super) async fn create_group(
             all.push(m);
         }
     }
-    if all.len() > max_members {
+    if all.len() > limits.max_members {
         return Err(StoreError::LimitExceeded("group size"));
     }
     let mut conn = shared.mysql().await?;
@@ -516,6 +550,7 @@ pub(super) async fn create_group(
         .await
         .map_err(mysql_err)?;
     check_users_exist(&mut tx, &all).await?;
+    check_group_counts(&mut tx, &all, limits.max_groups_per_user).await?;
     tx.exec_drop(
         "INSERT INTO chat_groups (name, owner_id, created_ms) VALUES (?, ?, ?)",
         (name, owner, im_proto::now_ms()),
@@ -541,7 +576,7 @@ pub(super) async fn add_members(
     shared: &Shared,
     group: GroupId,
     users: &[UserId],
-    max_members: usize,
+    limits: GroupLimits,
 ) -> StoreResult<(GroupRecord, Vec<UserId>)> {
     let conversation = group_conversation(group)?;
     // New members see what is posted from now on.
@@ -581,10 +616,11 @@ pub(super) async fn add_members(
             added.push(u);
         }
     }
-    if existing.len() + added.len() > max_members {
+    if existing.len() + added.len() > limits.max_members {
         return Err(StoreError::LimitExceeded("group size"));
     }
     check_users_exist(&mut tx, &added).await?;
+    check_group_counts(&mut tx, &added, limits.max_groups_per_user).await?;
     insert_members(&mut tx, conversation, &added, joined_seq).await?;
     let record = load_group(&mut tx, group)
         .await?
@@ -689,25 +725,38 @@ pub(super) async fn group_members(shared: &Shared, group: GroupId) -> StoreResul
     }
 }
 
-pub(super) async fn user_groups(shared: &Shared, user: UserId) -> StoreResult<Vec<GroupRecord>> {
+pub(super) async fn user_groups(
+    shared: &Shared,
+    user: UserId,
+    after: GroupId,
+    limit: usize,
+) -> StoreResult<(Vec<GroupRecord>, bool)> {
     let mut conn = shared.mysql().await?;
     let rows: Vec<(u64, String, u64, u64)> = conn
         .exec(
             "SELECT g.id, g.name, g.owner_id, \
                     (SELECT COUNT(*) FROM members c WHERE c.conversation_id = m.conversation_id) \
              FROM members m JOIN chat_groups g ON m.conversation_id = g.id + ? \
-             WHERE m.user_id = ? AND m.conversation_id > ? ORDER BY g.id",
-            (GROUP_BASE, user, GROUP_BASE),
+             WHERE m.user_id = ? AND m.conversation_id > ? ORDER BY m.conversation_id LIMIT ?",
+            (
+                GROUP_BASE,
+                user,
+                GROUP_BASE.saturating_add(after),
+                limit as u64 + 1,
+            ),
         )
         .await
         .map_err(mysql_err)?;
-    Ok(rows
+    let has_more = rows.len() > limit;
+    let groups = rows
         .into_iter()
+        .take(limit)
         .map(|(id, name, owner, count)| GroupRecord {
             id,
             name,
             owner,
             member_count: count as u32,
         })
-        .collect())
+        .collect();
+    Ok((groups, has_more))
 }

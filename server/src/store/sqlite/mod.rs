@@ -35,8 +35,8 @@ use self::read::ReadPool;
 use self::recent::RecentSends;
 use self::writer::{Job, Reply, Writer};
 use super::{
-    AppendResult, CursorKind, CursorMove, GroupId, GroupRecord, NewMessage, Page, Store,
-    StoreError, StoreResult, UserId, UserRecord,
+    AppendResult, CursorKind, CursorMove, GroupId, GroupLimits, GroupRecord, NewMessage, Page,
+    Store, StoreError, StoreResult, UserId, UserRecord,
 };
 
 /// File name of the database inside the data directory.
@@ -301,14 +301,14 @@ impl Store for SqliteStore {
         owner: UserId,
         name: &str,
         members: &[UserId],
-        max_members: usize,
+        limits: GroupLimits,
     ) -> impl Future<Output = StoreResult<GroupRecord>> + Send {
         let (name, members) = (name.to_owned(), members.to_vec());
         self.submit(move |reply| Job::CreateGroup {
             owner,
             name,
             members,
-            max_members,
+            limits,
             reply,
         })
     }
@@ -317,13 +317,13 @@ impl Store for SqliteStore {
         &self,
         group: GroupId,
         users: &[UserId],
-        max_members: usize,
+        limits: GroupLimits,
     ) -> impl Future<Output = StoreResult<(GroupRecord, Vec<UserId>)>> + Send {
         let users = users.to_vec();
         self.submit(move |reply| Job::AddMembers {
             group,
             users,
-            max_members,
+            limits,
             reply,
         })
     }
@@ -358,7 +358,9 @@ impl Store for SqliteStore {
     fn user_groups(
         &self,
         user: UserId,
-    ) -> impl Future<Output = StoreResult<Vec<GroupRecord>>> + Send {
-        self.read(move |conn| read::user_groups(conn, user))
+        after: GroupId,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<(Vec<GroupRecord>, bool)>> + Send {
+        self.read(move |conn| read::user_groups(conn, user, after, limit))
     }
 }

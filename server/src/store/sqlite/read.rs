@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use im_proto::ids::ConversationKind;
+use im_proto::ids::{ConversationKind, GROUP_BASE};
 use im_proto::{ConversationId, pb};
 use prost::Message as _;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
@@ -19,9 +19,6 @@ use tokio::sync::Semaphore;
 
 use super::schema;
 use crate::store::{GroupId, GroupRecord, Page, StoreError, StoreResult, UserId, UserRecord};
-
-/// First conversation id of the group range (direct ids are all below it).
-const GROUP_BASE: u64 = 1 << 62;
 
 /// Read-only connections handed out one per running query.
 pub(super) struct ReadPool {
@@ -432,24 +429,40 @@ pub(super) fn group_members(conn: &mut Connection, group: GroupId) -> StoreResul
         .collect::<rusqlite::Result<Vec<_>>>()?)
 }
 
-pub(super) fn user_groups(conn: &mut Connection, user: UserId) -> StoreResult<Vec<GroupRecord>> {
-    Ok(conn
+pub(super) fn user_groups(
+    conn: &mut Connection,
+    user: UserId,
+    after: GroupId,
+    limit: usize,
+) -> StoreResult<(Vec<GroupRecord>, bool)> {
+    let mut groups = conn
         .prepare_cached(
             "SELECT g.id, g.name, g.owner_id,
                     (SELECT count(*) FROM members c WHERE c.conversation_id = m.conversation_id)
              FROM members m JOIN groups g ON g.id = m.conversation_id - ?2
-             WHERE m.user_id = ?1 AND m.conversation_id >= ?2
-             ORDER BY m.conversation_id",
+             WHERE m.user_id = ?1 AND m.conversation_id > ?3
+             ORDER BY m.conversation_id LIMIT ?4",
         )?
-        .query_map(params![sql_int(user), GROUP_BASE], |row| {
-            Ok(GroupRecord {
-                id: row.get(0)?,
-                name: row.get(1)?,
-                owner: row.get(2)?,
-                member_count: row.get(3)?,
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?)
+        .query_map(
+            params![
+                sql_int(user),
+                GROUP_BASE,
+                sql_int(GROUP_BASE.saturating_add(after)),
+                probe_limit(limit)
+            ],
+            |row| {
+                Ok(GroupRecord {
+                    id: row.get(0)?,
+                    name: row.get(1)?,
+                    owner: row.get(2)?,
+                    member_count: row.get(3)?,
+                })
+            },
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let has_more = groups.len() > limit;
+    groups.truncate(limit);
+    Ok((groups, has_more))
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use im_proto::{ConversationId, pb};
 
 use super::{SqliteOptions, SqliteStore, schema};
 use crate::store::{
-    Ack, AppendOutcome, AppendRejection, AppendResult, CursorKind, CursorMove, GroupRecord,
-    NewMessage, Store, StoreError, UserId,
+    Ack, AppendOutcome, AppendRejection, AppendResult, CursorKind, CursorMove, GroupLimits,
+    GroupRecord, NewMessage, Store, StoreError, UserId,
 };
 
 fn open(dir: &std::path::Path) -> SqliteStore {
@@ -42,6 +42,13 @@ fn new_message(
         content: text(words),
         server_time_ms: im_proto::now_ms(),
         resend: false,
+    }
+}
+
+fn limits(max_members: usize) -> GroupLimits {
+    GroupLimits {
+        max_members,
+        max_groups_per_user: 1000,
     }
 }
 
@@ -208,7 +215,7 @@ async fn concurrent_senders_get_every_seq_exactly_once() {
     let name_refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let ids = users(&*store, &name_refs).await;
     let group = store
-        .create_group(ids[0], "crowd", &ids[1..], 100)
+        .create_group(ids[0], "crowd", &ids[1..], limits(100))
         .await
         .unwrap();
     let conversation = group_conv(&group);
@@ -334,7 +341,7 @@ async fn rejected_messages_do_not_disturb_the_rest_of_the_batch() {
     let store = open(dir.path());
     let ids = users(&store, &["a", "b", "c"]).await;
     let (a, b, c) = (ids[0], ids[1], ids[2]);
-    let group = store.create_group(a, "g", &[b], 10).await.unwrap();
+    let group = store.create_group(a, "g", &[b], limits(10)).await.unwrap();
     let g = group_conv(&group);
     let ab = direct(a, b);
 
@@ -405,12 +412,12 @@ async fn sync_pages_across_conversations_and_hides_what_came_before_joining() {
     let ids = users(&store, &["a", "b", "c"]).await;
     let (a, b, c) = (ids[0], ids[1], ids[2]);
     let ab = direct(a, b);
-    let group = store.create_group(a, "g", &[b], 10).await.unwrap();
+    let group = store.create_group(a, "g", &[b], limits(10)).await.unwrap();
     let g = group_conv(&group);
 
     send_n(&store, b, ab, "d", 5).await;
     send_n(&store, a, g, "before", 3).await;
-    store.add_members(group.id, &[c], 10).await.unwrap();
+    store.add_members(group.id, &[c], limits(10)).await.unwrap();
     send_n(&store, b, g, "after", 4).await;
 
     // The late joiner sees only what was sent after joining, in sync and history.
@@ -464,10 +471,13 @@ async fn conversation_summaries_count_unread_and_sending_marks_read() {
     let (a, b, c) = (ids[0], ids[1], ids[2]);
     let ab = direct(a, b);
     send_n(&store, a, ab, "hi", 3).await;
-    let group = store.create_group(b, "friends", &[a], 10).await.unwrap();
+    let group = store
+        .create_group(b, "friends", &[a], limits(10))
+        .await
+        .unwrap();
     let g = group_conv(&group);
     send_n(&store, b, g, "g", 2).await;
-    store.add_members(group.id, &[c], 10).await.unwrap();
+    store.add_members(group.id, &[c], limits(10)).await.unwrap();
     send_n(&store, b, g, "g2", 1).await;
 
     let (list, more) = store.conversations(a, 0, 10).await.unwrap();
@@ -517,7 +527,10 @@ async fn conversation_summaries_count_unread_and_sending_marks_read() {
     assert!(!more);
 
     // A new group without messages has no last message.
-    let quiet = store.create_group(a, "quiet", &[], 10).await.unwrap();
+    let quiet = store
+        .create_group(a, "quiet", &[], limits(10))
+        .await
+        .unwrap();
     let (page, _) = store.conversations(a, g.raw(), 10).await.unwrap();
     assert_eq!(page.len(), 1);
     assert_eq!(page[0].group_id, quiet.id);
@@ -581,7 +594,7 @@ async fn groups_are_created_grown_shrunk_and_handed_over() {
     let (a, b, c, d, e) = (ids[0], ids[1], ids[2], ids[3], ids[4]);
 
     let group = store
-        .create_group(a, "team", &[b, a, c, b], 4)
+        .create_group(a, "team", &[b, a, c, b], limits(4))
         .await
         .unwrap();
     assert_eq!((group.owner, group.member_count), (a, 3));
@@ -591,29 +604,37 @@ async fn groups_are_created_grown_shrunk_and_handed_over() {
 
     // Refused creations leave nothing behind.
     assert!(matches!(
-        store.create_group(a, "ghost", &[b, 9_999], 10).await,
+        store
+            .create_group(a, "ghost", &[b, 9_999], limits(10))
+            .await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.create_group(a, "big", &[b, c, d, e], 4).await,
+        store.create_group(a, "big", &[b, c, d, e], limits(4)).await,
         Err(StoreError::LimitExceeded(_))
     ));
-    assert_eq!(store.user_groups(a).await.unwrap(), vec![group.clone()]);
+    assert_eq!(
+        store.user_groups(a, 0, 100).await.unwrap().0,
+        vec![group.clone()]
+    );
 
     // Adding: already-members skipped, duplicates once, limits enforced.
-    let (after, added) = store.add_members(group.id, &[c, d, d], 4).await.unwrap();
+    let (after, added) = store
+        .add_members(group.id, &[c, d, d], limits(4))
+        .await
+        .unwrap();
     assert_eq!(added, vec![d]);
     assert_eq!(after.member_count, 4);
     assert!(matches!(
-        store.add_members(group.id, &[e], 4).await,
+        store.add_members(group.id, &[e], limits(4)).await,
         Err(StoreError::LimitExceeded(_))
     ));
     assert!(matches!(
-        store.add_members(group.id, &[9_999], 10).await,
+        store.add_members(group.id, &[9_999], limits(10)).await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        store.add_members(group.id + 100, &[e], 10).await,
+        store.add_members(group.id + 100, &[e], limits(10)).await,
         Err(StoreError::NotFound)
     ));
     assert_eq!(
@@ -626,8 +647,11 @@ async fn groups_are_created_grown_shrunk_and_handed_over() {
     assert_eq!(removed, vec![a]);
     assert_eq!((after.owner, after.member_count), (b, 3));
     assert_eq!(store.group(group.id).await.unwrap(), Some(after.clone()));
-    assert!(store.user_groups(a).await.unwrap().is_empty());
-    assert_eq!(store.user_groups(d).await.unwrap(), vec![after.clone()]);
+    assert!(store.user_groups(a, 0, 100).await.unwrap().0.is_empty());
+    assert_eq!(
+        store.user_groups(d, 0, 100).await.unwrap().0,
+        vec![after.clone()]
+    );
     assert!(matches!(
         store.remove_members(group.id + 100, &[b]).await,
         Err(StoreError::NotFound)
@@ -642,7 +666,7 @@ async fn groups_are_created_grown_shrunk_and_handed_over() {
     assert_eq!(results[0], Err(AppendRejection::NotMember));
 
     // Re-adding puts the user last in joining order.
-    let (_, added) = store.add_members(group.id, &[a], 10).await.unwrap();
+    let (_, added) = store.add_members(group.id, &[a], limits(10)).await.unwrap();
     assert_eq!(added, vec![a]);
     assert_eq!(
         store.group_members(group.id).await.unwrap(),
@@ -659,12 +683,16 @@ async fn groups_are_created_grown_shrunk_and_handed_over() {
     assert_eq!(store.group(u64::MAX).await.unwrap(), None);
 
     // Several groups are listed for one user.
-    store.add_members(group.id, &[d], 10).await.unwrap();
-    let second = store.create_group(e, "second", &[d], 10).await.unwrap();
+    store.add_members(group.id, &[d], limits(10)).await.unwrap();
+    let second = store
+        .create_group(e, "second", &[d], limits(10))
+        .await
+        .unwrap();
     let mut listed: Vec<u64> = store
-        .user_groups(d)
+        .user_groups(d, 0, 100)
         .await
         .unwrap()
+        .0
         .iter()
         .map(|g| g.id)
         .collect();
@@ -678,7 +706,7 @@ async fn senders_between_lists_distinct_senders_without_notices() {
     let store = open(dir.path());
     let ids = users(&store, &["a", "b", "c"]).await;
     let group = store
-        .create_group(ids[0], "g", &ids[1..], 10)
+        .create_group(ids[0], "g", &ids[1..], limits(10))
         .await
         .unwrap();
     let g = group_conv(&group);
@@ -758,7 +786,10 @@ async fn everything_survives_close_and_reopen() {
         let ids = users(&store, &["alice", "bob", "carol"]).await;
         (a, b, c) = (ids[0], ids[1], ids[2]);
         ab = direct(a, b);
-        group = store.create_group(a, "crew", &[b, c], 10).await.unwrap();
+        group = store
+            .create_group(a, "crew", &[b, c], limits(10))
+            .await
+            .unwrap();
         g = group_conv(&group);
         send_n(&store, a, ab, "d", 3).await;
         send_n(&store, c, g, "g", 2).await;

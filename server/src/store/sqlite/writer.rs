@@ -20,7 +20,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crossbeam_channel::Receiver;
-use im_proto::ids::{ConversationKind, MAX_GROUP_ID, MAX_USER_ID};
+use im_proto::ids::{ConversationKind, GROUP_BASE, MAX_GROUP_ID, MAX_USER_ID};
 use im_proto::{ConversationId, pb};
 use prost::Message as _;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 use super::recent::RecentSends;
 use crate::store::{
     Ack, AppendOutcome, AppendRejection, AppendResult, CursorKind, CursorMove, GroupId,
-    GroupRecord, NewMessage, StoreError, StoreResult, UserId,
+    GroupLimits, GroupRecord, NewMessage, StoreError, StoreResult, UserId,
 };
 
 /// Where a job's outcome goes.
@@ -61,13 +61,13 @@ pub(super) enum Job {
         owner: UserId,
         name: String,
         members: Vec<UserId>,
-        max_members: usize,
+        limits: GroupLimits,
         reply: Reply<GroupRecord>,
     },
     AddMembers {
         group: GroupId,
         users: Vec<UserId>,
-        max_members: usize,
+        limits: GroupLimits,
         reply: Reply<(GroupRecord, Vec<UserId>)>,
     },
     RemoveMembers {
@@ -303,20 +303,20 @@ impl Writer {
                 owner,
                 name,
                 members,
-                max_members,
+                limits,
                 reply,
             } => Done::Group(
                 reply,
-                self.savepoint(|w| w.create_group(owner, &name, &members, max_members)),
+                self.savepoint(|w| w.create_group(owner, &name, &members, limits)),
             ),
             Job::AddMembers {
                 group,
                 users,
-                max_members,
+                limits,
                 reply,
             } => Done::Members(
                 reply,
-                self.savepoint(|w| w.add_members(group, &users, max_members)),
+                self.savepoint(|w| w.add_members(group, &users, limits)),
             ),
             Job::RemoveMembers {
                 group,
@@ -429,6 +429,26 @@ impl Writer {
             .conn
             .prepare_cached("SELECT 1 FROM members WHERE conversation_id = ?1 AND user_id = ?2")?
             .exists(params![conversation, user])?)
+    }
+
+    /// `LimitExceeded` if one of `users` belongs to `max` groups already.
+    fn check_group_counts(&self, users: &[UserId], max: usize) -> StoreResult<()> {
+        let mut count = self.conn.prepare_cached(
+            "SELECT count(*) FROM members WHERE user_id = ?1 AND conversation_id > ?2",
+        )?;
+        for &user in users {
+            let Ok(user) = i64::try_from(user) else {
+                continue;
+            };
+            let groups: i64 =
+                count.query_row(params![user, GROUP_BASE as i64], |row| row.get(0))?;
+            if usize::try_from(groups).unwrap_or(usize::MAX) >= max {
+                return Err(StoreError::LimitExceeded(
+                    "a user is in the most groups allowed",
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Name, owner and current member count of a group.
@@ -727,10 +747,10 @@ impl Writer {
         owner: UserId,
         name: &str,
         members: &[UserId],
-        max_members: usize,
+        limits: GroupLimits,
     ) -> StoreResult<GroupRecord> {
         let users = dedup(std::iter::once(owner).chain(members.iter().copied()));
-        if users.len() > max_members {
+        if users.len() > limits.max_members {
             return Err(StoreError::LimitExceeded("group size"));
         }
         for &user in &users {
@@ -738,6 +758,7 @@ impl Writer {
                 return Err(StoreError::NotFound);
             }
         }
+        self.check_group_counts(&users, limits.max_groups_per_user)?;
         self.conn
             .prepare_cached("INSERT INTO groups (name, owner_id, created_ms) VALUES (?1, ?2, ?3)")?
             .execute(params![name, owner, im_proto::now_ms()])?;
@@ -760,7 +781,7 @@ impl Writer {
         &mut self,
         group: GroupId,
         users: &[UserId],
-        max_members: usize,
+        limits: GroupLimits,
     ) -> StoreResult<(GroupRecord, Vec<UserId>)> {
         let Some(mut record) = self.load_group(group)? else {
             return Err(StoreError::NotFound);
@@ -772,7 +793,7 @@ impl Writer {
                 added.push(user);
             }
         }
-        if record.member_count as usize + added.len() > max_members {
+        if record.member_count as usize + added.len() > limits.max_members {
             return Err(StoreError::LimitExceeded("group size"));
         }
         for &user in &added {
@@ -780,6 +801,7 @@ impl Writer {
                 return Err(StoreError::NotFound);
             }
         }
+        self.check_group_counts(&added, limits.max_groups_per_user)?;
         let next_order: i64 = self
             .conn
             .prepare_cached(
