@@ -6,6 +6,7 @@ mod chat;
 mod crash;
 mod lifecycle;
 mod loadgen;
+mod property;
 mod protocol;
 mod resilience;
 mod store;

@@ -162,6 +162,55 @@ async fn empty_frame_gets_a_non_fatal_error() {
     conn.register("after-empty").await;
 }
 
+/// Request id 0 marks pushes, so a request carrying it is refused (not
+/// processed) rather than answered with a reply no client could match.
+#[tokio::test]
+async fn a_request_with_id_zero_is_refused_and_not_processed() {
+    use futures::SinkExt;
+    let server = TestServer::start().await;
+    let mut conn = RawConn::connect(server.addr).await;
+    let register = Body::Register(pb::RegisterRequest {
+        username: "zero".into(),
+        password: PASSWORD.into(),
+    });
+    conn.framed
+        .send(im_proto::Frame::new(0, register))
+        .await
+        .unwrap();
+    let frame = conn.recv().await;
+    assert_eq!(frame.request_id, 0);
+    let body = frame.body.expect("error body");
+    assert_eq!(
+        error_code(&body),
+        Some(ErrorCode::InvalidArgument),
+        "{body:?}"
+    );
+    // Not registered: the name is still free, and the connection usable.
+    let me = conn.register("zero").await.user_id;
+    let send = Body::Send(pb::SendRequest {
+        target: Some(pb::send_request::Target::ToUser(me)),
+        client_msg_id: "z".into(),
+        content: text("not stored"),
+        resend: false,
+    });
+    conn.framed
+        .send(im_proto::Frame::new(0, send))
+        .await
+        .unwrap();
+    let body = conn.recv().await.body.expect("error body");
+    assert_eq!(error_code(&body), Some(ErrorCode::InvalidArgument));
+    let list = conn
+        .call(Body::ListConversations(pb::ListConversationsRequest {
+            after_conversation_id: 0,
+            limit: 10,
+        }))
+        .await;
+    assert!(
+        matches!(&list, Body::ConversationList(l) if l.conversations.is_empty()),
+        "the send was stored: {list:?}"
+    );
+}
+
 #[tokio::test]
 async fn second_login_on_a_session_is_refused_without_closing() {
     let server = TestServer::start().await;

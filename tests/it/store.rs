@@ -383,3 +383,101 @@ async fn pipeline_groups_per_user_are_capped_and_paged() {
         .unwrap();
     groups_per_user_are_capped_and_paged(&store).await;
 }
+
+// ---- a late joiner's cursors ----
+
+/// A member added when the group is at seq 3 has read nothing but sees
+/// nothing before the join: its read cursor starts at 3, so unread is
+/// `last_seq - read_seq` as documented.
+async fn a_late_joiners_read_cursor_starts_at_the_join<S: Store>(store: &S) {
+    let limits = GroupLimits {
+        max_members: 10,
+        max_groups_per_user: 10,
+    };
+    let (a, b, _) = pair(store, "join").await;
+    let g = store.create_group(a, "g", &[], limits).await.unwrap();
+    let conv = ConversationId::group(g.id).unwrap();
+    for i in 0..3 {
+        let r = store
+            .append_batch(vec![message(a, conv, &format!("before{i}"), false)])
+            .await
+            .unwrap();
+        stored(&r[0]);
+    }
+    store.add_members(g.id, &[b], limits).await.unwrap();
+    let r = store
+        .append_batch(vec![message(a, conv, "after", false)])
+        .await
+        .unwrap();
+    assert_eq!(stored(&r[0]).seq, 4);
+    let (list, _) = store.conversations(b, 0, 10).await.unwrap();
+    let summary = list
+        .iter()
+        .find(|c| c.conversation_id == conv.raw())
+        .expect("listed");
+    assert_eq!(
+        (summary.last_seq, summary.read_seq, summary.unread_count),
+        (4, 3, 1)
+    );
+    assert_eq!(summary.unread_count, summary.last_seq - summary.read_seq);
+    // Reading moves on from the join, and a receipt covers only what the
+    // member could see.
+    let moved = store
+        .advance_cursor(b, conv, im_server::store::CursorKind::Read, 4)
+        .await
+        .unwrap()
+        .expect("moved");
+    assert_eq!((moved.from, moved.to), (3, 4));
+}
+
+#[tokio::test]
+async fn embedded_a_late_joiners_read_cursor_starts_at_the_join() {
+    let dir = tempfile::tempdir().unwrap();
+    a_late_joiners_read_cursor_starts_at_the_join(&sqlite(dir.path(), 600)).await;
+}
+
+#[tokio::test]
+async fn pipeline_a_late_joiners_read_cursor_starts_at_the_join() {
+    let env = PipelineEnv::fresh();
+    let store = PipelineStore::open(pipeline_options(&env, 600))
+        .await
+        .unwrap();
+    a_late_joiners_read_cursor_starts_at_the_join(&store).await;
+}
+
+// ---- direct conversations before their first message ----
+
+/// Its participants may read an empty direct conversation (an empty page,
+/// cursors that do not move); anyone else may not.
+async fn an_empty_direct_conversation_is_readable_by_its_participants<S: Store>(store: &S) {
+    let (a, b, ab) = pair(store, "empty").await;
+    let c = store.create_user("emptyc", "h").await.unwrap();
+    let page = store.history(a, ab, 0, 10).await.unwrap();
+    assert!(page.messages.is_empty() && !page.has_more);
+    let page = store.sync(b, &[(ab, 0)], 10).await.unwrap();
+    assert!(page.messages.is_empty());
+    let moved = store
+        .advance_cursor(a, ab, im_server::store::CursorKind::Read, 5)
+        .await
+        .unwrap();
+    assert_eq!(moved, None);
+    assert!(matches!(
+        store.history(c, ab, 0, 10).await,
+        Err(StoreError::NotMember)
+    ));
+}
+
+#[tokio::test]
+async fn embedded_an_empty_direct_conversation_is_readable_by_its_participants() {
+    let dir = tempfile::tempdir().unwrap();
+    an_empty_direct_conversation_is_readable_by_its_participants(&sqlite(dir.path(), 600)).await;
+}
+
+#[tokio::test]
+async fn pipeline_an_empty_direct_conversation_is_readable_by_its_participants() {
+    let env = PipelineEnv::fresh();
+    let store = PipelineStore::open(pipeline_options(&env, 600))
+        .await
+        .unwrap();
+    an_empty_direct_conversation_is_readable_by_its_participants(&store).await;
+}

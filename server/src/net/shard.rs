@@ -527,6 +527,16 @@ impl Loop {
                 );
                 self.queue_frame(slot, codec::encode_to_bytes(&err));
             }
+            // 0 marks pushes: a reply with it could not be told from one.
+            (Some(_), _) if request_id == 0 => {
+                let err = Frame::error(
+                    0,
+                    ErrorCode::InvalidArgument,
+                    "request_id must not be 0; the request was not processed",
+                    false,
+                );
+                self.queue_frame(slot, codec::encode_to_bytes(&err));
+            }
             (
                 Some(Body::Register(_) | Body::Login(_) | Body::Resume(_)),
                 State::Unauthenticated,

@@ -306,7 +306,8 @@ pub(super) async fn conversations(
                 // Sending marks everything before as read; the worker records
                 // that when it stores the message, until then the cache
                 // tells.
-                read_seq: read.max(own.get(&conv).copied().unwrap_or(0)),
+                // Read cursors start at the join (older rows may say 0).
+                read_seq: read.max(joined).max(own.get(&conv).copied().unwrap_or(0)),
                 unread_count: last
                     .saturating_sub(read.max(joined).max(own.get(&conv).copied().unwrap_or(0))),
             })
@@ -371,7 +372,8 @@ pub(super) async fn advance_cursor(
     kind: CursorKind,
     seq: u64,
 ) -> StoreResult<Option<CursorMove>> {
-    shared
+    // Cursors start at the join: what came before is not the user's.
+    let joined = shared
         .visibility(user, conversation)
         .await?
         .ok_or(StoreError::NotMember)?;
@@ -385,7 +387,11 @@ pub(super) async fn advance_cursor(
     match kind {
         CursorKind::Read => Ok(sql::advance_read(shared, user, conversation, to)
             .await?
-            .map(|(from, to)| CursorMove { from, to })),
+            .map(|(from, to)| CursorMove {
+                from: from.max(joined),
+                to,
+            })
+            .filter(|m| m.to > m.from)),
         CursorKind::Delivered => {
             let mut conn = shared.redis().await?;
             let from: u64 = ADVANCE
@@ -395,6 +401,7 @@ pub(super) async fn advance_cursor(
                 .invoke_async(&mut conn)
                 .await
                 .map_err(redis_err)?;
+            let from = from.max(joined);
             Ok((to > from).then_some(CursorMove { from, to }))
         }
     }

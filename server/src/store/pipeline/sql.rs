@@ -458,18 +458,22 @@ async fn insert_members(
     if users.is_empty() {
         return Ok(());
     }
-    let rows = vec!["(?, ?, ?, ?, 0)"; users.len()].join(",");
+    // A new member has read nothing, but what came before joining is not
+    // theirs to read: the read cursor starts at the join.
+    let rows = vec!["(?, ?, ?, ?, ?)"; users.len()].join(",");
     let sql = format!(
         "INSERT INTO members (conversation_id, user_id, joined_seq, joined_order, read_seq) VALUES {rows} \
-         ON DUPLICATE KEY UPDATE joined_seq = VALUES(joined_seq), joined_order = VALUES(joined_order), read_seq = 0"
+         ON DUPLICATE KEY UPDATE joined_seq = VALUES(joined_seq), joined_order = VALUES(joined_order), \
+         read_seq = VALUES(read_seq)"
     );
-    let mut params = Vec::with_capacity(users.len() * 4);
+    let mut params = Vec::with_capacity(users.len() * 5);
     for (i, &user) in users.iter().enumerate() {
         params.extend([
             Value::from(conversation),
             Value::from(user),
             Value::from(joined_seq),
             Value::from(join_order(i)),
+            Value::from(joined_seq),
         ]);
     }
     tx.exec_drop(sql, Params::Positional(params))

@@ -145,13 +145,23 @@ fn message_from_row(row: &Row<'_>) -> rusqlite::Result<pb::Message> {
     })
 }
 
-/// `joined_seq` of the user's membership, `None` if not a member.
-fn joined_seq(conn: &Connection, conversation: u64, user: UserId) -> StoreResult<Option<u64>> {
+/// From which seq on `user` may read `conversation` (`Some(joined_seq)`),
+/// `None` if not at all. The participants of a direct conversation may
+/// read it from the start, even before its first message creates their
+/// membership rows; a group member from the join.
+fn visibility(
+    conn: &Connection,
+    conversation: ConversationId,
+    user: UserId,
+) -> StoreResult<Option<u64>> {
+    if let ConversationKind::Direct { .. } = conversation.kind() {
+        return Ok(conversation.peer_of(user).map(|_| 0));
+    }
     Ok(conn
         .prepare_cached(
             "SELECT joined_seq FROM members WHERE conversation_id = ?1 AND user_id = ?2",
         )?
-        .query_row(params![conversation, sql_int(user)], |row| row.get(0))
+        .query_row(params![conversation.raw(), sql_int(user)], |row| row.get(0))
         .optional()?)
 }
 
@@ -227,10 +237,10 @@ pub(super) fn sync(
              WHERE conversation_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3"
         ))?;
         for (conversation, cursor) in cursors {
-            let conversation = conversation.raw();
-            let Some(joined) = joined_seq(&tx, conversation, user)? else {
+            let Some(joined) = visibility(&tx, conversation, user)? else {
                 continue;
             };
+            let conversation = conversation.raw();
             let after = sql_int(cursor.max(joined));
             let room = limit - page.messages.len();
             let before = page.messages.len();
@@ -258,11 +268,11 @@ pub(super) fn history(
     before_seq: u64,
     limit: usize,
 ) -> StoreResult<Page> {
-    let conversation = conversation.raw();
     let tx = conn.transaction()?;
-    let Some(joined) = joined_seq(&tx, conversation, user)? else {
+    let Some(joined) = visibility(&tx, conversation, user)? else {
         return Err(StoreError::NotMember);
     };
+    let conversation = conversation.raw();
     let before = if before_seq == 0 {
         i64::MAX
     } else {
@@ -364,7 +374,8 @@ pub(super) fn conversations(
                 title,
                 last_seq: row.last_seq,
                 last_message,
-                read_seq: row.read_seq,
+                // Cursors start at the join (rows of older versions say 0).
+                read_seq: seen,
                 unread_count: row.last_seq.saturating_sub(seen),
             });
         }

@@ -507,12 +507,13 @@ async fn conversation_summaries_count_unread_and_sending_marks_read() {
         (4, 4, 0)
     );
 
-    // The late joiner counts only what came after joining.
+    // The late joiner counts only what came after joining: its read cursor
+    // starts at the join, so unread is last_seq - read_seq.
     let (list, _) = store.conversations(c, 0, 10).await.unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(
         (list[0].last_seq, list[0].read_seq, list[0].unread_count),
-        (3, 0, 1)
+        (3, 2, 1)
     );
 
     // Paging by conversation id.

@@ -705,6 +705,8 @@ impl Writer {
         kind: CursorKind,
         seq: u64,
     ) -> StoreResult<Option<CursorMove>> {
+        let participant = matches!(conversation.kind(), ConversationKind::Direct { .. })
+            && conversation.peer_of(user).is_some();
         let conversation = conversation.raw();
         let Ok(user) = i64::try_from(user) else {
             return Err(StoreError::NotMember);
@@ -720,7 +722,13 @@ impl Writer {
             })
             .optional()?;
         let Some((read, delivered)) = cursors else {
-            return Err(StoreError::NotMember);
+            // A participant of a direct conversation without messages yet
+            // (its rows come with the first one) has nothing to move.
+            return if participant {
+                Ok(None)
+            } else {
+                Err(StoreError::NotMember)
+            };
         };
         let target = seq.min(self.last_seq(conversation)?);
         let (from, sql) = match kind {
@@ -824,9 +832,12 @@ impl Writer {
         first_order: i64,
     ) -> StoreResult<()> {
         let joined_seq = self.last_seq(conversation)?;
+        // A new member has read nothing, but what came before joining is
+        // not theirs to read: both cursors start at the join.
         let mut insert = self.conn.prepare_cached(
-            "INSERT INTO members (conversation_id, user_id, joined_seq, joined_order)
-             VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO members
+             (conversation_id, user_id, joined_seq, joined_order, read_seq, delivered_seq)
+             VALUES (?1, ?2, ?3, ?4, ?3, ?3)",
         )?;
         for (order, &user) in (first_order..).zip(users) {
             insert.execute(params![conversation, user, joined_seq, order])?;
