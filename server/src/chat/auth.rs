@@ -4,9 +4,9 @@
 //! Passwords are hashed with argon2id on `hash_concurrency` threads of
 //! their own, each reusing one argon2 memory buffer, behind a bounded
 //! queue, so a login flood costs bounded CPU and memory and never stalls
-//! the reactor. Reconnects
-//! present an HMAC-signed token instead, which costs one SHA-256 and no
-//! storage access, so reconnect storms stay cheap.
+//! the reactor. Reconnects present an HMAC-signed token instead, which
+//! costs one SHA-256 and no storage access, so reconnect storms stay
+//! cheap.
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;

@@ -365,6 +365,9 @@ impl<S: Store> Handler for ChatService<S> {
         let went_offline = self.inner.registry.remove(user_id, conn);
         self.inner.presence.unsubscribe_all(conn);
         if went_offline {
+            // On the shard thread, which cannot wait for room: these pushes
+            // are bounded by the user's watchers, and closes by the shards'
+            // own pace.
             self.inner.notify_presence(user_id, false);
         }
     }

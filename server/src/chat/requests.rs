@@ -144,6 +144,8 @@ impl<S: Store> Inner<S> {
                     Frame::new(request_id, Body::AuthOk(ok)),
                 );
                 if came_online {
+                    // Watchers' pushes wait for room like any fan-out.
+                    self.out.wait_room().await;
                     self.notify_presence(user_id, true);
                 }
             }

@@ -682,9 +682,6 @@ impl Loop {
             Offer::Queued => add(&self.stats.output_bytes, len),
             Offer::Shed => {
                 add(&self.stats.pushes_shed, 1);
-                if bufs.is_empty() {
-                    self.recycle(slot);
-                }
                 return;
             }
         }
@@ -764,8 +761,9 @@ impl Loop {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     conn.set(WRITE_BLOCKED);
                     // Cut it if the socket takes nothing for this long.
-                    let at = now + self.config.slow_consumer_secs;
-                    self.arm(slot, at);
+                    if let Some(at) = self.stall_deadline(&self.conns[slot]) {
+                        self.arm(slot, at);
+                    }
                     return self.resume_if_drained(slot);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}

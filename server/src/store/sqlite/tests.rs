@@ -1046,3 +1046,40 @@ async fn append_throughput() {
         SINGLES as f64 / elapsed.as_secs_f64()
     );
 }
+
+#[tokio::test]
+async fn late_resends_are_looked_up_within_a_budget_per_sender() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let ids = users(&store, &["a", "b"]).await;
+    let ab = direct(ids[0], ids[1]);
+    let resend = |id: String, sender: UserId| {
+        let mut m = new_message(sender, ab, &id, "late");
+        m.resend = true;
+        m
+    };
+    // Resends of ids the window does not know each scan the conversation:
+    // one sender gets 120 a minute, then has to wait.
+    let batch: Vec<NewMessage> = (0..121).map(|i| resend(format!("r{i}"), ids[0])).collect();
+    let results = store.append_batch(batch).await.unwrap();
+    assert!(
+        results[..120]
+            .iter()
+            .all(|r| matches!(r, Ok(AppendOutcome::Stored(_))))
+    );
+    assert_eq!(results[120], Err(AppendRejection::DedupBehind));
+    // Repeats the window knows cost nothing and are still answered, and
+    // another sender has its own budget.
+    let again = store
+        .append_batch(vec![
+            resend("r5".into(), ids[0]),
+            resend("x".into(), ids[1]),
+        ])
+        .await
+        .unwrap();
+    assert!(matches!(
+        again[0],
+        Ok(AppendOutcome::Duplicate(Ack { seq: 6, .. }))
+    ));
+    assert!(matches!(again[1], Ok(AppendOutcome::Stored(_))));
+}

@@ -132,6 +132,8 @@ pub(super) struct Writer {
     known_users: HashSet<u64>,
     /// The dedup window.
     recent: RecentSends,
+    /// Late resends looked up per sender (each scans a conversation).
+    late_checks: LateChecks,
     /// A savepoint could not be closed: the open transaction must not commit.
     poisoned: bool,
 }
@@ -152,6 +154,7 @@ impl Writer {
             last_seq: HashMap::new(),
             known_users: HashSet::new(),
             recent,
+            late_checks: LateChecks::default(),
             poisoned: false,
         };
         writer.refill_recent()?;
@@ -530,7 +533,7 @@ impl Writer {
         let dedup_key = if sender == 0 {
             0
         } else {
-            im_storage::layout::dedup_key(sender, &message.client_msg_id)
+            index_key(sender, &message.client_msg_id)
         };
         if dedup_key != 0 {
             let found = match self
@@ -539,8 +542,11 @@ impl Writer {
             {
                 Some(at) => self.confirm_sent(at, sender, &message.client_msg_id)?,
                 // Past the window only a resend is looked up (first attempts
-                // stay one map probe).
+                // stay one map probe), as often as the sender's budget allows.
                 None if message.resend => {
+                    if !self.late_checks.admit(sender) {
+                        return Ok(Err(AppendRejection::DedupBehind));
+                    }
                     self.find_sent(conversation, dedup_key, sender, &message.client_msg_id)?
                 }
                 None => None,
@@ -593,8 +599,7 @@ impl Writer {
                 message.client_msg_id,
                 message.server_time_ms,
                 content,
-                // SQLite integers are signed: keep the bits.
-                dedup_key as i64
+                dedup_key
             ])?;
         let message_id = u64::try_from(self.conn.last_insert_rowid())
             .map_err(|_| StoreError::Backend("negative message id".into()))?;
@@ -646,12 +651,13 @@ impl Writer {
     }
 
     /// The ack of the send stored under this conversation, sender and
-    /// client_msg_id at any time, from the dedup-key index (the lowest seq,
-    /// should there be several).
+    /// client_msg_id at any time (the lowest seq, should there be several):
+    /// a scan of the conversation's entries of the (conversation_id, seq,
+    /// dedup_key) index, reading only the rows whose key matches.
     fn find_sent(
         &self,
         conversation: u64,
-        dedup_key: u64,
+        dedup_key: i64,
         sender: UserId,
         client_msg_id: &str,
     ) -> StoreResult<Option<Ack>> {
@@ -664,7 +670,7 @@ impl Writer {
                  ORDER BY seq LIMIT 1",
             )?
             .query_row(
-                params![conversation, dedup_key as i64, sender as i64, client_msg_id],
+                params![conversation, dedup_key, sender as i64, client_msg_id],
                 |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
             )
             .optional()?;
@@ -888,6 +894,55 @@ impl Writer {
             .member_count
             .saturating_sub(u32::try_from(removed.len()).unwrap_or(u32::MAX));
         Ok((record, removed))
+    }
+}
+
+/// A send's key in the messages index: the top 31 bits of its dedup key
+/// (small entries; a hit is confirmed against the row), never 0, which
+/// marks messages without a client_msg_id.
+fn index_key(sender: UserId, client_msg_id: &str) -> i64 {
+    match im_storage::layout::dedup_key(sender, client_msg_id) {
+        0 => 0,
+        key => ((key >> 33) as i64).max(1),
+    }
+}
+
+/// Late resends (past the window) one sender may have looked up per
+/// minute. Each costs a scan of its conversation's index entries in the
+/// writer, so without a bound one user could stall everyone's writes by
+/// resending unknown ids to a big group.
+const LATE_CHECKS_PER_MINUTE: u32 = 120;
+/// Senders tracked at most before the expired windows are forgotten.
+const LATE_CHECK_SENDERS: usize = 10_000;
+
+#[derive(Default)]
+struct LateChecks {
+    by_sender: HashMap<UserId, (std::time::Instant, u32)>,
+}
+
+impl LateChecks {
+    /// Counts one check for `sender`; false when its budget is spent.
+    fn admit(&mut self, sender: UserId) -> bool {
+        let now = std::time::Instant::now();
+        let minute = std::time::Duration::from_secs(60);
+        if self.by_sender.len() >= LATE_CHECK_SENDERS {
+            self.by_sender
+                .retain(|_, (since, _)| now.duration_since(*since) < minute);
+            if self.by_sender.len() >= LATE_CHECK_SENDERS {
+                // All live: start over rather than grow.
+                self.by_sender.clear();
+            }
+        }
+        let (since, count) = self.by_sender.entry(sender).or_insert((now, 0));
+        if now.duration_since(*since) >= minute {
+            *since = now;
+            *count = 0;
+        }
+        if *count >= LATE_CHECKS_PER_MINUTE {
+            return false;
+        }
+        *count += 1;
+        true
     }
 }
 
