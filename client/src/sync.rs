@@ -114,20 +114,31 @@ pub(crate) async fn resync(shared: Arc<Shared>, events: mpsc::Sender<Event>, mis
     if missed.presence {
         renew_presence(&shared, &events).await;
     }
-    let result = if missed.all {
-        full_sync(&shared).await
-    } else {
-        // The last seq is unknown: page until the server has nothing more.
-        let wanted: Vec<(u64, u64)> = missed
-            .conversations
-            .iter()
-            .map(|&c| (c, u64::MAX))
-            .collect();
-        sync_behind(&shared, wanted).await
-    };
-    match result {
-        Ok(n) => tracing::debug!(messages = n, "synced after a hint"),
-        Err(e) => tracing::debug!(error = %e, "sync after a hint failed"),
+    for attempt in 1..=CATCH_UP_ATTEMPTS {
+        let result = if missed.all {
+            full_sync(&shared).await
+        } else {
+            // The last seq is unknown: page until the server has nothing
+            // more.
+            let wanted: Vec<(u64, u64)> = missed
+                .conversations
+                .iter()
+                .map(|&c| (c, u64::MAX))
+                .collect();
+            sync_behind(&shared, wanted).await
+        };
+        match result {
+            Ok(n) => {
+                tracing::debug!(messages = n, "synced after a hint");
+                return;
+            }
+            // The connection is gone; the next one catches up instead.
+            Err(ClientError::Disconnected | ClientError::Closed) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "sync after a hint failed");
+                tokio::time::sleep(Duration::from_millis(250) * attempt).await;
+            }
+        }
     }
 }
 

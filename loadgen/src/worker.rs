@@ -558,7 +558,7 @@ async fn converse(
                         state
                             .problems
                             .push(format!("{}: catch-up failed: {e:#}", m.username));
-                    } else if let Err(e) = resend_unsure(&mut c, &mut state, &shared).await {
+                    } else if let Err(e) = resend_unsure(&m, &mut c, &mut state, &shared).await {
                         state
                             .problems
                             .push(format!("{}: resending failed: {e:#}", m.username));
@@ -582,7 +582,7 @@ async fn converse(
                                 m.session = session;
                                 c = fresh;
                                 if sync(&m, &mut c, &mut state, metrics, true).await.is_ok() {
-                                    let _ = resend_unsure(&mut c, &mut state, &shared).await;
+                                    let _ = resend_unsure(&m, &mut c, &mut state, &shared).await;
                                 }
                             }
                             None => return Some(state.outcome(&m)),
@@ -608,8 +608,8 @@ struct State {
     /// Unacknowledged sends on this connection.
     pending: VecDeque<Pending>,
     /// Sends left unacknowledged by a lost connection, to resend (flagged
-    /// as resends) once the next one has caught up.
-    unsure: Vec<pb::SendRequest>,
+    /// as resends) once the next one has caught up: (counter, send time).
+    unsure: Vec<(u64, u64)>,
     /// A `SyncHint` arrived and its sync is due.
     hinted: bool,
     next_request: u64,
@@ -632,7 +632,7 @@ impl State {
         self.orphans += self.pending.len() as u64;
         for p in self.pending.drain(..) {
             if self.unsure.len() < MAX_UNSURE {
-                self.unsure.push(p.request);
+                self.unsure.push((p.counter, p.sent_us));
             }
         }
     }
@@ -771,9 +771,10 @@ struct Pending {
     request_id: u64,
     /// When it was first sent, in µs since the epoch.
     sent_us: u64,
+    /// The sender's counter of the send (with `sent_us`, what rebuilds it).
+    counter: u64,
     /// Whether this is a resend (its ack latency is not a sample).
     resend: bool,
-    request: pb::SendRequest,
 }
 
 /// Unsure sends kept for resending per user at most (more are only
@@ -782,47 +783,64 @@ const MAX_UNSURE: usize = 1024;
 
 /// Resends, with `resend` set, every send a lost connection left without
 /// an ack: each is stored once, whether or not the first attempt was.
-async fn resend_unsure(c: &mut Conn, state: &mut State, shared: &Shared) -> anyhow::Result<()> {
-    for mut request in std::mem::take(&mut state.unsure) {
-        request.resend = true;
+async fn resend_unsure(
+    m: &Member,
+    c: &mut Conn,
+    state: &mut State,
+    shared: &Shared,
+) -> anyhow::Result<()> {
+    for (counter, sent_us) in std::mem::take(&mut state.unsure) {
         let id = state.next_request;
         state.next_request += 1;
-        c.send(Frame::new(id, Body::Send(request.clone()))).await?;
+        let request = send_request(m, shared, counter, sent_us, true);
+        c.send(Frame::new(id, Body::Send(request))).await?;
         state.pending.push_back(Pending {
             request_id: id,
-            sent_us: now_us(),
+            sent_us,
+            counter,
             resend: true,
-            request,
         });
         Metrics::add(&shared.metrics.resent, 1);
     }
     Ok(())
 }
 
-async fn send(m: &Member, c: &mut Conn, state: &mut State, shared: &Shared) -> anyhow::Result<()> {
+/// The `counter`-th send of member `m`, first sent at `sent_us` (its text
+/// carries both, and its client_msg_id the counter).
+fn send_request(
+    m: &Member,
+    shared: &Shared,
+    counter: u64,
+    sent_us: u64,
+    resend: bool,
+) -> pb::SendRequest {
     let pad = &shared.text_pad;
-    let size = shared.args.size;
-    let id = state.next_request;
-    state.next_request += 1;
-    let sent_us = now_us();
-    let mut text = format!("{sent_us}:{}:{}:", m.index, state.counter);
-    let fill = size.saturating_sub(text.len());
+    let mut text = format!("{sent_us}:{}:{counter}:", m.index);
+    let fill = shared.args.size.saturating_sub(text.len());
     text.push_str(&pad[..fill.min(pad.len())]);
-    state.counter += 1;
-    let request = pb::SendRequest {
+    pb::SendRequest {
         target: Some(m.target),
-        client_msg_id: format!("{:08x}-{}-{}", shared.run_nonce, m.index, state.counter),
+        client_msg_id: format!("{:08x}-{}-{}", shared.run_nonce, m.index, counter + 1),
         content: Some(pb::Content {
             kind: Some(pb::content::Kind::Text(pb::Text { text })),
         }),
-        resend: false,
-    };
-    c.send(Frame::new(id, Body::Send(request.clone()))).await?;
+        resend,
+    }
+}
+
+async fn send(m: &Member, c: &mut Conn, state: &mut State, shared: &Shared) -> anyhow::Result<()> {
+    let id = state.next_request;
+    state.next_request += 1;
+    let sent_us = now_us();
+    let counter = state.counter;
+    state.counter += 1;
+    let request = send_request(m, shared, counter, sent_us, false);
+    c.send(Frame::new(id, Body::Send(request))).await?;
     state.pending.push_back(Pending {
         request_id: id,
         sent_us,
+        counter,
         resend: false,
-        request,
     });
     Metrics::add(&shared.metrics.sent, 1);
     Ok(())

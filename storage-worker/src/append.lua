@@ -4,11 +4,12 @@
 --          is derived from it and shares its hash tag.
 -- ARGV[1]  server time, Unix ms (the messages' server_time_ms)
 -- ARGV[2]  the same time as a tick of the shard clock (layout::tick_of)
--- ARGV[3]  seconds a dedup bucket covers (the dedup window)
--- ARGV[4]  records kept per conversation in the recent cache, beyond
+-- ARGV[3]  ticks per millisecond (layout::TICKS_PER_MS)
+-- ARGV[4]  seconds a dedup bucket covers (the dedup window)
+-- ARGV[5]  records kept per conversation in the recent cache, beyond
 --          those not yet stored in MySQL
--- ARGV[5]  seconds an idle conversation's recent cache lives
--- ARGV[6]  number of messages; then 6 arguments per message:
+-- ARGV[6]  seconds an idle conversation's recent cache lives
+-- ARGV[7]  number of messages; then 6 arguments per message:
 --          conversation id, sender id ("0" for server notices),
 --          client_msg_id ("" for none), kind ("d" direct, "g" group,
 --          "n" notice), attempt ("" first attempt, "r" a resend, "c" a
@@ -52,26 +53,24 @@ local base = string.sub(stream, 1, -8)
 local seq_key = base .. ":seq"
 local stored_key = base .. ":stored"
 local now = ARGV[1]
-local window = tonumber(ARGV[3])
-local cache_len = tonumber(ARGV[4])
-local cache_ttl = tonumber(ARGV[5])
-local count = tonumber(ARGV[6])
+local per_ms = tonumber(ARGV[3])
+local window = tonumber(ARGV[4])
+local cache_len = tonumber(ARGV[5])
+local cache_ttl = tonumber(ARGV[6])
+local count = tonumber(ARGV[7])
 
--- Lua numbers are doubles: ticks stay below 2^53 (exact) until 2093, but
--- must be printed with %.0f, not tostring, to stay plain integers.
-local function int(x)
-  return string.format("%.0f", x)
-end
-
+-- Lua numbers are doubles and print with 14 significant digits: seqs and
+-- ticks stay below 1e14 (ticks until 2073), so they print as plain,
+-- exact integers.
 local last_tick = tonumber(redis.call("HGET", seq_key, "#t") or "0")
 local clock = math.max(tonumber(ARGV[2]), last_tick + 1)
-local bucket_ticks = window * 1000 * 4096
+local bucket_ticks = window * 1000 * per_ms
 local bucket = math.floor(clock / bucket_ticks)
-local dedup_cur = base .. ":dedup:" .. int(bucket)
-local dedup_prev = base .. ":dedup:" .. int(bucket - 1)
+local dedup_cur = base .. ":dedup:" .. bucket
+local dedup_prev = base .. ":dedup:" .. (bucket - 1)
 -- The two buckets checked hold every message with a tick from here on
 -- (a second of margin for ticks taken within one call).
-local window_start = (bucket - 1) * bucket_ticks + 1000 * 4096
+local window_start = (bucket - 1) * bucket_ticks + 1000 * per_ms
 
 -- Whether every message of `conv` that MySQL may not have yet is young
 -- enough for the dedup window, so that a resend the window misses is
@@ -109,7 +108,7 @@ local written = {}
 local dedup = {}
 
 for i = 1, count do
-  local at = 7 + (i - 1) * 6
+  local at = 8 + (i - 1) * 6
   local conv = ARGV[at]
   local sender = ARGV[at + 1]
   local cmid = ARGV[at + 2]
@@ -165,7 +164,7 @@ for i = 1, count do
     else
       local tick = clock
       clock = clock + 1
-      local head = int(seq) .. ":" .. int(tick) .. ":"
+      local head = seq .. ":" .. tick .. ":"
       local record = head .. body
       entry[#entry + 1] = "m"
       entry[#entry + 1] = record
@@ -190,7 +189,7 @@ for i = 1, count do
         dedup[#dedup + 1] = field
         dedup[#dedup + 1] = value
       end
-      reply = {"ok", seq, int(tick)}
+      reply = {"ok", seq, tick}
     end
   end
 
@@ -198,7 +197,7 @@ for i = 1, count do
 end
 
 if #entry > 0 then
-  redis.call("HSET", seq_key, "#t", int(clock - 1))
+  redis.call("HSET", seq_key, "#t", clock - 1)
   redis.call("XADD", stream, "*", unpack(entry))
 end
 if #dedup > 0 then

@@ -159,8 +159,11 @@ impl Layout {
 
 /// Ticks of a shard's message clock per millisecond: a tick is the
 /// position of a message in its shard's total order, and runs at least as
-/// fast as the wall clock (see [`message_id`]).
-pub const TICKS_PER_MS: u64 = 4096;
+/// fast as the wall clock (see [`message_id`]). A shard taking more than
+/// this many messages a millisecond runs its clock ahead of the wall
+/// clock for a while; ids stay unique. Ticks stay below 10^14 (Lua prints
+/// them exactly) until 2073.
+pub const TICKS_PER_MS: u64 = 64;
 
 /// The shard clock's tick for Unix time `now_ms`: what the append script
 /// starts from when its shard's clock is behind the wall clock.
@@ -173,11 +176,11 @@ pub fn tick_of(now_ms: i64) -> u64 {
 ///
 /// Every append of a shard takes the next tick of that shard's clock, which
 /// lives in Redis (`#t` in the seq hash) and only moves forward: it is the
-/// wall clock in units of 1/4096 ms (41 bits of milliseconds since
-/// [`MESSAGE_ID_EPOCH_MS`], 12 bits below them), or one past the last tick
-/// taken when that is later. So ids are unique by construction, on every
-/// node, however many messages a shard takes within one millisecond; they
-/// grow with time and stay positive as an `i64` until 2093.
+/// wall clock in units of 1/64 ms since [`MESSAGE_ID_EPOCH_MS`], or one
+/// past the last tick taken when that is later. So ids are unique by
+/// construction, on every node, however many messages a shard takes
+/// within one millisecond; they grow with time and fit 57 bits until
+/// 2073.
 pub fn message_id(shard: u32, tick: u64) -> u64 {
     (tick << 10) | u64::from(shard & 0x3ff)
 }
@@ -316,11 +319,11 @@ mod tests {
         assert!(message_id(0, t + 1) > message_id(1023, t));
         assert_ne!(message_id(1, t), message_id(2, t));
         assert_ne!(message_id(1, t), message_id(1, t + 1));
-        // Positive as i64 for the next decades.
-        let year_2090 = tick_of(MESSAGE_ID_EPOCH_MS + 66 * 365 * 24 * 3600 * 1000);
-        assert!(i64::try_from(message_id(1023, year_2090 + 4095)).is_ok());
-        // Lua numbers (doubles) hold ticks exactly until then as well.
-        assert!(year_2090 < 1 << 53);
+        // The script prints ticks with 14 significant digits: exact below
+        // 10^14, which lasts until 2073; ids stay positive as i64.
+        let year_2073 = tick_of(MESSAGE_ID_EPOCH_MS + 49 * 365 * 24 * 3600 * 1000);
+        assert!(year_2073 < 100_000_000_000_000);
+        assert!(i64::try_from(message_id(1023, year_2073)).is_ok());
     }
 
     #[test]

@@ -69,6 +69,29 @@ fn pipeline_options(env: &PipelineEnv, dedup_window_secs: u64) -> PipelineOption
     }
 }
 
+/// Runs a contract `check(&store)` against each store: as
+/// `<check>::embedded` on a fresh SQLite store and `<check>::pipeline` on a
+/// fresh prefix and database of the shared Redis and MariaDB.
+macro_rules! both_stores {
+    ($check:ident) => {
+        mod $check {
+            #[tokio::test]
+            async fn embedded() {
+                let dir = tempfile::tempdir().unwrap();
+                super::$check(&super::sqlite(dir.path(), 600)).await;
+            }
+
+            #[tokio::test]
+            async fn pipeline() {
+                let env = im_tests::PipelineEnv::fresh();
+                let options = super::pipeline_options(&env, 600);
+                let store = super::PipelineStore::open(options).await.unwrap();
+                super::$check(&store).await;
+            }
+        }
+    };
+}
+
 // ---- message ids ----
 
 /// More messages than one millisecond's worth of the old 12-bit counter,
@@ -369,20 +392,7 @@ async fn groups_per_user_are_capped_and_paged<S: Store>(store: &S) {
     assert_eq!(rest[0].member_count, 2);
 }
 
-#[tokio::test]
-async fn embedded_groups_per_user_are_capped_and_paged() {
-    let dir = tempfile::tempdir().unwrap();
-    groups_per_user_are_capped_and_paged(&sqlite(dir.path(), 600)).await;
-}
-
-#[tokio::test]
-async fn pipeline_groups_per_user_are_capped_and_paged() {
-    let env = PipelineEnv::fresh();
-    let store = PipelineStore::open(pipeline_options(&env, 600))
-        .await
-        .unwrap();
-    groups_per_user_are_capped_and_paged(&store).await;
-}
+both_stores!(groups_per_user_are_capped_and_paged);
 
 // ---- a late joiner's cursors ----
 
@@ -430,20 +440,7 @@ async fn a_late_joiners_read_cursor_starts_at_the_join<S: Store>(store: &S) {
     assert_eq!((moved.from, moved.to), (3, 4));
 }
 
-#[tokio::test]
-async fn embedded_a_late_joiners_read_cursor_starts_at_the_join() {
-    let dir = tempfile::tempdir().unwrap();
-    a_late_joiners_read_cursor_starts_at_the_join(&sqlite(dir.path(), 600)).await;
-}
-
-#[tokio::test]
-async fn pipeline_a_late_joiners_read_cursor_starts_at_the_join() {
-    let env = PipelineEnv::fresh();
-    let store = PipelineStore::open(pipeline_options(&env, 600))
-        .await
-        .unwrap();
-    a_late_joiners_read_cursor_starts_at_the_join(&store).await;
-}
+both_stores!(a_late_joiners_read_cursor_starts_at_the_join);
 
 // ---- direct conversations before their first message ----
 
@@ -467,17 +464,4 @@ async fn an_empty_direct_conversation_is_readable_by_its_participants<S: Store>(
     ));
 }
 
-#[tokio::test]
-async fn embedded_an_empty_direct_conversation_is_readable_by_its_participants() {
-    let dir = tempfile::tempdir().unwrap();
-    an_empty_direct_conversation_is_readable_by_its_participants(&sqlite(dir.path(), 600)).await;
-}
-
-#[tokio::test]
-async fn pipeline_an_empty_direct_conversation_is_readable_by_its_participants() {
-    let env = PipelineEnv::fresh();
-    let store = PipelineStore::open(pipeline_options(&env, 600))
-        .await
-        .unwrap();
-    an_empty_direct_conversation_is_readable_by_its_participants(&store).await;
-}
+both_stores!(an_empty_direct_conversation_is_readable_by_its_participants);

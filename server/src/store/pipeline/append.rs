@@ -325,6 +325,7 @@ impl Lane {
                 invocation
                     .arg(now_ms)
                     .arg(layout::tick_of(now_ms))
+                    .arg(layout::TICKS_PER_MS)
                     .arg(window)
                     .arg(options.recent_cache_len)
                     .arg(options.recent_cache_ttl_secs)
@@ -538,11 +539,7 @@ impl Reply {
         Ok(match status.as_str() {
             "ok" => Reply::Ok {
                 seq: items.get(1).and_then(int).ok_or_else(bad)?,
-                tick: items
-                    .get(2)
-                    .and_then(text)
-                    .and_then(|t| t.parse().ok())
-                    .ok_or_else(bad)?,
+                tick: items.get(2).and_then(int).ok_or_else(bad)?,
             },
             "dup" => {
                 let value = items.get(1).and_then(text).ok_or_else(bad)?;
