@@ -594,3 +594,41 @@ impl RunningNet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn producers_wait_for_room_and_are_woken_as_soon_as_shards_drain() {
+        let config = NetConfig {
+            shards: 1,
+            queue_high_water_bytes: 10_000,
+            ..NetConfig::default()
+        };
+        let net = Net::bind(config).unwrap();
+        let out = net.outbound();
+        let frame = Bytes::from(vec![0u8; 4000]);
+        for _ in 0..3 {
+            out.push(ConnRef::for_test(1), frame.clone(), Topic::Presence);
+        }
+        assert!(out.queued_bytes() > 10_000);
+        let waiter = tokio::spawn({
+            let out = out.clone();
+            async move { out.wait_room().await }
+        });
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(!waiter.is_finished(), "no room yet");
+        // The shard takes two of the three commands off its queue.
+        for _ in 0..2 {
+            let command = net.receivers[0].try_recv().unwrap();
+            out.taken(0, command.cost());
+        }
+        // Woken by the drain, well before the fallback recheck.
+        tokio::time::timeout(Duration::from_millis(50), waiter)
+            .await
+            .expect("woken when the queue drained")
+            .unwrap();
+        assert!(out.queued_bytes() <= 10_000);
+    }
+}
