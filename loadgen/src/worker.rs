@@ -790,16 +790,7 @@ async fn resend_unsure(
     shared: &Shared,
 ) -> anyhow::Result<()> {
     for (counter, sent_us) in std::mem::take(&mut state.unsure) {
-        let id = state.next_request;
-        state.next_request += 1;
-        let request = send_request(m, shared, counter, sent_us, true);
-        c.send(Frame::new(id, Body::Send(request))).await?;
-        state.pending.push_back(Pending {
-            request_id: id,
-            sent_us,
-            counter,
-            resend: true,
-        });
+        submit(m, c, state, shared, counter, sent_us, true).await?;
         Metrics::add(&shared.metrics.resent, 1);
     }
     Ok(())
@@ -828,20 +819,33 @@ fn send_request(
     }
 }
 
-async fn send(m: &Member, c: &mut Conn, state: &mut State, shared: &Shared) -> anyhow::Result<()> {
+/// Writes the `counter`-th send and keeps it pending until its ack.
+async fn submit(
+    m: &Member,
+    c: &mut Conn,
+    state: &mut State,
+    shared: &Shared,
+    counter: u64,
+    sent_us: u64,
+    resend: bool,
+) -> anyhow::Result<()> {
     let id = state.next_request;
     state.next_request += 1;
-    let sent_us = now_us();
-    let counter = state.counter;
-    state.counter += 1;
-    let request = send_request(m, shared, counter, sent_us, false);
+    let request = send_request(m, shared, counter, sent_us, resend);
     c.send(Frame::new(id, Body::Send(request))).await?;
     state.pending.push_back(Pending {
         request_id: id,
         sent_us,
         counter,
-        resend: false,
+        resend,
     });
+    Ok(())
+}
+
+async fn send(m: &Member, c: &mut Conn, state: &mut State, shared: &Shared) -> anyhow::Result<()> {
+    let counter = state.counter;
+    state.counter += 1;
+    submit(m, c, state, shared, counter, now_us(), false).await?;
     Metrics::add(&shared.metrics.sent, 1);
     Ok(())
 }
