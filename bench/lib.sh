@@ -7,7 +7,7 @@
 #   start_mariadb [flags...]      durable mariadbd; sets MYSQL_PORT, MYSQL_PID, MYSQL_URL (database im)
 #   start_server NAME [flags...]  release im-server (also given $SERVER_FLAGS); sets SERVER_PORT, SERVER_PID
 #   start_pipeline NAME [flags...] Redis, MariaDB, a storage worker and an im-server on them
-#   start_worker NAME [flags...]  release im-storage-worker against $REDIS_PORT / $MYSQL_URL
+#   start_worker NAME [flags...]  release im-storage-worker against $REDIS_PORT / $MYSQL_URL; sets WORKER_PID
 #   wait_port PORT                until something listens there
 #   stop_all                      stops everything started so far
 
@@ -100,7 +100,13 @@ start_worker() {
   shift
   target/release/im-storage-worker --redis-url "redis://127.0.0.1:$REDIS_PORT" \
     --mysql-url "$MYSQL_URL" --consumer "$name" "$@" >"$BENCH_DIR/$name.log" 2>&1 &
-  bench_pids+=("$!")
+  WORKER_PID=$!
+  bench_pids+=("$WORKER_PID")
+}
+
+# CPU time a process has used, in clock ticks (user + system).
+cpu_ticks() {
+  awk '{print $14 + $15}' "/proc/$1/stat"
 }
 
 # Resident set size of a process, in KiB.

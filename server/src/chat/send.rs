@@ -174,16 +174,10 @@ impl<S: Store> Inner<S> {
             message,
             extra_recipients: Vec::new(),
         };
-        if let Err(e) = self.enqueue(job) {
-            self.answer(conn, e.to_frame(request_id));
+        // A full (or closed) lane drops the job, and with it the permit.
+        if self.lanes[lane].try_send(job).is_err() {
+            self.answer(conn, ChatError::Overloaded.to_frame(request_id));
         }
-    }
-
-    fn enqueue(&self, job: SendJob) -> Result<(), ChatError> {
-        let lane = lane_of(job.message.conversation, self.lanes.len());
-        self.lanes[lane]
-            .try_send(job)
-            .map_err(|_| ChatError::Overloaded)
     }
 
     /// Appends a server notice through the conversation's lane and waits

@@ -728,14 +728,15 @@ impl Loop {
             let Some(bufs) = conn.bufs.as_mut() else {
                 break;
             };
-            if !bufs.out.has_frames() {
-                if conn.state == State::Authenticated {
-                    if let Some(len) = bufs.out.release_hint(limit, now) {
-                        add(&self.stats.sync_hints, 1);
-                        add(&self.stats.output_bytes, len as u64);
-                        continue;
-                    }
+            // Once written down to half, a connection that had pushes shed
+            // is told so, right behind what it has.
+            if conn.state == State::Authenticated {
+                if let Some(len) = bufs.out.release_hint(limit, now) {
+                    add(&self.stats.sync_hints, 1);
+                    add(&self.stats.output_bytes, len as u64);
                 }
+            }
+            if !bufs.out.has_frames() {
                 break;
             }
             let mut iov = [IoSlice::new(&[]); MAX_IOV];
@@ -751,12 +752,6 @@ impl Loop {
                     sub(&self.stats.output_bytes, written as u64);
                     let frames = bufs.out.written(written, now);
                     add(&self.stats.frames_out, frames);
-                    if conn.state == State::Authenticated {
-                        if let Some(len) = bufs.out.release_hint(limit, now) {
-                            add(&self.stats.sync_hints, 1);
-                            add(&self.stats.output_bytes, len as u64);
-                        }
-                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     conn.set(WRITE_BLOCKED);

@@ -254,8 +254,9 @@ impl Store for PipelineStore {
             split[lane].0.push(i);
             split[lane].1.push(message);
         }
-        // A lane that is full (or gone) refuses its own messages only: the
-        // others are submitted, stored and answered as usual.
+        // A lane that is full (or gone, at shutdown) refuses its own
+        // messages only: the others are submitted, stored and answered as
+        // usual.
         let mut results: Vec<Option<AppendResult>> = (0..total).map(|_| None).collect();
         let mut waiting = Vec::new();
         for (lane, (indices, messages)) in split.into_iter().enumerate() {
@@ -269,25 +270,14 @@ impl Store for PipelineStore {
             };
             match self.lanes[lane].try_send(job) {
                 Ok(()) => waiting.push((indices, rx)),
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    for i in indices {
-                        results[i] = Some(Err(AppendRejection::Overloaded));
-                    }
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    if waiting.is_empty() && results.iter().all(Option::is_none) {
-                        // Nothing was submitted: the store is closed.
-                        return futures::future::Either::Left(std::future::ready(Err(
-                            StoreError::Closed,
-                        )));
-                    }
+                Err(_) => {
                     for i in indices {
                         results[i] = Some(Err(AppendRejection::Overloaded));
                     }
                 }
             }
         }
-        futures::future::Either::Right(async move {
+        async move {
             for (indices, rx) in waiting {
                 let part = rx.await.map_err(|_| StoreError::Closed)??;
                 for (i, result) in indices.into_iter().zip(part) {
@@ -298,7 +288,7 @@ impl Store for PipelineStore {
                 .into_iter()
                 .map(|r| r.ok_or_else(|| StoreError::Backend("append lane answered partly".into())))
                 .collect()
-        })
+        }
     }
 
     fn sync(

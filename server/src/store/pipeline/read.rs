@@ -287,6 +287,11 @@ pub(super) async fn conversations(
         .zip(lasts)
         .filter_map(|((conv, joined, read), last)| {
             let id = ConversationId::from_raw(conv)?;
+            // Read cursors start at the join (older rows may say 0);
+            // sending marks everything before as read, which the worker
+            // records when it stores the message: until then the cache
+            // tells.
+            let read = read.max(joined).max(own.get(&conv).copied().unwrap_or(0));
             let (peer_id, group_id, title) = match id.kind() {
                 ConversationKind::Group(g) => {
                     (0, g, group_names.get(&g).cloned().unwrap_or_default())
@@ -303,13 +308,8 @@ pub(super) async fn conversations(
                 title,
                 last_seq: last,
                 last_message: last_messages.remove(&conv),
-                // Sending marks everything before as read; the worker records
-                // that when it stores the message, until then the cache
-                // tells.
-                // Read cursors start at the join (older rows may say 0).
-                read_seq: read.max(joined).max(own.get(&conv).copied().unwrap_or(0)),
-                unread_count: last
-                    .saturating_sub(read.max(joined).max(own.get(&conv).copied().unwrap_or(0))),
+                read_seq: read,
+                unread_count: last.saturating_sub(read),
             })
         })
         .collect();
