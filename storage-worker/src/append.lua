@@ -45,6 +45,8 @@
 --                           whether it was stored; refuse it for now
 --   {"blocked"}             an earlier message of the same conversation
 --                           needs "load", "seed" or "check" first; resubmit
+--                           (a duplicate or a resend to check is answered
+--                           as such even then)
 -- A conversation that needs "load", "seed" or "check" is blocked for the
 -- rest of the batch, so resubmitting keeps its order.
 
@@ -118,11 +120,10 @@ for i = 1, count do
   local reply = nil
   local field = nil
 
-  if blocked[conv] then
-    reply = {"blocked"}
-  end
-
-  if reply == nil and cmid ~= "" then
+  -- Duplicates and resends are answered even in a blocked conversation:
+  -- neither takes a seq, so order is kept, and every resend of a batch
+  -- is looked up in one round instead of one round each.
+  if cmid ~= "" then
     field = conv .. ":" .. sender .. ":" .. cmid
     local seen = written[field] or redis.call("HGET", dedup_cur, field)
     if not seen then
@@ -138,6 +139,10 @@ for i = 1, count do
         reply = {"lag"}
       end
     end
+  end
+
+  if reply == nil and blocked[conv] then
+    reply = {"blocked"}
   end
 
   if reply == nil and kind == "g" then

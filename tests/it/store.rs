@@ -350,6 +350,46 @@ async fn pipeline_a_full_lane_refuses_only_its_own_messages() {
     assert_eq!(stored(&retry[0]).seq, 2);
 }
 
+// ---- many resends in one batch ----
+
+/// Resends flagged as such, several of one id and several ids, pipelined
+/// into one conversation in one batch: each is answered for what it is
+/// (stored once, a duplicate, or refused), never failed for needing more
+/// lookups than a batch allows.
+async fn many_resends_in_one_batch_are_each_answered<S: Store>(store: &S) {
+    let limits = GroupLimits {
+        max_members: 10,
+        max_groups_per_user: 10,
+    };
+    let (a, b, ab) = pair(store, "burst").await;
+    let same: Vec<NewMessage> = (0..8).map(|_| message(a, ab, "once", true)).collect();
+    let results = store.append_batch(same).await.unwrap();
+    let seq = stored(&results[0]).seq;
+    for r in &results[1..] {
+        assert_eq!(duplicate_seq(r), seq);
+    }
+    let distinct: Vec<NewMessage> = (0..8)
+        .map(|i| message(a, ab, &format!("each{i}"), true))
+        .collect();
+    let results = store.append_batch(distinct).await.unwrap();
+    let seqs: Vec<u64> = results.iter().map(|r| stored(r).seq).collect();
+    assert_eq!(seqs, (seq + 1..seq + 9).collect::<Vec<_>>());
+    // A group the sender is not in (and one that does not exist).
+    let g = store.create_group(b, "g", &[], limits).await.unwrap();
+    for conv in [
+        ConversationId::group(g.id).unwrap(),
+        ConversationId::group(g.id + 1_000_000).unwrap(),
+    ] {
+        let outside: Vec<NewMessage> = (0..8).map(|_| message(a, conv, "once", true)).collect();
+        let results = store.append_batch(outside).await.unwrap();
+        for r in results {
+            assert_eq!(r, Err(AppendRejection::NotMember));
+        }
+    }
+}
+
+both_stores!(many_resends_in_one_batch_are_each_answered);
+
 // ---- groups per user ----
 
 /// A user in the most groups allowed can neither create nor be added to

@@ -36,6 +36,8 @@ pub(crate) struct AppendJob {
 /// Messages taken into one round at most (more wait for the next round).
 const ROUND_MESSAGES: usize = 8192;
 /// Rounds of load/seed/check/resubmit before giving up on a conversation.
+/// A conversation needs at most four: every resend of a round is checked
+/// in its first, then one load, one seed and the append itself.
 const MAX_ROUNDS: usize = 6;
 
 /// Replaces a group's cached member set, unless its membership changed
