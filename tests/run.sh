@@ -63,4 +63,4 @@ fi
 # The process-level tests run the im-server and im-storage-worker binaries.
 cargo build --workspace --bins
 cargo test --workspace "$@"
-IM_TEST_STORE=pipeline cargo test -p im-tests --test it "$@" -- --skip crash:: --skip worker::
+IM_TEST_STORE=pipeline cargo test -p im-tests --test it "$@" -- --skip crash:: --skip worker:: --skip cluster::

@@ -5,6 +5,8 @@
 //! SDK and the load generator all share one definition.
 //!
 //! - [`pb`]: the Protobuf messages generated from `proto/im/v1/im.proto`.
+//! - [`cluster_pb`]: what server nodes send each other
+//!   (`proto/im/cluster/v1/cluster.proto`).
 //! - [`codec`]: the length-prefixed framing (check, then parse), including a
 //!   [`tokio_util::codec`] adapter for async callers.
 //! - [`ids`]: how conversation ids are derived from user and group ids.
@@ -18,6 +20,13 @@ pub mod ids;
 #[allow(missing_docs, clippy::all)]
 pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/im.v1.rs"));
+}
+
+/// Generated Protobuf types of package `im.cluster.v1`: messages between
+/// the server nodes of a cluster (never on a client connection).
+#[allow(missing_docs, clippy::all)]
+pub mod cluster_pb {
+    include!(concat!(env!("OUT_DIR"), "/im.cluster.v1.rs"));
 }
 
 pub use codec::{CodecError, DEFAULT_MAX_FRAME_BYTES, FrameCodec, HEADER_LEN};

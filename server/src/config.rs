@@ -286,6 +286,29 @@ pub struct Config {
     #[arg(long, env = "IM_MYSQL_POOL_SIZE", default_value_t = 16)]
     pub mysql_pool_size: usize,
 
+    // ---- cluster (with --redis-url) ----
+    /// This node's id in the cluster (letters, digits, '-', '_', '.').
+    /// Default: a random id kept in DATA_DIR/node.id.
+    #[arg(long, env = "IM_NODE_ID")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+
+    /// Seconds a node's lease lasts without renewal (renewed every third
+    /// of it): a node that dies is dead for the others after at most this.
+    #[arg(long, env = "IM_LEASE_SECS", default_value_t = 10)]
+    pub lease_secs: u64,
+
+    /// Groups with more members than this are broadcast to every node,
+    /// which pushes to its own members; smaller groups are routed to the
+    /// nodes their members are on.
+    #[arg(long, env = "IM_GROUP_BROADCAST_MEMBERS", default_value_t = 100)]
+    pub group_broadcast_members: usize,
+
+    /// Bytes of pushes waiting to be forwarded to other nodes at most
+    /// (fan-out waits for room beyond that).
+    #[arg(long, env = "IM_FORWARD_QUEUE_BYTES", default_value_t = 64 << 20)]
+    pub forward_queue_bytes: usize,
+
     // ---- storage and process ----
     /// Seconds within which a resend with the same client_msg_id returns
     /// the original ack, in either store (recognised for at least this
@@ -393,6 +416,12 @@ impl Config {
         if !(1..=im_storage::layout::MAX_STREAMS).contains(&self.streams) {
             return bad("streams must be between 1 and 1024");
         }
+        if let Some(id) = &self.node_id {
+            crate::cluster::ClusterConfig::validate_node_id(id).map_err(ConfigError::Invalid)?;
+        }
+        if self.lease_secs < 2 {
+            return bad("lease-secs must be at least 2");
+        }
         if self.argon2_memory_kib < 8 || self.argon2_iterations == 0 {
             return bad("argon2-memory-kib must be >= 8 and argon2-iterations >= 1");
         }
@@ -484,6 +513,19 @@ impl Config {
             redis_pool_size: self.redis_pool_size,
             mysql_pool_size: self.mysql_pool_size,
             ..PipelineOptions::default()
+        })
+    }
+
+    /// Settings of the node's cluster membership (with Redis), given its
+    /// node id.
+    pub fn cluster(&self, node_id: String) -> Option<crate::cluster::ClusterConfig> {
+        Some(crate::cluster::ClusterConfig {
+            redis_url: self.redis_url.clone()?,
+            prefix: self.redis_prefix.clone(),
+            node_id,
+            lease: Duration::from_secs(self.lease_secs),
+            group_broadcast_members: self.group_broadcast_members,
+            forward_queue_bytes: self.forward_queue_bytes,
         })
     }
 

@@ -2,6 +2,8 @@
 //!
 //! - [`net`]: mio event-loop shards that own sockets, framing and limits.
 //! - [`chat`]: the chat logic (auth, sends, fan-out, sync, groups, presence).
+//! - [`cluster`]: many nodes as one service (leases, routes, cross-node
+//!   pushes over Redis).
 //! - [`store`]: the storage trait and the embedded SQLite store.
 //! - [`config`]: flags, `IM_*` variables and TOML, validated.
 //! - [`server`]: assembly of one node and its graceful shutdown.
@@ -9,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod chat;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod net;

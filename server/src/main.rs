@@ -1,5 +1,6 @@
 //! `im-server`: runs one chat server node until SIGTERM or SIGINT, then
-//! shuts down gracefully and exits 0.
+//! shuts down gracefully and exits 0. A cluster node whose id a newer
+//! start of the same id took over shuts down too, and exits 1.
 
 use im_server::config::Config;
 use im_server::server::{Closeable, EmbeddedServer, PipelineServer, Server};
@@ -38,10 +39,20 @@ async fn serve<S: Closeable>(
     server: Server<S>,
     (mut term, mut int): (Signal, Signal),
 ) -> anyhow::Result<()> {
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
+    let fatal = tokio::select! {
+        _ = term.recv() => {
+            tracing::info!("SIGTERM: shutting down");
+            None
+        }
+        _ = int.recv() => {
+            tracing::info!("SIGINT: shutting down");
+            None
+        }
+        reason = server.fatal() => Some(reason),
+    };
     server.shutdown().await;
-    Ok(())
+    match fatal {
+        Some(reason) => anyhow::bail!("{reason}"),
+        None => Ok(()),
+    }
 }

@@ -21,11 +21,15 @@ pub(crate) struct NodeMetrics<S: Closeable> {
     pub store: Arc<S>,
     /// Cleared when shutdown begins.
     pub accepting: Arc<AtomicBool>,
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 impl<S: Closeable> AdminSource for NodeMetrics<S> {
     fn collect(&self, out: &mut Exposition) {
         export(out, &self.outbound.stats(), &self.service.stats());
+        if let Some(cluster) = &self.cluster {
+            export_cluster(out, &cluster.stats());
+        }
     }
 
     async fn health(&self) -> Result<(), String> {
@@ -168,6 +172,65 @@ pub fn export(out: &mut Exposition, net: &NetStatsSnapshot, chat: &ChatStatsSnap
         "im_requests_in_flight",
         "Requests received and not answered yet.",
         chat.in_flight,
+    );
+}
+
+/// Adds a cluster node's metrics to a scrape.
+pub fn export_cluster(out: &mut Exposition, c: &crate::cluster::ClusterStatsSnapshot) {
+    out.gauge(
+        "im_cluster_incarnation",
+        "This node's current incarnation (a new one after each start or rejoin).",
+        c.incarnation,
+    );
+    out.gauge(
+        "im_cluster_live_nodes",
+        "Live node incarnations in this node's view, itself included.",
+        c.live_nodes,
+    );
+    out.counter(
+        "im_cluster_route_writes_total",
+        "Route changes written to Redis (a user's first device here, or last one gone).",
+        c.route_writes,
+    );
+    out.counter(
+        "im_cluster_pushes_forwarded_total",
+        "Pushes forwarded to other nodes, one per push and destination node.",
+        c.forwarded,
+    );
+    out.counter(
+        "im_cluster_envelopes_sent_total",
+        "Envelopes (batches of pushes) published to other nodes.",
+        c.envelopes_out,
+    );
+    out.counter(
+        "im_cluster_envelopes_received_total",
+        "Envelopes received from other nodes.",
+        c.envelopes_in,
+    );
+    out.counter(
+        "im_cluster_pushes_received_total",
+        "Pushes received from other nodes.",
+        c.pushes_in,
+    );
+    out.counter(
+        "im_cluster_envelopes_lost_total",
+        "Envelopes that could not be published, reached no subscriber, or were dropped on arrival.",
+        c.lost,
+    );
+    out.counter(
+        "im_cluster_sync_hints_total",
+        "Times every local session was told to sync because cross-node pushes may have been lost.",
+        c.hints,
+    );
+    out.counter(
+        "im_cluster_rejoins_total",
+        "Times this node took a new incarnation while running (lease lapsed or a route write failed).",
+        c.reregistered,
+    );
+    out.counter(
+        "im_cluster_sweeps_total",
+        "Dead incarnations whose routes this node removed.",
+        c.swept,
     );
 }
 

@@ -14,6 +14,7 @@ use im_proto::{ErrorCode, Frame};
 use im_storage::admin::{AdminError, AdminListener, AdminServer};
 
 use crate::chat::{ChatService, ChatStatsSnapshot};
+use crate::cluster::{Cluster, ClusterError, ClusterStatsSnapshot, Pending};
 use crate::config::Config;
 use crate::metrics::NodeMetrics;
 use crate::net::{Net, NetError, NetStatsSnapshot, Outbound, RunningNet};
@@ -47,6 +48,9 @@ pub enum ServerError {
     /// The admin listener could not be bound.
     #[error(transparent)]
     Admin(#[from] AdminError),
+    /// The node could not join its cluster.
+    #[error("cannot join the cluster: {0}")]
+    Cluster(#[from] ClusterError),
 }
 
 /// How long the pipeline store's health check waits for Redis.
@@ -95,6 +99,7 @@ pub struct Server<S: Closeable> {
     /// Cleared when shutdown begins (the health check fails from then on).
     accepting: Arc<AtomicBool>,
     admin: Option<AdminServer>,
+    cluster: Option<Cluster>,
 }
 
 /// The node with the embedded store, as `im-server` runs it by default.
@@ -119,7 +124,7 @@ impl Server<SqliteStore> {
             .await
             .map_err(|e| ServerError::Chat(e.to_string()))??;
         let key = token_key(&config, &data_dir)?;
-        Self::with_store(config, Arc::new(store), key)
+        Self::with_store(config, Arc::new(store), key, None).await
     }
 }
 
@@ -136,33 +141,61 @@ impl Server<PipelineStore> {
         })?;
         let store = PipelineStore::open(options).await?;
         let data_dir = config.data_dir.clone();
+        let make_dir = || {
+            std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
+                path: data_dir.clone(),
+                source,
+            })
+        };
         let key = match &config.token_secret {
             Some(secret) => secret.as_bytes().to_vec(),
             None => {
-                std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
-                    path: data_dir.clone(),
-                    source,
-                })?;
+                make_dir()?;
                 token_key(&config, &data_dir)?
             }
         };
-        Self::with_store(config, Arc::new(store), key)
+        let node_id = match &config.node_id {
+            Some(id) => id.clone(),
+            None => {
+                make_dir()?;
+                node_id(&data_dir)?
+            }
+        };
+        let cluster = config
+            .cluster(node_id)
+            .expect("pipeline settings include Redis");
+        let joined = Cluster::join(cluster).await?;
+        Self::with_store(config, Arc::new(store), key, Some(joined)).await
     }
 }
 
 impl<S: Closeable> Server<S> {
-    /// Starts a node on an already opened store. With `admin_listen` set,
-    /// that address is bound before the client listener, so a bad one
-    /// fails start-up before any client is accepted.
-    pub fn with_store(
+    /// Starts a node on an already opened store (and, with `cluster`, in
+    /// its cluster: subscribed to other nodes' pushes before the first
+    /// client is accepted). With `admin_listen` set, that address is bound
+    /// before the client listener, so a bad one fails start-up before any
+    /// client is accepted.
+    pub async fn with_store(
         config: Config,
         store: Arc<S>,
         token_key: Vec<u8>,
+        cluster: Option<(Cluster, Pending)>,
     ) -> Result<Self, ServerError> {
         let admin = config.admin_listen.map(AdminListener::bind).transpose()?;
         let net = Net::bind(config.net())?;
-        let service = ChatService::new(store.clone(), net.outbound(), config.chat(), token_key)
-            .map_err(ServerError::Chat)?;
+        let (cluster, pending) = cluster.unzip();
+        let service = ChatService::new(
+            store.clone(),
+            net.outbound(),
+            config.chat(),
+            token_key,
+            cluster.clone(),
+        )
+        .map_err(ServerError::Chat)?;
+        if let Some(pending) = pending {
+            // Subscribed before the first client is accepted.
+            pending.attach(service.local()).await;
+        }
         let net = net.run(Arc::new(service.clone()))?;
         tracing::info!(addr = %net.local_addr(), "listening");
         let accepting = Arc::new(AtomicBool::new(true));
@@ -172,6 +205,7 @@ impl<S: Closeable> Server<S> {
                 service: service.clone(),
                 store: store.clone(),
                 accepting: accepting.clone(),
+                cluster: cluster.clone(),
             }))
         });
         Ok(Server {
@@ -181,6 +215,7 @@ impl<S: Closeable> Server<S> {
             grace: Duration::from_secs(config.shutdown_grace_secs),
             accepting,
             admin,
+            cluster,
         })
     }
 
@@ -197,6 +232,26 @@ impl<S: Closeable> Server<S> {
     /// Chat-service counters and queue depths.
     pub fn chat_stats(&self) -> ChatStatsSnapshot {
         self.service.stats()
+    }
+
+    /// Cluster counters, when the node is part of one.
+    pub fn cluster_stats(&self) -> Option<ClusterStatsSnapshot> {
+        self.cluster.as_ref().map(Cluster::stats)
+    }
+
+    /// The node's cluster membership, when it has one.
+    pub fn cluster(&self) -> Option<&Cluster> {
+        self.cluster.as_ref()
+    }
+
+    /// Resolves, with the reason, when the node must stop because it is no
+    /// longer part of its cluster (a newer start took its node id). Never
+    /// resolves for a node without a cluster.
+    pub async fn fatal(&self) -> String {
+        match &self.cluster {
+            Some(cluster) => cluster.fatal().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// The address of the admin listener, if one was asked for.
@@ -226,6 +281,7 @@ impl<S: Closeable> Server<S> {
             grace,
             accepting,
             admin,
+            cluster,
         } = self;
         accepting.store(false, Ordering::Release);
         net.drain();
@@ -242,6 +298,10 @@ impl<S: Closeable> Server<S> {
         let closing = tokio::task::spawn_blocking(move || net.close_all(&frame));
         if closing.await.is_err() {
             tracing::error!("closing connections failed");
+        }
+        if let Some(cluster) = cluster {
+            // Others count this node dead at once and sweep its routes.
+            cluster.leave().await;
         }
         store.shutdown().await;
         if let Some(admin) = admin {
@@ -275,6 +335,33 @@ fn token_key(config: &Config, data_dir: &Path) -> Result<Vec<u8>, ServerError> {
                 .collect();
             write_private(&path, &key).map_err(err)?;
             Ok(key.into_bytes())
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// The node id kept in `DATA_DIR/node.id` (a random one, made on first
+/// start).
+fn node_id(data_dir: &Path) -> Result<String, ServerError> {
+    let path = data_dir.join("node.id");
+    let err = |source| ServerError::DataDir {
+        path: path.clone(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim().to_string();
+            crate::cluster::ClusterConfig::validate_node_id(&id)
+                .map_err(|e| err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+            Ok(id)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id: String = rand::random::<[u8; 8]>()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            write_private(&path, &id).map_err(err)?;
+            Ok(id)
         }
         Err(e) => Err(err(e)),
     }

@@ -3,6 +3,7 @@
 mod accounts;
 mod admin;
 mod chat;
+mod cluster;
 mod crash;
 mod lifecycle;
 mod loadgen;

@@ -256,6 +256,103 @@ impl TestServer {
     }
 }
 
+/// The token secret every node of a [`TestCluster`] shares.
+pub const CLUSTER_SECRET: &str = "a token secret shared by the whole test cluster";
+
+/// Several pipeline nodes in this process on one Redis prefix and MySQL
+/// database, with one storage worker: one service.
+pub struct TestCluster {
+    /// The shared environment.
+    pub env: PipelineEnv,
+    /// The nodes (`None` once shut down).
+    pub nodes: Vec<Option<PipelineServer>>,
+    /// Their data directories.
+    pub dirs: Vec<tempfile::TempDir>,
+    /// The storage worker.
+    pub worker: Option<im_storage::WorkerHandle>,
+    tweak: std::sync::Arc<dyn Fn(&mut Config) + Send + Sync>,
+}
+
+impl TestCluster {
+    /// Starts `n` nodes (`node0`, `node1`, ...) with a 3-second lease.
+    pub async fn start(n: usize) -> TestCluster {
+        Self::start_with(n, |_| {}).await
+    }
+
+    /// Starts `n` nodes with [`test_config`] adjusted by `tweak`.
+    pub async fn start_with(
+        n: usize,
+        tweak: impl Fn(&mut Config) + Send + Sync + 'static,
+    ) -> TestCluster {
+        init_logging();
+        let env = PipelineEnv::fresh();
+        let mut cluster = TestCluster {
+            worker: Some(env.start_worker().await),
+            env,
+            nodes: Vec::new(),
+            dirs: Vec::new(),
+            tweak: std::sync::Arc::new(tweak),
+        };
+        for i in 0..n {
+            cluster.dirs.push(tempfile::tempdir().expect("temp dir"));
+            let node = PipelineServer::start_pipeline(cluster.config(i))
+                .await
+                .expect("cluster node starts");
+            cluster.nodes.push(Some(node));
+        }
+        // Formed: every node sees every other.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while cluster
+            .nodes
+            .iter()
+            .flatten()
+            .any(|node| node.cluster_stats().map(|s| s.live_nodes) != Some(n as u64))
+        {
+            assert!(std::time::Instant::now() < deadline, "cluster did not form");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cluster
+    }
+
+    /// The configuration of node `i`.
+    pub fn config(&self, i: usize) -> Config {
+        let mut c = test_config(self.dirs[i].path());
+        self.env.apply(&mut c);
+        c.token_secret = Some(CLUSTER_SECRET.into());
+        c.node_id = Some(format!("node{i}"));
+        c.lease_secs = 3;
+        (self.tweak)(&mut c);
+        c
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> &PipelineServer {
+        self.nodes[i].as_ref().expect("node running")
+    }
+
+    /// Where clients of node `i` connect.
+    pub fn addr(&self, i: usize) -> SocketAddr {
+        self.node(i).local_addr()
+    }
+
+    /// Shuts node `i` down gracefully.
+    pub async fn stop(&mut self, i: usize) {
+        if let Some(node) = self.nodes[i].take() {
+            node.shutdown().await;
+        }
+    }
+
+    /// Shuts everything down.
+    pub async fn shutdown(mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop(i).await;
+        }
+        if let Some(worker) = self.worker.take() {
+            worker.shutdown().await;
+        }
+    }
+}
+
 /// A raw framed connection for protocol-level tests.
 pub struct RawConn {
     /// The framed socket.
@@ -338,6 +435,94 @@ impl RawConn {
         match body {
             Body::AuthOk(ok) => ok,
             other => panic!("register {username}: {other:?}"),
+        }
+    }
+
+    /// Logs `username` in (another device) and returns the AuthOk.
+    pub async fn login(&mut self, username: &str) -> pb::AuthOk {
+        let body = self
+            .call(Body::Login(pb::LoginRequest {
+                username: username.into(),
+                password: PASSWORD.into(),
+            }))
+            .await;
+        match body {
+            Body::AuthOk(ok) => ok,
+            other => panic!("login {username}: {other:?}"),
+        }
+    }
+
+    /// The next push (request id 0) whose body `pick` accepts, skipping
+    /// other pushes; panics after `secs` seconds or on a reply.
+    pub async fn push_where<T>(
+        &mut self,
+        secs: u64,
+        mut pick: impl FnMut(&Body) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, self.framed.next()).await {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(_) => panic!("connection closed while waiting for a push"),
+                Err(_) => panic!("no such push within {secs} s"),
+            };
+            assert_eq!(frame.request_id, 0, "unexpected reply {frame:?}");
+            if let Some(found) = frame.body.as_ref().and_then(&mut pick) {
+                return found;
+            }
+        }
+    }
+
+    /// The next message push, skipping other pushes.
+    pub async fn pushed_message(&mut self, secs: u64) -> pb::Message {
+        self.push_where(secs, |b| match b {
+            Body::Message(m) => Some(m.clone()),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Asserts that no message push arrives within `millis`.
+    pub async fn no_message_within(&mut self, millis: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(millis);
+        loop {
+            match tokio::time::timeout_at(deadline, self.framed.next()).await {
+                Ok(Some(Ok(frame))) => {
+                    if let Some(Body::Message(m)) = frame.body {
+                        panic!("unexpected message {m:?}");
+                    }
+                }
+                Ok(_) | Err(_) => return,
+            }
+        }
+    }
+
+    /// Sends a text to a user and returns the ack.
+    pub async fn send_text_to_user(&mut self, to: u64, cmid: &str, text: &str) -> pb::SendAck {
+        self.send_text(pb::send_request::Target::ToUser(to), cmid, text)
+            .await
+    }
+
+    /// Sends a text and returns the ack (skipping pushes meanwhile).
+    pub async fn send_text(
+        &mut self,
+        target: pb::send_request::Target,
+        cmid: &str,
+        text: &str,
+    ) -> pb::SendAck {
+        let body = self
+            .call(Body::Send(pb::SendRequest {
+                target: Some(target),
+                client_msg_id: cmid.into(),
+                content: Some(pb::Content {
+                    kind: Some(pb::content::Kind::Text(pb::Text { text: text.into() })),
+                }),
+                resend: false,
+            }))
+            .await;
+        match body {
+            Body::SendAck(ack) => ack,
+            other => panic!("send {cmid}: {other:?}"),
         }
     }
 

@@ -27,6 +27,7 @@ use tokio::sync::{Notify, mpsc};
 
 pub use error::ChatError;
 
+use crate::cluster::Cluster;
 use crate::net::{ConnRef, FrameCtx, Handler, Outbound, Topic};
 use crate::store::{GroupId, Store, UserId};
 use auth::{HashCost, LoginLimiter, Passwords, Tokens};
@@ -207,6 +208,8 @@ pub(crate) struct Inner<S: Store> {
     lanes: Vec<mpsc::Sender<SendJob>>,
     send_budget: Arc<SendBudget>,
     runtime: Handle,
+    /// The other nodes, when this node is one of several.
+    cluster: Option<Cluster>,
     /// Requests received and not answered yet (for graceful shutdown).
     pending: AtomicUsize,
     idle: Notify,
@@ -234,6 +237,7 @@ impl<S: Store> ChatService<S> {
         out: Outbound,
         config: ChatConfig,
         token_key: Vec<u8>,
+        cluster: Option<Cluster>,
     ) -> Result<Self, String> {
         let passwords =
             Passwords::new(config.hash_cost, config.hash_concurrency, config.hash_queue)?;
@@ -270,6 +274,7 @@ impl<S: Store> ChatService<S> {
             send_budget,
             lanes,
             runtime: Handle::current(),
+            cluster,
             pending: AtomicUsize::new(0),
             idle: Notify::new(),
             counters: ChatCounters::default(),
@@ -299,6 +304,12 @@ impl<S: Store> ChatService<S> {
     /// Users with at least one live connection.
     pub fn online_users(&self) -> usize {
         self.inner.registry.online_users()
+    }
+
+    /// What the cluster delivers to (the chat service behind this
+    /// handle).
+    pub fn local(&self) -> Arc<impl crate::cluster::Local> {
+        self.inner.clone()
     }
 
     /// Counters and queue depths now.
@@ -365,10 +376,15 @@ impl<S: Store> Handler for ChatService<S> {
         let went_offline = self.inner.registry.remove(user_id, conn);
         self.inner.presence.unsubscribe_all(conn);
         if went_offline {
-            // On the shard thread, which cannot wait for room: these pushes
-            // are bounded by the user's watchers, and closes by the shards'
-            // own pace.
-            self.inner.notify_presence(user_id, false);
+            match &self.inner.cluster {
+                // The cluster decides whether the user is still online on
+                // another node, and tells watchers here and there.
+                Some(cluster) => cluster.route_offline(user_id),
+                // On the shard thread, which cannot wait for room: these
+                // pushes are bounded by the user's watchers, and closes by
+                // the shards' own pace.
+                None => self.inner.notify_presence(user_id, false),
+            }
         }
     }
 }
@@ -412,6 +428,26 @@ impl<S: Store> Inner<S> {
         pushed
     }
 
+    /// Pushes `frame` to every device of `users`: here directly (except
+    /// `skip`), and through the cluster to their devices on other nodes.
+    /// Returns how many local connections it was queued to.
+    async fn deliver(
+        &self,
+        users: &[UserId],
+        frame: &Bytes,
+        conversation: u64,
+        skip: Option<ConnRef>,
+    ) -> u64 {
+        let mut pushed = 0;
+        for &user in users {
+            pushed += self.push_to_user(user, frame, conversation, skip);
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.forward(frame, conversation, users).await;
+        }
+        pushed
+    }
+
     fn notify_presence(&self, user: UserId, online: bool) {
         let mut frame: Option<Bytes> = None;
         self.presence.for_each_watcher(user, |conn| {
@@ -443,6 +479,68 @@ impl<S: Store> Inner<S> {
                 });
             }
         }
+    }
+}
+
+/// What the cluster delivers here from other nodes.
+impl<S: Store> crate::cluster::Local for Inner<S> {
+    async fn deliver(&self, push: im_proto::cluster_pb::Push) {
+        let im_proto::cluster_pb::Push {
+            frame,
+            conversation_id,
+            users,
+            group_id,
+        } = push;
+        self.out.wait_room().await;
+        let mut pushed = 0;
+        if group_id != 0 {
+            match self.group_members(group_id).await {
+                Ok(members) => {
+                    for &user in members.iter() {
+                        pushed += self.push_to_user(user, &frame, conversation_id, None);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(group = group_id, error = %e, "cannot load members for fan-out")
+                }
+            }
+        }
+        for user in users {
+            pushed += self.push_to_user(user, &frame, conversation_id, None);
+        }
+        ChatCounters::add(&self.counters.pushed, pushed);
+    }
+
+    fn presence(&self, user: UserId, online: bool) {
+        self.notify_presence(user, online);
+    }
+
+    async fn invalidate_group(&self, group: GroupId) {
+        self.members.invalidate(&group).await;
+    }
+
+    fn hint_all(&self) {
+        let frame = codec::encode_to_bytes(&Frame::new(
+            0,
+            Body::SyncHint(pb::SyncHint {
+                conversation_ids: Vec::new(),
+                presence: true,
+            }),
+        ));
+        self.registry
+            .for_each_connection(|conn| self.out.push(conn, frame.clone(), Topic::Everything));
+    }
+
+    fn local_users(&self) -> Vec<UserId> {
+        self.registry.users()
+    }
+
+    fn is_local(&self, user: UserId) -> bool {
+        self.registry.is_online(user)
+    }
+
+    fn watched_users(&self) -> Vec<UserId> {
+        self.presence.watched()
     }
 }
 

@@ -61,6 +61,20 @@ impl Registry {
         self.users.contains_key(&user)
     }
 
+    /// Calls `f` for every live connection.
+    pub fn for_each_connection(&self, mut f: impl FnMut(ConnRef)) {
+        for entry in self.users.iter() {
+            for &conn in entry.value().iter() {
+                f(conn);
+            }
+        }
+    }
+
+    /// Every online user.
+    pub fn users(&self) -> Vec<UserId> {
+        self.users.iter().map(|e| *e.key()).collect()
+    }
+
     /// Number of online users.
     pub fn online_users(&self) -> usize {
         self.users.len()
@@ -143,6 +157,11 @@ impl PresenceHub {
     /// Watched users.
     pub fn watched_users(&self) -> usize {
         self.watchers.len()
+    }
+
+    /// Every watched user.
+    pub fn watched(&self) -> Vec<UserId> {
+        self.watchers.iter().map(|e| *e.key()).collect()
     }
 
     /// Calls `f` for each connection watching `user`.

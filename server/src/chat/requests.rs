@@ -127,6 +127,14 @@ impl<S: Store> Inner<S> {
                 // result lands, and anything stored before the client's
                 // first sync is returned by that sync.
                 let came_online = self.registry.add(user_id, ctx.conn);
+                if came_online {
+                    if let Some(cluster) = &self.cluster {
+                        // Other nodes route this user's pushes here before
+                        // the client learns it is logged in and syncs: a
+                        // message stored after that sync is pushed to it.
+                        cluster.route_online(user_id).await;
+                    }
+                }
                 let (token, token_expires_at_ms) = self.tokens.issue(user_id, &username);
                 let ok = pb::AuthOk {
                     user_id,
@@ -143,7 +151,7 @@ impl<S: Store> Inner<S> {
                     Some(user_id),
                     Frame::new(request_id, Body::AuthOk(ok)),
                 );
-                if came_online {
+                if came_online && self.cluster.is_none() {
                     // Watchers' pushes wait for room like any fan-out.
                     self.out.wait_room().await;
                     self.notify_presence(user_id, true);
@@ -275,7 +283,7 @@ impl<S: Store> Inner<S> {
                 if removed.is_empty() {
                     return Err(ChatError::Forbidden("not a member of this group"));
                 }
-                self.members.invalidate(&group).await;
+                self.membership_changed(group).await;
                 self.group_notice(
                     &g,
                     group_notice::Kind::MemberLeft,
@@ -357,12 +365,25 @@ impl<S: Store> Inner<S> {
                 let ids = user_ids(&r.user_ids, max)?;
                 self.presence
                     .subscribe(conn, ids.clone(), || self.registry.has_device(user, conn));
+                let mut online: Vec<bool> =
+                    ids.iter().map(|&u| self.registry.is_online(u)).collect();
+                if let Some(cluster) = &self.cluster {
+                    // Online anywhere: the routes of every live node.
+                    match cluster.online(&ids).await {
+                        Ok(anywhere) => {
+                            for (here, there) in online.iter_mut().zip(anywhere) {
+                                *here |= there;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "presence snapshot: routes unreadable")
+                        }
+                    }
+                }
                 let users = ids
                     .into_iter()
-                    .map(|user_id| pb::Presence {
-                        user_id,
-                        online: self.registry.is_online(user_id),
-                    })
+                    .zip(online)
+                    .map(|(user_id, online)| pb::Presence { user_id, online })
                     .collect();
                 Ok(Body::PresenceSnapshot(pb::PresenceSnapshot { users }))
             }
@@ -394,24 +415,22 @@ impl<S: Store> Inner<S> {
         };
         let frame = codec::encode_to_bytes(&Frame::new(0, Body::Receipt(receipt)));
         self.out.wait_room().await;
-        // The user's other devices learn what this one received or read.
-        self.push_to_user(user, &frame, conv.raw(), Some(conn));
+        // The user's other devices learn what this one received or read,
+        // and so do the senders of what it covers.
+        let mut users = vec![user];
         match conv.kind() {
             ConversationKind::Direct { .. } => {
-                if let Some(peer) = conv.peer_of(user).filter(|&p| p != user) {
-                    self.push_to_user(peer, &frame, conv.raw(), None);
-                }
+                users.extend(conv.peer_of(user).filter(|&p| p != user));
             }
             ConversationKind::Group(_) => {
                 let senders = self
                     .store
                     .senders_between(conv, moved.from, moved.to, MAX_RECEIPT_SENDERS)
                     .await?;
-                for sender in senders.into_iter().filter(|&s| s != user) {
-                    self.push_to_user(sender, &frame, conv.raw(), None);
-                }
+                users.extend(senders.into_iter().filter(|&s| s != user));
             }
         }
+        self.deliver(&users, &frame, conv.raw(), Some(conn)).await;
         Ok(())
     }
 
@@ -421,6 +440,17 @@ impl<S: Store> Inner<S> {
         GroupLimits {
             max_members: self.config.max_group_members,
             max_groups_per_user: self.config.max_groups_per_user,
+        }
+    }
+
+    /// Drops the cached member list of a group whose membership just
+    /// changed, here and (before returning) on every other node, so that
+    /// the change's notice and everything after it fan out to the new
+    /// members only.
+    pub(crate) async fn membership_changed(&self, group: GroupId) {
+        self.members.invalidate(&group).await;
+        if let Some(cluster) = &self.cluster {
+            cluster.invalidate_groups(vec![group]).await;
         }
     }
 
@@ -498,7 +528,7 @@ impl<S: Store> Inner<S> {
             .add_members(group, &ids, self.group_limits())
             .await?;
         if !added.is_empty() {
-            self.members.invalidate(&group).await;
+            self.membership_changed(group).await;
             self.group_notice(
                 &g,
                 group_notice::Kind::MembersAdded,
@@ -530,7 +560,7 @@ impl<S: Store> Inner<S> {
         }
         let (g, removed) = self.store.remove_members(group, &ids).await?;
         if !removed.is_empty() {
-            self.members.invalidate(&group).await;
+            self.membership_changed(group).await;
             self.group_notice(
                 &g,
                 group_notice::Kind::MembersRemoved,

@@ -384,15 +384,25 @@ impl<S: Store> Inner<S> {
         let mut pushed = 0;
         match conversation.kind() {
             ConversationKind::Direct { lo, hi } => {
-                pushed += self.push_to_user(lo, &frame, conv, origin);
-                if hi != lo {
-                    pushed += self.push_to_user(hi, &frame, conv, origin);
-                }
+                let users = [lo, hi];
+                let users = if lo == hi { &users[..1] } else { &users[..] };
+                pushed += self.deliver(users, &frame, conv, origin).await;
             }
             ConversationKind::Group(group) => match self.group_members(group).await {
                 Ok(members) => {
-                    for &user in members.iter() {
-                        pushed += self.push_to_user(user, &frame, conv, origin);
+                    let broadcast = self
+                        .cluster
+                        .as_ref()
+                        .filter(|c| members.len() > c.group_broadcast_members());
+                    match broadcast {
+                        // Every other node pushes to its own members.
+                        Some(cluster) => {
+                            for &user in members.iter() {
+                                pushed += self.push_to_user(user, &frame, conv, origin);
+                            }
+                            cluster.broadcast(&frame, conv, group).await;
+                        }
+                        None => pushed += self.deliver(&members, &frame, conv, origin).await,
                     }
                 }
                 Err(e) => {
@@ -401,8 +411,8 @@ impl<S: Store> Inner<S> {
                 }
             },
         }
-        for &user in extra {
-            pushed += self.push_to_user(user, &frame, conv, origin);
+        if !extra.is_empty() {
+            pushed += self.deliver(extra, &frame, conv, origin).await;
         }
         ChatCounters::add(&self.counters.pushed, pushed);
     }

@@ -37,6 +37,9 @@ pub enum Topic {
     Conversation(u64),
     /// A presence change.
     Presence,
+    /// Anything: a shed one makes the hint name every conversation and
+    /// presence.
+    Everything,
 }
 
 /// What [`Output::offer_push`] did with a push.
@@ -61,6 +64,11 @@ impl Missed {
     fn add(&mut self, topic: Topic) {
         match topic {
             Topic::Presence => self.presence = true,
+            Topic::Everything => {
+                self.presence = true;
+                self.all = true;
+                self.conversations = Vec::new();
+            }
             Topic::Conversation(_) if self.all => {}
             Topic::Conversation(id) => {
                 if !self.conversations.contains(&id) {

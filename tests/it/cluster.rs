@@ -1,0 +1,335 @@
+//! Several nodes as one service (always on Redis and MariaDB, whatever
+//! `IM_TEST_STORE` says): pushes, receipts, group fan-out and presence
+//! cross nodes live, membership changes reach every node's fan-out, and a
+//! node whose subscription is cut tells its sessions to sync.
+
+use std::time::{Duration, Instant};
+
+use im_proto::pb::frame::Body;
+use im_proto::pb::{self, send_request::Target};
+use im_proto::{ConversationId, ErrorCode};
+use im_tests::{RawConn, TestCluster, error_code};
+
+/// A user logged in on node `i` of the cluster.
+async fn user(cluster: &TestCluster, i: usize, name: &str, register: bool) -> (RawConn, u64) {
+    let mut conn = RawConn::connect(cluster.addr(i)).await;
+    let ok = if register {
+        conn.register(name).await
+    } else {
+        conn.login(name).await
+    };
+    (conn, ok.user_id)
+}
+
+fn text(m: &pb::Message) -> &str {
+    match m.content.as_ref().and_then(|c| c.kind.as_ref()) {
+        Some(pb::content::Kind::Text(t)) => &t.text,
+        _ => "",
+    }
+}
+
+#[tokio::test]
+async fn direct_messages_cross_nodes_live() {
+    let cluster = TestCluster::start(2).await;
+    let (mut alice, alice_id) = user(&cluster, 0, "xalice", true).await;
+    let (mut bob, bob_id) = user(&cluster, 1, "xbob", true).await;
+    for i in 0..20 {
+        let ack = bob
+            .send_text_to_user(alice_id, &format!("b{i}"), &format!("hello {i}"))
+            .await;
+        let m = alice.pushed_message(5).await;
+        assert_eq!((m.seq, m.sender_id), (ack.seq, bob_id));
+        assert_eq!(text(&m), format!("hello {i}"));
+    }
+    let ack = alice.send_text_to_user(bob_id, "a0", "back").await;
+    let m = bob.pushed_message(5).await;
+    assert_eq!((m.seq, text(&m)), (ack.seq, "back"));
+    let stats = cluster.node(1).cluster_stats().expect("a cluster node");
+    assert!(stats.forwarded >= 20, "{stats:?}");
+    assert_eq!(stats.live_nodes, 2);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn one_users_devices_on_three_nodes_get_every_push_and_each_others_receipts() {
+    let cluster = TestCluster::start(3).await;
+    let (mut bob, bob_id) = user(&cluster, 0, "mbob", true).await;
+    let (mut phone, alice_id) = user(&cluster, 0, "malice", true).await;
+    let (mut desktop, _) = user(&cluster, 1, "malice", false).await;
+    let (mut tablet, _) = user(&cluster, 2, "malice", false).await;
+
+    let ack = bob
+        .send_text_to_user(alice_id, "m1", "to every device")
+        .await;
+    for device in [&mut phone, &mut desktop, &mut tablet] {
+        let m = device.pushed_message(5).await;
+        assert_eq!(m.seq, ack.seq);
+    }
+    // The desktop reads it: the phone, the tablet and bob learn it.
+    let done = desktop
+        .call(Body::Ack(pb::AckRequest {
+            conversation_id: ack.conversation_id,
+            seq: ack.seq,
+            kind: pb::ReceiptKind::Read as i32,
+        }))
+        .await;
+    assert!(matches!(done, Body::Done(_)), "{done:?}");
+    for device in [&mut phone, &mut tablet, &mut bob] {
+        let receipt = device
+            .push_where(5, |b| match b {
+                Body::Receipt(r) => Some(*r),
+                _ => None,
+            })
+            .await;
+        assert_eq!((receipt.user_id, receipt.seq), (alice_id, ack.seq));
+    }
+    // What one device sends reaches the others too.
+    let ack = tablet
+        .send_text_to_user(bob_id, "t1", "from the tablet")
+        .await;
+    for device in [&mut phone, &mut desktop, &mut bob] {
+        assert_eq!(device.pushed_message(5).await.seq, ack.seq);
+    }
+    cluster.shutdown().await;
+}
+
+async fn group_on_every_node(broadcast_above: usize) {
+    let cluster =
+        TestCluster::start_with(3, move |c| c.group_broadcast_members = broadcast_above).await;
+    let tag = broadcast_above;
+    let mut conns = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        let (conn, id) = user(&cluster, i % 3, &format!("g{tag}u{i}"), true).await;
+        conns.push(conn);
+        ids.push(id);
+    }
+    let created = conns[0]
+        .call(Body::CreateGroup(pb::CreateGroupRequest {
+            name: "everywhere".into(),
+            member_ids: ids[1..].to_vec(),
+        }))
+        .await;
+    let Body::Group(group) = created else {
+        panic!("create group: {created:?}")
+    };
+    // Everyone sees the creation notice, then a message from each member.
+    for conn in conns.iter_mut().skip(1) {
+        conn.pushed_message(5).await;
+    }
+    for sender in 0..6 {
+        let ack = conns[sender]
+            .send_text(
+                Target::ConversationId(group.conversation_id),
+                &format!("s{sender}"),
+                "to the group",
+            )
+            .await;
+        for (i, conn) in conns.iter_mut().enumerate() {
+            if i != sender {
+                let m = conn.pushed_message(5).await;
+                assert_eq!((m.seq, m.sender_id), (ack.seq, ids[sender]));
+            }
+        }
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_group_routed_to_its_members_nodes_reaches_members_on_every_node() {
+    group_on_every_node(100).await;
+}
+
+#[tokio::test]
+async fn a_group_broadcast_to_every_node_reaches_members_on_every_node() {
+    group_on_every_node(1).await;
+}
+
+async fn presence_of(conn: &mut RawConn, user: u64, online: bool, within: Duration) -> Duration {
+    let start = Instant::now();
+    conn.push_where(within.as_secs().max(1), |b| match b {
+        Body::Presence(p) if p.user_id == user && p.online == online => Some(()),
+        _ => None,
+    })
+    .await;
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn presence_crosses_nodes_and_counts_every_device() {
+    let cluster = TestCluster::start(3).await;
+    let (mut watcher, _) = user(&cluster, 0, "pwatcher", true).await;
+    let (first, bob_id) = user(&cluster, 1, "pbob", true).await;
+    let snapshot = watcher
+        .call(Body::PresenceSubscribe(pb::PresenceSubscribeRequest {
+            user_ids: vec![bob_id],
+        }))
+        .await;
+    let Body::PresenceSnapshot(snapshot) = snapshot else {
+        panic!("{snapshot:?}")
+    };
+    assert!(
+        snapshot.users[0].online,
+        "the snapshot reads other nodes' routes"
+    );
+    // Bob leaves node 1 while his device on node 2 stays: still online.
+    let (_second, _) = user(&cluster, 2, "pbob", false).await;
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Then the last device goes: offline within a second.
+    drop(_second);
+    let took = presence_of(&mut watcher, bob_id, false, Duration::from_secs(3)).await;
+    assert!(took < Duration::from_secs(1), "offline seen after {took:?}");
+    // And back online on node 1.
+    let (_again, _) = user(&cluster, 1, "pbob", false).await;
+    let took = presence_of(&mut watcher, bob_id, true, Duration::from_secs(3)).await;
+    assert!(took < Duration::from_secs(1), "online seen after {took:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_membership_change_reaches_every_nodes_fan_out_before_its_notice() {
+    // Cached member lists would live a minute: only the change itself may
+    // refresh them.
+    let cluster = TestCluster::start_with(3, |c| c.member_cache_ttl_secs = 60).await;
+    let (mut owner, _) = user(&cluster, 0, "cowner", true).await;
+    let (mut sender, sender_id) = user(&cluster, 1, "csender", true).await;
+    let (mut leaver, leaver_id) = user(&cluster, 2, "cleaver", true).await;
+    let (mut joiner, joiner_id) = user(&cluster, 2, "cjoiner", true).await;
+    let created = owner
+        .call(Body::CreateGroup(pb::CreateGroupRequest {
+            name: "changing".into(),
+            member_ids: vec![sender_id, leaver_id],
+        }))
+        .await;
+    let Body::Group(group) = created else {
+        panic!("{created:?}")
+    };
+    let conv = Target::ConversationId(group.conversation_id);
+    // Every node caches the member list by fanning a message out.
+    sender.send_text(conv, "warm", "warm").await;
+    leaver.pushed_message(5).await; // the creation notice
+    assert_eq!(text(&leaver.pushed_message(5).await), "warm");
+
+    // Remove through node 0, send through node 1 at once.
+    let removed = owner
+        .call(Body::RemoveMembers(pb::RemoveMembersRequest {
+            group_id: group.group_id,
+            user_ids: vec![leaver_id],
+        }))
+        .await;
+    assert!(matches!(removed, Body::Group(_)), "{removed:?}");
+    let ack = sender.send_text(conv, "after", "after the removal").await;
+    // The removed member sees the removal notice and nothing after it.
+    let notice = leaver.pushed_message(5).await;
+    assert!(notice.seq < ack.seq, "{notice:?}");
+    leaver.no_message_within(500).await;
+
+    // Add through node 0: node 1's next message reaches the joiner on 2.
+    let added = owner
+        .call(Body::AddMembers(pb::AddMembersRequest {
+            group_id: group.group_id,
+            user_ids: vec![joiner_id],
+        }))
+        .await;
+    assert!(matches!(added, Body::Group(_)), "{added:?}");
+    let ack = sender.send_text(conv, "welcome", "welcome").await;
+    let notice = joiner.pushed_message(5).await;
+    assert!(notice.seq < ack.seq);
+    let m = joiner.pushed_message(5).await;
+    assert_eq!((m.seq, text(&m)), (ack.seq, "welcome"));
+    // A removed member cannot send either (checked at the append).
+    let refused = leaver
+        .call(Body::Send(pb::SendRequest {
+            target: Some(conv),
+            client_msg_id: "late".into(),
+            content: Some(pb::Content {
+                kind: Some(pb::content::Kind::Text(pb::Text { text: "x".into() })),
+            }),
+            resend: false,
+        }))
+        .await;
+    assert_eq!(error_code(&refused), Some(ErrorCode::Forbidden));
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_whose_subscription_is_cut_tells_its_sessions_to_sync() {
+    let cluster = TestCluster::start(2).await;
+    let (mut alice, alice_id) = user(&cluster, 0, "salice", true).await;
+    let (mut bob, _) = user(&cluster, 1, "sbob", true).await;
+    let ack = bob.send_text_to_user(alice_id, "before", "before").await;
+    assert_eq!(alice.pushed_message(5).await.seq, ack.seq);
+
+    // Redis drops alice's node's subscriber connection (as its output
+    // buffer limit would), and messages are sent meanwhile.
+    let redis = redis::Client::open(cluster.env.redis_url.as_str()).unwrap();
+    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    let name = format!(
+        "{}-node-{}",
+        cluster.env.prefix,
+        cluster.node(0).cluster_stats().unwrap().incarnation
+    );
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let id = clients
+        .lines()
+        .find(|l| l.contains(&format!(" name={name} ")))
+        .and_then(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .expect("the node's subscriber connection is listed")
+        .to_string();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&id)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+    let mut acked = Vec::new();
+    for i in 0..5 {
+        acked.push(
+            bob.send_text_to_user(alice_id, &format!("cut{i}"), "while cut")
+                .await
+                .seq,
+        );
+    }
+    // Alice's node says so; her sync has everything.
+    let hint = alice
+        .push_where(5, |b| match b {
+            Body::SyncHint(h) => Some(h.clone()),
+            _ => None,
+        })
+        .await;
+    assert!(hint.conversation_ids.is_empty(), "a hint for everything");
+    let conversation = ConversationId::from_raw(ack.conversation_id).unwrap();
+    let page = alice
+        .call(Body::Sync(pb::SyncRequest {
+            cursors: vec![pb::ConvCursor {
+                conversation_id: conversation.raw(),
+                seq: ack.seq,
+            }],
+            limit: 50,
+        }))
+        .await;
+    let Body::SyncResponse(page) = page else {
+        panic!("{page:?}")
+    };
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, acked);
+    assert!(cluster.node(0).cluster_stats().unwrap().hints >= 1);
+    // And pushes flow again without a reconnect (some of those sent while
+    // cut may have been pushed as well, once the subscription was back).
+    let ack = bob.send_text_to_user(alice_id, "after", "after").await;
+    loop {
+        let m = alice.pushed_message(5).await;
+        if m.seq == ack.seq {
+            break;
+        }
+        assert!(acked.contains(&m.seq), "{m:?}");
+    }
+    cluster.shutdown().await;
+}
