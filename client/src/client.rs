@@ -91,12 +91,31 @@ impl Client {
     ) -> Result<(Client, Events), ClientError> {
         config.validate()?;
         let mut request_id = 1;
-        let mut conn = Conn::open(
-            &config.server,
-            config.connect_timeout,
-            config.max_frame_bytes,
-        )
-        .await?;
+        // Any node of a cluster will do: start at a random one, so that
+        // clients spread, and try each once.
+        let servers = config.servers();
+        let start = rand::random_range(0..servers.len());
+        let mut opened = None;
+        let mut last_error = None;
+        for i in 0..servers.len() {
+            let index = (start + i) % servers.len();
+            match Conn::open(
+                servers[index],
+                config.connect_timeout,
+                config.max_frame_bytes,
+            )
+            .await
+            {
+                Ok(conn) => {
+                    opened = Some((index, conn));
+                    break;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        let Some((server_index, mut conn)) = opened else {
+            return Err(last_error.expect("at least one server was tried"));
+        };
         let ok = conn
             .authenticate(
                 &credentials,
@@ -125,6 +144,7 @@ impl Client {
             events_tx,
             cancel.clone(),
             credentials,
+            server_index,
         );
         let handle = tokio::spawn(driver.run((conn, ok)));
         let client = Client {

@@ -10,7 +10,10 @@ use crate::ClientError;
 /// [`ClientConfig::new`] and the `with_*` helpers, or set fields directly.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Server address, `host:port`. Default `127.0.0.1:7000`.
+    /// Server address, `host:port`, or several nodes of one cluster
+    /// separated by commas (`a:7000,b:7000,c:7000`): the client connects to
+    /// one of them (starting at a random one) and, after a failure, moves
+    /// on to the next. Default `127.0.0.1:7000`.
     pub server: String,
     /// Time limit for opening the TCP connection. Default 10 s.
     pub connect_timeout: Duration,
@@ -130,10 +133,19 @@ impl ClientConfig {
         self
     }
 
+    /// The server addresses, in the order they are tried.
+    pub fn servers(&self) -> Vec<&str> {
+        self.server
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+
     /// Checks the settings before anything is started.
     pub fn validate(&self) -> Result<(), ClientError> {
         let bad = |what: &str| Err(ClientError::InvalidArgument(what.to_owned()));
-        if self.server.is_empty() {
+        if self.servers().is_empty() {
             return bad("server address is empty");
         }
         if self.request_timeout.is_zero() || self.send_timeout.is_zero() {

@@ -92,6 +92,8 @@ pub(crate) struct Driver {
     generation: u64,
     /// The user of the current connection.
     me: u64,
+    /// Index into the configured servers of the one to connect to next.
+    server: usize,
 }
 
 impl Driver {
@@ -101,6 +103,7 @@ impl Driver {
         events: mpsc::Sender<Event>,
         cancel: CancellationToken,
         credentials: Credentials,
+        server: usize,
     ) -> Self {
         Driver {
             shared,
@@ -113,6 +116,7 @@ impl Driver {
             resync: None,
             generation: 0,
             me: 0,
+            server,
         }
     }
 
@@ -142,6 +146,8 @@ impl Driver {
                         Ok(established) => established,
                         Err(AuthError::Retry(e)) => {
                             tracing::debug!(error = %e, "reconnect failed");
+                            // Another node may be up.
+                            self.server += 1;
                             continue;
                         }
                         Err(AuthError::Fatal(e)) => {
@@ -192,6 +198,9 @@ impl Driver {
                 End::Shutdown => break,
                 End::Lost(reason) => {
                     tracing::info!(%reason, "connection lost");
+                    // Its node may be gone: the next attempt goes to the
+                    // next one (the same one when there is only one).
+                    self.server += 1;
                     if started.elapsed() >= HEALTHY_AFTER {
                         backoff.reset();
                     }
@@ -207,8 +216,9 @@ impl Driver {
     /// Opens a new connection and logs in with the latest token.
     async fn establish(&self) -> Result<(Conn, pb::AuthOk), AuthError> {
         let config = &self.shared.config;
+        let servers = config.servers();
         let mut conn = Conn::open(
-            &config.server,
+            servers[self.server % servers.len()],
             config.connect_timeout,
             config.max_frame_bytes,
         )

@@ -40,10 +40,20 @@ impl Scenario {
 #[derive(Debug, Clone, Parser, Serialize, Deserialize)]
 #[command(name = "im-loadgen", version, max_term_width = 100)]
 pub struct Args {
-    /// Server address(es); connections (and whole pairs or groups) are
-    /// spread over them round-robin.
+    /// Server address(es), e.g. the nodes of one cluster. With several,
+    /// the users of a pair or group are spread over different nodes (see
+    /// --cross-node-fraction), and a user whose node fails resumes on the
+    /// next one.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7000")]
     pub server: Vec<SocketAddr>,
+
+    /// With several --server addresses: the fraction of pairs and groups
+    /// whose users are spread over different nodes; the rest keep all
+    /// their users on one node, so same-node and cross-node latency are
+    /// measured in one run.
+    #[arg(long, default_value_t = 1.0)]
+    #[serde(default = "one")]
+    pub cross_node_fraction: f64,
 
     /// What the users do.
     #[arg(long, value_enum, default_value_t = Scenario::Direct)]
@@ -128,6 +138,10 @@ pub struct Args {
     pub worker_index: Option<usize>,
 }
 
+fn one() -> f64 {
+    1.0
+}
+
 impl Args {
     /// Checks ranges that clap cannot.
     pub fn validate(&self) -> Result<(), String> {
@@ -149,17 +163,25 @@ impl Args {
         if self.window == 0 {
             return Err("--window must be positive".into());
         }
+        if !(0.0..=1.0).contains(&self.cross_node_fraction) {
+            return Err("--cross-node-fraction must be between 0 and 1".into());
+        }
         Ok(())
+    }
+
+    /// Users per conversation: a pair, a group, or 1 (idle).
+    pub fn unit(&self) -> usize {
+        match self.scenario {
+            Scenario::Idle => 1,
+            Scenario::Direct | Scenario::Storm => 2,
+            Scenario::Group => self.group_size,
+        }
     }
 
     /// The share of a worker: its connections (a multiple of the pair or
     /// group size, so pairs and groups never span workers) and its rate.
     pub fn share(&self, worker: usize) -> (usize, f64) {
-        let unit = match self.scenario {
-            Scenario::Idle => 1,
-            Scenario::Direct | Scenario::Storm => 2,
-            Scenario::Group => self.group_size,
-        };
+        let unit = self.unit();
         let units = self.connections / unit;
         let base = units / self.workers;
         let extra = usize::from(worker < units % self.workers);

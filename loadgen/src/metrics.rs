@@ -88,8 +88,12 @@ pub struct Metrics {
     pub delivered: AtomicU64,
     /// Deliveries of a seq the recipient already had.
     pub duplicated: AtomicU64,
-    /// Live deliveries after a higher seq had been pushed.
+    /// Live deliveries after a higher seq had been pushed (allowed: pushes
+    /// of one conversation from several nodes may cross; clients order by
+    /// seq).
     pub reordered: AtomicU64,
+    /// Live deliveries whose sender was connected to another node.
+    pub cross_node: AtomicU64,
     /// Pushes of a conversation the user is not in.
     pub misrouted: AtomicU64,
     /// Deliveries that only the final sync brought (missed live).
@@ -119,6 +123,10 @@ pub struct Metrics {
     pub ack: Latency,
     /// Send to delivery at a recipient.
     pub deliver: Latency,
+    /// The same, for senders on the recipient's node.
+    pub deliver_same_node: Latency,
+    /// The same, for senders on another node.
+    pub deliver_cross_node: Latency,
 }
 
 impl Metrics {
@@ -136,6 +144,8 @@ impl Metrics {
     pub fn start_measuring(&self) {
         self.ack.reset();
         self.deliver.reset();
+        self.deliver_same_node.reset();
+        self.deliver_cross_node.reset();
         self.measuring.store(true, Relaxed);
     }
 
@@ -152,6 +162,7 @@ impl Metrics {
             delivered: get(&self.delivered),
             duplicated: get(&self.duplicated),
             reordered: get(&self.reordered),
+            cross_node: get(&self.cross_node),
             misrouted: get(&self.misrouted),
             recovered: get(&self.recovered),
             rejected: get(&self.rejected),
@@ -164,6 +175,8 @@ impl Metrics {
             connect: encode(&self.connect.snapshot()),
             ack: encode(&self.ack.snapshot()),
             deliver: encode(&self.deliver.snapshot()),
+            deliver_same_node: encode(&self.deliver_same_node.snapshot()),
+            deliver_cross_node: encode(&self.deliver_cross_node.snapshot()),
             ..Snapshot::default()
         }
     }
@@ -209,6 +222,9 @@ pub struct Snapshot {
     pub duplicated: u64,
     /// Out-of-order live deliveries.
     pub reordered: u64,
+    /// Live deliveries from a sender on another node.
+    #[serde(default)]
+    pub cross_node: u64,
     /// Pushes of a conversation the user is not in.
     #[serde(default)]
     pub misrouted: u64,
@@ -239,6 +255,12 @@ pub struct Snapshot {
     pub ack: String,
     /// Delivery latency histogram.
     pub deliver: String,
+    /// Delivery latency histogram, sender on the recipient's node.
+    #[serde(default)]
+    pub deliver_same_node: String,
+    /// Delivery latency histogram, sender on another node.
+    #[serde(default)]
+    pub deliver_cross_node: String,
     /// The run is over and these are the final figures.
     pub done: bool,
     /// Seqs never delivered to a recipient, even by the final sync.

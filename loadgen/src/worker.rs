@@ -10,7 +10,7 @@
 //! counts what no recipient ever got.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,7 +20,6 @@ use futures::{SinkExt, StreamExt};
 use im_proto::pb;
 use im_proto::pb::frame::Body;
 use im_proto::{ConversationId, ErrorCode, Frame};
-use rand::seq::SliceRandom;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{Semaphore, watch};
 
@@ -69,7 +68,8 @@ fn now_us() -> u64 {
 struct Member {
     index: usize,
     username: String,
-    server: SocketAddr,
+    /// Index into `--server` of the node it is connected to now.
+    server: usize,
     source: Option<IpAddr>,
     session: Session,
     conversation: u64,
@@ -96,6 +96,27 @@ struct Shared {
     /// Starts every client_msg_id of this run: ids are unique per sender,
     /// and a later run may reuse the same users (`--user-prefix`).
     run_nonce: u32,
+    /// Which node each user of this worker is connected to now (set once
+    /// the conversations are planned), to tell cross-node deliveries.
+    nodes: std::sync::OnceLock<Nodes>,
+}
+
+/// User id → the `--server` index it is connected to now.
+struct Nodes {
+    slot: HashMap<u64, usize>,
+    now: Vec<std::sync::atomic::AtomicUsize>,
+}
+
+impl Nodes {
+    fn of(&self, user: u64) -> Option<usize> {
+        self.slot.get(&user).map(|&i| self.now[i].load(Relaxed))
+    }
+
+    fn moved(&self, user: u64, server: usize) {
+        if let Some(&i) = self.slot.get(&user) {
+            self.now[i].store(server, Relaxed);
+        }
+    }
 }
 
 /// Runs one worker's share of the scenario; `emit` gets a snapshot every
@@ -114,6 +135,7 @@ pub async fn run(
         connects: Semaphore::new(CONNECT_CONCURRENCY),
         text_pad: "x".repeat(args.size),
         run_nonce: rand::random(),
+        nodes: std::sync::OnceLock::new(),
     });
     let prefix = args
         .user_prefix
@@ -138,14 +160,15 @@ pub async fn run(
         }
         let global = worker * 1_000_000 + i;
         let username = format!("{prefix}w{worker}u{i}");
-        let server = args.server[placement(&args, i) % args.server.len()];
+        let server = placement(&args, i) % args.server.len();
+        let address = args.server[server];
         let source = args.source_addrs.as_ref().map(|s| s.0[global % s.0.len()]);
         let shared = shared.clone();
         connecting.push(tokio::spawn(async move {
             let permit = shared.connects.acquire().await.ok();
             let t = Instant::now();
             let result =
-                conn::connect(server, source, &username, &shared.args.password, None).await;
+                conn::connect(address, source, &username, &shared.args.password, None).await;
             drop(permit);
             match result {
                 Ok((c, session)) => {
@@ -186,6 +209,18 @@ pub async fn run(
         }
         Scenario::Direct | Scenario::Storm | Scenario::Group => {
             let members = plan_conversations(&args, rate, established, &metrics).await?;
+            let nodes = Nodes {
+                slot: members
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (m, _))| (m.session.user_id, i))
+                    .collect(),
+                now: members
+                    .iter()
+                    .map(|(m, _)| std::sync::atomic::AtomicUsize::new(m.server))
+                    .collect(),
+            };
+            let _ = shared.nodes.set(nodes);
             for (member, c) in members {
                 let shared = shared.clone();
                 let rx = rx.clone();
@@ -314,14 +349,26 @@ pub async fn run(
     Ok(snapshot)
 }
 
-/// Which server a user goes to: a whole pair or group shares one (nodes do
-/// not forward pushes to each other).
+/// Which server a user goes to. With several, the users of a pair or
+/// group go to consecutive servers (so to different nodes), except for a
+/// `1 - --cross-node-fraction` share of pairs and groups whose users all
+/// share one.
 fn placement(args: &Args, i: usize) -> usize {
-    match args.scenario {
-        Scenario::Idle => i,
-        Scenario::Direct | Scenario::Storm => i / 2,
-        Scenario::Group => i / args.group_size,
+    let unit = args.unit();
+    let (conversation, member) = (i / unit, i % unit);
+    if args.scenario == Scenario::Idle || !spread(args, conversation) {
+        conversation
+    } else {
+        conversation + member
     }
+}
+
+/// Whether conversation `n`'s users are spread over nodes: a fixed,
+/// well-mixed choice of `--cross-node-fraction` of all conversations.
+fn spread(args: &Args, n: usize) -> bool {
+    // The fractional parts of n times the golden ratio are evenly spread.
+    let x = (n as f64 * 0.618_033_988_749_894_9).fract();
+    x < args.cross_node_fraction
 }
 
 /// Emits a snapshot once a second.
@@ -377,22 +424,27 @@ async fn wait_for(
 async fn plan_conversations(
     args: &Args,
     rate: f64,
-    mut established: Vec<(usize, String, SocketAddr, Option<IpAddr>, Conn, Session)>,
+    established: Vec<(usize, String, usize, Option<IpAddr>, Conn, Session)>,
     metrics: &Metrics,
 ) -> anyhow::Result<Vec<(Member, Conn)>> {
-    // Pairs and groups stay on one server: shuffle within each server.
-    established.sort_by_key(|e| (e.2, e.0));
-    let unit = if args.scenario == Scenario::Group {
-        args.group_size
-    } else {
-        2
-    };
-    let mut by_server: HashMap<SocketAddr, Vec<_>> = HashMap::new();
+    // Users i of one conversation are i / unit alike (see `placement`).
+    let unit = args.unit();
+    let mut by_conversation: std::collections::BTreeMap<usize, Vec<_>> = Default::default();
     for e in established {
-        by_server.entry(e.2).or_default().push(e);
+        by_conversation.entry(e.0 / unit).or_default().push(e);
     }
+    // A conversation one of whose users could not connect is left out.
+    let mut incomplete = 0;
+    by_conversation.retain(|_, users| {
+        let whole = users.len() == unit;
+        if !whole {
+            incomplete += users.len();
+        }
+        whole
+    });
+    metrics.connections.fetch_sub(incomplete as u64, Relaxed);
     let mut out = Vec::new();
-    let senders: usize = by_server.values().map(|v| v.len() / unit * unit).sum();
+    let senders = by_conversation.len() * unit;
     let per_sender = if senders == 0 {
         0.0
     } else {
@@ -403,48 +455,36 @@ async fn plan_conversations(
     } else {
         1.0 / per_sender
     };
-    for (_, mut users) in by_server {
-        users.shuffle(&mut rand::rng());
-        // Users left over (too few for a pair or group) just disconnect.
-        let whole = users.len() / unit * unit;
-        for _ in users.drain(whole..) {
-            metrics.connections.fetch_sub(1, Relaxed);
-        }
-        let mut users = users.into_iter();
-        loop {
-            let mut group: Vec<_> = users.by_ref().take(unit).collect();
-            if group.len() < unit {
-                break;
-            }
-            let ids: Vec<u64> = group.iter().map(|g| g.5.user_id).collect();
-            let (conversation, targets) = if args.scenario == Scenario::Group {
-                let body = Body::CreateGroup(pb::CreateGroupRequest {
-                    name: "loadgen".into(),
-                    member_ids: ids[1..].to_vec(),
-                });
-                let info = match conn::call(&mut group[0].4, 7, body).await? {
-                    Body::Group(info) => info,
-                    other => anyhow::bail!("creating a group failed: {other:?}"),
-                };
-                let target = pb::send_request::Target::ConversationId(info.conversation_id);
-                (info.conversation_id, vec![target; unit])
-            } else {
-                let conv = ConversationId::direct(ids[0], ids[1])
-                    .context("user ids out of range")?
-                    .raw();
-                let targets = vec![
-                    pb::send_request::Target::ToUser(ids[1]),
-                    pb::send_request::Target::ToUser(ids[0]),
-                ];
-                (conv, targets)
+    for (_, mut group) in by_conversation {
+        group.sort_by_key(|e| e.0);
+        let ids: Vec<u64> = group.iter().map(|g| g.5.user_id).collect();
+        let (conversation, targets) = if args.scenario == Scenario::Group {
+            let body = Body::CreateGroup(pb::CreateGroupRequest {
+                name: "loadgen".into(),
+                member_ids: ids[1..].to_vec(),
+            });
+            let info = match conn::call(&mut group[0].4, 7, body).await? {
+                Body::Group(info) => info,
+                other => anyhow::bail!("creating a group failed: {other:?}"),
             };
-            let first = out.len();
-            for (g, target) in group.into_iter().zip(targets) {
-                out.push(member(g, conversation, target, interval));
-            }
-            if args.scenario == Scenario::Group {
-                out[first].0.known = Some(1);
-            }
+            let target = pb::send_request::Target::ConversationId(info.conversation_id);
+            (info.conversation_id, vec![target; unit])
+        } else {
+            let conv = ConversationId::direct(ids[0], ids[1])
+                .context("user ids out of range")?
+                .raw();
+            let targets = vec![
+                pb::send_request::Target::ToUser(ids[1]),
+                pb::send_request::Target::ToUser(ids[0]),
+            ];
+            (conv, targets)
+        };
+        let first = out.len();
+        for (g, target) in group.into_iter().zip(targets) {
+            out.push(member(g, conversation, target, interval));
+        }
+        if args.scenario == Scenario::Group {
+            out[first].0.known = Some(1);
         }
     }
     Ok(out)
@@ -454,7 +494,7 @@ fn member(
     (index, username, server, source, c, session): (
         usize,
         String,
-        SocketAddr,
+        usize,
         Option<IpAddr>,
         Conn,
         Session,
@@ -547,14 +587,14 @@ async fn converse(
             let _ = c.get_ref().set_zero_linger();
             drop(c);
             state.orphan_pending();
-            match reconnect(&m, &shared).await {
+            match reconnect(&mut m, &shared).await {
                 Some((fresh, session)) => {
                     m.session = session;
                     c = fresh;
                     Metrics::add(&metrics.reconnects, 1);
                     // Catch up, as a client does after every reconnect, then
                     // resend what the lost connection left unacknowledged.
-                    if let Err(e) = sync(&m, &mut c, &mut state, metrics, true).await {
+                    if let Err(e) = sync(&m, &mut c, &mut state, &shared, true).await {
                         state
                             .problems
                             .push(format!("{}: catch-up failed: {e:#}", m.username));
@@ -577,11 +617,11 @@ async fn converse(
                         Metrics::add(&metrics.errors, 1);
                         state.orphan_pending();
                         eprintln!("{}: connection lost ({e:#}); resuming", m.username);
-                        match reconnect(&m, &shared).await {
+                        match reconnect(&mut m, &shared).await {
                             Some((fresh, session)) => {
                                 m.session = session;
                                 c = fresh;
-                                if sync(&m, &mut c, &mut state, metrics, true).await.is_ok() {
+                                if sync(&m, &mut c, &mut state, &shared, true).await.is_ok() {
                                     let _ = resend_unsure(&m, &mut c, &mut state, &shared).await;
                                 }
                             }
@@ -591,7 +631,7 @@ async fn converse(
                 }
             }
             Phase::Sync => {
-                if let Err(e) = sync(&m, &mut c, &mut state, metrics, false).await {
+                if let Err(e) = sync(&m, &mut c, &mut state, &shared, false).await {
                     state
                         .problems
                         .push(format!("{}: final sync failed: {e:#}", m.username));
@@ -646,13 +686,18 @@ impl State {
     }
 }
 
-async fn reconnect(m: &Member, shared: &Shared) -> Option<(Conn, Session)> {
+/// Resumes with the token: on the same node first, then (after a
+/// failure) on the next one, as a client of a cluster does. Updates where
+/// the member is connected.
+async fn reconnect(m: &mut Member, shared: &Shared) -> Option<(Conn, Session)> {
     let mut delay = Duration::from_millis(50);
-    for _ in 0..50 {
+    let servers = &shared.args.server;
+    for attempt in 0..50 {
+        let server = (m.server + attempt) % servers.len();
         let permit = shared.connects.acquire().await.ok();
         let t = Instant::now();
         let result = conn::connect(
-            m.server,
+            servers[server],
             m.source,
             &m.username,
             &shared.args.password,
@@ -666,6 +711,10 @@ async fn reconnect(m: &Member, shared: &Shared) -> Option<(Conn, Session)> {
                     .metrics
                     .connect
                     .record(t.elapsed().as_micros() as u64);
+                m.server = server;
+                if let Some(nodes) = shared.nodes.get() {
+                    nodes.moved(m.session.user_id, server);
+                }
                 return Some(ok);
             }
             Err(e) => {
@@ -688,7 +737,6 @@ async fn drive(
     sending: bool,
     shared: &Shared,
 ) -> anyhow::Result<()> {
-    let metrics = &shared.metrics;
     let window = shared.args.window;
     let saturate = m.interval == 0.0;
     let interval = Duration::from_secs_f64(m.interval.max(1e-6));
@@ -723,12 +771,12 @@ async fn drive(
             }
             frame = c.next() => {
                 let frame = frame.context("server closed the connection")??;
-                handle(m, state, frame, metrics)?;
+                handle(m, state, frame, shared)?;
                 // The server skipped pushes while this connection's queue
                 // was full: fetch what they carried, as a client does.
                 while state.hinted {
                     state.hinted = false;
-                    sync(m, c, state, metrics, true).await?;
+                    sync(m, c, state, shared, true).await?;
                 }
             }
             _ = std::future::ready(()), if can_send && saturate => {
@@ -858,7 +906,8 @@ fn sent_at(message: &pb::Message) -> Option<u64> {
     }
 }
 
-fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> anyhow::Result<()> {
+fn handle(m: &Member, state: &mut State, frame: Frame, shared: &Shared) -> anyhow::Result<()> {
+    let metrics = &*shared.metrics;
     let Some(body) = frame.body else {
         return Ok(());
     };
@@ -921,16 +970,13 @@ fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> any
                     return Ok(());
                 }
                 Seen::Reordered => {
+                    // Pushes from several nodes may cross; a client
+                    // following the display rule still shows them in
+                    // order, so this is counted, not failed.
                     if !echo {
                         Metrics::add(&metrics.delivered, 1);
                     }
                     Metrics::add(&metrics.reordered, 1);
-                    if state.problems.len() < 5 {
-                        state.problems.push(format!(
-                            "{}: seq {} arrived after a later one",
-                            m.username, message.seq
-                        ));
-                    }
                 }
                 Seen::Duplicate => {
                     Metrics::add(&metrics.duplicated, 1);
@@ -942,9 +988,27 @@ fn handle(m: &Member, state: &mut State, frame: Frame, metrics: &Metrics) -> any
                     }
                 }
             }
-            if metrics.measuring() && !echo {
-                if let Some(sent) = sent_at(&message) {
-                    metrics.deliver.record(now_us().saturating_sub(sent));
+            if !echo {
+                // Where the sender is now (it may have moved after a
+                // failure of its node).
+                let cross = shared
+                    .nodes
+                    .get()
+                    .and_then(|n| n.of(message.sender_id))
+                    .map(|server| server != m.server);
+                if cross == Some(true) {
+                    Metrics::add(&metrics.cross_node, 1);
+                }
+                if metrics.measuring() {
+                    if let Some(sent) = sent_at(&message) {
+                        let us = now_us().saturating_sub(sent);
+                        metrics.deliver.record(us);
+                        match cross {
+                            Some(true) => metrics.deliver_cross_node.record(us),
+                            Some(false) => metrics.deliver_same_node.record(us),
+                            None => {}
+                        }
+                    }
                 }
             }
         }
@@ -995,9 +1059,10 @@ async fn sync(
     m: &Member,
     c: &mut Conn,
     state: &mut State,
-    metrics: &Metrics,
+    shared: &Shared,
     catch_up: bool,
 ) -> anyhow::Result<()> {
+    let metrics = &*shared.metrics;
     let mut cursor = state.tracker.contiguous();
     loop {
         let id = state.next_request;
@@ -1019,7 +1084,7 @@ async fn sync(
                 }
             }
             // Pushes and late acks keep counting meanwhile.
-            handle(m, state, frame, metrics)?;
+            handle(m, state, frame, shared)?;
         };
         let mut highest = cursor;
         for message in &page.messages {

@@ -333,3 +333,161 @@ async fn a_node_whose_subscription_is_cut_tells_its_sessions_to_sync() {
     }
     cluster.shutdown().await;
 }
+
+async fn load(cluster: &TestCluster, nodes: &[usize], flags: &[&str]) -> im_loadgen::Report {
+    use clap::Parser;
+    let servers: Vec<String> = nodes.iter().map(|&i| cluster.addr(i).to_string()).collect();
+    let servers = servers.join(",");
+    let mut argv = vec![
+        "im-loadgen",
+        "--server",
+        &servers,
+        "--quiet",
+        "--warmup",
+        "1",
+        "--settle",
+        "2",
+    ];
+    argv.extend_from_slice(flags);
+    let args = im_loadgen::Args::try_parse_from(argv).expect("valid flags");
+    let (report, _) = im_loadgen::run(args).await.expect("load run");
+    assert!(!report.failed(), "verification failed: {report:#?}");
+    assert_eq!(report.messages_lost, 0, "{report:#?}");
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_run_over_three_nodes_needs_no_sync() {
+    let cluster = TestCluster::start(3).await;
+    for (scenario, recipients) in [
+        (&["--scenario", "direct", "--connections", "120"][..], 1),
+        (
+            &[
+                "--scenario",
+                "group",
+                "--group-size",
+                "6",
+                "--connections",
+                "60",
+            ][..],
+            5,
+        ),
+    ] {
+        let mut flags = scenario.to_vec();
+        flags.extend([
+            "--rate",
+            "1000",
+            "--duration",
+            "2",
+            "--cross-node-fraction",
+            "0.5",
+        ]);
+        let r = load(&cluster, &[0, 1, 2], &flags).await;
+        assert_eq!(r.connections_established, r.connections_target);
+        // Half the conversations cross nodes, half stay on one.
+        assert!(r.cross_node_deliveries > 0, "{r:#?}");
+        assert!(r.latency_us.same_node.count > 0, "{r:#?}");
+        assert!(r.latency_us.cross_node.count > 0, "{r:#?}");
+        // A healthy cluster delivers everything live.
+        assert_eq!(r.messages_recovered, 0, "{r:#?}");
+        // (Group creation notices are delivered too.)
+        assert!(
+            r.messages_delivered >= r.messages_acked * recipients,
+            "{r:#?}"
+        );
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_node_that_goes_move_to_the_others_and_lose_nothing() {
+    let mut cluster = TestCluster::start(3).await;
+    let servers: Vec<String> = (0..3).map(|i| cluster.addr(i).to_string()).collect();
+    let servers = servers.join(",");
+    let run = {
+        let servers = servers.clone();
+        tokio::spawn(async move {
+            use clap::Parser;
+            let args = im_loadgen::Args::try_parse_from([
+                "im-loadgen",
+                "--server",
+                &servers,
+                "--quiet",
+                "--scenario",
+                "direct",
+                "--connections",
+                "90",
+                "--rate",
+                "600",
+                "--warmup",
+                "1",
+                "--duration",
+                "5",
+                "--settle",
+                "2",
+            ])
+            .expect("valid flags");
+            im_loadgen::run(args).await.expect("load run").0
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.stop(2).await;
+    let r = run.await.unwrap();
+    assert!(!r.failed(), "verification failed: {r:#?}");
+    assert_eq!(r.messages_lost, 0, "{r:#?}");
+    assert!(r.cross_node_deliveries > 0, "{r:#?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_sdk_client_given_several_nodes_moves_on_when_its_node_goes() {
+    use im_tests::sdk;
+    let mut cluster = TestCluster::start(3).await;
+    let (mut bob, _) = user(&cluster, 0, "fbob", true).await;
+    // A dead address first in the list is skipped.
+    let servers = format!(
+        "127.0.0.1:{},{},{}",
+        im_tests::free_port(),
+        cluster.addr(1),
+        cluster.addr(2)
+    );
+    let mut config = sdk::config(cluster.addr(1));
+    config.server = servers;
+    let (alice, mut events) = sdk::connect(
+        config,
+        im_client::Credentials::Register {
+            username: "falice".into(),
+            password: im_tests::PASSWORD.into(),
+        },
+    )
+    .await;
+    let alice_id = alice.user_id();
+    let ack = bob.send_text_to_user(alice_id, "f0", "first").await;
+    assert_eq!(sdk::next_message(&mut events, 5).await.seq, ack.seq);
+    // Her node goes; bob goes on sending meanwhile.
+    let hers = if cluster.node(1).online_users() > 0 {
+        1
+    } else {
+        2
+    };
+    cluster.stop(hers).await;
+    let mut acked = Vec::new();
+    for i in 1..=10 {
+        acked.push(
+            bob.send_text_to_user(alice_id, &format!("f{i}"), "meanwhile")
+                .await
+                .seq,
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // She resumes on the other node and gets each exactly once, in order.
+    let got: Vec<u64> = sdk::messages(&mut events, 10, 10)
+        .await
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(got, acked);
+    sdk::no_message(&mut events, 300).await;
+    alice.close().await;
+    cluster.shutdown().await;
+}

@@ -27,8 +27,9 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "im-chat", version)]
 pub struct Cli {
-    /// Server address, host:port [default: the saved session's server, else
-    /// 127.0.0.1:7000].
+    /// Server address, host:port, or several nodes of one cluster separated
+    /// by commas (A,B,C: one is used, the next after a failure) [default:
+    /// the saved session's server, else 127.0.0.1:7000].
     #[arg(long, env = "IM_SERVER", global = true)]
     pub server: Option<String>,
     /// Directory for the saved session and cursors [default: <user config
