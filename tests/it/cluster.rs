@@ -491,3 +491,60 @@ async fn an_sdk_client_given_several_nodes_moves_on_when_its_node_goes() {
     alice.close().await;
     cluster.shutdown().await;
 }
+
+/// `im-server` processes of one cluster on `env`.
+fn node_process(
+    env: &im_tests::PipelineEnv,
+    dir: &std::path::Path,
+    id: &str,
+) -> im_tests::ServerProcess {
+    im_tests::ServerProcess::start_in(
+        dir,
+        Some(env),
+        &[
+            "--node-id",
+            id,
+            "--token-secret",
+            im_tests::CLUSTER_SECRET,
+            "--lease-secs",
+            "3",
+        ],
+    )
+}
+
+#[tokio::test]
+async fn a_node_killed_is_dead_for_the_others_within_its_lease_and_its_id_can_be_taken() {
+    let env = im_tests::PipelineEnv::fresh();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let p0 = node_process(&env, dirs[0].path(), "k0");
+    let mut p1 = node_process(&env, dirs[1].path(), "k1");
+    let mut watcher = RawConn::connect(p0.addr).await;
+    watcher.register("kwatcher").await;
+    let mut bob = RawConn::connect(p1.addr).await;
+    let bob_id = bob.register("kbob").await.user_id;
+    let snapshot = watcher
+        .call(Body::PresenceSubscribe(pb::PresenceSubscribeRequest {
+            user_ids: vec![bob_id],
+        }))
+        .await;
+    let Body::PresenceSnapshot(snapshot) = snapshot else {
+        panic!("{snapshot:?}")
+    };
+    assert!(snapshot.users[0].online);
+
+    // kill -9: nobody tells anyone; the lease (3 s) runs out.
+    p1.signal("KILL");
+    p1.wait_exit(5);
+    let took = presence_of(&mut watcher, bob_id, false, Duration::from_secs(8)).await;
+    assert!(took < Duration::from_secs(5), "offline seen after {took:?}");
+
+    // The id is started again at once, and a second start takes it over:
+    // the older one stops with an error.
+    let mut again = node_process(&env, dirs[1].path(), "k1");
+    let mut bob = RawConn::connect(again.addr).await;
+    bob.login("kbob").await;
+    presence_of(&mut watcher, bob_id, true, Duration::from_secs(3)).await;
+    let _newer = node_process(&env, dirs[2].path(), "k1");
+    assert_eq!(again.wait_exit(10), Some(1), "the superseded node exits 1");
+    drop(p0);
+}
