@@ -184,6 +184,11 @@ async fn presence_crosses_nodes_and_counts_every_device() {
     let (_again, _) = user(&cluster, 1, "pbob", false).await;
     let took = presence_of(&mut watcher, bob_id, true, Duration::from_secs(3)).await;
     assert!(took < Duration::from_secs(1), "online seen after {took:?}");
+    // Node 1 shuts down: its users go offline for watchers elsewhere.
+    let mut cluster = cluster;
+    cluster.stop(1).await;
+    let took = presence_of(&mut watcher, bob_id, false, Duration::from_secs(3)).await;
+    assert!(took < Duration::from_secs(1), "offline seen after {took:?}");
     cluster.shutdown().await;
 }
 

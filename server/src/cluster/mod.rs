@@ -204,6 +204,8 @@ pub(crate) enum Work {
     },
     /// A new incarnation: write every local user's route again.
     Republish,
+    /// Answered once everything queued before it is handled.
+    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// A route naming an incarnation the view does not know makes the node
@@ -511,9 +513,16 @@ impl Cluster {
         }
     }
 
-    /// Leaves the cluster at shutdown: gives up the lease, so other nodes
-    /// count this incarnation dead at once and sweep its routes.
+    /// Leaves the cluster at shutdown (after the node closed its
+    /// connections): writes the routes those closes removed, so watchers
+    /// everywhere see the users go offline, then gives up the lease, so
+    /// other nodes count this incarnation dead at once and sweep whatever
+    /// it left.
     pub async fn leave(&self) {
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        if self.shared.work.send(Work::Flush(done)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
+        }
         self.shared.stop.send_replace(true);
         node::release(&self.shared).await;
     }

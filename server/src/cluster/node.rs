@@ -133,8 +133,9 @@ pub(crate) async fn register(
     Ok(incarnation)
 }
 
-/// Gives up the lease (if still held) and sweeps this incarnation's
-/// routes, at shutdown.
+/// Gives up the lease (if still held), at shutdown. The routes are left
+/// for the other nodes to sweep: they first tell their presence watchers
+/// who went offline with this incarnation.
 pub(crate) async fn release(shared: &Shared) {
     let incarnation = shared.incarnation();
     let result = async {
@@ -145,7 +146,7 @@ pub(crate) async fn release(shared: &Shared) {
             .invoke_async(&mut conn)
             .await
             .map_err(redis_err)?;
-        sweep(&mut conn, &shared.keys, incarnation).await
+        Ok::<(), ClusterError>(())
     }
     .await;
     if let Err(e) = result {

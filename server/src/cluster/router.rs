@@ -236,6 +236,7 @@ async fn handle<L: Local>(
                 }
             }
             Work::Republish => {}
+            Work::Flush(done) => waiting.push(done),
             Work::Forward {
                 frame,
                 conversation,
