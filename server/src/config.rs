@@ -200,8 +200,8 @@ pub struct Config {
     #[arg(long, env = "IM_MEMBER_CACHE_BYTES", default_value_t = 64 << 20)]
     pub member_cache_bytes: u64,
 
-    /// Seconds a cached member list is used for fan-out before reloading
-    /// (bounds how long another node's membership change takes to apply).
+    /// Seconds a cached member list is used for fan-out before reloading (a
+    /// safety net: a membership change reaches every node's cache at once).
     #[arg(long, env = "IM_MEMBER_CACHE_TTL_SECS", default_value_t = 5)]
     pub member_cache_ttl_secs: u64,
 

@@ -1,7 +1,8 @@
 //! Chat logic: authentication, sends, fan-out, sync, receipts, groups and
 //! presence. It owns no socket and no SQL: frames arrive from the
 //! connection layer through [`Handler`], answers leave through
-//! [`Outbound`], and durable state lives behind [`Store`].
+//! [`Outbound`] (and, in a cluster, pushes for devices on other nodes
+//! through [`Cluster`]), and durable state lives behind [`Store`].
 //!
 //! - [`auth`]: password hashing, session tokens, login rate limiting.
 //! - [`registry`]: user → live connections, presence subscriptions.
@@ -90,8 +91,8 @@ pub struct ChatConfig {
     /// Bytes of group member lists cached for fan-out (8 per member and a
     /// little per group).
     pub member_cache_bytes: u64,
-    /// How long a cached member list is used before it is reloaded (other
-    /// nodes' changes become visible to fan-out within this time).
+    /// How long a cached member list is used before it is reloaded (a
+    /// safety net: every node's change reaches every node's cache at once).
     pub member_cache_ttl: Duration,
 }
 
