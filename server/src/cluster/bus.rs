@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::{Local, Shared, add, node, redis_err};
 
 /// Envelopes received and not yet applied at most; past that they are
-/// dropped (and local sessions told to sync).
+/// dropped, and the node subscribes again and tells its sessions to sync.
 const QUEUE: usize = 4096;
 /// Wait between attempts to subscribe again.
 const RETRY: Duration = Duration::from_millis(200);
@@ -73,9 +73,13 @@ pub(crate) async fn run<L: Local>(
                 arrival = rx.recv() => match arrival {
                     Some(Arrival::Envelope(payload)) => {
                         apply(&shared, &*local, payload).await;
-                        if overflow.swap(false, Ordering::AcqRel) {
+                        if overflow.load(Ordering::Acquire) {
+                            // Arrivals were dropped (perhaps the notice of
+                            // a lost connection too): start over on a
+                            // fresh subscription, which hints the sessions.
                             add(&shared.counters.lost, 1);
-                            node::hint_all(&shared, &*local);
+                            tracing::warn!("node subscription fell behind; subscribing again");
+                            break;
                         }
                     }
                     Some(Arrival::Dropped) | None => {
@@ -123,12 +127,6 @@ async fn subscribe(
         };
         match tx.try_send(arrival) {
             Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(Arrival::Dropped)) => {
-                // The queue is full and the connection gone: the loop
-                // notices the overflow and subscribes again once drained.
-                overflow.store(true, Ordering::Release);
-                Ok(())
-            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 overflow.store(true, Ordering::Release);
                 Ok(())

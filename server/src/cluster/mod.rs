@@ -33,7 +33,7 @@ mod node;
 mod router;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -88,6 +88,9 @@ pub enum ClusterError {
     /// Redis failed or answered something unexpected.
     #[error("redis: {0}")]
     Redis(String),
+    /// The node id is not one the cluster's keys can carry.
+    #[error("{0}")]
+    InvalidNodeId(String),
     /// A newer start of the same node id took over.
     #[error("node id {node_id} was taken by incarnation {newer} (this is {mine})")]
     Superseded {
@@ -186,7 +189,7 @@ pub(crate) enum Work {
     Forward {
         frame: Bytes,
         conversation: u64,
-        users: Vec<UserId>,
+        users: smallvec::SmallVec<[UserId; 4]>,
         _room: tokio::sync::OwnedSemaphorePermit,
     },
     /// A push to every other node, for its local members of `group`.
@@ -204,8 +207,6 @@ pub(crate) enum Work {
     },
     /// A new incarnation: write every local user's route again.
     Republish,
-    /// Answered once everything queued before it is handled.
-    Flush(tokio::sync::oneshot::Sender<()>),
 }
 
 /// A route naming an incarnation the view does not know makes the node
@@ -226,6 +227,9 @@ pub(crate) struct Shared {
     /// This node's current incarnation (changes when it re-registers).
     incarnation: watch::Sender<u64>,
     view: std::sync::RwLock<Arc<View>>,
+    /// Live incarnations in the view besides this one: while there are
+    /// none, pushes are not forwarded at all (no route reads).
+    others: AtomicUsize,
     /// When the view was last read again for an unknown incarnation.
     reread: std::sync::Mutex<Option<std::time::Instant>>,
     work: mpsc::UnboundedSender<Work>,
@@ -257,7 +261,17 @@ impl Shared {
     }
 
     fn set_view(&self, view: View) {
+        self.others
+            .store(view.live_count().saturating_sub(1), Ordering::Relaxed);
         *self.view.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
+    }
+
+    /// Whether any other node is live (as last read). A node that started
+    /// since is told about within a view refresh, and its sessions sync
+    /// once it settles (see `node`), so skipping it meanwhile loses nothing
+    /// for good.
+    fn alone(&self) -> bool {
+        self.others.load(Ordering::Relaxed) == 0
     }
 
     /// The view, read again first if `incarnations` names one it does not
@@ -341,7 +355,7 @@ impl Cluster {
     /// `config.node_id`. Nothing is routed here until [`Pending::attach`]
     /// starts the node's tasks.
     pub async fn join(config: ClusterConfig) -> Result<(Cluster, Pending), ClusterError> {
-        ClusterConfig::validate_node_id(&config.node_id).map_err(ClusterError::Redis)?;
+        ClusterConfig::validate_node_id(&config.node_id).map_err(ClusterError::InvalidNodeId)?;
         let client = redis::Client::open(config.redis_url.as_str()).map_err(redis_err)?;
         let keys = Keys {
             prefix: config.prefix.clone(),
@@ -354,6 +368,7 @@ impl Cluster {
             view: std::sync::RwLock::new(Arc::new(View::only(incarnation, &config.node_id))),
             incarnation: watch::channel(incarnation).0,
             reread: std::sync::Mutex::new(None),
+            others: AtomicUsize::new(0),
             room: Arc::new(Semaphore::new(units as usize)),
             room_units: units,
             work: work_tx,
@@ -422,7 +437,7 @@ impl Cluster {
     /// Forwards a push to the devices `users` have on other nodes; waits
     /// while too much is queued already.
     pub async fn forward(&self, frame: &Bytes, conversation: u64, users: &[UserId]) {
-        if users.is_empty() {
+        if users.is_empty() || self.shared.alone() {
             return;
         }
         let Some(room) = self.room(frame.len()).await else {
@@ -431,7 +446,7 @@ impl Cluster {
         let _ = self.shared.work.send(Work::Forward {
             frame: frame.clone(),
             conversation,
-            users: users.to_vec(),
+            users: users.into(),
             _room: room,
         });
     }
@@ -439,6 +454,9 @@ impl Cluster {
     /// Sends a group's push to every other node, which pushes it to its
     /// own members' devices.
     pub async fn broadcast(&self, frame: &Bytes, conversation: u64, group: GroupId) {
+        if self.shared.alone() {
+            return;
+        }
         let Some(room) = self.room(frame.len()).await else {
             return;
         };
@@ -513,16 +531,11 @@ impl Cluster {
         }
     }
 
-    /// Leaves the cluster at shutdown (after the node closed its
-    /// connections): writes the routes those closes removed, so watchers
-    /// everywhere see the users go offline, then gives up the lease, so
-    /// other nodes count this incarnation dead at once and sweep whatever
-    /// it left.
+    /// Leaves the cluster at shutdown: gives up the lease, so other nodes
+    /// count this incarnation dead at once (at their next view refresh,
+    /// within half a second), tell their presence watchers who went
+    /// offline with it, and sweep its routes.
     pub async fn leave(&self) {
-        let (done, flushed) = tokio::sync::oneshot::channel();
-        if self.shared.work.send(Work::Flush(done)).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(2), flushed).await;
-        }
         self.shared.stop.send_replace(true);
         node::release(&self.shared).await;
     }

@@ -29,8 +29,9 @@ const SWEEP_LOCK_MS: u64 = 60_000;
 /// Index buckets read per round trip of a sweep.
 const SWEEP_CHUNK: u64 = 256;
 /// How long after taking a new incarnation every local session is told to
-/// sync: by then every other node's view has it, so pushes sent meanwhile
-/// and dropped for naming an unknown incarnation are caught up.
+/// sync: by then every other node's view has it, so whatever they pushed
+/// meanwhile without knowing it (a broadcast, or a forward skipped by a
+/// node that thought itself alone) is caught up.
 const SETTLE: Duration = Duration::from_millis(1500);
 
 /// Renews the lease if this incarnation still holds it.
@@ -137,20 +138,14 @@ pub(crate) async fn register(
 /// for the other nodes to sweep: they first tell their presence watchers
 /// who went offline with this incarnation.
 pub(crate) async fn release(shared: &Shared) {
-    let incarnation = shared.incarnation();
-    let result = async {
-        let mut conn = shared.conn.clone();
-        let _: i64 = redis::Script::new(RELEASE_SCRIPT)
-            .key(shared.keys.lease(&shared.config.node_id))
-            .arg(incarnation)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(redis_err)?;
-        Ok::<(), ClusterError>(())
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "leaving the cluster cleanly failed; the lease will lapse");
+    let mut conn = shared.conn.clone();
+    let released: Result<i64, _> = redis::Script::new(RELEASE_SCRIPT)
+        .key(shared.keys.lease(&shared.config.node_id))
+        .arg(shared.incarnation())
+        .invoke_async(&mut conn)
+        .await;
+    if let Err(e) = released {
+        tracing::warn!(error = %e, "giving up the lease failed; it will lapse");
     }
 }
 

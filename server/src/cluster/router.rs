@@ -236,7 +236,6 @@ async fn handle<L: Local>(
                 }
             }
             Work::Republish => {}
-            Work::Flush(done) => waiting.push(done),
             Work::Forward {
                 frame,
                 conversation,
