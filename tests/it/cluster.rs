@@ -21,12 +21,7 @@ async fn user(cluster: &TestCluster, i: usize, name: &str, register: bool) -> (R
     (conn, ok.user_id)
 }
 
-fn text(m: &pb::Message) -> &str {
-    match m.content.as_ref().and_then(|c| c.kind.as_ref()) {
-        Some(pb::content::Kind::Text(t)) => &t.text,
-        _ => "",
-    }
-}
+use im_tests::sdk::text_of as text;
 
 #[tokio::test]
 async fn direct_messages_cross_nodes_live() {
@@ -335,6 +330,41 @@ async fn a_node_whose_subscription_is_cut_tells_its_sessions_to_sync() {
             break;
         }
         assert!(acked.contains(&m.seq), "{m:?}");
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_whose_lease_lapsed_rejoins_and_gets_pushes_again() {
+    let cluster = TestCluster::start(2).await;
+    let (mut alice, alice_id) = user(&cluster, 0, "lalice", true).await;
+    let (mut bob, _) = user(&cluster, 1, "lbob", true).await;
+    let before = cluster.node(0).cluster_stats().unwrap();
+    // As if node 0 had been cut off from Redis for a whole lease: the
+    // others count it dead.
+    let redis = redis::Client::open(cluster.env.redis_url.as_str()).unwrap();
+    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    let _: i64 = redis::cmd("DEL")
+        .arg(format!("{}:node:node0", cluster.env.prefix))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // It rejoins under a new incarnation and tells its sessions to sync.
+    alice
+        .push_where(5, |b| matches!(b, Body::SyncHint(_)).then_some(()))
+        .await;
+    let after = cluster.node(0).cluster_stats().unwrap();
+    assert!(after.incarnation > before.incarnation, "{after:?}");
+    assert_eq!(after.reregistered, 1);
+    // Its users' routes were written again: pushes reach alice live.
+    let ack = bob
+        .send_text_to_user(alice_id, "l1", "after the rejoin")
+        .await;
+    loop {
+        let m = alice.pushed_message(5).await;
+        if m.seq == ack.seq {
+            break;
+        }
     }
     cluster.shutdown().await;
 }
