@@ -356,7 +356,54 @@ async fn a_node_whose_lease_lapsed_rejoins_and_gets_pushes_again() {
     let after = cluster.node(0).cluster_stats().unwrap();
     assert!(after.incarnation > before.incarnation, "{after:?}");
     assert_eq!(after.reregistered, 1);
-    // Its users' routes were written again: pushes reach alice live.
+    // Sent at once, while node 1 may not know the new incarnation nor see
+    // alice's rewritten route: it is pushed live, or the hint that node 0
+    // sends once the cluster has settled makes alice sync and find it.
+    let early = bob
+        .send_text_to_user(alice_id, "l0", "during the rejoin")
+        .await;
+    let live = alice
+        .push_where(10, |b| match b {
+            Body::Message(m) if m.seq == early.seq => Some(true),
+            Body::SyncHint(_) => Some(false),
+            _ => None,
+        })
+        .await;
+    if !live {
+        let page = alice
+            .call(Body::Sync(pb::SyncRequest {
+                cursors: vec![pb::ConvCursor {
+                    conversation_id: early.conversation_id,
+                    seq: 0,
+                }],
+                limit: 50,
+            }))
+            .await;
+        let Body::SyncResponse(page) = page else {
+            panic!("{page:?}")
+        };
+        assert!(page.messages.iter().any(|m| m.seq == early.seq), "{page:?}");
+    }
+    // Once node 1 counts the new incarnation live and alice's route is
+    // written again, pushes reach her live.
+    let route = format!("{}:rt:{alice_id}", cluster.env.prefix);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let routes: Vec<u64> = redis::cmd("SMEMBERS")
+            .arg(&route)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        let peer = cluster.node(1).cluster_stats().unwrap();
+        if routes.contains(&after.incarnation) && peer.live_nodes == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "routes {routes:?}, node 1 {peer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let ack = bob
         .send_text_to_user(alice_id, "l1", "after the rejoin")
         .await;
