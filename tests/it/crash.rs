@@ -474,3 +474,95 @@ async fn a_retried_removal_drops_a_stale_member_cache() {
     let refused = bob.send_text(target, "still here?").await.unwrap_err();
     assert_eq!(refused.code(), Some(im_proto::ErrorCode::Forbidden));
 }
+
+/// A database with no free connection slot (`ERROR 1040: Too many
+/// connections`, as when N nodes' pools outgrow `max_connections`) refuses
+/// work it has not done: clients get OVERLOADED and a retry succeeds once
+/// slots free up, never INTERNAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_out_of_connections_answers_overloaded_never_internal() {
+    use im_proto::ErrorCode;
+    use im_proto::pb::frame::Body;
+    use im_tests::{PipelineEnv, RawConn, error_code, test_config};
+
+    let mysql = MariaDb::start();
+    let env = PipelineEnv {
+        redis_url: im_tests::services::shared().redis_url.clone(),
+        mysql_url: fresh_database(&mysql.server_url()),
+        prefix: unique_prefix(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    env.apply(&mut config);
+    let node = im_server::server::PipelineServer::start_pipeline(config)
+        .await
+        .expect("node starts");
+    let addr = node.local_addr();
+
+    // Leave the node only the connections it holds now: MariaDB lets a
+    // SUPER user (root, as everyone here) have max_connections + 1.
+    let admin_pool = mysql_async::Pool::new(mysql.server_url().as_str());
+    let mut admin = admin_pool.get_conn().await.unwrap();
+    let open: Option<(String, u64)> = admin
+        .query_first("SHOW GLOBAL STATUS LIKE 'Threads_connected'")
+        .await
+        .unwrap();
+    let open = open.unwrap().1;
+    admin
+        .query_drop(format!("SET GLOBAL max_connections = {}", open - 1))
+        .await
+        .unwrap();
+
+    // Registrations at once: more than the held connections can serve
+    // together, so the pool tries to open more and the server says no.
+    let attempt = |name: String| async move {
+        let mut conn = RawConn::connect(addr).await;
+        let body = conn
+            .call(Body::Register(pb::RegisterRequest {
+                username: name.clone(),
+                password: im_tests::PASSWORD.into(),
+            }))
+            .await;
+        (name, body)
+    };
+    let mut refused = Vec::new();
+    let mut accepted = 0;
+    for _round in 0..5 {
+        let names: Vec<String> = (0..64).map(|_| unique_prefix()).collect();
+        let replies = futures::future::join_all(names.into_iter().map(attempt)).await;
+        for (name, body) in replies {
+            match &body {
+                Body::AuthOk(_) => accepted += 1,
+                other => {
+                    assert_eq!(
+                        error_code(other),
+                        Some(ErrorCode::Overloaded),
+                        "{name}: {other:?}"
+                    );
+                    refused.push(name);
+                }
+            }
+        }
+        if !refused.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        !refused.is_empty(),
+        "no registration needed a new connection"
+    );
+    assert!(accepted > 0, "the held connections kept serving");
+
+    // Slots free again: the same requests go through.
+    admin
+        .query_drop("SET GLOBAL max_connections = 151")
+        .await
+        .unwrap();
+    for name in refused {
+        let (name, body) = attempt(name).await;
+        assert!(matches!(body, Body::AuthOk(_)), "{name}: {body:?}");
+    }
+    drop(admin);
+    admin_pool.disconnect().await.ok();
+    node.shutdown().await;
+}

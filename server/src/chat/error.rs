@@ -77,6 +77,10 @@ impl From<StoreError> for ChatError {
                 ChatError::invalid(format!("limit exceeded: {what}"))
             }
             StoreError::Overloaded | StoreError::Closed => ChatError::Overloaded,
+            StoreError::Busy(detail) => {
+                tracing::warn!(%detail, "storage engine busy; answered OVERLOADED");
+                ChatError::Overloaded
+            }
             StoreError::Backend(detail) => {
                 tracing::error!(%detail, "storage failure");
                 ChatError::Internal

@@ -176,6 +176,11 @@ pub enum StoreError {
     /// The store is shutting down and takes no more work.
     #[error("store closed")]
     Closed,
+    /// The backend refused the work for load (no free connection slot, a
+    /// lock wait timed out, a script still running) and applied nothing;
+    /// the caller should retry later.
+    #[error("storage backend busy: {0}")]
+    Busy(String),
     /// The backend failed (disk, database, network).
     #[error("storage backend failure: {0}")]
     Backend(String),

@@ -10,10 +10,12 @@
 //!
 //! - `append`: ordered append lanes and the append script's protocol.
 //! - `sql`: accounts, groups and memberships in MySQL.
+//! - `engine`: Redis and MySQL errors told apart (busy or failed).
 //! - `read`: sync, history, conversation list and cursors, merging the
 //!   Redis cache with MySQL without a gap at the boundary.
 
 mod append;
+mod engine;
 mod read;
 mod sql;
 
@@ -31,6 +33,7 @@ use super::{
     NewMessage, Page, Store, StoreError, StoreResult, UserId, UserRecord,
 };
 use append::AppendJob;
+use engine::{mysql_err, redis_err};
 
 /// Settings of the pipeline store.
 #[derive(Debug, Clone)]
@@ -105,19 +108,12 @@ pub struct PipelineStore {
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-fn redis_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(format!("redis: {e}"))
-}
-
-fn mysql_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Backend(format!("mysql: {e}"))
-}
-
 impl PipelineStore {
     /// Connects to Redis and MySQL, runs the schema migrations and starts
     /// the append lanes. Must be called within a tokio runtime.
     pub async fn open(options: PipelineOptions) -> StoreResult<PipelineStore> {
-        let opts = mysql_async::Opts::from_url(&options.mysql_url).map_err(mysql_err)?;
+        let opts = mysql_async::Opts::from_url(&options.mysql_url)
+            .map_err(|e| mysql_err(e.to_string()))?;
         let constraints = mysql_async::PoolConstraints::new(1, options.mysql_pool_size.max(1))
             .ok_or_else(|| StoreError::Backend("invalid MySQL pool size".into()))?;
         let opts = mysql_async::OptsBuilder::from_opts(opts)
@@ -126,7 +122,7 @@ impl PipelineStore {
         let mysql = mysql_async::Pool::new(opts);
         im_storage::schema::migrate(&mysql)
             .await
-            .map_err(mysql_err)?;
+            .map_err(|e| mysql_err(e.to_string()))?;
 
         let mut redis_config = deadpool_redis::Config::from_url(options.redis_url.clone());
         redis_config.pool = Some(deadpool_redis::PoolConfig::new(
@@ -134,7 +130,7 @@ impl PipelineStore {
         ));
         let redis = redis_config
             .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .map_err(redis_err)?;
+            .map_err(|e| redis_err(e.to_string()))?;
         // Fail fast on a wrong URL rather than at the first message.
         let mut conn = redis.get().await.map_err(redis_err)?;
         let _: String = redis::cmd("PING")
