@@ -7,10 +7,13 @@
 //! - [`auth`]: password hashing, session tokens, login rate limiting.
 //! - [`registry`]: user → live connections, presence subscriptions.
 //! - `send`: the send pipeline (batched appends, acks, fan-out in order).
+//! - `members`: the member lists fan-out uses, never staler than the last
+//!   membership change.
 //! - `requests`: every other request.
 
 pub mod auth;
 mod error;
+mod members;
 pub mod registry;
 mod requests;
 mod send;
@@ -32,6 +35,7 @@ use crate::cluster::Cluster;
 use crate::net::{ConnRef, FrameCtx, Handler, Outbound, Topic};
 use crate::store::{GroupId, Store, UserId};
 use auth::{HashCost, LoginLimiter, Passwords, Tokens};
+use members::MemberCache;
 use registry::{PresenceHub, Registry};
 use send::{SendBudget, SendJob};
 
@@ -205,7 +209,7 @@ pub(crate) struct Inner<S: Store> {
     limiter: LoginLimiter,
     registry: Registry,
     presence: PresenceHub,
-    members: moka::future::Cache<GroupId, Arc<[UserId]>>,
+    members: MemberCache,
     lanes: Vec<mpsc::Sender<SendJob>>,
     send_budget: Arc<SendBudget>,
     runtime: Handle,
@@ -215,19 +219,6 @@ pub(crate) struct Inner<S: Store> {
     pending: AtomicUsize,
     idle: Notify,
     counters: ChatCounters,
-}
-
-/// The cache of group member lists used for fan-out, weighed in bytes (a
-/// 2,000-member group is 16 KiB, a small one under 100 B). Another node
-/// may change a membership: entries live `member_cache_ttl` at most.
-fn member_cache(config: &ChatConfig) -> moka::future::Cache<GroupId, Arc<[UserId]>> {
-    moka::future::Cache::builder()
-        .max_capacity(config.member_cache_bytes)
-        .weigher(|_, members: &Arc<[UserId]>| {
-            u32::try_from(members.len() * std::mem::size_of::<UserId>() + 64).unwrap_or(u32::MAX)
-        })
-        .time_to_live(config.member_cache_ttl)
-        .build()
 }
 
 impl<S: Store> ChatService<S> {
@@ -265,7 +256,7 @@ impl<S: Store> ChatService<S> {
         let inner = Arc::new(Inner {
             store,
             out,
-            members: member_cache(&config),
+            members: MemberCache::new(config.member_cache_bytes, config.member_cache_ttl),
             config,
             passwords,
             tokens,
@@ -517,7 +508,7 @@ impl<S: Store> crate::cluster::Local for Inner<S> {
     }
 
     async fn invalidate_group(&self, group: GroupId) {
-        self.members.invalidate(&group).await;
+        self.members.invalidate(group).await;
     }
 
     fn hint_all(&self) {
@@ -542,35 +533,5 @@ impl<S: Store> crate::cluster::Local for Inner<S> {
 
     fn watched_users(&self) -> Vec<UserId> {
         self.presence.watched()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn the_member_cache_is_bounded_in_bytes() {
-        let config = ChatConfig {
-            member_cache_bytes: 1 << 20,
-            ..ChatConfig::default()
-        };
-        let cache = member_cache(&config);
-        let big: Arc<[UserId]> = (1..=2000).collect::<Vec<_>>().into();
-        for group in 0..200 {
-            cache.insert(group, big.clone()).await;
-        }
-        cache.run_pending_tasks().await;
-        // 200 groups of 2,000 would be 3.2 MB; at most the budget stays.
-        assert!(
-            cache.weighted_size() <= 1 << 20,
-            "{}",
-            cache.weighted_size()
-        );
-        assert!(
-            cache.entry_count() <= 65,
-            "{} groups kept",
-            cache.entry_count()
-        );
     }
 }

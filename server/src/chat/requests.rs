@@ -448,7 +448,7 @@ impl<S: Store> Inner<S> {
     /// the change's notice and everything after it fan out to the new
     /// members only.
     pub(crate) async fn membership_changed(&self, group: GroupId) {
-        self.members.invalidate(&group).await;
+        self.members.invalidate(group).await;
         if let Some(cluster) = &self.cluster {
             cluster.invalidate_groups(vec![group]).await;
         }
@@ -460,12 +460,7 @@ impl<S: Store> Inner<S> {
         group: GroupId,
     ) -> Result<Arc<[UserId]>, Arc<StoreError>> {
         self.members
-            .try_get_with(group, async {
-                self.store
-                    .group_members(group)
-                    .await
-                    .map(Arc::<[UserId]>::from)
-            })
+            .get(group, || self.store.group_members(group))
             .await
     }
 
