@@ -630,3 +630,158 @@ async fn a_node_killed_is_dead_for_the_others_within_its_lease_and_its_id_can_be
     assert_eq!(again.wait_exit(10), Some(1), "the superseded node exits 1");
     drop(p0);
 }
+
+/// kill -9 of one of three node processes in the middle of a verified
+/// load run: its clients reconnect to the others, resume and sync, every
+/// acknowledged message reaches every recipient exactly once, and the dead
+/// node's routes are swept within its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_load_loses_nothing_and_its_routes_go() {
+    let env = im_tests::PipelineEnv::fresh();
+    let worker = env.start_worker().await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut nodes: Vec<_> = (0..3)
+        .map(|i| node_process(&env, dirs[i].path(), &format!("x{i}")))
+        .collect();
+    let servers: Vec<String> = nodes.iter().map(|p| p.addr.to_string()).collect();
+    let servers = servers.join(",");
+    let redis = redis::Client::open(env.redis_url.as_str()).unwrap();
+    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    // Formed, and the incarnation of the node to kill.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let doomed: u64 = loop {
+        let leases: Vec<Option<u64>> = redis::cmd("MGET")
+            .arg(
+                (0..3)
+                    .map(|i| format!("{}:node:x{i}", env.prefix))
+                    .collect::<Vec<_>>(),
+            )
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        if let [Some(_), Some(_), Some(inc)] = leases[..] {
+            break inc;
+        }
+        assert!(Instant::now() < deadline, "cluster did not form");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let run = tokio::spawn(async move {
+        use clap::Parser;
+        let args = im_loadgen::Args::try_parse_from([
+            "im-loadgen",
+            "--server",
+            &servers,
+            "--quiet",
+            "--scenario",
+            "direct",
+            "--connections",
+            "90",
+            "--rate",
+            "600",
+            "--warmup",
+            "1",
+            "--duration",
+            "6",
+            "--settle",
+            "3",
+        ])
+        .expect("valid flags");
+        im_loadgen::run(args).await.expect("load run").0
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    nodes[2].signal("KILL");
+    nodes[2].wait_exit(5);
+    // Within the lease (3 s) and a sweep, while the load goes on and its
+    // users hold routes on the other nodes, no route names the dead
+    // incarnation any more.
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    let routes: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:rt:*", env.prefix))
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(!routes.is_empty(), "the load's users are routed");
+    for key in routes {
+        let member: bool = redis::cmd("SISMEMBER")
+            .arg(&key)
+            .arg(doomed)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert!(!member, "{key} still names the dead node");
+    }
+    let r = run.await.unwrap();
+    assert!(!r.failed(), "verification failed: {r:#?}");
+    assert_eq!(r.messages_lost, 0, "{r:#?}");
+    assert!(r.cross_node_deliveries > 0, "{r:#?}");
+    // Its clients lost their connections (counted as errors) and moved.
+    assert!(r.errors > 0, "{r:#?}");
+    drop(nodes);
+    worker.shutdown().await;
+}
+
+/// The whole Redis goes away for longer than the lease and comes back
+/// (restarted from its AOF): every node rejoins under a new incarnation,
+/// republishes its routes, and pushes cross nodes live again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_rejoin_when_redis_returns_and_push_across_again() {
+    let mut redis_server = im_tests::services::RedisServer::start(true);
+    let shared = im_tests::services::shared();
+    let env = im_tests::PipelineEnv {
+        redis_url: redis_server.url(),
+        mysql_url: im_tests::services::fresh_database(&shared.mysql_url),
+        prefix: im_tests::services::unique_prefix(),
+    };
+    let cluster = TestCluster::start_on(env, 2, |_| {}).await;
+    let (mut alice, alice_id) = user(&cluster, 0, "ralice", true).await;
+    let (mut bob, bob_id) = user(&cluster, 1, "rbob", true).await;
+    let ack = bob.send_text_to_user(alice_id, "r0", "before").await;
+    assert_eq!(alice.pushed_message(5).await.seq, ack.seq);
+
+    redis_server.kill();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    redis_server.restart();
+
+    // Both rejoin; once each counts the other live and both routes are
+    // written again, pushes cross live in both directions.
+    let redis = redis::Client::open(redis_server.url()).unwrap();
+    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s0 = cluster.node(0).cluster_stats().unwrap();
+        let s1 = cluster.node(1).cluster_stats().unwrap();
+        let mut routed = true;
+        for (user, inc) in [(alice_id, s0.incarnation), (bob_id, s1.incarnation)] {
+            let routes: Vec<u64> = redis::cmd("SMEMBERS")
+                .arg(format!("{}:rt:{user}", cluster.env.prefix))
+                .query_async(&mut admin)
+                .await
+                .unwrap_or_default();
+            routed &= routes.contains(&inc);
+        }
+        if s0.reregistered >= 1
+            && s1.reregistered >= 1
+            && s0.live_nodes == 2
+            && s1.live_nodes == 2
+            && routed
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not rejoined: {s0:?} {s1:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ack = bob.send_text_to_user(alice_id, "r1", "after").await;
+    loop {
+        if alice.pushed_message(5).await.seq == ack.seq {
+            break;
+        }
+    }
+    let ack = alice.send_text_to_user(bob_id, "r2", "back").await;
+    loop {
+        if bob.pushed_message(5).await.seq == ack.seq {
+            break;
+        }
+    }
+    cluster.shutdown().await;
+}

@@ -284,8 +284,17 @@ impl TestCluster {
         n: usize,
         tweak: impl Fn(&mut Config) + Send + Sync + 'static,
     ) -> TestCluster {
+        Self::start_on(PipelineEnv::fresh(), n, tweak).await
+    }
+
+    /// Starts `n` nodes on a given environment (e.g. a Redis of the
+    /// test's own, to stop and start).
+    pub async fn start_on(
+        env: PipelineEnv,
+        n: usize,
+        tweak: impl Fn(&mut Config) + Send + Sync + 'static,
+    ) -> TestCluster {
         init_logging();
-        let env = PipelineEnv::fresh();
         let mut cluster = TestCluster {
             worker: Some(env.start_worker().await),
             env,

@@ -96,9 +96,7 @@ impl View {
 /// reconnects by itself, and a Redis that stops answering fails calls
 /// within two seconds instead of stalling them.
 pub(crate) async fn connect(client: &redis::Client) -> Result<ConnectionManager, ClusterError> {
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Duration::from_secs(2))
-        .set_response_timeout(Duration::from_secs(2));
+    let config = crate::store::pipeline::redis_manager_config(Duration::from_secs(2));
     client
         .get_connection_manager_with_config(config)
         .await

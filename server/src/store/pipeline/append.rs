@@ -300,6 +300,35 @@ impl Lane {
         Ok(())
     }
 
+    /// Runs a round's pipeline, loading the script when Redis forgot it (a
+    /// restart) and trying once more when the lane's connection broke: it
+    /// is often found broken only by the first round after Redis came
+    /// back, and the manager reconnects on that error. A second try is
+    /// safe: whatever of the first was applied is answered "dup" with its
+    /// original ack.
+    async fn query_round(&mut self, pipe: &redis::Pipeline) -> StoreResult<Vec<Value>> {
+        let mut reconnected = false;
+        let mut loaded = false;
+        loop {
+            match pipe.query_async(&mut self.conn).await {
+                Ok(values) => return Ok(values),
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError && !loaded => {
+                    loaded = true;
+                    self.append
+                        .prepare_invoke()
+                        .load_async(&mut self.conn)
+                        .await
+                        .map_err(redis_err)?;
+                }
+                Err(e) if (e.is_connection_dropped() || e.is_io_error()) && !reconnected => {
+                    reconnected = true;
+                    tracing::info!(error = %e, "append lane reconnecting; retrying the round");
+                }
+                Err(e) => return Err(redis_err(e)),
+            }
+        }
+    }
+
     /// One pipelined round trip: the script once per shard (in chunks),
     /// over the pending entries in order.
     async fn run_script(
@@ -346,19 +375,7 @@ impl Lane {
                 order.extend_from_slice(part);
             }
         }
-        let values: Vec<Value> = match pipe.query_async(&mut self.conn).await {
-            Ok(v) => v,
-            Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-                // Redis restarted and forgot the script: load and retry.
-                self.append
-                    .prepare_invoke()
-                    .load_async(&mut self.conn)
-                    .await
-                    .map_err(redis_err)?;
-                pipe.query_async(&mut self.conn).await.map_err(redis_err)?
-            }
-            Err(e) => return Err(redis_err(e)),
-        };
+        let values = self.query_round(&pipe).await?;
         let mut replies: Vec<(usize, Reply)> = Vec::with_capacity(order.len());
         let mut flat = Vec::with_capacity(order.len());
         for value in values {

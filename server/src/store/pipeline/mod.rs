@@ -108,6 +108,25 @@ pub struct PipelineStore {
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
+/// Settings for a self-reconnecting Redis connection that fails calls
+/// within `timeout` when Redis stops answering, and retries connecting
+/// every half second while Redis is away.
+///
+/// The library's default backoff waits 1 s, then 60 s between attempts,
+/// and every call waits for the reconnection in progress: a Redis restart
+/// of two seconds would stall the connection's users for a minute.
+/// Here a reconnection gives up after three quick attempts (the calls
+/// waiting on it fail and are retried by their callers) and the next call
+/// starts a new one.
+pub(crate) fn redis_manager_config(timeout: Duration) -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(timeout)
+        .set_response_timeout(timeout)
+        .set_factor(1)
+        .set_max_delay(500)
+        .set_number_of_retries(3)
+}
+
 impl PipelineStore {
     /// Connects to Redis and MySQL, runs the schema migrations and starts
     /// the append lanes. Must be called within a tokio runtime.
@@ -152,9 +171,7 @@ impl PipelineStore {
         for _ in 0..shared.options.append_lanes.max(1) {
             // A Redis that stops answering fails the round (clients retry)
             // rather than stalling its lane.
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Duration::from_secs(5))
-                .set_response_timeout(Duration::from_secs(5));
+            let config = redis_manager_config(Duration::from_secs(5));
             let conn = client
                 .get_connection_manager_with_config(config)
                 .await
