@@ -44,7 +44,14 @@ async fn login_error(conn: &mut RawConn, username: &str, password: &str) -> Opti
 
 #[tokio::test]
 async fn a_v2_header_comes_before_the_frames_in_the_same_or_a_later_write() {
-    let server = TestServer::start_with(trust_loopback).await;
+    // One listener handing connections round-robin to two event loops:
+    // the second connection is accepted by one and served by the other.
+    let server = TestServer::start_with(|c| {
+        trust_loopback(c);
+        c.shards = 2;
+        c.reuse_port = false;
+    })
+    .await;
     let mut first = via(&server, "203.0.113.5").await;
     let me = first.register("carol").await.user_id;
     assert_alive(&mut first, me).await;
