@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatConfig;
 use crate::chat::auth::HashCost;
-use crate::net::NetConfig;
+use crate::net::{Cidr, NetConfig};
 use crate::store::pipeline::PipelineOptions;
 use crate::store::sqlite::SqliteOptions;
 
@@ -128,6 +128,21 @@ pub struct Config {
     /// SO_RCVBUF per client socket in bytes (0 = kernel autotuning).
     #[arg(long, env = "IM_RECV_BUFFER_BYTES", default_value_t = 0)]
     pub recv_buffer_bytes: usize,
+
+    /// Load balancers that send a PROXY protocol header (v1 or v2): IPs or
+    /// CIDRs, comma-separated (e.g. 10.0.0.0/8,::1/128). A connection from
+    /// one of them must start with a header, and the client address it
+    /// carries is the connection's (for login rate limits); a bad or
+    /// missing header closes it. Others are served as before. Default:
+    /// none.
+    #[arg(
+        long,
+        env = "IM_PROXY_PROTOCOL_FROM",
+        value_name = "CIDR,...",
+        value_delimiter = ','
+    )]
+    #[serde(default)]
+    pub proxy_protocol_from: Vec<Cidr>,
 
     // ---- chat ----
     /// Send pipelines; conversations are spread over them (0 = one per CPU).
@@ -452,6 +467,7 @@ impl Config {
             keepalive_secs: self.keepalive_secs,
             send_buffer_bytes: self.send_buffer_bytes,
             recv_buffer_bytes: self.recv_buffer_bytes,
+            proxy_protocol_from: self.proxy_protocol_from.clone(),
         }
     }
 
@@ -562,6 +578,8 @@ mod tests {
             "--reuse-port",
             "--admin-listen",
             "IM_ADMIN_LISTEN",
+            "--proxy-protocol-from <CIDR,...>",
+            "IM_PROXY_PROTOCOL_FROM",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help");
         }
@@ -592,6 +610,55 @@ mod tests {
         assert_eq!(c.max_frame_bytes, 8192);
         assert_eq!(c.heartbeat_interval_secs, 5);
         assert_eq!(c.listen, "127.0.0.1:7200".parse().unwrap());
+    }
+
+    #[test]
+    fn proxy_protocol_sources_are_a_list_from_the_flag_or_the_file() {
+        let cidrs =
+            |list: &[&str]| -> Vec<Cidr> { list.iter().map(|s| s.parse().unwrap()).collect() };
+        assert!(Config::defaults().proxy_protocol_from.is_empty());
+        assert!(Config::defaults().net().proxy_protocol_from.is_empty());
+        let c = Config::load_from([
+            "im-server",
+            "--proxy-protocol-from",
+            "10.0.0.0/8,127.0.0.1, ::1/128",
+        ])
+        .unwrap();
+        let expected = cidrs(&["10.0.0.0/8", "127.0.0.1/32", "::1/128"]);
+        assert_eq!(c.proxy_protocol_from, expected);
+        assert_eq!(c.net().proxy_protocol_from, expected);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.toml");
+        std::fs::write(
+            &path,
+            "proxy-protocol-from = [\"192.168.0.0/16\", \"fd00::1\"]\n",
+        )
+        .unwrap();
+        let file = path.to_str().unwrap();
+        let c = Config::load_from(["im-server", "--config", file]).unwrap();
+        assert_eq!(
+            c.proxy_protocol_from,
+            cidrs(&["192.168.0.0/16", "fd00::1/128"])
+        );
+        let c = Config::load_from([
+            "im-server",
+            "--config",
+            file,
+            "--proxy-protocol-from",
+            "10.1.0.0/16",
+        ])
+        .unwrap();
+        assert_eq!(c.proxy_protocol_from, cidrs(&["10.1.0.0/16"]));
+        std::fs::write(&path, "proxy-protocol-from = [\"10.0.0.0/33\"]\n").unwrap();
+        assert!(Config::load_from(["im-server", "--config", file]).is_err());
+
+        for bad in ["10.0.0.0/33", "10.0.0.0/8,nope", "10.0.0.0/8,"] {
+            assert!(
+                Config::try_parse_from(["im-server", "--proxy-protocol-from", bad]).is_err(),
+                "{bad:?} accepted"
+            );
+        }
     }
 
     #[test]

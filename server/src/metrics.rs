@@ -100,6 +100,11 @@ pub fn export(out: &mut Exposition, net: &NetStatsSnapshot, chat: &ChatStatsSnap
         net.protocol_errors,
     );
     out.counter(
+        "im_proxy_header_errors_total",
+        "Connections from a --proxy-protocol-from balancer closed for a malformed or oversized PROXY header.",
+        net.proxy_header_errors,
+    );
+    out.counter(
         "im_timeouts_total",
         "Connections closed for a missing authentication or heartbeat.",
         net.timeouts,
@@ -268,6 +273,7 @@ mod tests {
             "im_pushes_shed_total",
             "im_sync_hints_total",
             "im_protocol_errors_total",
+            "im_proxy_header_errors_total",
             "im_timeouts_total",
             "im_messages_appended_total",
             "im_messages_acked_total",

@@ -9,6 +9,7 @@ mod lifecycle;
 mod loadgen;
 mod property;
 mod protocol;
+mod proxy_protocol;
 mod resilience;
 mod store;
 mod worker;

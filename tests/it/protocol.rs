@@ -14,7 +14,7 @@ fn text(s: &str) -> Option<pb::Content> {
 }
 
 /// The last frame before EOF must be a fatal error with `code`.
-fn assert_closed_with(frames: &[Frame], code: ErrorCode) {
+pub(crate) fn assert_closed_with(frames: &[Frame], code: ErrorCode) {
     let last = frames
         .last()
         .unwrap_or_else(|| panic!("no error frame before close (wanted {code:?})"));
@@ -34,7 +34,8 @@ async fn bystander(server: &TestServer) -> (RawConn, u64) {
     (conn, ok.user_id)
 }
 
-async fn assert_alive(conn: &mut RawConn, me: u64) {
+/// `conn`, logged in as `me`, still gets its requests answered.
+pub(crate) async fn assert_alive(conn: &mut RawConn, me: u64) {
     let body = conn
         .call(Body::Send(pb::SendRequest {
             target: Some(pb::send_request::Target::ToUser(me)),

@@ -380,6 +380,14 @@ impl RawConn {
         }
     }
 
+    /// Connects and writes `preamble` (a PROXY protocol header, say)
+    /// before any frame.
+    pub async fn connect_with_preamble(addr: SocketAddr, preamble: &[u8]) -> RawConn {
+        let mut conn = RawConn::connect(addr).await;
+        conn.write_raw(preamble).await;
+        conn
+    }
+
     /// Connects with a tiny receive buffer, so that a reader that stops
     /// reading backs the server up quickly.
     pub async fn connect_small_buffer(addr: SocketAddr) -> RawConn {
@@ -549,6 +557,56 @@ impl RawConn {
         }
         frames
     }
+}
+
+/// A PROXY protocol v1 header (text) for a TCP connection from `client`
+/// to `server`, as a load balancer sends it.
+pub fn proxy_v1(client: SocketAddr, server: SocketAddr) -> Vec<u8> {
+    let family = if client.is_ipv4() { "TCP4" } else { "TCP6" };
+    format!(
+        "PROXY {family} {} {} {} {}\r\n",
+        client.ip(),
+        server.ip(),
+        client.port(),
+        server.port()
+    )
+    .into_bytes()
+}
+
+/// A PROXY protocol v2 header (binary, command PROXY, TCP) for a
+/// connection from `client` to `server` (both of one family), followed by
+/// `tlvs`.
+pub fn proxy_v2(client: SocketAddr, server: SocketAddr, tlvs: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    let family = match (client.ip(), server.ip()) {
+        (std::net::IpAddr::V4(c), std::net::IpAddr::V4(s)) => {
+            body.extend_from_slice(&c.octets());
+            body.extend_from_slice(&s.octets());
+            0x11
+        }
+        (std::net::IpAddr::V6(c), std::net::IpAddr::V6(s)) => {
+            body.extend_from_slice(&c.octets());
+            body.extend_from_slice(&s.octets());
+            0x21
+        }
+        _ => panic!("client and server of one family"),
+    };
+    body.extend_from_slice(&client.port().to_be_bytes());
+    body.extend_from_slice(&server.port().to_be_bytes());
+    body.extend_from_slice(tlvs);
+    proxy_v2_raw(0x21, family, &body)
+}
+
+/// A PROXY protocol v2 header from its parts: version and command (0x20
+/// LOCAL, 0x21 PROXY), family and protocol (0x11 TCP over IPv4, 0x00
+/// unspecified), and what follows the length.
+pub fn proxy_v2_raw(version_command: u8, family: u8, body: &[u8]) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    header.push(version_command);
+    header.push(family);
+    header.extend_from_slice(&u16::try_from(body.len()).expect("short body").to_be_bytes());
+    header.extend_from_slice(body);
+    header
 }
 
 /// The error code of an error body, if it is one.

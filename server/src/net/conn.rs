@@ -34,6 +34,10 @@ pub(crate) const WRITE_BLOCKED: u8 = 1 << 3;
 pub(crate) const WRITE_SHUT: u8 = 1 << 4;
 /// Reading is paused until queued output drains below the limit.
 pub(crate) const OUT_PAUSED: u8 = 1 << 5;
+/// The peer is a trusted load balancer whose PROXY protocol header has not
+/// been read yet; until then `Bufs::inbound` holds its first bytes, and no
+/// frame is parsed.
+pub(crate) const PROXY_HEADER: u8 = 1 << 6;
 
 /// One client connection.
 #[derive(Debug)]
@@ -85,8 +89,8 @@ impl Conn {
 /// Buffers of a connection that is busy.
 #[derive(Debug, Default)]
 pub(crate) struct Bufs {
-    /// Received bytes not yet parsed into frames (a partial frame, or frames
-    /// held back while reading is paused).
+    /// Received bytes not yet parsed into frames (a partial frame, frames
+    /// held back while reading is paused, or an incomplete PROXY header).
     pub inbound: Vec<u8>,
     /// Frames waiting for the socket, and the push policy.
     pub out: Output,

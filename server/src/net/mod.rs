@@ -20,16 +20,20 @@
 //! - `conn`: the compact per-connection state and its borrowed buffers.
 //! - `output`: a connection's output queue and its push policy (shed past
 //!   the limit, hint, cut only a reader that stalls), free of I/O.
+//! - `proxy`: the PROXY protocol header a trusted load balancer sends
+//!   first, and which peers are trusted, free of I/O.
 //! - `socket`: listener and socket options.
 //! - `wheel`: the timer wheel of deadlines.
 
 mod conn;
 mod output;
+mod proxy;
 mod shard;
 mod socket;
 mod wheel;
 
 pub use output::Topic;
+pub use proxy::{Cidr, CidrError};
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -89,6 +93,10 @@ pub struct NetConfig {
     pub send_buffer_bytes: usize,
     /// SO_RCVBUF in bytes (0 = kernel default / autotuning).
     pub recv_buffer_bytes: usize,
+    /// Load balancers whose connections start with a PROXY protocol
+    /// header; the client address it carries replaces theirs (empty: no
+    /// header is expected from anyone).
+    pub proxy_protocol_from: Vec<Cidr>,
 }
 
 impl Default for NetConfig {
@@ -111,6 +119,7 @@ impl Default for NetConfig {
             keepalive_secs: 0,
             send_buffer_bytes: 0,
             recv_buffer_bytes: 0,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -169,8 +178,9 @@ pub struct FrameCtx {
     pub conn: ConnRef,
     /// The authenticated user, or `None` for authentication requests.
     pub user_id: Option<u64>,
-    /// The peer's address, given with authentication requests only (for
-    /// rate limiting).
+    /// The client's address, given with authentication requests only (for
+    /// rate limiting): the one a trusted load balancer's PROXY header
+    /// carried, else the socket's peer.
     pub peer: Option<IpAddr>,
 }
 
@@ -210,8 +220,8 @@ pub(crate) enum Command {
     },
     /// Send `frame` (if any), then close.
     Close { conn: ConnRef, frame: Option<Bytes> },
-    /// A connection accepted by another shard's listener.
-    Adopt(mio::net::TcpStream),
+    /// A connection accepted by another shard's listener, and its peer.
+    Adopt(mio::net::TcpStream, SocketAddr),
     /// Shutdown, first phase: stop accepting and reading requests.
     Drain,
     /// Shutdown, second phase: close every connection with `frame`, then
@@ -229,7 +239,7 @@ impl Command {
             | Command::Push { frame, .. }
             | Command::AuthResult { frame, .. } => frame.len(),
             Command::Close { frame, .. } => frame.as_ref().map_or(0, Bytes::len),
-            Command::Adopt(_) | Command::Drain | Command::CloseAll(_) => 0,
+            Command::Adopt(..) | Command::Drain | Command::CloseAll(_) => 0,
         };
         std::mem::size_of::<Command>() + frame
     }
@@ -394,6 +404,7 @@ pub(crate) struct ShardStats {
     bytes_out: AtomicU64,
     slow_consumers: AtomicU64,
     protocol_errors: AtomicU64,
+    proxy_header_errors: AtomicU64,
     timeouts: AtomicU64,
     pushes_shed: AtomicU64,
     sync_hints: AtomicU64,
@@ -412,6 +423,7 @@ impl ShardStats {
         total.bytes_out += get(&self.bytes_out);
         total.slow_consumers += get(&self.slow_consumers);
         total.protocol_errors += get(&self.protocol_errors);
+        total.proxy_header_errors += get(&self.proxy_header_errors);
         total.timeouts += get(&self.timeouts);
         total.pushes_shed += get(&self.pushes_shed);
         total.sync_hints += get(&self.sync_hints);
@@ -439,7 +451,11 @@ pub struct NetStatsSnapshot {
     /// Connections closed for a bad or oversized frame or a protocol
     /// violation.
     pub protocol_errors: u64,
-    /// Connections closed for missing authentication or heartbeat.
+    /// Connections from a trusted load balancer closed for a malformed or
+    /// oversized PROXY header.
+    pub proxy_header_errors: u64,
+    /// Connections closed for missing authentication (a trusted balancer's
+    /// missing PROXY header included) or heartbeat.
     pub timeouts: u64,
     /// Pushes not queued because the connection's output queue was full
     /// (each connection concerned got a `SyncHint` once it drained).

@@ -7,10 +7,16 @@
 //! Reads go through one shard-wide scratch buffer; a connection gets its own
 //! buffer only while it holds a partial frame. Output is queued per
 //! connection during a round and written with one `writev` per connection.
+//!
+//! A connection from a trusted load balancer (`--proxy-protocol-from`)
+//! first has its PROXY header read (partial ones wait in its inbound
+//! buffer, like a partial frame); the client address it carries is kept in
+//! a shard-wide map keyed by slot until the connection is gone, so other
+//! connections pay nothing for it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read, Write};
-use std::net::Shutdown;
+use std::net::{IpAddr, Shutdown, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -25,9 +31,11 @@ use prost::Message;
 use slab::Slab;
 
 use super::conn::{
-    Bufs, Conn, DIRTY, OUT_PAUSED, READ_PAUSED, READY, State, WRITE_BLOCKED, WRITE_SHUT,
+    Bufs, Conn, DIRTY, OUT_PAUSED, PROXY_HEADER, READ_PAUSED, READY, State, WRITE_BLOCKED,
+    WRITE_SHUT,
 };
 use super::output::{Offer, Topic};
+use super::proxy::{self, WarnGate};
 use super::wheel::{self, Wheel};
 use super::{Command, ConnRef, FrameCtx, Handler, NetConfig, NetError, Outbound, ShardStats};
 
@@ -45,6 +53,9 @@ const COMMAND_BUDGET: usize = 16 * 1024;
 const MAX_POOLED_BUFS: usize = 1024;
 /// How long accepting pauses after a resource error such as EMFILE.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Seconds between two warnings about bad PROXY headers (each one is
+/// logged at debug level).
+const PROXY_WARN_SECS: u32 = 60;
 
 /// A shard before its thread starts.
 pub(crate) struct Shard {
@@ -122,6 +133,8 @@ impl Shard {
             accept_resume_at: None,
             next_adopt: 0,
             errors,
+            carried: HashMap::new(),
+            proxy_warnings: WarnGate::new(PROXY_WARN_SECS),
         };
         event_loop.run();
     }
@@ -192,6 +205,11 @@ struct Loop {
     accept_resume_at: Option<Instant>,
     next_adopt: usize,
     errors: FatalFrames,
+    /// Client addresses carried by PROXY headers, by slot: only connections
+    /// from trusted balancers whose header named a client are here, until
+    /// they are finalized.
+    carried: HashMap<u32, IpAddr>,
+    proxy_warnings: WarnGate,
 }
 
 fn add(stat: &std::sync::atomic::AtomicU64, n: u64) {
@@ -270,7 +288,7 @@ impl Loop {
                 return;
             };
             match listener.accept() {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     add(&self.stats.accepted, 1);
                     if self.open.load(Ordering::Relaxed) >= self.config.max_connections {
                         refuse(stream, &self.errors.server_full);
@@ -278,14 +296,14 @@ impl Loop {
                     }
                     let shards = self.outbound.links.len();
                     if self.config.reuse_port || shards == 1 {
-                        self.add(stream);
+                        self.add(stream, peer);
                     } else {
                         let target = self.next_adopt % shards;
                         self.next_adopt = self.next_adopt.wrapping_add(1);
                         if target == self.id as usize {
-                            self.add(stream);
+                            self.add(stream, peer);
                         } else {
-                            self.outbound.send(target, Command::Adopt(stream));
+                            self.outbound.send(target, Command::Adopt(stream, peer));
                         }
                     }
                 }
@@ -307,7 +325,7 @@ impl Loop {
         }
     }
 
-    fn add(&mut self, mut stream: TcpStream) {
+    fn add(&mut self, mut stream: TcpStream, peer: SocketAddr) {
         if self.closing_all {
             return;
         }
@@ -329,6 +347,11 @@ impl Loop {
         self.next_generation = self.next_generation.wrapping_add(1);
         let deadline = self.now + self.config.auth_timeout_secs;
         let wheel_at = self.wheel.insert(slot as u32, generation, deadline);
+        let flags = if proxy::trusted(&self.config.proxy_protocol_from, peer.ip()) {
+            PROXY_HEADER
+        } else {
+            0
+        };
         entry.insert(Conn {
             stream,
             generation,
@@ -337,7 +360,7 @@ impl Loop {
             wheel_at,
             in_flight: 0,
             state: State::Unauthenticated,
-            flags: 0,
+            flags,
             bufs: None,
         });
         self.open.fetch_add(1, Ordering::Relaxed);
@@ -373,7 +396,7 @@ impl Loop {
         // Frames held back while paused come before new bytes.
         if self.conns.get(slot).is_some_and(Conn::has_inbound) {
             let mut inbound = self.take_inbound(slot);
-            let used = self.parse(slot, &inbound);
+            let used = self.consume(slot, &inbound);
             inbound.drain(..used);
             self.put_inbound(slot, inbound);
         }
@@ -417,11 +440,11 @@ impl Loop {
         if self.conns.get(slot).is_some_and(Conn::has_inbound) {
             let mut inbound = self.take_inbound(slot);
             inbound.extend_from_slice(&scratch[..n]);
-            let used = self.parse(slot, &inbound);
+            let used = self.consume(slot, &inbound);
             inbound.drain(..used);
             self.put_inbound(slot, inbound);
         } else {
-            let used = self.parse(slot, &scratch[..n]);
+            let used = self.consume(slot, &scratch[..n]);
             if used < n {
                 let mut inbound = self.take_inbound(slot);
                 inbound.extend_from_slice(&scratch[used..n]);
@@ -454,6 +477,53 @@ impl Loop {
         if bufs.is_empty() {
             self.recycle(slot);
         }
+    }
+
+    /// Takes the PROXY header off the start of `buf` if one is awaited,
+    /// then the frames after it; returns the bytes consumed (none while
+    /// the header is incomplete).
+    fn consume(&mut self, slot: usize, buf: &[u8]) -> usize {
+        if !self.conns.get(slot).is_some_and(|c| c.has(PROXY_HEADER)) {
+            return self.parse(slot, buf);
+        }
+        match proxy::parse_header(buf) {
+            Ok(None) => 0,
+            Ok(Some(header)) => {
+                let conn = &mut self.conns[slot];
+                conn.clear(PROXY_HEADER);
+                if let Some(source) = header.source {
+                    // One key per client whichever family the balancer
+                    // used for it.
+                    self.carried.insert(slot as u32, source.ip().to_canonical());
+                }
+                header.len + self.parse(slot, &buf[header.len..])
+            }
+            Err(err) => {
+                self.proxy_error(slot, &err);
+                0
+            }
+        }
+    }
+
+    /// A trusted balancer sent a bad PROXY header: close, with a fatal
+    /// error that the balancer passes on to its client.
+    fn proxy_error(&mut self, slot: usize, err: &proxy::HeaderError) {
+        add(&self.stats.proxy_header_errors, 1);
+        let balancer = self.conns[slot].stream.peer_addr().ok();
+        tracing::debug!(shard = self.id, slot, ?balancer, error = %err, "bad PROXY header");
+        if let Some(held_back) = self.proxy_warnings.pass(self.now) {
+            tracing::warn!(
+                shard = self.id,
+                ?balancer,
+                error = %err,
+                held_back,
+                "closing a connection from a trusted load balancer: bad PROXY header \
+                 (is the balancer set to send one?)"
+            );
+        }
+        let message = format!("a PROXY protocol header was expected first: {err}");
+        let frame = Frame::error(0, ErrorCode::BadFrame, &message, true);
+        self.close_conn(slot, Some(codec::encode_to_bytes(&frame)), false);
     }
 
     /// Decodes and dispatches the complete frames at the start of `buf`
@@ -543,7 +613,10 @@ impl Loop {
             ) => {
                 conn.state = State::Authenticating;
                 conn.in_flight += 1;
-                let peer = conn.stream.peer_addr().ok().map(|a| a.ip());
+                let peer = match self.carried.get(&(slot as u32)) {
+                    Some(&client) => Some(client),
+                    None => conn.stream.peer_addr().ok().map(|a| a.ip()),
+                };
                 let ctx = FrameCtx {
                     conn: conn_ref,
                     user_id: None,
@@ -879,6 +952,9 @@ impl Loop {
         let left = self.conns[slot].out_bytes();
         sub(&self.stats.output_bytes, left as u64);
         self.recycle(slot);
+        if !self.carried.is_empty() {
+            self.carried.remove(&(slot as u32));
+        }
         self.conns.remove(slot);
         self.open.fetch_sub(1, Ordering::Relaxed);
         self.stats.connections.fetch_sub(1, Ordering::Relaxed);
@@ -951,6 +1027,13 @@ impl Loop {
             match conn.state {
                 State::Unauthenticated | State::Authenticating => {
                     add(&self.stats.timeouts, 1);
+                    if conn.has(PROXY_HEADER) {
+                        tracing::debug!(
+                            shard = self.id,
+                            slot,
+                            "no PROXY header from a trusted balancer within the auth deadline"
+                        );
+                    }
                     let frame = self.errors.auth_timeout.clone();
                     self.close_conn(slot, Some(frame), true);
                 }
@@ -1036,7 +1119,7 @@ impl Loop {
                     self.close_conn(slot, frame, false);
                 }
             }
-            Command::Adopt(stream) => self.add(stream),
+            Command::Adopt(stream, peer) => self.add(stream, peer),
             Command::Drain => {
                 self.draining = true;
                 self.listener = None;
