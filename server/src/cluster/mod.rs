@@ -222,8 +222,12 @@ fn room_units(bytes: usize) -> u32 {
 pub(crate) struct Shared {
     config: ClusterConfig,
     keys: Keys,
-    /// Lease, view, routes and publishing (the subscription has its own).
+    /// Routes and publishing: big pipelines under load.
     conn: redis::aio::ConnectionManager,
+    /// The lease and the view, on a connection of their own so that a
+    /// renewal never waits behind the routing traffic (the subscription
+    /// has its own too).
+    lease_conn: redis::aio::ConnectionManager,
     /// This node's current incarnation (changes when it re-registers).
     incarnation: watch::Sender<u64>,
     view: std::sync::RwLock<Arc<View>>,
@@ -360,8 +364,9 @@ impl Cluster {
         let keys = Keys {
             prefix: config.prefix.clone(),
         };
-        let mut conn = node::connect(&client).await?;
-        let incarnation = node::register(&mut conn, &keys, &config).await?;
+        let conn = node::connect(&client, node::ROUTING_TIMEOUT).await?;
+        let mut lease_conn = node::connect(&client, node::LEASE_TIMEOUT).await?;
+        let incarnation = node::register(&mut lease_conn, &keys, &config).await?;
         let (work_tx, work_rx) = mpsc::unbounded_channel();
         let units = room_units(config.forward_queue_bytes.max(64 * 1024));
         let shared = Arc::new(Shared {
@@ -378,6 +383,7 @@ impl Cluster {
             stop: watch::channel(false).0,
             keys,
             conn,
+            lease_conn,
             config,
         });
         tracing::info!(

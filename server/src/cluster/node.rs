@@ -92,11 +92,20 @@ impl View {
     }
 }
 
-/// The node's connection for everything but its subscription: it
-/// reconnects by itself, and a Redis that stops answering fails calls
-/// within two seconds instead of stalling them.
-pub(crate) async fn connect(client: &redis::Client) -> Result<ConnectionManager, ClusterError> {
-    let config = crate::store::pipeline::redis_manager_config(Duration::from_secs(2));
+/// How long a lease or view call may take before it fails (well within
+/// the lease, so that a stalled Redis is noticed and retried in time).
+pub(crate) const LEASE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a routing round trip may take: its pipelines are large, and
+/// a failure costs a retry (or, repeated, a rejoin).
+pub(crate) const ROUTING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A connection of the node that reconnects by itself; a Redis that stops
+/// answering fails its calls within `timeout` instead of stalling them.
+pub(crate) async fn connect(
+    client: &redis::Client,
+    timeout: Duration,
+) -> Result<ConnectionManager, ClusterError> {
+    let config = crate::store::pipeline::redis_manager_config(timeout);
     client
         .get_connection_manager_with_config(config)
         .await
@@ -136,7 +145,7 @@ pub(crate) async fn register(
 /// for the other nodes to sweep: they first tell their presence watchers
 /// who went offline with this incarnation.
 pub(crate) async fn release(shared: &Shared) {
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.lease_conn.clone();
     let released: Result<i64, _> = redis::Script::new(RELEASE_SCRIPT)
         .key(shared.keys.lease(&shared.config.node_id))
         .arg(shared.incarnation())
@@ -152,7 +161,7 @@ pub(crate) async fn run<L: Local>(shared: Arc<Shared>, local: Arc<L>) {
     let renew_every = shared.config.lease / 3;
     let mut last_renewed = Instant::now();
     let mut next_renewal = Instant::now() + renew_every;
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.lease_conn.clone();
     // Dead incarnations already handled, and when to try sweeping again.
     let mut handled: HashMap<u64, Instant> = HashMap::new();
     // Nodes that started just before this one learn of it within a view
@@ -304,7 +313,7 @@ async fn renew(conn: &mut ConnectionManager, shared: &Shared) -> Result<Renewal,
 
 /// Takes a new incarnation and makes the node's tasks move to it.
 async fn reregister(shared: &Shared) -> Result<u64, ClusterError> {
-    let mut conn = shared.conn.clone();
+    let mut conn = shared.lease_conn.clone();
     let incarnation = register(&mut conn, &shared.keys, &shared.config).await?;
     add(&shared.counters.reregistered, 1);
     let mut view = (*shared.view()).clone();

@@ -131,6 +131,36 @@ async fn query<T: redis::FromRedisValue>(
     }
 }
 
+/// [`query`], tried again after a failure (a timeout under load, a
+/// reconnection) for up to half a lease, with growing pauses. The route
+/// script sets a state (this incarnation in or out of the user's set), so
+/// running a round again is harmless, and it keeps a passing stall from
+/// costing a rejoin, which rewrites every route and makes every session
+/// sync. Past half a lease the lease itself may be in doubt: give up.
+async fn query_retrying<T: redis::FromRedisValue>(
+    shared: &Shared,
+    conn: &mut ConnectionManager,
+    script: &redis::Script,
+    pipe: &redis::Pipeline,
+) -> Result<T, ClusterError> {
+    let give_up = std::time::Instant::now() + shared.config.lease / 2;
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match query(conn, script, pipe).await {
+            Ok(v) => return Ok(v),
+            Err(e) if std::time::Instant::now() + pause < give_up => {
+                tracing::debug!(error = %e, "cluster routing round failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shared.stopped() => return Err(e),
+                }
+                pause = (pause * 2).min(std::time::Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Writes the route of every local user under the current incarnation
 /// (after the node took a new one).
 async fn republish<L: Local>(
@@ -147,9 +177,12 @@ async fn republish<L: Local>(
             route_op(&mut pipe, shared, script, incarnation, user, true);
             // The sets themselves are not needed.
         }
-        let result: Result<Vec<redis::Value>, _> = query(conn, script, &pipe).await;
+        let result: Result<Vec<redis::Value>, _> =
+            query_retrying(shared, conn, script, &pipe).await;
         if let Err(e) = result {
+            // Start over under yet another incarnation, later.
             tracing::warn!(error = %e, "republishing routes failed");
+            node::lost_routes(shared);
             return;
         }
         add(&shared.counters.route_writes, chunk.len() as u64);
@@ -187,7 +220,7 @@ async fn handle<L: Local>(
     let mut routes: HashMap<UserId, Vec<u64>> = HashMap::with_capacity(targets.len());
     let mut changes = Vec::new();
     if !route_ops.is_empty() || !targets.is_empty() {
-        let mut replies: Vec<Vec<u64>> = match query(conn, script, &pipe).await {
+        let mut replies: Vec<Vec<u64>> = match query_retrying(shared, conn, script, &pipe).await {
             Ok(r) => r,
             Err(e) => {
                 if !route_ops.is_empty() {
