@@ -43,7 +43,7 @@ impl RedisServer {
             .spawn()
             .expect("start redis-server (is it installed?)");
         self.child = Some(child);
-        wait_for_port(self.port, "redis-server");
+        wait_for_redis(self.port);
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -219,6 +219,29 @@ fn wait_for_port(port: u16, what: &str) {
     }
 }
 
+/// Waits until redis-server answers PING with PONG: after a restart it
+/// accepts connections while still loading its append-only file, and
+/// answers everything with LOADING until it is done.
+fn wait_for_redis(port: u16) {
+    use std::io::{Read, Write};
+    wait_for_port(port, "redis-server");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let pong = std::net::TcpStream::connect(("127.0.0.1", port)).and_then(|mut s| {
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            s.write_all(b"PING\r\n")?;
+            let mut reply = [0u8; 5];
+            s.read_exact(&mut reply)?;
+            Ok(&reply == b"+PONG")
+        });
+        if pong.unwrap_or(false) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "redis-server did not load");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn wait_for_mysql(port: u16) {
     wait_for_port(port, "mariadbd");
     // The port opens a moment before the server takes queries.
@@ -269,7 +292,7 @@ pub fn shared() -> &'static Shared {
                 .spawn()
                 .expect("start redis-server");
             watch(child, &dir);
-            wait_for_port(port, "redis-server");
+            wait_for_redis(port);
             format!("redis://127.0.0.1:{port}")
         });
         let mysql_url = std::env::var("MYSQL_URL").unwrap_or_else(|_| {
