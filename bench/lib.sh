@@ -8,6 +8,9 @@
 #   start_server NAME [flags...]  release im-server (also given $SERVER_FLAGS); sets SERVER_PORT, SERVER_PID
 #   start_pipeline NAME [flags...] Redis, MariaDB, a storage worker and an im-server on them
 #   start_worker NAME [flags...]  release im-storage-worker against $REDIS_PORT / $MYSQL_URL; sets WORKER_PID
+#   start_cluster N [flags...]    Redis, MariaDB, a storage worker and N im-server nodes of one
+#                                 cluster; sets SERVERS (comma list) and NODE_PIDS
+#   redis_snapshot FILE           INFO cpu and commandstats of $REDIS_PORT into FILE
 #   wait_port PORT                until something listens there
 #   stop_all                      stops everything started so far
 
@@ -93,6 +96,31 @@ start_pipeline() {
   start_mariadb
   start_worker worker
   start_server "$name" --redis-url "redis://127.0.0.1:$REDIS_PORT" --mysql-url "$MYSQL_URL" "$@"
+}
+
+start_cluster() {
+  local n=$1
+  shift
+  start_redis
+  start_mariadb
+  start_worker worker
+  local i servers=() pids=()
+  for i in $(seq "$n"); do
+    # Each process may hold 20,000 open files here.
+    start_server "node$i" --redis-url "redis://127.0.0.1:$REDIS_PORT" --mysql-url "$MYSQL_URL" \
+      --node-id "node$i" --token-secret "a token secret every bench cluster node shares" --max-connections 19900 "$@"
+    servers+=("127.0.0.1:$SERVER_PORT")
+    pids+=("$SERVER_PID")
+  done
+  SERVERS=$(IFS=,; echo "${servers[*]}")
+  NODE_PIDS="${pids[*]}"
+  # Formed: every node sees the others (they read the view twice a second).
+  sleep 2
+}
+
+redis_snapshot() {
+  redis-cli -p "$REDIS_PORT" info cpu >"$1"
+  redis-cli -p "$REDIS_PORT" info commandstats >>"$1"
 }
 
 start_worker() {

@@ -2,11 +2,16 @@
 # The standard benchmark suite: starts each deployment on this machine,
 # runs the load generator's standard runs against it and prints one table.
 #
-#   bench/suite.sh [--quick] [--modes embedded,pipeline] [--out DIR]
+#   bench/suite.sh [--quick] [--modes embedded,pipeline,cluster] [--out DIR]
 #
 # embedded: one im-server with its SQLite store (fsync on every commit).
 # pipeline: Redis (AOF, appendfsync always), MariaDB (durable InnoDB), one
 #           im-server and one im-storage-worker.
+# cluster:  the same with three im-server nodes of one cluster; the load
+#           generator spreads every pair and group over the nodes, so
+#           nearly every delivery crosses nodes (bench/cluster.sh measures
+#           more of the cluster: same against cross node, Redis cost,
+#           100,000 connections over six nodes).
 # Every run verifies every delivery (the table says if one did not).
 # Besides both modes it runs 100,000 idle connections over six embedded
 # server processes and six load generator processes, a registration storm
@@ -19,7 +24,7 @@ cd "$(dirname "$0")/.."
 . bench/lib.sh
 
 quick=0
-modes=embedded,pipeline
+modes=embedded,pipeline,cluster
 out=target/bench/$(date +%Y-%m-%d-%H%M)
 while [ $# -gt 0 ]; do
   case $1 in
@@ -121,7 +126,7 @@ standard_runs() {
   local mode=$1 server=$2
   local d=(--duration "$duration" --warmup "$warmup")
   echo "[$mode] idle connections" >&2
-  measure_pids=$SERVER_PID idle_run "$mode" "$idle" 2 "$server"
+  measure_pids=${NODE_PIDS:-$SERVER_PID} idle_run "$mode" "$idle" 2 "$server"
   echo "[$mode] 1:1 chat" >&2
   loadgen "$mode-direct-20k" --server "$server" --scenario direct --connections "$direct_conns" --rate 20000 "${d[@]}"
   loadgen "$mode-direct-50k" --server "$server" --scenario direct --connections "$direct_conns" --rate 50000 "${d[@]}"
@@ -161,6 +166,12 @@ for mode in ${modes//,/ }; do
       echo "[pipeline] storage worker rows/s" >&2
       bench/worker-rows.sh "$worker_rows" >"$out/pipeline-worker-rows.txt" 2>&1 || true
       grep -E '^(worker|LOAD DATA)' "$out/pipeline-worker-rows.txt" | sed 's/^/    /' >&2 || true
+      ;;
+    cluster)
+      start_cluster 3
+      standard_runs cluster "$SERVERS"
+      stop_all
+      unset NODE_PIDS
       ;;
     *) echo "unknown mode $mode" >&2; exit 2 ;;
   esac

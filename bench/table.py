@@ -124,16 +124,18 @@ def registration(results):
 
 def main():
     results = sys.argv[1]
-    modes = [m for m in ("embedded", "pipeline")
+    modes = [m for m in ("embedded", "pipeline", "cluster")
              if any(f.startswith(m + "-") for f in os.listdir(results))]
     get = lambda mode, run: load(os.path.join(results, f"{mode}-{run}.json"))
     rows = []
     idles = {m: idle(results, m) for m in modes}
-    rows.append(("idle connections held, one server process", *[idles[m][0] for m in modes]))
+    rows.append(("idle connections held, one server process (cluster: over 3 nodes)",
+                 *[idles[m][0] for m in modes]))
     rows.append(("server RSS per idle connection", *[idles[m][1] for m in modes]))
     rows.append(("kernel slab per socket (loopback: 2 per connection)", *[idles[m][2] for m in modes]))
     rows.append(("registration storm, 300 new users at the default argon2 cost",
                  *[registration(results) if m == "embedded" else "n/a (same code)" for m in modes]))
+    cross = lambda r: f"{k(r['cross_node_deliveries'])} crossed nodes" if r else "not run"
     direct = lambda run: [flow(get(m, run)) for m in modes]
     conns = next((get(m, "direct-20k")["connections_target"] for m in modes
                   if get(m, "direct-20k")), 0)
@@ -147,9 +149,12 @@ def main():
     n = next((s["connections_target"] for s in storms if s), 0)
     rows.append((f"reconnect storm, {n:,} connections", *[storm(s) for s in storms]))
     rows.append(("storage worker, Redis Streams to MySQL",
-                 *["n/a" if m == "embedded" else worker_rows(results) for m in modes]))
+                 *[worker_rows(results) if m == "pipeline" else "n/a" for m in modes]))
+    if "cluster" in modes:
+        rows.append(("deliveries that crossed nodes (1:1 at 20k msgs/s)",
+                     *[cross(get(m, "direct-20k")) if m == "cluster" else "n/a" for m in modes]))
 
-    print(f"\n{machine()}; loadgen, server, Redis and MariaDB on this one machine\n")
+    print(f"\n{machine()}; loadgen, servers, Redis and MariaDB on this one machine\n")
     print("| measurement | " + " | ".join(modes) + " |")
     print("|---|" + "---|" * len(modes))
     for row in rows:
