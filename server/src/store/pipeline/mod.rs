@@ -136,14 +136,7 @@ impl PipelineStore {
         let constraints = mysql_async::PoolConstraints::new(1, options.mysql_pool_size.max(1))
             .ok_or_else(|| StoreError::Backend("invalid MySQL pool size".into()))?;
         let opts = mysql_async::OptsBuilder::from_opts(opts)
-            .pool_opts(
-                mysql_async::PoolOpts::default()
-                    .with_constraints(constraints)
-                    // A reset on every return to the pool costs two round
-                    // trips per use and drops the prepared statements;
-                    // nothing here leaves session state behind.
-                    .with_reset_connection(false),
-            )
+            .pool_opts(mysql_async::PoolOpts::default().with_constraints(constraints))
             .stmt_cache_size(256);
         let mysql = mysql_async::Pool::new(opts);
         im_storage::schema::migrate(&mysql)
