@@ -127,6 +127,21 @@ pub(crate) async fn run_lane(
     }
 }
 
+/// Whether a failed call cannot have reached Redis: the connection was
+/// refused, the manager's reconnection failed, or writing failed (a
+/// broken pipe).
+fn unsent(e: &redis::RedisError) -> bool {
+    use std::error::Error as _;
+    let io_kind = e
+        .source()
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind);
+    e.is_connection_refusal()
+        || io_kind == Some(std::io::ErrorKind::BrokenPipe)
+        || (e.kind() == redis::ErrorKind::IoError
+            && e.to_string().starts_with("Reconnecting failed"))
+}
+
 impl Lane {
     /// Appends every message of `jobs` and answers each job.
     async fn round(&mut self, jobs: Vec<AppendJob>) {
@@ -301,11 +316,13 @@ impl Lane {
     }
 
     /// Runs a round's pipeline, loading the script when Redis forgot it (a
-    /// restart) and trying once more when the lane's connection broke: it
-    /// is often found broken only by the first round after Redis came
-    /// back, and the manager reconnects on that error. A second try is
-    /// safe: whatever of the first was applied is answered "dup" with its
-    /// original ack.
+    /// restart) and trying once more when the lane's connection was found
+    /// broken before the round could be sent: that is how the first round
+    /// after Redis came back finds the old connection, and the manager
+    /// reconnects on that error. Not after a timeout or a reset: the round
+    /// may have been applied, and a second try would answer its messages
+    /// "dup" without their ever being pushed; those stay failed, and the
+    /// clients' resends tell.
     async fn query_round(&mut self, pipe: &redis::Pipeline) -> StoreResult<Vec<Value>> {
         let mut reconnected = false;
         let mut loaded = false;
@@ -320,7 +337,7 @@ impl Lane {
                         .await
                         .map_err(redis_err)?;
                 }
-                Err(e) if (e.is_connection_dropped() || e.is_io_error()) && !reconnected => {
+                Err(e) if unsent(&e) && !reconnected => {
                     reconnected = true;
                     tracing::info!(error = %e, "append lane reconnecting; retrying the round");
                 }
