@@ -53,7 +53,7 @@ def redis_cost(results, run):
 
 def verdict(r):
     bad = [f"{r[k]} {k.split('_')[1]}" for k in
-           ("messages_lost", "messages_duplicated", "messages_misrouted") if r.get(k)]
+           ("messages_lost", "sends_unanswered", "messages_duplicated", "messages_misrouted") if r.get(k)]
     if r.get("connections_failed"):
         bad.append(f"{r['connections_failed']} connections failed")
     return "verified" if not bad else "**" + ", ".join(bad) + "**"

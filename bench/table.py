@@ -42,7 +42,7 @@ def verdict(r):
     if r is None:
         return "no report"
     bad = [f"{r[k]} {k.split('_')[1]}" for k in
-           ("messages_lost", "messages_duplicated", "messages_misrouted") if r.get(k)]
+           ("messages_lost", "sends_unanswered", "messages_duplicated", "messages_misrouted") if r.get(k)]
     if r["connections_failed"]:
         bad.append(f"{r['connections_failed']} connections failed")
     return ", ".join(bad)

@@ -124,8 +124,10 @@ pub struct Args {
     #[arg(long)]
     pub user_prefix: Option<String>,
 
-    /// Seconds to wait after the load for late deliveries before the final
-    /// sync (which then fetches whatever is still missing).
+    /// Seconds to wait for late deliveries before the final sync (which
+    /// then fetches whatever is still missing), counted from the last
+    /// answer to a send: the load generator first waits (up to two
+    /// minutes) until every send is acknowledged or refused.
     #[arg(long, default_value_t = 2)]
     pub settle: u64,
 

@@ -115,6 +115,10 @@ pub struct Metrics {
     pub resends_found: AtomicU64,
     /// `SyncHint` pushes received (each followed by a sync).
     pub sync_hints: AtomicU64,
+    /// Sends not answered yet (gauge): waiting for their ack or refusal,
+    /// or left by a lost connection to be resent. The final sync waits
+    /// for it to reach 0, so that no message is stored after it.
+    pub in_flight: AtomicU64,
     /// Whether the warm-up is over.
     pub measuring: AtomicBool,
     /// Connect + log-in (or resume) latency.
@@ -133,6 +137,11 @@ impl Metrics {
     /// Adds to a counter.
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Relaxed);
+    }
+
+    /// Takes from a gauge.
+    pub fn sub(gauge: &AtomicU64, n: u64) {
+        gauge.fetch_sub(n, Relaxed);
     }
 
     /// Whether latencies are being recorded (after the warm-up).
@@ -265,6 +274,10 @@ pub struct Snapshot {
     pub done: bool,
     /// Seqs never delivered to a recipient, even by the final sync.
     pub lost: u64,
+    /// Sends the server had not answered when the final sync went ahead
+    /// (two minutes after the load).
+    #[serde(default)]
+    pub unanswered: u64,
     /// Acked messages sent during the measured window.
     pub measured_acked: u64,
     /// Deliveries during the measured window.

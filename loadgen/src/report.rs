@@ -78,6 +78,11 @@ pub struct Report {
     pub messages_delivered: u64,
     /// Deliveries no recipient ever got, even from the final sync.
     pub messages_lost: u64,
+    /// Sends neither acknowledged nor refused by the time the final sync
+    /// went ahead (two minutes after the load): a server that never
+    /// answers fails the run.
+    #[serde(default)]
+    pub sends_unanswered: u64,
     /// Deliveries of a message a recipient already had.
     pub messages_duplicated: u64,
     /// Live pushes that arrived after a later one of their conversation
@@ -132,7 +137,10 @@ impl Report {
     /// Whether verification found a loss, a duplicate or a misrouted
     /// push.
     pub fn failed(&self) -> bool {
-        self.messages_lost > 0 || self.messages_duplicated > 0 || self.messages_misrouted > 0
+        self.messages_lost > 0
+            || self.messages_duplicated > 0
+            || self.messages_misrouted > 0
+            || self.sends_unanswered > 0
     }
 }
 
@@ -166,6 +174,7 @@ pub fn build(args: &Args, finals: &[Snapshot]) -> Report {
         messages_acked: sum(|f| f.acked),
         messages_delivered: sum(|f| f.delivered),
         messages_lost: sum(|f| f.lost),
+        sends_unanswered: sum(|f| f.unanswered),
         messages_duplicated: sum(|f| f.duplicated),
         pushes_out_of_order: sum(|f| f.reordered),
         cross_node_deliveries: sum(|f| f.cross_node),
@@ -283,8 +292,9 @@ pub fn summary(r: &Report) -> String {
         out += &lat("  cross node", &r.latency_us.cross_node);
     }
     out += &format!(
-        "verification: {} lost, {} duplicated, {} pushes out of order, {} misrouted, {} recovered only by the final sync, {} pushes after a sync had them, {} errors; {} cross-node deliveries: {}\n",
+        "verification: {} lost, {} unanswered, {} duplicated, {} pushes out of order, {} misrouted, {} recovered only by the final sync, {} pushes after a sync had them, {} errors; {} cross-node deliveries: {}\n",
         r.messages_lost,
+        r.sends_unanswered,
         r.messages_duplicated,
         r.pushes_out_of_order,
         r.messages_misrouted,

@@ -30,6 +30,10 @@ use crate::track::{Seen, SeqTracker};
 
 /// Connects (and logs in) at once per worker at most.
 const CONNECT_CONCURRENCY: usize = 512;
+/// Longest wait after the settle time for the answers to sends still in
+/// flight, before the final sync goes ahead regardless.
+const DRAIN_MAX: Duration = Duration::from_secs(120);
+
 /// Messages per final sync page.
 const SYNC_PAGE: u32 = 500;
 /// First pause of a sender after the server refused a send as overloaded.
@@ -290,6 +294,15 @@ pub async fn run(
         phase: Phase::Settle,
         storms,
     });
+    // A send still unanswered may yet be stored, after the final sync of
+    // its recipient: wait for every answer first, or that message would
+    // count as lost. Then give the last pushes the settle time to arrive.
+    let drain_until = Instant::now() + DRAIN_MAX;
+    while metrics.in_flight.load(Relaxed) > 0 && Instant::now() < drain_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tick.maybe(&metrics, &mut emit, &mut timeline);
+    }
+    let unanswered = metrics.in_flight.load(Relaxed);
     wait_for(
         Duration::from_secs(args.settle),
         &metrics,
@@ -319,6 +332,12 @@ pub async fn run(
     }
     let mut lost = 0;
     let mut problems = Vec::new();
+    if unanswered > 0 {
+        problems.push(format!(
+            "{unanswered} send(s) still unanswered {} s after the load; the final sync went ahead",
+            args.settle + DRAIN_MAX.as_secs()
+        ));
+    }
     for o in outcomes {
         let missing = o.tracker.missing_upto(last[&o.conversation]);
         if missing > 0 {
@@ -339,6 +358,7 @@ pub async fn run(
     ));
     snapshot.done = true;
     snapshot.lost = lost;
+    snapshot.unanswered = unanswered;
     snapshot.measured_acked = measured_acked;
     snapshot.measured_delivered = measured_delivered;
     snapshot.measured_secs = measured_secs;
@@ -586,7 +606,7 @@ async fn converse(
             // so no TIME_WAIT socket holds this source port afterwards.
             let _ = c.get_ref().set_zero_linger();
             drop(c);
-            state.orphan_pending();
+            state.orphan_pending(metrics);
             match reconnect(&mut m, &shared).await {
                 Some((fresh, session)) => {
                     m.session = session;
@@ -604,7 +624,7 @@ async fn converse(
                             .push(format!("{}: resending failed: {e:#}", m.username));
                     }
                 }
-                None => return Some(state.outcome(&m)),
+                None => return Some(state.outcome(&m, metrics)),
             }
             continue;
         }
@@ -615,7 +635,7 @@ async fn converse(
                     Ok(()) => {}
                     Err(e) => {
                         Metrics::add(&metrics.errors, 1);
-                        state.orphan_pending();
+                        state.orphan_pending(metrics);
                         eprintln!("{}: connection lost ({e:#}); resuming", m.username);
                         match reconnect(&mut m, &shared).await {
                             Some((fresh, session)) => {
@@ -625,7 +645,7 @@ async fn converse(
                                     let _ = resend_unsure(&m, &mut c, &mut state, &shared).await;
                                 }
                             }
-                            None => return Some(state.outcome(&m)),
+                            None => return Some(state.outcome(&m, metrics)),
                         }
                     }
                 }
@@ -637,7 +657,7 @@ async fn converse(
                         .push(format!("{}: final sync failed: {e:#}", m.username));
                 }
                 let _ = SinkExt::<Frame>::close(&mut c).await;
-                return Some(state.outcome(&m));
+                return Some(state.outcome(&m, metrics));
             }
         }
     }
@@ -668,16 +688,25 @@ struct State {
 impl State {
     /// The connection is gone: its unacknowledged sends become orphans,
     /// to be resent.
-    fn orphan_pending(&mut self) {
+    fn orphan_pending(&mut self, metrics: &Metrics) {
         self.orphans += self.pending.len() as u64;
         for p in self.pending.drain(..) {
             if self.unsure.len() < MAX_UNSURE {
                 self.unsure.push((p.counter, p.sent_us));
+            } else {
+                // Not resent: nothing will answer it.
+                Metrics::sub(&metrics.in_flight, 1);
             }
         }
     }
 
-    fn outcome(self, m: &Member) -> Outcome {
+    /// What the user knows at the end. Sends still unanswered are no
+    /// longer in flight: nothing will answer them now.
+    fn outcome(self, m: &Member, metrics: &Metrics) -> Outcome {
+        Metrics::sub(
+            &metrics.in_flight,
+            (self.pending.len() + self.unsure.len()) as u64,
+        );
         Outcome {
             conversation: m.conversation,
             tracker: self.tracker,
@@ -837,8 +866,14 @@ async fn resend_unsure(
     state: &mut State,
     shared: &Shared,
 ) -> anyhow::Result<()> {
-    for (counter, sent_us) in std::mem::take(&mut state.unsure) {
-        submit(m, c, state, shared, counter, sent_us, true).await?;
+    let mut unsure = std::mem::take(&mut state.unsure).into_iter();
+    while let Some((counter, sent_us)) = unsure.next() {
+        if let Err(e) = submit(m, c, state, shared, counter, sent_us, true).await {
+            // Kept for the next connection, still counted as in flight.
+            state.unsure.push((counter, sent_us));
+            state.unsure.extend(unsure);
+            return Err(e);
+        }
         Metrics::add(&shared.metrics.resent, 1);
     }
     Ok(())
@@ -881,6 +916,11 @@ async fn submit(
     state.next_request += 1;
     let request = send_request(m, shared, counter, sent_us, resend);
     c.send(Frame::new(id, Body::Send(request))).await?;
+    if !resend {
+        // A resend was counted when first sent, and stayed counted while
+        // it waited to be resent.
+        Metrics::add(&shared.metrics.in_flight, 1);
+    }
     state.pending.push_back(Pending {
         request_id: id,
         sent_us,
@@ -919,6 +959,7 @@ fn handle(m: &Member, state: &mut State, frame: Frame, shared: &Shared) -> anyho
                 .position(|p| p.request_id == frame.request_id)
             {
                 if let Some(p) = state.pending.remove(pos) {
+                    Metrics::sub(&metrics.in_flight, 1);
                     state.backoff = Duration::ZERO;
                     if metrics.measuring() && !p.resend {
                         metrics.ack.record(now_us().saturating_sub(p.sent_us));
@@ -1030,6 +1071,7 @@ fn handle(m: &Member, state: &mut State, frame: Frame, shared: &Shared) -> anyho
                 .position(|p| p.request_id == frame.request_id)
             {
                 state.pending.remove(pos);
+                Metrics::sub(&metrics.in_flight, 1);
             }
             if e.fatal {
                 anyhow::bail!("fatal error {}: {}", e.code, e.message);

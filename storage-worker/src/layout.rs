@@ -50,8 +50,10 @@ pub const APPEND_SCRIPT: &str = include_str!("append.lua");
 
 /// Reads records with seq in `(ARGV[1], ARGV[2]]`, at most `ARGV[3]`, oldest
 /// first, from a recent-cache list (`KEYS[1]`): the list is contiguous in
-/// seq, so its first record's seq turns seqs into indexes.
-pub const RECENT_RANGE_SCRIPT: &str = r#"
+/// seq, so its first record's seq turns seqs into indexes. Flagged as not
+/// writing, so that it also runs where writes wait (a `CLIENT PAUSE
+/// WRITE`, a replica).
+pub const RECENT_RANGE_SCRIPT: &str = r#"#!lua flags=no-writes
 local first = redis.call("LINDEX", KEYS[1], 0)
 if not first then return {} end
 local f = tonumber(string.match(first, "^(%d+):"))

@@ -481,6 +481,69 @@ async fn a_load_run_over_three_nodes_needs_no_sync() {
     cluster.shutdown().await;
 }
 
+/// Sends still unanswered when the load stops (their appends wait behind
+/// a pause of Redis writes, while reads go on) are answered after the
+/// settle time: the load generator waits for every answer before its
+/// final sync, so none of them counts as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_run_waits_for_late_acks_before_its_final_sync() {
+    // Its own Redis: the test pauses its writes.
+    let redis_server = im_tests::services::RedisServer::start(false);
+    let shared = im_tests::services::shared();
+    let env = im_tests::PipelineEnv {
+        redis_url: redis_server.url(),
+        mysql_url: im_tests::services::fresh_database(&shared.mysql_url),
+        prefix: im_tests::services::unique_prefix(),
+    };
+    // A lease that outlives the pause.
+    let cluster = TestCluster::start_on(env, 1, |c| c.lease_secs = 30).await;
+    let run = {
+        let server = cluster.addr(0).to_string();
+        tokio::spawn(async move {
+            use clap::Parser;
+            let args = im_loadgen::Args::try_parse_from([
+                "im-loadgen",
+                "--server",
+                &server,
+                "--quiet",
+                "--scenario",
+                "direct",
+                "--connections",
+                "60",
+                "--rate",
+                "600",
+                "--warmup",
+                "1",
+                "--duration",
+                "3",
+                "--settle",
+                "0",
+            ])
+            .expect("valid flags");
+            im_loadgen::run(args).await.expect("load run").0
+        })
+    };
+    // The load stops about 4 s from now; appends wait from 3.4 s to 5.9 s.
+    tokio::time::sleep(Duration::from_millis(3400)).await;
+    let redis = redis::Client::open(redis_server.url()).unwrap();
+    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2500)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let r = run.await.unwrap();
+    assert!(!r.failed(), "verification failed: {r:#?}");
+    assert_eq!(r.messages_lost, 0, "{r:#?}");
+    assert_eq!(r.messages_acked, r.messages_sent, "{r:#?}");
+    assert_eq!(r.messages_delivered, r.messages_acked, "{r:#?}");
+    // Acks that came during the pause were seconds late.
+    assert!(r.latency_us.ack.max > 1_000_000, "{:?}", r.latency_us.ack);
+    cluster.shutdown().await;
+}
+
 /// A verified 1:1 load run of 90 connections at 600 msgs/s over `servers`,
 /// started in the background (for a test that breaks a node meanwhile).
 fn direct_load_in_background(

@@ -174,7 +174,9 @@ async fn the_binary_splits_a_run_over_worker_processes() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.contains("verification: 0 lost, 0 duplicated, 0 pushes out of order, 0 misrouted"),
+        stdout.contains(
+            "verification: 0 lost, 0 unanswered, 0 duplicated, 0 pushes out of order, 0 misrouted"
+        ),
         "{stdout}"
     );
     let report: Report = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
