@@ -12,6 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -151,6 +152,10 @@ pub async fn run(
     // Connect everyone at this worker's share of the ramp.
     let ramp = f64::from(args.ramp) / args.workers as f64;
     let mut connecting = Vec::with_capacity(count);
+    // Connections wait for the last one to be up while heartbeating: a
+    // ramp of 100,000 logins can outlast the server's heartbeat timeout.
+    let settled = Arc::new(AtomicUsize::new(0));
+    let (all_up, up_rx) = watch::channel(false);
     for i in 0..count {
         if ramp > 0.0 {
             let due = started + Duration::from_secs_f64(i as f64 / ramp);
@@ -168,19 +173,31 @@ pub async fn run(
         let address = args.server[server];
         let source = args.source_addrs.as_ref().map(|s| s.0[global % s.0.len()]);
         let shared = shared.clone();
+        let settled = settled.clone();
+        let mut up_rx = up_rx.clone();
         connecting.push(tokio::spawn(async move {
             let permit = shared.connects.acquire().await.ok();
             let t = Instant::now();
             let result =
                 conn::connect(address, source, &username, &shared.args.password, None).await;
             drop(permit);
+            settled.fetch_add(1, Relaxed);
             match result {
-                Ok((c, session)) => {
+                Ok((mut c, session)) => {
                     shared
                         .metrics
                         .connect
                         .record(t.elapsed().as_micros() as u64);
                     Metrics::add(&shared.metrics.connections, 1);
+                    if keep_alive(&mut c, session.heartbeat, &mut up_rx)
+                        .await
+                        .is_err()
+                    {
+                        Metrics::sub(&shared.metrics.connections, 1);
+                        Metrics::add(&shared.metrics.connections_failed, 1);
+                        eprintln!("worker {worker}: {username}: lost while the others connected");
+                        return None;
+                    }
                     Some((i, username, server, source, c, session))
                 }
                 Err(e) => {
@@ -191,6 +208,11 @@ pub async fn run(
             }
         }));
     }
+    while settled.load(Relaxed) < count {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        tick.maybe(&metrics, &mut emit, &mut timeline);
+    }
+    let _ = all_up.send(true);
     let mut established = Vec::with_capacity(count);
     for task in connecting {
         if let Some(c) = task.await.context("connect task")? {
@@ -367,6 +389,31 @@ pub async fn run(
     problems.truncate(20);
     snapshot.problems = problems;
     Ok(snapshot)
+}
+
+/// Request id of the heartbeats a connection sends while it waits for the
+/// others to log in (below those a user's requests take later).
+const WAITING_PING_ID: u64 = 3;
+
+/// Heartbeats `c` until `up` turns true. What the server sends meanwhile
+/// stays unread in the socket, for the user to handle once it starts.
+async fn keep_alive(
+    c: &mut Conn,
+    heartbeat: Duration,
+    up: &mut watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let every = heartbeat.mul_f64(0.8).max(Duration::from_millis(100));
+    loop {
+        if *up.borrow_and_update() {
+            return Ok(());
+        }
+        tokio::select! {
+            result = up.changed() => result.context("run gone")?,
+            _ = tokio::time::sleep(every) => {
+                c.send(Frame::new(WAITING_PING_ID, Body::Ping(pb::Ping {}))).await?;
+            }
+        }
+    }
 }
 
 /// Which server a user goes to. With several, the users of a pair or
