@@ -174,6 +174,13 @@ impl<S: Store> Inner<S> {
     async fn register(&self, r: pb::RegisterRequest) -> Result<(UserId, String), ChatError> {
         validate_username(&r.username)?;
         validate_password(&r.password)?;
+        // A taken name costs no password hash: the hash is the expensive
+        // part of a registration, and clients that register-or-log-in
+        // (as the load generator does) would pay it on every login. The
+        // store still refuses a name taken meanwhile.
+        if self.store.user_by_name(&r.username).await?.is_some() {
+            return Err(ChatError::UsernameTaken);
+        }
         let hash = self.passwords.hash(r.password).await?;
         let id = self.store.create_user(&r.username, &hash).await?;
         tracing::info!(user_id = id, username = %r.username, "registered");
