@@ -489,51 +489,13 @@ async fn a_load_run_over_three_nodes_needs_no_sync() {
 async fn a_load_run_waits_for_late_acks_before_its_final_sync() {
     // Its own Redis: the test pauses its writes.
     let redis_server = im_tests::services::RedisServer::start(false);
-    let shared = im_tests::services::shared();
-    let env = im_tests::PipelineEnv {
-        redis_url: redis_server.url(),
-        mysql_url: im_tests::services::fresh_database(&shared.mysql_url),
-        prefix: im_tests::services::unique_prefix(),
-    };
+    let env = im_tests::PipelineEnv::fresh_on(redis_server.url());
     // A lease that outlives the pause.
     let cluster = TestCluster::start_on(env, 1, |c| c.lease_secs = 30).await;
-    let run = {
-        let server = cluster.addr(0).to_string();
-        tokio::spawn(async move {
-            use clap::Parser;
-            let args = im_loadgen::Args::try_parse_from([
-                "im-loadgen",
-                "--server",
-                &server,
-                "--quiet",
-                "--scenario",
-                "direct",
-                "--connections",
-                "60",
-                "--rate",
-                "600",
-                "--warmup",
-                "1",
-                "--duration",
-                "3",
-                "--settle",
-                "0",
-            ])
-            .expect("valid flags");
-            im_loadgen::run(args).await.expect("load run").0
-        })
-    };
+    let run = direct_load_in_background(cluster.addr(0).to_string(), "3", "0");
     // The load stops about 4 s from now; appends wait from 3.4 s to 5.9 s.
     tokio::time::sleep(Duration::from_millis(3400)).await;
-    let redis = redis::Client::open(redis_server.url()).unwrap();
-    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(2500)
-        .arg("WRITE")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    redis_server.pause_writes(2500).await;
     let r = run.await.unwrap();
     assert!(!r.failed(), "verification failed: {r:#?}");
     assert_eq!(r.messages_lost, 0, "{r:#?}");
@@ -775,12 +737,7 @@ async fn a_node_killed_under_load_loses_nothing_and_its_routes_go() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_rejoin_when_redis_returns_and_push_across_again() {
     let mut redis_server = im_tests::services::RedisServer::start(true);
-    let shared = im_tests::services::shared();
-    let env = im_tests::PipelineEnv {
-        redis_url: redis_server.url(),
-        mysql_url: im_tests::services::fresh_database(&shared.mysql_url),
-        prefix: im_tests::services::unique_prefix(),
-    };
+    let env = im_tests::PipelineEnv::fresh_on(redis_server.url());
     let cluster = TestCluster::start_on(env, 2, |_| {}).await;
     let (mut alice, alice_id) = user(&cluster, 0, "ralice", true).await;
     let (mut bob, bob_id) = user(&cluster, 1, "rbob", true).await;

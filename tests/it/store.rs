@@ -284,8 +284,7 @@ async fn pipeline_resends_wait_for_a_lagging_worker() {
 async fn pipeline_a_full_lane_refuses_only_its_own_messages() {
     // Its own Redis: the test pauses it.
     let redis = RedisServer::start(false);
-    let mut env = PipelineEnv::fresh();
-    env.redis_url = redis.url();
+    let env = PipelineEnv::fresh_on(redis.url());
     let options = PipelineOptions {
         append_lanes: 2,
         append_queue: 1,
@@ -313,18 +312,7 @@ async fn pipeline_a_full_lane_refuses_only_its_own_messages() {
 
     // Writes wait while the pause lasts: lane 0 gets stuck in a round with
     // one job, and a second job fills its queue.
-    let mut admin = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1500)
-        .arg("WRITE")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    redis.pause_writes(1500).await;
     let (a0, c0) = by_lane[0][0];
     let stuck = store.append_batch(vec![message(a0, c0, "stuck", false)]);
     tokio::time::sleep(Duration::from_millis(100)).await;

@@ -52,6 +52,16 @@ impl PipelineEnv {
         }
     }
 
+    /// The same on a Redis of the test's own (one it stops or pauses), with
+    /// a fresh database on the shared MariaDB.
+    pub fn fresh_on(redis_url: String) -> PipelineEnv {
+        PipelineEnv {
+            redis_url,
+            mysql_url: services::fresh_database(&services::shared().mysql_url),
+            prefix: services::unique_prefix(),
+        }
+    }
+
     /// Points a server configuration at this environment.
     pub fn apply(&self, c: &mut Config) {
         c.redis_url = Some(self.redis_url.clone());

@@ -64,6 +64,23 @@ impl RedisServer {
         self.kill();
         self.spawn();
     }
+
+    /// Makes every write (and every script not flagged `no-writes`) wait
+    /// for `millis` from now, while reads go on (`CLIENT PAUSE ... WRITE`).
+    pub async fn pause_writes(&self, millis: u64) {
+        let client = redis::Client::open(self.url()).expect("redis url");
+        let mut admin = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis");
+        let _: () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(millis)
+            .arg("WRITE")
+            .query_async(&mut admin)
+            .await
+            .expect("CLIENT PAUSE");
+    }
 }
 
 impl Drop for RedisServer {
