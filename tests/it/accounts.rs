@@ -1,5 +1,7 @@
 //! Registration, login, bad passwords, token resume and login rate limits.
 
+use std::time::Duration;
+
 use im_client::{Client, ClientError, Credentials};
 use im_proto::ErrorCode;
 use im_tests::sdk::{self, config};
@@ -148,4 +150,48 @@ async fn a_registration_storm_leaves_bounded_memory() {
         grown <= bound,
         "{USERS} registrations left {grown} KiB more RSS (bound {bound} KiB)"
     );
+}
+
+/// Registering a taken name is answered without hashing its password: with
+/// the only hashing thread busy and its one queue slot taken by new
+/// registrations, a registration of a taken name still gets
+/// USERNAME_TAKEN, where a hash would have been refused as OVERLOADED.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_name_costs_no_password_hash() {
+    use im_proto::pb::{self, frame::Body};
+    let server = TestServer::start_with(|c| {
+        c.hash_concurrency = 1;
+        c.hash_queue = 1;
+        // About a second per hash.
+        c.argon2_memory_kib = 64 * 1024;
+        c.argon2_iterations = 24;
+    })
+    .await;
+    let mut first = im_tests::RawConn::connect(server.addr).await;
+    first.register("taken").await;
+    let register = |name: &str| {
+        Body::Register(pb::RegisterRequest {
+            username: name.into(),
+            password: PASSWORD.into(),
+        })
+    };
+    // One hash running, one waiting: the pool is full.
+    let mut busy = Vec::new();
+    for name in ["newcomer1", "newcomer2"] {
+        let mut conn = im_tests::RawConn::connect(server.addr).await;
+        let id = conn.send(register(name)).await;
+        busy.push((conn, id));
+        // The first is taken up by the thread before the second queues.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut again = im_tests::RawConn::connect(server.addr).await;
+    let id = again.send(register("Taken")).await;
+    match again.reply_to(id).await {
+        Body::Error(e) => assert_eq!(e.code, ErrorCode::UsernameTaken as i32, "{e:?}"),
+        other => panic!("registering a taken name answered {other:?}"),
+    }
+    // The registrations that held the pool still complete.
+    for (mut conn, id) in busy {
+        assert!(matches!(conn.reply_to(id).await, Body::AuthOk(_)));
+    }
 }

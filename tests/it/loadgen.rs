@@ -196,3 +196,33 @@ async fn the_binary_splits_a_run_over_worker_processes() {
     }
     assert!(std::fs::read_to_string(&plot).unwrap().starts_with("<svg"));
 }
+
+/// Connections that logged in early heartbeat while the rest of the ramp
+/// logs in: a ramp longer than the server's heartbeat timeout closes none
+/// of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ramp_longer_than_the_heartbeat_timeout_loses_no_connection() {
+    let server = TestServer::start_with(|c| {
+        c.heartbeat_interval_secs = 1;
+        c.heartbeat_timeout_secs = 2;
+    })
+    .await;
+    // 40 logins at 10 per second: the first waits 4 s for the last.
+    let r = run(
+        &server,
+        &[
+            "--scenario",
+            "direct",
+            "--connections",
+            "40",
+            "--ramp",
+            "10",
+            "--rate",
+            "200",
+        ],
+    )
+    .await;
+    assert_eq!(r.errors, 0, "{r:#?}");
+    assert_eq!(r.messages_resent, 0, "{r:#?}");
+    assert_eq!(r.messages_delivered, r.messages_acked, "{r:#?}");
+}

@@ -493,3 +493,51 @@ async fn an_empty_direct_conversation_is_readable_by_its_participants<S: Store>(
 }
 
 both_stores!(an_empty_direct_conversation_is_readable_by_its_participants);
+
+/// The MySQL connections a burst of concurrent queries opened stay in the
+/// pool for the next burst: a pool that closed each one as soon as it was
+/// idle made every concurrent login pay a new MySQL connection.
+#[tokio::test]
+async fn pipeline_pooled_mysql_connections_outlive_a_burst() {
+    use mysql_async::prelude::*;
+    let env = PipelineEnv::fresh();
+    let store = PipelineStore::open(pipeline_options(&env, 600))
+        .await
+        .unwrap();
+    store.create_user("pooled", "hash").await.unwrap();
+    let burst = || futures::future::join_all((0..16).map(|_| store.user_by_name("pooled")));
+    for found in burst().await {
+        assert!(found.unwrap().is_some());
+    }
+    // Connections to this test's own database, by MySQL connection id.
+    let database = env.mysql_url.rsplit('/').next().unwrap().to_string();
+    let admin = mysql_async::Pool::new(env.mysql_url.as_str());
+    let ids = async || -> HashSet<u64> {
+        let mut conn = admin.get_conn().await.unwrap();
+        conn.exec(
+            "SELECT id FROM information_schema.processlist WHERE db = ? AND id <> CONNECTION_ID()",
+            (database.as_str(),),
+        )
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_first = ids().await;
+    assert!(
+        after_first.len() > 1,
+        "only {} pooled connection(s) left after 16 concurrent queries",
+        after_first.len()
+    );
+    for found in burst().await {
+        assert!(found.unwrap().is_some());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_second = ids().await;
+    assert!(
+        after_first.is_subset(&after_second),
+        "the second burst replaced pooled connections: {after_first:?} then {after_second:?}"
+    );
+    let _ = admin.disconnect().await;
+}
