@@ -103,6 +103,7 @@ impl Client {
                 servers[index],
                 config.connect_timeout,
                 config.max_frame_bytes,
+                config.tls.as_ref(),
             )
             .await
             {

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::ClientError;
+use crate::tls::Tls;
 
 /// Settings of a [`Client`](crate::Client). Build one with
 /// [`ClientConfig::new`] and the `with_*` helpers, or set fields directly.
@@ -57,6 +58,9 @@ pub struct ClientConfig {
     pub gap_buffer: usize,
     /// Largest frame accepted from the server. Default 64 KiB.
     pub max_frame_bytes: usize,
+    /// Speak TLS to the server (which must listen for it, e.g. with
+    /// `--tls-listen`). Default `None`: plain TCP.
+    pub tls: Option<Tls>,
 }
 
 impl Default for ClientConfig {
@@ -77,6 +81,7 @@ impl Default for ClientConfig {
             cursors: HashMap::new(),
             gap_buffer: 1024,
             max_frame_bytes: im_proto::DEFAULT_MAX_FRAME_BYTES,
+            tls: None,
         }
     }
 }
@@ -124,6 +129,12 @@ impl ClientConfig {
     /// Sets [`cursors`](Self::cursors).
     pub fn with_cursors(mut self, cursors: HashMap<u64, u64>) -> Self {
         self.cursors = cursors;
+        self
+    }
+
+    /// Sets [`tls`](Self::tls).
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
         self
     }
 

@@ -1,24 +1,25 @@
-//! One TCP connection to the server: opening it, its framed read and write
-//! halves, and the authentication handshake that must precede everything
-//! else on it.
+//! One connection to the server (TCP, or TLS over it): opening it, its
+//! framed read and write halves, and the authentication handshake that
+//! must precede everything else on it.
 
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use im_proto::pb::{self, frame::Body};
 use im_proto::{ErrorCode, Frame, FrameCodec};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::error::error_code;
+use crate::tls::Tls;
 use crate::{ClientError, Credentials};
 
-/// Read half of a connection.
-pub(crate) type Reader = FramedRead<OwnedReadHalf, FrameCodec>;
-/// Write half of a connection.
-pub(crate) type Writer = FramedWrite<OwnedWriteHalf, FrameCodec>;
+/// Read half of a connection (plain or TLS).
+pub(crate) type Reader = FramedRead<Box<dyn AsyncRead + Send + Unpin>, FrameCodec>;
+/// Write half of a connection (plain or TLS).
+pub(crate) type Writer = FramedWrite<Box<dyn AsyncWrite + Send + Unpin>, FrameCodec>;
 
 /// An open connection, split so that reading never waits for writing.
 pub(crate) struct Conn {
@@ -27,18 +28,38 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// Connects to `addr` within `limit`.
+    /// Connects to `addr` (and runs the TLS handshake, with `tls`) within
+    /// `limit`.
     pub(crate) async fn open(
         addr: &str,
         limit: Duration,
         max_frame_bytes: usize,
+        tls: Option<&Tls>,
     ) -> Result<Conn, ClientError> {
-        let stream = timeout(limit, TcpStream::connect(addr))
+        let connect = async {
+            let stream = TcpStream::connect(addr).await?;
+            // Chat frames are small and latency matters more than packet
+            // count.
+            stream.set_nodelay(true)?;
+            type Halves = (
+                Box<dyn AsyncRead + Send + Unpin>,
+                Box<dyn AsyncWrite + Send + Unpin>,
+            );
+            let halves: Halves = match tls {
+                None => {
+                    let (read, write) = stream.into_split();
+                    (Box::new(read), Box::new(write))
+                }
+                Some(tls) => {
+                    let (read, write) = tokio::io::split(tls.connect(addr, stream).await?);
+                    (Box::new(read), Box::new(write))
+                }
+            };
+            Ok::<_, ClientError>(halves)
+        };
+        let (read, write) = timeout(limit, connect)
             .await
             .map_err(|_| ClientError::Timeout)??;
-        // Chat frames are small and latency matters more than packet count.
-        stream.set_nodelay(true)?;
-        let (read, write) = stream.into_split();
         Ok(Conn {
             reader: FramedRead::new(read, FrameCodec::new(max_frame_bytes)),
             writer: FramedWrite::new(write, FrameCodec::new(max_frame_bytes)),

@@ -221,6 +221,7 @@ impl Driver {
             servers[self.server % servers.len()],
             config.connect_timeout,
             config.max_frame_bytes,
+            config.tls.as_ref(),
         )
         .await
         .map_err(AuthError::Retry)?;

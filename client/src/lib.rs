@@ -35,6 +35,8 @@
 //! - `driver`: the connection task (socket, request matching, heartbeat,
 //!   reconnect).
 //! - `conn`: opening a connection and the authentication handshake.
+//! - [`tls`]: [`Tls`], TLS to the server (system roots or a private CA,
+//!   ALPN `im/1`, session resumption); set [`ClientConfig::tls`].
 //! - `delivery`: the exactly-once, in-order delivery state (no I/O).
 //! - `sync`: catch-up after a (re)connect.
 //! - `backoff`: exponential backoff with full jitter.
@@ -72,6 +74,7 @@ pub mod error;
 pub mod event;
 mod shared;
 mod sync;
+pub mod tls;
 
 #[cfg(test)]
 mod tests;
@@ -82,3 +85,4 @@ pub use error::ClientError;
 pub use event::{Event, Events};
 pub use im_proto::{self, ConversationId, ErrorCode, pb};
 pub use shared::Session;
+pub use tls::Tls;

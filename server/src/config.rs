@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatConfig;
 use crate::chat::auth::HashCost;
+use crate::net::tls::TlsFiles;
 use crate::net::{Cidr, NetConfig};
 use crate::store::pipeline::PipelineOptions;
 use crate::store::sqlite::SqliteOptions;
@@ -143,6 +144,46 @@ pub struct Config {
     )]
     #[serde(default)]
     pub proxy_protocol_from: Vec<Cidr>,
+
+    // ---- TLS ----
+    /// Address to listen on for TLS clients (TLS 1.3 and 1.2, ALPN
+    /// `im/1`, the same protocol inside); needs --tls-cert and --tls-key.
+    /// Default: no TLS listener.
+    #[arg(long, env = "IM_TLS_LISTEN")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_listen: Option<SocketAddr>,
+
+    /// PEM certificate chain of the TLS listener, leaf first. Read again
+    /// on SIGHUP (with the key and ticket keys); open connections stay.
+    #[arg(long, env = "IM_TLS_CERT", requires = "tls_key")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "IM_TLS_KEY", requires = "tls_cert")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Session-ticket secrets shared by every node, so a client resumes
+    /// its TLS session on any of them: one per line in hex (at least 32
+    /// bytes; `openssl rand -hex 32`), the first seals new tickets, all
+    /// open them. Default: a random secret per process (tickets resume on
+    /// the node that issued them only).
+    #[arg(long, env = "IM_TLS_TICKET_KEY_FILE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_ticket_key_file: Option<PathBuf>,
+
+    /// Seconds of one ticket-key period: keys are derived from the
+    /// secrets per period, tickets are accepted for the current and the
+    /// previous one (so for 1-2 periods).
+    #[arg(long, env = "IM_TLS_TICKET_ROTATE_SECS", default_value_t = 6 * 3600)]
+    pub tls_ticket_rotate_secs: u32,
+
+    /// Do not open the plain TCP listener (--listen): clients connect
+    /// over TLS only.
+    #[arg(long, env = "IM_NO_PLAIN_LISTENER")]
+    #[serde(default)]
+    pub no_plain_listener: bool,
 
     // ---- chat ----
     /// Send pipelines; conversations are spread over them (0 = one per CPU).
@@ -387,6 +428,15 @@ impl Config {
     /// Checks ranges and relations between settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.tls_listen.is_some() != (self.tls_cert.is_some() && self.tls_key.is_some()) {
+            return bad("tls-listen needs tls-cert and tls-key, and they need tls-listen");
+        }
+        if self.no_plain_listener && self.tls_listen.is_none() {
+            return bad("no-plain-listener needs tls-listen");
+        }
+        if self.tls_ticket_rotate_secs < 60 {
+            return bad("tls-ticket-rotate-secs must be at least 60");
+        }
         if !(4096..=16 << 20).contains(&self.max_frame_bytes) {
             return bad("max-frame-bytes must be between 4 KiB and 16 MiB");
         }
@@ -447,6 +497,10 @@ impl Config {
     pub fn net(&self) -> NetConfig {
         NetConfig {
             listen: self.listen,
+            plain_listener: !self.no_plain_listener,
+            tls_listen: self.tls_listen,
+            // Loaded (reading files) when the server starts.
+            tls: None,
             shards: if self.shards == 0 {
                 cpus()
             } else {
@@ -469,6 +523,17 @@ impl Config {
             recv_buffer_bytes: self.recv_buffer_bytes,
             proxy_protocol_from: self.proxy_protocol_from.clone(),
         }
+    }
+
+    /// The TLS listener's files, when it is configured.
+    pub fn tls_files(&self) -> Option<TlsFiles> {
+        self.tls_listen?;
+        Some(TlsFiles {
+            cert: self.tls_cert.clone()?,
+            key: self.tls_key.clone()?,
+            ticket_keys: self.tls_ticket_key_file.clone(),
+            ticket_rotate_secs: self.tls_ticket_rotate_secs,
+        })
     }
 
     /// Settings of the chat layer.

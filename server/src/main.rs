@@ -1,5 +1,6 @@
 //! `im-server`: runs one chat server node until SIGTERM or SIGINT, then
-//! shuts down gracefully and exits 0. A cluster node whose id a newer
+//! shuts down gracefully and exits 0. SIGHUP reloads the TLS certificate,
+//! key and ticket keys. A cluster node whose id a newer
 //! start of the same id took over shuts down too, and exits 1.
 
 use im_server::config::Config;
@@ -27,6 +28,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let signals = (
         signal(SignalKind::terminate())?,
         signal(SignalKind::interrupt())?,
+        signal(SignalKind::hangup())?,
     );
     if config.redis_url.is_some() {
         serve(PipelineServer::start_pipeline(config).await?, signals).await
@@ -37,18 +39,24 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
 async fn serve<S: Closeable>(
     server: Server<S>,
-    (mut term, mut int): (Signal, Signal),
+    (mut term, mut int, mut hup): (Signal, Signal, Signal),
 ) -> anyhow::Result<()> {
-    let fatal = tokio::select! {
-        _ = term.recv() => {
-            tracing::info!("SIGTERM: shutting down");
-            None
+    let fatal = loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: shutting down");
+                break None;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: shutting down");
+                break None;
+            }
+            _ = hup.recv() => match server.reload_tls() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificate and ticket keys reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the old ones"),
+            },
+            reason = server.fatal() => break Some(reason),
         }
-        _ = int.recv() => {
-            tracing::info!("SIGINT: shutting down");
-            None
-        }
-        reason = server.fatal() => Some(reason),
     };
     server.shutdown().await;
     match fatal {

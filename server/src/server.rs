@@ -17,7 +17,8 @@ use crate::chat::{ChatService, ChatStatsSnapshot};
 use crate::cluster::{Cluster, ClusterError, ClusterStatsSnapshot, Pending};
 use crate::config::Config;
 use crate::metrics::NodeMetrics;
-use crate::net::{Net, NetError, NetStatsSnapshot, Outbound, RunningNet};
+use crate::net::tls::{TlsAcceptor, TlsError};
+use crate::net::{Net, NetConfig, NetError, NetStatsSnapshot, Outbound, RunningNet};
 use crate::store::pipeline::PipelineStore;
 use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
@@ -51,6 +52,9 @@ pub enum ServerError {
     /// The node could not join its cluster.
     #[error("cannot join the cluster: {0}")]
     Cluster(#[from] ClusterError),
+    /// The TLS certificate, key or ticket keys are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
 }
 
 /// How long the pipeline store's health check waits for Redis.
@@ -100,6 +104,7 @@ pub struct Server<S: Closeable> {
     accepting: Arc<AtomicBool>,
     admin: Option<AdminServer>,
     cluster: Option<Cluster>,
+    tls: Option<Arc<TlsAcceptor>>,
 }
 
 /// The node with the embedded store, as `im-server` runs it by default.
@@ -182,7 +187,15 @@ impl<S: Closeable> Server<S> {
         cluster: Option<(Cluster, Pending)>,
     ) -> Result<Self, ServerError> {
         let admin = config.admin_listen.map(AdminListener::bind).transpose()?;
-        let net = Net::bind(config.net())?;
+        let tls = config
+            .tls_files()
+            .map(TlsAcceptor::load)
+            .transpose()?
+            .map(Arc::new);
+        let net = Net::bind(NetConfig {
+            tls: tls.clone(),
+            ..config.net()
+        })?;
         let (cluster, pending) = cluster.unzip();
         let service = ChatService::new(
             store.clone(),
@@ -197,7 +210,13 @@ impl<S: Closeable> Server<S> {
             pending.attach(service.local()).await;
         }
         let net = net.run(Arc::new(service.clone()))?;
-        tracing::info!(addr = %net.local_addr(), "listening");
+        let addrs = net.addrs();
+        if let Some(addr) = addrs.plain {
+            tracing::info!(%addr, "listening");
+        }
+        if let Some(addr) = addrs.tls {
+            tracing::info!(%addr, "listening for TLS");
+        }
         let accepting = Arc::new(AtomicBool::new(true));
         let admin = admin.map(|listener| {
             listener.serve(Arc::new(NodeMetrics {
@@ -216,12 +235,29 @@ impl<S: Closeable> Server<S> {
             accepting,
             admin,
             cluster,
+            tls,
         })
     }
 
-    /// The address clients connect to.
+    /// Reads the TLS certificate, key and ticket keys again (SIGHUP): new
+    /// connections get them, open ones keep theirs. Without a TLS
+    /// listener there is nothing to do.
+    pub fn reload_tls(&self) -> Result<(), TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Ok(()),
+        }
+    }
+
+    /// The address clients connect to: the plain listener's, or the TLS
+    /// one's when the plain listener is off.
     pub fn local_addr(&self) -> SocketAddr {
-        self.net.local_addr()
+        self.net.addrs().first()
+    }
+
+    /// The TLS listener's address, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.net.addrs().tls
     }
 
     /// Connection-layer counters.
@@ -282,6 +318,7 @@ impl<S: Closeable> Server<S> {
             accepting,
             admin,
             cluster,
+            tls: _,
         } = self;
         accepting.store(false, Ordering::Release);
         net.drain();

@@ -12,4 +12,5 @@ mod protocol;
 mod proxy_protocol;
 mod resilience;
 mod store;
+mod tls;
 mod worker;

@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
 pub mod services;
+pub mod tls;
 
 /// Password used by every test account.
 pub const PASSWORD: &str = "correct horse battery";
@@ -160,6 +161,14 @@ impl Node {
         match self {
             Node::Embedded(s) => s.local_addr(),
             Node::Pipeline(s) => s.local_addr(),
+        }
+    }
+
+    /// Where TLS clients connect, if the node listens for them.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Node::Embedded(s) => s.tls_addr(),
+            Node::Pipeline(s) => s.tls_addr(),
         }
     }
 
@@ -372,10 +381,15 @@ impl TestCluster {
     }
 }
 
+/// A byte stream a [`RawConn`] runs on: plain TCP or TLS over it.
+pub trait RawStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> RawStream for T {}
+
 /// A raw framed connection for protocol-level tests.
 pub struct RawConn {
     /// The framed socket.
-    pub framed: Framed<TcpStream, FrameCodec>,
+    pub framed: Framed<Box<dyn RawStream>, FrameCodec>,
     next_id: u64,
 }
 
@@ -384,6 +398,11 @@ impl RawConn {
     pub async fn connect(addr: SocketAddr) -> RawConn {
         let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
+        RawConn::over(Box::new(stream))
+    }
+
+    /// A connection on an open stream (e.g. after a TLS handshake).
+    pub fn over(stream: Box<dyn RawStream>) -> RawConn {
         RawConn {
             framed: Framed::new(stream, FrameCodec::new(16 << 20)),
             next_id: 1,
@@ -404,10 +423,7 @@ impl RawConn {
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
         let stream = socket.connect(addr).await.expect("connect");
-        RawConn {
-            framed: Framed::new(stream, FrameCodec::new(16 << 20)),
-            next_id: 1,
-        }
+        RawConn::over(Box::new(stream))
     }
 
     /// Sends a request and returns its id.

@@ -38,6 +38,9 @@ pub(crate) const OUT_PAUSED: u8 = 1 << 5;
 /// been read yet; until then `Bufs::inbound` holds its first bytes, and no
 /// frame is parsed.
 pub(crate) const PROXY_HEADER: u8 = 1 << 6;
+/// The connection speaks TLS: its state is in the shard's TLS map, its
+/// ciphertext in `Bufs::tls_in` / `Bufs::tls_out`.
+pub(crate) const TLS: u8 = 1 << 7;
 
 /// One client connection.
 #[derive(Debug)]
@@ -94,11 +97,24 @@ pub(crate) struct Bufs {
     pub inbound: Vec<u8>,
     /// Frames waiting for the socket, and the push policy.
     pub out: Output,
+    /// TLS: received ciphertext not yet decrypted (an incomplete record,
+    /// or an incomplete PROXY header before the handshake).
+    pub tls_in: Vec<u8>,
+    /// TLS: ciphertext to write, from `tls_sent` on.
+    pub tls_out: Vec<u8>,
+    /// Bytes of `tls_out` already written.
+    pub tls_sent: usize,
+    /// Bytes at the front of `out` whose ciphertext is in `tls_out`: they
+    /// count as written once `tls_out` is.
+    pub tls_plain: usize,
 }
 
 impl Bufs {
     pub fn is_empty(&self) -> bool {
-        self.inbound.is_empty() && self.out.is_empty()
+        self.inbound.is_empty()
+            && self.out.is_empty()
+            && self.tls_in.is_empty()
+            && self.tls_out.is_empty()
     }
 
     /// Empties the buffers but keeps modest capacity for reuse.
@@ -108,5 +124,16 @@ impl Bufs {
             self.inbound = Vec::new();
         }
         self.out.reset();
+        self.tls_in.clear();
+        self.tls_out.clear();
+        self.tls_sent = 0;
+        self.tls_plain = 0;
+        // Room for one full record stays; a burst's larger buffers go.
+        if self.tls_in.capacity() > 20 * 1024 {
+            self.tls_in = Vec::new();
+        }
+        if self.tls_out.capacity() > 20 * 1024 {
+            self.tls_out = Vec::new();
+        }
     }
 }

@@ -23,6 +23,8 @@
 //! - `proxy`: the PROXY protocol header a trusted load balancer sends
 //!   first, and which peers are trusted, free of I/O.
 //! - `socket`: listener and socket options.
+//! - [`tls`]: TLS (rustls, unbuffered) as an I/O-free state machine per
+//!   connection, with reloadable certificates and shared ticket keys.
 //! - `wheel`: the timer wheel of deadlines.
 
 mod conn;
@@ -30,6 +32,7 @@ mod output;
 mod proxy;
 mod shard;
 mod socket;
+pub mod tls;
 mod wheel;
 
 pub use output::Topic;
@@ -45,6 +48,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender};
 use crossbeam_utils::CachePadded;
 use im_proto::Frame;
+use mio::net::TcpListener;
 
 use shard::Shard;
 
@@ -52,8 +56,15 @@ use shard::Shard;
 /// flags that fill them).
 #[derive(Debug, Clone)]
 pub struct NetConfig {
-    /// Address to listen on.
+    /// Address to listen on for plain TCP.
     pub listen: SocketAddr,
+    /// Whether the plain listener is opened at all (`--no-plain-listener`
+    /// turns it off; then `tls` must be set).
+    pub plain_listener: bool,
+    /// Address to listen on for TLS (needs `tls`).
+    pub tls_listen: Option<SocketAddr>,
+    /// Certificate, ticket keys and settings of the TLS listener.
+    pub tls: Option<Arc<tls::TlsAcceptor>>,
     /// Number of event-loop threads.
     pub shards: usize,
     /// Connections held at most; further ones get SERVER_FULL.
@@ -103,6 +114,9 @@ impl Default for NetConfig {
     fn default() -> Self {
         NetConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            plain_listener: true,
+            tls_listen: None,
+            tls: None,
             shards: 2,
             max_connections: 1_000_000,
             max_frame_bytes: im_proto::DEFAULT_MAX_FRAME_BYTES,
@@ -141,6 +155,9 @@ pub enum NetError {
     /// A shard thread could not be started.
     #[error("cannot start shard thread: {0}")]
     Spawn(std::io::Error),
+    /// No listener is configured, or a TLS listener lacks its certificate.
+    #[error("{0}")]
+    Listeners(&'static str),
 }
 
 /// A connection as seen from outside its shard. The generation makes a
@@ -220,8 +237,9 @@ pub(crate) enum Command {
     },
     /// Send `frame` (if any), then close.
     Close { conn: ConnRef, frame: Option<Bytes> },
-    /// A connection accepted by another shard's listener, and its peer.
-    Adopt(mio::net::TcpStream, SocketAddr),
+    /// A connection accepted by another shard's listener, its peer, and
+    /// whether it came to the TLS listener.
+    Adopt(mio::net::TcpStream, SocketAddr, bool),
     /// Shutdown, first phase: stop accepting and reading requests.
     Drain,
     /// Shutdown, second phase: close every connection with `frame`, then
@@ -410,6 +428,9 @@ pub(crate) struct ShardStats {
     sync_hints: AtomicU64,
     /// Bytes in the output queues of this shard's connections (a gauge).
     output_bytes: AtomicU64,
+    tls_handshakes: AtomicU64,
+    tls_resumptions: AtomicU64,
+    tls_errors: AtomicU64,
 }
 
 impl ShardStats {
@@ -428,6 +449,9 @@ impl ShardStats {
         total.pushes_shed += get(&self.pushes_shed);
         total.sync_hints += get(&self.sync_hints);
         total.output_bytes += get(&self.output_bytes);
+        total.tls_handshakes += get(&self.tls_handshakes);
+        total.tls_resumptions += get(&self.tls_resumptions);
+        total.tls_errors += get(&self.tls_errors);
     }
 }
 
@@ -464,6 +488,12 @@ pub struct NetStatsSnapshot {
     pub sync_hints: u64,
     /// Bytes waiting in connections' output queues now.
     pub output_bytes: u64,
+    /// Full TLS handshakes completed.
+    pub tls_handshakes: u64,
+    /// TLS handshakes that resumed a session from a ticket.
+    pub tls_resumptions: u64,
+    /// TLS connections closed for a failed handshake or a bad record.
+    pub tls_errors: u64,
     /// Replies and pushes queued to the shards and not taken up yet.
     pub queued_commands: u64,
     /// Their bytes.
@@ -475,7 +505,25 @@ pub struct Net {
     shards: Vec<Shard>,
     receivers: Vec<Receiver<Command>>,
     outbound: Outbound,
-    local_addr: SocketAddr,
+    addrs: Addrs,
+}
+
+/// The bound listener addresses (at least one is set).
+#[derive(Debug, Clone, Copy)]
+pub struct Addrs {
+    /// The plain TCP listener, unless turned off.
+    pub plain: Option<SocketAddr>,
+    /// The TLS listener, if configured.
+    pub tls: Option<SocketAddr>,
+}
+
+impl Addrs {
+    /// The plain listener's address, or the TLS one's when plain is off.
+    pub fn first(&self) -> SocketAddr {
+        self.plain
+            .or(self.tls)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
 }
 
 impl Net {
@@ -484,31 +532,59 @@ impl Net {
     pub fn bind(config: NetConfig) -> Result<Net, NetError> {
         let config = Arc::new(config);
         let count = config.shards.clamp(1, u16::MAX as usize);
-        let listen_err = |source| NetError::Listen {
-            addr: config.listen,
-            source,
+        let tls_listen = match (config.tls_listen, &config.tls) {
+            (Some(addr), Some(_)) => Some(addr),
+            (Some(_), None) => {
+                return Err(NetError::Listeners(
+                    "a TLS listener needs a certificate and key",
+                ));
+            }
+            (None, _) => None,
         };
-        let first = socket::listener(&config, config.listen).map_err(listen_err)?;
-        let local_addr = first.local_addr().map_err(listen_err)?;
-        let mut first = Some(first);
+        let plain_listen = config.plain_listener.then_some(config.listen);
+        if plain_listen.is_none() && tls_listen.is_none() {
+            return Err(NetError::Listeners(
+                "no listener: the plain one is off and no TLS one is set",
+            ));
+        }
+        // The first listener of each kind fixes the port (0: any) that the
+        // other shards' listeners then share.
+        let bind_first = |addr: Option<SocketAddr>| -> Result<_, NetError> {
+            let Some(addr) = addr else {
+                return Ok((None, None));
+            };
+            let listen_err = |source| NetError::Listen { addr, source };
+            let first = socket::listener(&config, addr).map_err(listen_err)?;
+            let local = first.local_addr().map_err(listen_err)?;
+            Ok((Some(first), Some(local)))
+        };
+        let (mut first_plain, plain_addr) = bind_first(plain_listen)?;
+        let (mut first_tls, tls_addr) = bind_first(tls_listen)?;
+        let more = |first: &mut Option<TcpListener>, addr: Option<SocketAddr>| match (
+            first.take(),
+            addr,
+        ) {
+            (Some(l), _) => Ok(Some(l)),
+            (None, Some(addr)) if config.reuse_port => socket::listener(&config, addr)
+                .map(Some)
+                .map_err(|source| NetError::Listen { addr, source }),
+            _ => Ok(None),
+        };
 
         let open = Arc::new(AtomicUsize::new(0));
         let mut shards = Vec::with_capacity(count);
         let mut links = Vec::with_capacity(count);
         let mut receivers = Vec::with_capacity(count);
         for id in 0..count {
-            let listener = match first.take() {
-                Some(l) => Some(l),
-                None if config.reuse_port => {
-                    Some(socket::listener(&config, local_addr).map_err(listen_err)?)
-                }
-                None => None,
+            let listeners = shard::Listeners {
+                plain: more(&mut first_plain, plain_addr)?,
+                tls: more(&mut first_tls, tls_addr)?,
             };
             let stats = Arc::new(ShardStats::default());
             let (shard, waker) = Shard::new(
                 id as u16,
                 config.clone(),
-                listener,
+                listeners,
                 stats.clone(),
                 open.clone(),
             )?;
@@ -534,13 +610,16 @@ impl Net {
                     notify: tokio::sync::Notify::new(),
                 }),
             },
-            local_addr,
+            addrs: Addrs {
+                plain: plain_addr,
+                tls: tls_addr,
+            },
         })
     }
 
-    /// The bound address (with the actual port when 0 was asked for).
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    /// The bound addresses (with the actual ports when 0 was asked for).
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
     }
 
     /// The handle the chat logic answers through.
@@ -564,7 +643,7 @@ impl Net {
         Ok(RunningNet {
             threads,
             outbound: self.outbound,
-            local_addr: self.local_addr,
+            addrs: self.addrs,
         })
     }
 }
@@ -573,13 +652,13 @@ impl Net {
 pub struct RunningNet {
     threads: Vec<JoinHandle<()>>,
     outbound: Outbound,
-    local_addr: SocketAddr,
+    addrs: Addrs,
 }
 
 impl RunningNet {
-    /// The bound address.
-    pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    /// The bound addresses.
+    pub fn addrs(&self) -> Addrs {
+        self.addrs
     }
 
     /// The handle the chat logic answers through.

@@ -8,6 +8,15 @@
 //! buffer only while it holds a partial frame. Output is queued per
 //! connection during a round and written with one `writev` per connection.
 //!
+//! A TLS connection (from the TLS listener) reads into the same scratch
+//! buffer; its ciphertext is decrypted by its [`TlsConn`] (kept in a
+//! shard-wide map by slot, so plain connections pay nothing for it) and
+//! the plaintext goes through the same framing. Its output is the same
+//! queue of frames, encrypted a record at a time (up to 16 KiB of frames)
+//! when the socket can take more; the record waits in `Bufs::tls_out`, and
+//! the frames it holds count as written once it is. Both buffers exist
+//! only while busy.
+//!
 //! A connection from a trusted load balancer (`--proxy-protocol-from`)
 //! first has its PROXY header read (partial ones wait in its inbound
 //! buffer, like a partial frame); the client address it carries is kept in
@@ -31,14 +40,16 @@ use prost::Message;
 use slab::Slab;
 
 use super::conn::{
-    Bufs, Conn, DIRTY, OUT_PAUSED, PROXY_HEADER, READ_PAUSED, READY, State, WRITE_BLOCKED,
+    Bufs, Conn, DIRTY, OUT_PAUSED, PROXY_HEADER, READ_PAUSED, READY, State, TLS, WRITE_BLOCKED,
     WRITE_SHUT,
 };
 use super::output::{Offer, Topic};
 use super::proxy::{self, WarnGate};
+use super::tls::{MAX_PLAINTEXT, ReadOutcome, TlsAcceptor, TlsConn};
 use super::wheel::{self, Wheel};
 use super::{Command, ConnRef, FrameCtx, Handler, NetConfig, NetError, Outbound, ShardStats};
 
+const TLS_LISTENER: Token = Token(usize::MAX - 2);
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX);
 /// Size of the shard-wide read buffer.
@@ -57,11 +68,17 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// logged at debug level).
 const PROXY_WARN_SECS: u32 = 60;
 
+/// The listeners of one shard (none when another shard accepts for it).
+pub(crate) struct Listeners {
+    pub plain: Option<TcpListener>,
+    pub tls: Option<TcpListener>,
+}
+
 /// A shard before its thread starts.
 pub(crate) struct Shard {
     id: u16,
     poll: Poll,
-    listener: Option<TcpListener>,
+    listeners: Listeners,
     config: Arc<NetConfig>,
     stats: Arc<ShardStats>,
     open: Arc<AtomicUsize>,
@@ -71,21 +88,26 @@ impl Shard {
     pub fn new(
         id: u16,
         config: Arc<NetConfig>,
-        mut listener: Option<TcpListener>,
+        mut listeners: Listeners,
         stats: Arc<ShardStats>,
         open: Arc<AtomicUsize>,
     ) -> Result<(Shard, mio::Waker), NetError> {
         let poll = Poll::new().map_err(NetError::Poll)?;
         let waker = mio::Waker::new(poll.registry(), WAKER).map_err(NetError::Poll)?;
-        if let Some(l) = listener.as_mut() {
+        if let Some(l) = listeners.plain.as_mut() {
             poll.registry()
                 .register(l, LISTENER, Interest::READABLE)
+                .map_err(NetError::Poll)?;
+        }
+        if let Some(l) = listeners.tls.as_mut() {
+            poll.registry()
+                .register(l, TLS_LISTENER, Interest::READABLE)
                 .map_err(NetError::Poll)?;
         }
         let shard = Shard {
             id,
             poll,
-            listener,
+            listeners,
             config,
             stats,
             open,
@@ -107,10 +129,16 @@ impl Shard {
             + 2;
         let started = Instant::now();
         let errors = FatalFrames::new();
+        let tls_acceptor = self.config.tls.clone();
         let mut event_loop = Loop {
             id: self.id,
             poll: self.poll,
-            listener: self.listener,
+            listener: self.listeners.plain,
+            tls_listener: self.listeners.tls,
+            tls_acceptor,
+            tls: HashMap::new(),
+            tls_plain: Vec::new(),
+            tls_stage: Vec::new(),
             config: self.config,
             stats: self.stats,
             open: self.open,
@@ -138,6 +166,19 @@ impl Shard {
         };
         event_loop.run();
     }
+}
+
+/// What decrypting one read came to.
+enum Step {
+    /// A PROXY header is awaited and not complete yet.
+    ProxyIncomplete,
+    /// A trusted balancer sent a bad PROXY header.
+    ProxyError(proxy::HeaderError),
+    /// Records were processed; the input from `rest` on is an incomplete
+    /// record.
+    Read { rest: usize, outcome: ReadOutcome },
+    /// The TLS state refused the input (its alert is queued).
+    Failed,
 }
 
 /// Encoded fatal error frames that carry no request id.
@@ -176,6 +217,14 @@ struct Loop {
     id: u16,
     poll: Poll,
     listener: Option<TcpListener>,
+    tls_listener: Option<TcpListener>,
+    tls_acceptor: Option<Arc<TlsAcceptor>>,
+    /// The TLS state of connections flagged `TLS`, by slot.
+    tls: HashMap<u32, Box<TlsConn>>,
+    /// Plaintext decrypted from one read, before it is framed.
+    tls_plain: Vec<u8>,
+    /// Frames gathered into one record before it is encrypted.
+    tls_stage: Vec<u8>,
     config: Arc<NetConfig>,
     stats: Arc<ShardStats>,
     /// Open connections across all shards (for `max_connections`).
@@ -236,7 +285,8 @@ impl Loop {
             for event in events.iter() {
                 match event.token() {
                     WAKER => {}
-                    LISTENER => self.accept(),
+                    LISTENER => self.accept(false),
+                    TLS_LISTENER => self.accept(true),
                     Token(slot) => {
                         if event.is_writable() {
                             self.on_writable(slot);
@@ -250,7 +300,8 @@ impl Loop {
             if let Some(at) = self.accept_resume_at {
                 if Instant::now() >= at {
                     self.accept_resume_at = None;
-                    self.accept();
+                    self.accept(false);
+                    self.accept(true);
                 }
             }
             self.process_commands();
@@ -279,31 +330,40 @@ impl Loop {
 
     // ---- accepting ----
 
-    fn accept(&mut self) {
+    fn accept(&mut self, tls: bool) {
         if self.accept_resume_at.is_some() || self.draining {
             return;
         }
         loop {
-            let Some(listener) = &self.listener else {
+            let listener = if tls {
+                &self.tls_listener
+            } else {
+                &self.listener
+            };
+            let Some(listener) = listener else {
                 return;
             };
             match listener.accept() {
                 Ok((stream, peer)) => {
                     add(&self.stats.accepted, 1);
                     if self.open.load(Ordering::Relaxed) >= self.config.max_connections {
-                        refuse(stream, &self.errors.server_full);
+                        // A TLS client could not read a plain frame.
+                        if !tls {
+                            refuse(stream, &self.errors.server_full);
+                        }
                         continue;
                     }
                     let shards = self.outbound.links.len();
                     if self.config.reuse_port || shards == 1 {
-                        self.add(stream, peer);
+                        self.add(stream, peer, tls);
                     } else {
                         let target = self.next_adopt % shards;
                         self.next_adopt = self.next_adopt.wrapping_add(1);
                         if target == self.id as usize {
-                            self.add(stream, peer);
+                            self.add(stream, peer, tls);
                         } else {
-                            self.outbound.send(target, Command::Adopt(stream, peer));
+                            self.outbound
+                                .send(target, Command::Adopt(stream, peer, tls));
                         }
                     }
                 }
@@ -325,10 +385,21 @@ impl Loop {
         }
     }
 
-    fn add(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+    fn add(&mut self, mut stream: TcpStream, peer: SocketAddr, tls: bool) {
         if self.closing_all {
             return;
         }
+        let tls_conn = match (tls, &self.tls_acceptor) {
+            (false, _) => None,
+            (true, Some(acceptor)) => match acceptor.accept() {
+                Ok(conn) => Some(Box::new(conn)),
+                Err(e) => {
+                    tracing::warn!(shard = self.id, error = %e, "cannot start a TLS connection");
+                    return;
+                }
+            },
+            (true, None) => return,
+        };
         let entry = self.conns.vacant_entry();
         let slot = entry.key();
         if slot >= u32::MAX as usize {
@@ -347,11 +418,15 @@ impl Loop {
         self.next_generation = self.next_generation.wrapping_add(1);
         let deadline = self.now + self.config.auth_timeout_secs;
         let wheel_at = self.wheel.insert(slot as u32, generation, deadline);
-        let flags = if proxy::trusted(&self.config.proxy_protocol_from, peer.ip()) {
+        let mut flags = if proxy::trusted(&self.config.proxy_protocol_from, peer.ip()) {
             PROXY_HEADER
         } else {
             0
         };
+        if let Some(tls_conn) = tls_conn {
+            flags |= TLS;
+            self.tls.insert(slot as u32, tls_conn);
+        }
         entry.insert(Conn {
             stream,
             generation,
@@ -412,6 +487,7 @@ impl Loop {
                 return;
             }
             let conn = &mut self.conns[slot];
+            let tls = conn.has(TLS);
             match conn.stream.read(&mut self.scratch) {
                 Ok(0) => {
                     self.peer_closed(slot);
@@ -420,7 +496,11 @@ impl Loop {
                 Ok(n) => {
                     budget = budget.saturating_sub(n);
                     add(&self.stats.bytes_in, n as u64);
-                    self.ingest(slot, n);
+                    if tls {
+                        self.ingest_tls(slot, n);
+                    } else {
+                        self.ingest(slot, n);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -437,21 +517,156 @@ impl Loop {
     /// not consumed.
     fn ingest(&mut self, slot: usize, n: usize) {
         let scratch = std::mem::take(&mut self.scratch);
+        self.ingest_bytes(slot, &scratch[..n]);
+        self.scratch = scratch;
+    }
+
+    /// Frames (and dispatches) received plaintext `data`, after a buffered
+    /// partial frame if there is one, and keeps what is not consumed.
+    fn ingest_bytes(&mut self, slot: usize, data: &[u8]) {
         if self.conns.get(slot).is_some_and(Conn::has_inbound) {
             let mut inbound = self.take_inbound(slot);
-            inbound.extend_from_slice(&scratch[..n]);
+            inbound.extend_from_slice(data);
             let used = self.consume(slot, &inbound);
             inbound.drain(..used);
             self.put_inbound(slot, inbound);
         } else {
-            let used = self.consume(slot, &scratch[..n]);
-            if used < n {
+            let used = self.consume(slot, data);
+            if used < data.len() {
                 let mut inbound = self.take_inbound(slot);
-                inbound.extend_from_slice(&scratch[used..n]);
+                inbound.extend_from_slice(&data[used..]);
                 self.put_inbound(slot, inbound);
             }
         }
+    }
+
+    /// Decrypts `n` bytes of ciphertext freshly read into the scratch
+    /// buffer (after a buffered incomplete record, and after the PROXY
+    /// header if one is awaited), queues the handshake's answers, and
+    /// frames the plaintext.
+    fn ingest_tls(&mut self, slot: usize, n: usize) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let mut plain = std::mem::take(&mut self.tls_plain);
+        plain.clear();
+        let outcome = self.decrypt(slot, &mut scratch[..n], &mut plain);
         self.scratch = scratch;
+        match outcome {
+            Some(outcome) => {
+                if !plain.is_empty() {
+                    self.ingest_bytes(slot, &plain);
+                }
+                if outcome.closed {
+                    self.peer_closed(slot);
+                }
+            }
+            None => {
+                if self
+                    .conns
+                    .get(slot)
+                    .is_some_and(|c| c.bufs.as_ref().is_some_and(|b| b.is_empty()))
+                {
+                    self.recycle(slot);
+                }
+            }
+        }
+        if plain.capacity() > READ_BUDGET {
+            plain = Vec::new();
+        }
+        self.tls_plain = plain;
+    }
+
+    /// The TLS part of [`Loop::ingest_tls`]: `None` when nothing is to be
+    /// framed (the PROXY header is incomplete, or the connection failed).
+    fn decrypt(
+        &mut self,
+        slot: usize,
+        fresh: &mut [u8],
+        plain: &mut Vec<u8>,
+    ) -> Option<ReadOutcome> {
+        let conn = self.conns.get_mut(slot)?;
+        let bufs = conn
+            .bufs
+            .get_or_insert_with(|| self.pool.pop().unwrap_or_default());
+        let mut held = std::mem::take(&mut bufs.tls_in);
+        let from_held = !held.is_empty();
+        if from_held {
+            held.extend_from_slice(fresh);
+        }
+        let queued = bufs.tls_out.len();
+        let step = {
+            let input: &mut [u8] = if from_held { &mut held } else { fresh };
+            let mut start = 0;
+            let mut step = None;
+            if conn.flags & PROXY_HEADER != 0 {
+                match proxy::parse_header(input) {
+                    Ok(None) => step = Some(Step::ProxyIncomplete),
+                    Ok(Some(header)) => {
+                        conn.flags &= !PROXY_HEADER;
+                        if let Some(source) = header.source {
+                            self.carried.insert(slot as u32, source.ip().to_canonical());
+                        }
+                        start = header.len;
+                    }
+                    Err(err) => step = Some(Step::ProxyError(err)),
+                }
+            }
+            match (step, self.tls.get_mut(&(slot as u32))) {
+                (Some(step), _) => step,
+                (None, None) => Step::Failed,
+                (None, Some(tls)) => {
+                    match tls.read(&mut input[start..], plain, &mut bufs.tls_out) {
+                        Ok(outcome) => Step::Read {
+                            rest: start + outcome.consumed,
+                            outcome,
+                        },
+                        Err(e) => {
+                            // The alert rustls has for the peer goes out
+                            // before the FIN.
+                            tls.pending_alert(&mut bufs.tls_out);
+                            tracing::debug!(shard = self.id, slot, error = %e, "TLS error");
+                            Step::Failed
+                        }
+                    }
+                }
+            }
+        };
+        let outcome = match step {
+            Step::ProxyIncomplete => {
+                if !from_held {
+                    held.extend_from_slice(fresh);
+                }
+                bufs.tls_in = held;
+                return None;
+            }
+            Step::ProxyError(err) => {
+                self.proxy_error(slot, &err);
+                return None;
+            }
+            Step::Read { rest, outcome } => {
+                if from_held {
+                    held.drain(..rest);
+                } else {
+                    held.extend_from_slice(&fresh[rest..]);
+                }
+                bufs.tls_in = held;
+                match outcome.handshake_done {
+                    Some(true) => add(&self.stats.tls_resumptions, 1),
+                    Some(false) => add(&self.stats.tls_handshakes, 1),
+                    None => {}
+                }
+                Some(outcome)
+            }
+            Step::Failed => None,
+        };
+        if bufs.tls_out.len() > queued && conn.flags & DIRTY == 0 {
+            conn.flags |= DIRTY;
+            self.dirty.push(slot as u32);
+        }
+        if outcome.is_none() {
+            add(&self.stats.tls_errors, 1);
+            self.close_conn(slot, None, true);
+        }
+        outcome
     }
 
     fn take_inbound(&mut self, slot: usize) -> Vec<u8> {
@@ -792,6 +1007,9 @@ impl Loop {
     /// releases a hint that has become due and resumes reading when the
     /// queue is back under the limit.
     fn flush(&mut self, slot: usize) {
+        if self.conns.get(slot).is_some_and(|c| c.has(TLS)) {
+            return self.flush_tls(slot);
+        }
         let now = self.now;
         let limit = self.config.max_outbound_bytes;
         loop {
@@ -838,10 +1056,120 @@ impl Loop {
                 Err(_) => return self.abort(slot),
             }
         }
+        self.flushed(slot);
+    }
+
+    /// [`Loop::flush`] of a TLS connection: writes the pending record,
+    /// then encrypts the next one from the queued frames, until the queue
+    /// is empty or the socket is full.
+    fn flush_tls(&mut self, slot: usize) {
+        let now = self.now;
+        let limit = self.config.max_outbound_bytes;
+        loop {
+            let Some(conn) = self.conns.get_mut(slot) else {
+                return;
+            };
+            let closing = conn.state == State::Closing;
+            let Some(tls) = self.tls.get_mut(&(slot as u32)) else {
+                return self.abort(slot);
+            };
+            let Some(bufs) = conn.bufs.as_mut() else {
+                if closing && !tls.close_queued {
+                    // Nothing queued: the close_notify goes first.
+                    let bufs = conn
+                        .bufs
+                        .get_or_insert_with(|| self.pool.pop().unwrap_or_default());
+                    tls.close_notify(&mut bufs.tls_out);
+                    continue;
+                }
+                break;
+            };
+            if bufs.tls_sent < bufs.tls_out.len() {
+                match conn.stream.write(&bufs.tls_out[bufs.tls_sent..]) {
+                    Ok(0) => return self.abort(slot),
+                    Ok(written) => {
+                        add(&self.stats.bytes_out, written as u64);
+                        bufs.tls_sent += written;
+                        if bufs.tls_sent == bufs.tls_out.len() {
+                            bufs.tls_out.clear();
+                            bufs.tls_sent = 0;
+                            let plain = std::mem::take(&mut bufs.tls_plain);
+                            if plain > 0 {
+                                sub(&self.stats.output_bytes, plain as u64);
+                                let frames = bufs.out.written(plain, now);
+                                add(&self.stats.frames_out, frames);
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        conn.set(WRITE_BLOCKED);
+                        if let Some(at) = self.stall_deadline(&self.conns[slot]) {
+                            self.arm(slot, at);
+                        }
+                        return self.resume_if_drained(slot);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return self.abort(slot),
+                }
+                continue;
+            }
+            if conn.state == State::Authenticated {
+                if let Some(len) = bufs.out.release_hint(limit, now) {
+                    add(&self.stats.sync_hints, 1);
+                    add(&self.stats.output_bytes, len as u64);
+                }
+            }
+            if !bufs.out.has_frames() {
+                if closing && !tls.close_queued {
+                    tls.close_notify(&mut bufs.tls_out);
+                    continue;
+                }
+                break;
+            }
+            // Up to one record of frames, encrypted at once.
+            let stage = &mut self.tls_stage;
+            stage.clear();
+            for frame in bufs.out.frames() {
+                let room = MAX_PLAINTEXT - stage.len();
+                if room == 0 {
+                    break;
+                }
+                stage.extend_from_slice(&frame[..frame.len().min(room)]);
+            }
+            match tls.encrypt(stage, &mut bufs.tls_out) {
+                Ok(true) => bufs.tls_plain = stage.len(),
+                Ok(false) if closing => {
+                    // Closed before the handshake finished (a deadline):
+                    // nothing can be sent encrypted.
+                    sub(&self.stats.output_bytes, bufs.out.bytes() as u64);
+                    bufs.out.reset();
+                    tls.close_queued = true;
+                    break;
+                }
+                // Frames wait for the handshake.
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::debug!(shard = self.id, slot, error = %e, "TLS encryption failed");
+                    add(&self.stats.tls_errors, 1);
+                    return self.abort(slot);
+                }
+            }
+        }
+        self.flushed(slot);
+    }
+
+    /// After a flush that left nothing the socket could take now: a
+    /// closing connection sends its FIN, reading resumes if it waited for
+    /// the queue, and empty buffers go back to the pool.
+    fn flushed(&mut self, slot: usize) {
         let Some(conn) = self.conns.get_mut(slot) else {
             return;
         };
-        if conn.state == State::Closing && !conn.has(WRITE_SHUT) {
+        let pending_tls = conn
+            .bufs
+            .as_ref()
+            .is_some_and(|b| b.tls_sent < b.tls_out.len());
+        if conn.state == State::Closing && !conn.has(WRITE_SHUT) && !pending_tls {
             conn.set(WRITE_SHUT);
             // Our last frame is out: send FIN, then wait for the peer's.
             let _ = conn.stream.shutdown(Shutdown::Write);
@@ -902,6 +1230,14 @@ impl Loop {
         conn.clear(READ_PAUSED | OUT_PAUSED);
         if let Some(bufs) = conn.bufs.as_mut() {
             bufs.inbound = Vec::new();
+            bufs.tls_in = Vec::new();
+            if discard && bufs.tls_plain > 0 {
+                // Frames already encrypted into the pending record are
+                // its to deliver: count them out of the queue now.
+                let plain = std::mem::take(&mut bufs.tls_plain);
+                sub(&self.stats.output_bytes, plain as u64);
+                bufs.out.written(plain, now);
+            }
             if discard {
                 // Keep only the front frame, which may be partly written.
                 let before = bufs.out.bytes();
@@ -954,6 +1290,9 @@ impl Loop {
         self.recycle(slot);
         if !self.carried.is_empty() {
             self.carried.remove(&(slot as u32));
+        }
+        if self.conns[slot].has(TLS) {
+            self.tls.remove(&(slot as u32));
         }
         self.conns.remove(slot);
         self.open.fetch_sub(1, Ordering::Relaxed);
@@ -1119,15 +1458,17 @@ impl Loop {
                     self.close_conn(slot, frame, false);
                 }
             }
-            Command::Adopt(stream, peer) => self.add(stream, peer),
+            Command::Adopt(stream, peer, tls) => self.add(stream, peer, tls),
             Command::Drain => {
                 self.draining = true;
                 self.listener = None;
+                self.tls_listener = None;
             }
             Command::CloseAll(frame) => {
                 self.draining = true;
                 self.closing_all = true;
                 self.listener = None;
+                self.tls_listener = None;
                 let slots: Vec<usize> = self.conns.iter().map(|(slot, _)| slot).collect();
                 for slot in slots {
                     self.close_conn(slot, Some(frame.clone()), false);

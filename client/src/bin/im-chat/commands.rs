@@ -1,6 +1,7 @@
 //! What each im-chat command does: connect with the saved session, resolve
 //! usernames to ids, make the requests and print the results.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use chrono::Offset;
 use im_client::pb::{self, content::Kind};
 use im_client::{
     Client, ClientConfig, ClientError, ConversationId, Credentials, ErrorCode, Event, Events,
-    Target,
+    Target, Tls,
 };
 use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
@@ -33,6 +34,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         dir: StateDir::new(dir),
         server: cli.server,
         json: cli.json,
+        tls: cli.tls || cli.ca_file.is_some(),
+        ca_file: cli.ca_file,
     };
     match cli.command {
         Command::Register(auth) => ctx.authenticate(auth, true).await,
@@ -86,6 +89,9 @@ struct Ctx {
     dir: StateDir,
     server: Option<String>,
     json: bool,
+    /// --tls or --ca-file was given.
+    tls: bool,
+    ca_file: Option<PathBuf>,
 }
 
 /// How a command uses the connection.
@@ -106,6 +112,29 @@ struct Conn {
 }
 
 impl Ctx {
+    /// The TLS choice of the flags, else of the saved session: whether to
+    /// use TLS and which CA file.
+    fn tls_choice(&self, saved: Option<&SavedSession>) -> (bool, Option<PathBuf>) {
+        match saved {
+            Some(saved) if !self.tls => (saved.tls, saved.ca_file.clone()),
+            _ => (self.tls, self.ca_file.clone()),
+        }
+    }
+
+    fn with_tls(
+        config: ClientConfig,
+        (tls, ca_file): &(bool, Option<PathBuf>),
+    ) -> Result<ClientConfig> {
+        if !tls {
+            return Ok(config);
+        }
+        let tls = match ca_file {
+            Some(path) => Tls::with_ca_file(path)?,
+            None => Tls::system_roots()?,
+        };
+        Ok(config.with_tls(tls))
+    }
+
     fn print(&self, human: impl FnOnce() -> String, json: impl FnOnce() -> Value) {
         if self.json {
             println!("{}", json());
@@ -131,7 +160,8 @@ impl Ctx {
     async fn connect(&self, mode: Mode) -> Result<(Conn, Events)> {
         let saved = self.session()?;
         let server = self.server.clone().unwrap_or_else(|| saved.server.clone());
-        let mut config = ClientConfig::new(server.clone());
+        let tls = self.tls_choice(Some(&saved));
+        let mut config = Self::with_tls(ClientConfig::new(server.clone()), &tls)?;
         match mode {
             Mode::OneShot => config = config.with_catch_up(false).with_auto_ack(false),
             Mode::Live => config = config.with_catch_up(false),
@@ -150,6 +180,8 @@ impl Ctx {
             username: session.username.clone(),
             token: session.token,
             token_expires_at_ms: session.token_expires_at_ms,
+            tls: tls.0,
+            ca_file: tls.1.clone(),
         })?;
         let view = View::new(session.user_id, session.username, self.json);
         Ok((Conn { client, view }, events))
@@ -160,11 +192,19 @@ impl Ctx {
             Some(p) => p,
             None => prompt_password(register).await?,
         };
+        let saved = self.dir.load_session().ok().flatten();
         let server = self
             .server
             .clone()
-            .or_else(|| self.dir.load_session().ok().flatten().map(|s| s.server))
+            .or_else(|| saved.as_ref().map(|s| s.server.clone()))
             .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
+        // A server named on the command line gets the TLS flags as they
+        // are; the saved server keeps its saved choice unless flags say.
+        let tls = if self.server.is_some() {
+            (self.tls, self.ca_file.clone())
+        } else {
+            self.tls_choice(saved.as_ref())
+        };
         let credentials = if register {
             Credentials::Register {
                 username: auth.username,
@@ -176,7 +216,7 @@ impl Ctx {
                 password,
             }
         };
-        let config = ClientConfig::new(server.clone())
+        let config = Self::with_tls(ClientConfig::new(server.clone()), &tls)?
             .with_catch_up(false)
             .with_auto_ack(false);
         let (client, _events) = Client::connect(config, credentials)
@@ -189,6 +229,8 @@ impl Ctx {
             username: session.username.clone(),
             token: session.token,
             token_expires_at_ms: session.token_expires_at_ms,
+            tls: tls.0,
+            ca_file: tls.1.clone(),
         })?;
         client.close().await;
         let verb = if register { "registered" } else { "logged in" };

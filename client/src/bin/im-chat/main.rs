@@ -39,6 +39,14 @@ pub struct Cli {
     /// Print one JSON object per line instead of text for people.
     #[arg(long, global = true)]
     pub json: bool,
+    /// Connect over TLS, trusting the system's root certificates (the
+    /// server's --tls-listen address) [default: what login saved].
+    #[arg(long, env = "IM_TLS", global = true)]
+    pub tls: bool,
+    /// Connect over TLS, trusting the CA certificates in this PEM file only
+    /// (a private CA); implies --tls.
+    #[arg(long, env = "IM_CA_FILE", global = true, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }

@@ -17,6 +17,12 @@ pub struct SavedSession {
     pub username: String,
     pub token: String,
     pub token_expires_at_ms: i64,
+    /// The connection speaks TLS (with `ca_file`'s roots, else the
+    /// system's).
+    #[serde(default)]
+    pub tls: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -141,6 +147,8 @@ mod tests {
             username: "alice".into(),
             token: "secret".into(),
             token_expires_at_ms: 1_700_000_000_000,
+            tls: true,
+            ca_file: Some("ca.pem".into()),
         };
         dir.save_session(&session).unwrap();
         assert_eq!(dir.load_session().unwrap(), Some(session));
