@@ -138,6 +138,21 @@ pub struct Args {
     /// Internal: this process is worker N of `--workers`.
     #[arg(long, hide = true)]
     pub worker_index: Option<usize>,
+
+    /// Connect over TLS (to the servers' --tls-listen addresses), trusting
+    /// the system's CA bundle unless --ca-file is given.
+    #[arg(long)]
+    pub tls: bool,
+
+    /// Trust the CA certificates of this PEM file (implies --tls).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// The name every node's TLS certificate is checked against (clients
+    /// of one service see one name, so tickets of one node resume on
+    /// another).
+    #[arg(long, default_value = "localhost")]
+    pub tls_server_name: String,
 }
 
 fn one() -> f64 {

@@ -1,6 +1,6 @@
 //! Opening a simulated user's connection: TCP (bound to a chosen source
-//! address when there are several), then register or resume, speaking the
-//! protocol crate's framing directly.
+//! address when there are several), TLS over it with `--tls`, then
+//! register or resume, speaking the protocol crate's framing directly.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -11,10 +11,14 @@ use im_proto::pb;
 use im_proto::pb::frame::Body;
 use im_proto::{Frame, FrameCodec};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::client::TlsStream;
 use tokio_util::codec::Framed;
+use tokio_util::either::Either;
 
-/// A framed connection.
-pub type Conn = Framed<TcpStream, FrameCodec>;
+use crate::tls::Tls;
+
+/// A framed connection, plain or TLS.
+pub type Conn = Framed<Either<TcpStream, TlsStream<TcpStream>>, FrameCodec>;
 
 /// Time allowed for connecting and logging in.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,6 +43,14 @@ pub async fn open(server: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<
     Ok(stream)
 }
 
+/// The TCP socket under a connection.
+pub fn tcp(stream: &Either<TcpStream, TlsStream<TcpStream>>) -> &TcpStream {
+    match stream {
+        Either::Left(tcp) => tcp,
+        Either::Right(tls) => tls.get_ref().0,
+    }
+}
+
 /// What logging in returned.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -58,9 +70,18 @@ pub async fn connect(
     username: &str,
     password: &str,
     token: Option<&str>,
+    tls: Option<&Tls>,
 ) -> anyhow::Result<(Conn, Session)> {
     tokio::time::timeout(CONNECT_TIMEOUT, async {
         let stream = open(server, source).await?;
+        let stream = match tls {
+            None => Either::Left(stream),
+            Some(tls) => Either::Right(
+                tls.connect(stream)
+                    .await
+                    .with_context(|| format!("TLS handshake with {server}"))?,
+            ),
+        };
         let mut conn = Framed::new(stream, FrameCodec::default());
         let first = match token {
             Some(token) => Body::Resume(pb::ResumeRequest {

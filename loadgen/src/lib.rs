@@ -18,6 +18,7 @@ pub mod args;
 mod conn;
 pub mod metrics;
 pub mod report;
+pub mod tls;
 pub mod track;
 mod worker;
 

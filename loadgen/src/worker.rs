@@ -27,6 +27,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::args::{Args, Scenario};
 use crate::conn::{self, Conn, Session};
 use crate::metrics::{Metrics, Snapshot};
+use crate::tls::Tls;
 use crate::track::{Seen, SeqTracker};
 
 /// Connects (and logs in) at once per worker at most.
@@ -104,6 +105,8 @@ struct Shared {
     /// Which node each user of this worker is connected to now (set once
     /// the conversations are planned), to tell cross-node deliveries.
     nodes: std::sync::OnceLock<Nodes>,
+    /// With `--tls`: the client configuration and ticket pool.
+    tls: Option<Tls>,
 }
 
 /// User id → the `--server` index it is connected to now.
@@ -134,6 +137,15 @@ pub async fn run(
     let started = Instant::now();
     let metrics = Arc::new(Metrics::default());
     let (count, rate) = args.share(worker);
+    let tls = (args.tls || args.ca_file.is_some())
+        .then(|| {
+            Tls::new(
+                args.ca_file.as_deref(),
+                &args.tls_server_name,
+                2 * count + 16,
+            )
+        })
+        .transpose()?;
     let shared = Arc::new(Shared {
         args: args.clone(),
         metrics: metrics.clone(),
@@ -141,6 +153,7 @@ pub async fn run(
         text_pad: "x".repeat(args.size),
         run_nonce: rand::random(),
         nodes: std::sync::OnceLock::new(),
+        tls,
     });
     let prefix = args
         .user_prefix
@@ -178,8 +191,15 @@ pub async fn run(
         connecting.push(tokio::spawn(async move {
             let permit = shared.connects.acquire().await.ok();
             let t = Instant::now();
-            let result =
-                conn::connect(address, source, &username, &shared.args.password, None).await;
+            let result = conn::connect(
+                address,
+                source,
+                &username,
+                &shared.args.password,
+                None,
+                shared.tls.as_ref(),
+            )
+            .await;
             drop(permit);
             settled.fetch_add(1, Relaxed);
             match result {
@@ -589,7 +609,7 @@ fn member(
 /// An idle user: answers nothing, pings at the heartbeat interval, holds
 /// no buffer between pongs.
 async fn idle(
-    mut stream: tokio::net::TcpStream,
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     heartbeat: Duration,
     mut control: watch::Receiver<Control>,
 ) -> Option<Outcome> {
@@ -651,7 +671,7 @@ async fn converse(
             storms = ctl.storms;
             // As a network failure drops it: a reset, no FIN handshake,
             // so no TIME_WAIT socket holds this source port afterwards.
-            let _ = c.get_ref().set_zero_linger();
+            let _ = conn::tcp(c.get_ref()).set_zero_linger();
             drop(c);
             state.orphan_pending(metrics);
             match reconnect(&mut m, &shared).await {
@@ -778,6 +798,7 @@ async fn reconnect(m: &mut Member, shared: &Shared) -> Option<(Conn, Session)> {
             &m.username,
             &shared.args.password,
             Some(&m.session.token),
+            shared.tls.as_ref(),
         )
         .await;
         drop(permit);

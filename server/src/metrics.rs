@@ -109,6 +109,21 @@ pub fn export(out: &mut Exposition, net: &NetStatsSnapshot, chat: &ChatStatsSnap
         "Connections closed for a missing authentication or heartbeat.",
         net.timeouts,
     );
+    out.counter(
+        "im_tls_handshakes_total",
+        "Full TLS handshakes completed on the TLS listener.",
+        net.tls_handshakes,
+    );
+    out.counter(
+        "im_tls_resumptions_total",
+        "TLS handshakes that resumed a session from a ticket.",
+        net.tls_resumptions,
+    );
+    out.counter(
+        "im_tls_errors_total",
+        "TLS connections closed for a failed handshake or a bad record.",
+        net.tls_errors,
+    );
 
     // ---- chat ----
     out.counter(
@@ -275,6 +290,9 @@ mod tests {
             "im_protocol_errors_total",
             "im_proxy_header_errors_total",
             "im_timeouts_total",
+            "im_tls_handshakes_total",
+            "im_tls_resumptions_total",
+            "im_tls_errors_total",
             "im_messages_appended_total",
             "im_messages_acked_total",
             "im_messages_duplicate_total",

@@ -222,3 +222,98 @@ async fn a_session_resumes_on_another_node_sharing_the_ticket_keys() {
         .unwrap();
     assert_eq!(kind(&stream), Some(HandshakeKind::Full));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_run_over_tls_verifies_and_its_reconnect_storm_resumes_sessions() {
+    use clap::Parser;
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(pki_dir.path());
+    let server = tls_server(pki_dir.path()).await;
+    let addr = server.node().tls_addr().unwrap().to_string();
+    let ca = pki.ca_file().display().to_string();
+    let args = im_loadgen::Args::try_parse_from([
+        "im-loadgen",
+        "--server",
+        &addr,
+        "--ca-file",
+        &ca,
+        "--quiet",
+        "--scenario",
+        "storm",
+        "--connections",
+        "100",
+        "--rate",
+        "500",
+        "--duration",
+        "3",
+        "--warmup",
+        "1",
+        "--settle",
+        "1",
+    ])
+    .unwrap();
+    let (report, _) = im_loadgen::run(args).await.expect("load run");
+    assert!(!report.failed(), "verification failed: {report:#?}");
+    assert_eq!(report.messages_lost, 0);
+    assert!(report.reconnects_per_s > 0.0, "{report:?}");
+    let stats = server.node().net_stats();
+    // Every connection's first handshake is a full one; the storm's
+    // reconnects resume with the tickets they got.
+    assert_eq!(stats.tls_handshakes, 100, "{stats:?}");
+    assert!(stats.tls_resumptions >= 100, "{stats:?}");
+    assert_eq!(stats.tls_errors, 0);
+}
+
+/// A balancer passing TLS through sends its PROXY header in clear before
+/// the handshake: the address it carries is the client's (here: login
+/// failures counted per address).
+#[tokio::test]
+async fn a_proxy_header_before_the_handshake_names_the_client() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(pki_dir.path());
+    let dir = pki_dir.path().to_path_buf();
+    let server = TestServer::start_with(move |c| {
+        with_tls(&dir, c);
+        c.proxy_protocol_from = vec!["127.0.0.1/32".parse().unwrap()];
+        c.login_failures = 2;
+    })
+    .await;
+    let tls_addr = server.node().tls_addr().unwrap();
+    let client = pki.client_config();
+    let via = |ip: &str| {
+        let header = im_tests::proxy_v1(SocketAddr::new(ip.parse().unwrap(), 40_000), tls_addr);
+        let client = client.clone();
+        async move {
+            let stream = tls::connect_after(tls_addr, &header, &client)
+                .await
+                .expect("TLS after the PROXY header");
+            RawConn::over(Box::new(stream))
+        }
+    };
+    via("10.9.9.9").await.register("tls_victim").await;
+    let login = |password: &str| {
+        Body::Login(pb::LoginRequest {
+            username: "tls_victim".into(),
+            password: password.into(),
+        })
+    };
+    let mut attacker = via("10.1.1.1").await;
+    for _ in 0..2 {
+        let reply = attacker.call(login("guess guess")).await;
+        assert_eq!(
+            im_tests::error_code(&reply),
+            Some(im_proto::ErrorCode::InvalidCredentials)
+        );
+    }
+    let reply = attacker.call(login(PASSWORD)).await;
+    assert_eq!(
+        im_tests::error_code(&reply),
+        Some(im_proto::ErrorCode::RateLimited)
+    );
+    // Another client address through the same balancer is not limited.
+    let mut victim = via("10.2.2.2").await;
+    assert!(matches!(
+        victim.call(login(PASSWORD)).await,
+        Body::AuthOk(_)
+    ));
+}

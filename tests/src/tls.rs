@@ -133,8 +133,20 @@ pub async fn connect(
     addr: SocketAddr,
     config: &Arc<rustls::ClientConfig>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
+    connect_after(addr, &[], config).await
+}
+
+/// Like [`connect`], writing `preamble` (a PROXY protocol header, as a
+/// balancer passing TLS through sends it) in clear first.
+pub async fn connect_after(
+    addr: SocketAddr,
+    preamble: &[u8],
+    config: &Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    let mut tcp = TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
+    tcp.write_all(preamble).await?;
     let name = ServerName::try_from("localhost").expect("server name");
     TlsConnector::from(config.clone()).connect(name, tcp).await
 }
