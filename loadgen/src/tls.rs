@@ -25,6 +25,7 @@ const ALPN: &[u8] = b"im/1";
 pub struct Tls {
     connector: TlsConnector,
     name: ServerName<'static>,
+    pool: Arc<TicketPool>,
 }
 
 impl Tls {
@@ -47,12 +48,22 @@ impl Tls {
         .with_root_certificates(roots)
         .with_no_client_auth();
         config.alpn_protocols = vec![ALPN.to_vec()];
-        config.resumption = rustls::client::Resumption::store(Arc::new(TicketPool::new(tickets)));
+        let pool = Arc::new(TicketPool::new(tickets));
+        config.resumption = rustls::client::Resumption::store(pool.clone());
         Ok(Tls {
             connector: TlsConnector::from(Arc::new(config)),
+            pool,
             name: ServerName::try_from(server_name.to_owned())
                 .with_context(|| format!("TLS server name {server_name}"))?,
         })
+    }
+
+    /// Whether handshakes offer the tickets kept (default yes). Off, every
+    /// handshake is a full one, and the tickets it brings are still kept.
+    pub fn set_resume(&self, resume: bool) {
+        self.pool
+            .resume
+            .store(resume, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Runs the handshake on `tcp`.
@@ -69,6 +80,7 @@ struct TicketPool {
     tickets: Mutex<VecDeque<Tls13ClientSessionValue>>,
     max: usize,
     other: ClientSessionMemoryCache,
+    resume: std::sync::atomic::AtomicBool,
 }
 
 impl TicketPool {
@@ -77,6 +89,7 @@ impl TicketPool {
             tickets: Mutex::new(VecDeque::new()),
             max: max.max(1),
             other: ClientSessionMemoryCache::new(16),
+            resume: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -99,6 +112,9 @@ impl ClientSessionStore for TicketPool {
     }
 
     fn tls12_session(&self, name: &ServerName<'_>) -> Option<Tls12ClientSessionValue> {
+        if !self.resume.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         self.other.tls12_session(name)
     }
 
@@ -115,6 +131,9 @@ impl ClientSessionStore for TicketPool {
     }
 
     fn take_tls13_ticket(&self, _name: &ServerName<'static>) -> Option<Tls13ClientSessionValue> {
+        if !self.resume.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
         // Newest first: the oldest are the likeliest to have expired.
         self.tickets().pop_back()
     }

@@ -124,16 +124,12 @@ impl Bufs {
             self.inbound = Vec::new();
         }
         self.out.reset();
-        self.tls_in.clear();
-        self.tls_out.clear();
+        // TLS buffers are not kept for reuse: a pooled set would hold a
+        // handshake's kilobytes for good (rustls allocates per record
+        // anyway).
+        self.tls_in = Vec::new();
+        self.tls_out = Vec::new();
         self.tls_sent = 0;
         self.tls_plain = 0;
-        // Room for one full record stays; a burst's larger buffers go.
-        if self.tls_in.capacity() > 20 * 1024 {
-            self.tls_in = Vec::new();
-        }
-        if self.tls_out.capacity() > 20 * 1024 {
-            self.tls_out = Vec::new();
-        }
     }
 }
