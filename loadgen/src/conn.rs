@@ -52,7 +52,7 @@ pub fn tcp(stream: &Either<TcpStream, TlsStream<TcpStream>>) -> &TcpStream {
 }
 
 /// What logging in returned.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Session {
     /// The user.
     pub user_id: u64,
@@ -60,6 +60,9 @@ pub struct Session {
     pub token: String,
     /// Heartbeat interval the server asked for.
     pub heartbeat: Duration,
+    /// The user's TLS client (with its own session tickets), for the next
+    /// connection.
+    pub tls: Option<Tls>,
 }
 
 /// Connects and registers `username` (or logs in, if it exists from an
@@ -70,11 +73,11 @@ pub async fn connect(
     username: &str,
     password: &str,
     token: Option<&str>,
-    tls: Option<&Tls>,
+    tls: Option<Tls>,
 ) -> anyhow::Result<(Conn, Session)> {
     tokio::time::timeout(CONNECT_TIMEOUT, async {
         let stream = open(server, source).await?;
-        let stream = match tls {
+        let stream = match &tls {
             None => Either::Left(stream),
             Some(tls) => Either::Right(
                 tls.connect(stream)
@@ -109,6 +112,7 @@ pub async fn connect(
                     user_id: ok.user_id,
                     token: ok.token,
                     heartbeat: Duration::from_millis(u64::from(ok.heartbeat_interval_ms).max(1000)),
+                    tls,
                 },
             )),
             other => bail!("authentication of {username} failed: {other:?}"),

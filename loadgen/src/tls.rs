@@ -1,7 +1,10 @@
-//! TLS for simulated users: one client configuration for the run, one
-//! server name for every node (as clients of one service see it), and a
-//! ticket pool big enough for every connection, so a reconnect storm
-//! resumes sessions instead of making full handshakes.
+//! TLS for simulated users: one client configuration for the run and one
+//! server name for every node (as clients of one service see it). Each
+//! user keeps the session tickets of its own connections
+//! ([`Tls::for_user`]), as a real client does, so whether a reconnect to
+//! another node resumes depends on the nodes sharing ticket keys. A
+//! single [`Tls`] can instead pool the tickets of many connections (for
+//! benchmarks that only count handshakes).
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -23,6 +26,7 @@ const ALPN: &[u8] = b"im/1";
 /// How this run speaks TLS.
 #[derive(Clone)]
 pub struct Tls {
+    config: Arc<rustls::ClientConfig>,
     connector: TlsConnector,
     name: ServerName<'static>,
     pool: Arc<TicketPool>,
@@ -50,12 +54,29 @@ impl Tls {
         config.alpn_protocols = vec![ALPN.to_vec()];
         let pool = Arc::new(TicketPool::new(tickets));
         config.resumption = rustls::client::Resumption::store(pool.clone());
+        let config = Arc::new(config);
         Ok(Tls {
-            connector: TlsConnector::from(Arc::new(config)),
+            connector: TlsConnector::from(config.clone()),
+            config,
             pool,
             name: ServerName::try_from(server_name.to_owned())
                 .with_context(|| format!("TLS server name {server_name}"))?,
         })
+    }
+
+    /// The same settings with a ticket store of one user's own (two
+    /// tickets).
+    pub fn for_user(&self) -> Tls {
+        let pool = Arc::new(TicketPool::new(2));
+        let mut config = (*self.config).clone();
+        config.resumption = rustls::client::Resumption::store(pool.clone());
+        let config = Arc::new(config);
+        Tls {
+            connector: TlsConnector::from(config.clone()),
+            config,
+            name: self.name.clone(),
+            pool,
+        }
     }
 
     /// Whether handshakes offer the tickets kept (default yes). Off, every

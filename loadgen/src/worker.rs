@@ -105,7 +105,7 @@ struct Shared {
     /// Which node each user of this worker is connected to now (set once
     /// the conversations are planned), to tell cross-node deliveries.
     nodes: std::sync::OnceLock<Nodes>,
-    /// With `--tls`: the client configuration and ticket pool.
+    /// With `--tls`: the client configuration each user's is made from.
     tls: Option<Tls>,
 }
 
@@ -197,7 +197,7 @@ pub async fn run(
                 &username,
                 &shared.args.password,
                 None,
-                shared.tls.as_ref(),
+                shared.tls.as_ref().map(Tls::for_user),
             )
             .await;
             drop(permit);
@@ -798,7 +798,7 @@ async fn reconnect(m: &mut Member, shared: &Shared) -> Option<(Conn, Session)> {
             &m.username,
             &shared.args.password,
             Some(&m.session.token),
-            shared.tls.as_ref(),
+            m.session.tls.clone(),
         )
         .await;
         drop(permit);
