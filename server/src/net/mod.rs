@@ -97,6 +97,13 @@ pub struct NetConfig {
     /// header; the client address it carries replaces theirs (empty: no
     /// header is expected from anyone).
     pub proxy_protocol_from: Vec<Cidr>,
+    /// Requests per connection per second, also the burst (0 = off).
+    pub max_requests_per_conn_per_sec: u32,
+    /// New connections per client address per second, also the burst
+    /// (0 = off).
+    pub max_new_conns_per_addr_per_sec: u32,
+    /// Open connections per client address (0 = off).
+    pub max_conns_per_addr: u32,
 }
 
 impl Default for NetConfig {
@@ -120,6 +127,9 @@ impl Default for NetConfig {
             send_buffer_bytes: 0,
             recv_buffer_bytes: 0,
             proxy_protocol_from: Vec::new(),
+            max_requests_per_conn_per_sec: 0,
+            max_new_conns_per_addr_per_sec: 0,
+            max_conns_per_addr: 0,
         }
     }
 }

@@ -507,9 +507,7 @@ async fn check_group_counts(
         .await
         .map_err(mysql_err)?;
     match full {
-        Some(_) => Err(StoreError::LimitExceeded(
-            "a user is in the most groups allowed",
-        )),
+        Some(_) => Err(StoreError::LimitExceeded(crate::store::GROUPS_PER_USER_LIMIT)),
         None => Ok(()),
     }
 }
