@@ -18,6 +18,8 @@
 //!
 //! - `shard`: the event loop.
 //! - `conn`: the compact per-connection state and its borrowed buffers.
+//! - `limits`: requests per connection and connections per client address
+//!   (abuse limits), free of I/O.
 //! - `output`: a connection's output queue and its push policy (shed past
 //!   the limit, hint, cut only a reader that stalls), free of I/O.
 //! - `proxy`: the PROXY protocol header a trusted load balancer sends
@@ -26,12 +28,14 @@
 //! - `wheel`: the timer wheel of deadlines.
 
 mod conn;
+mod limits;
 mod output;
 mod proxy;
 mod shard;
 mod socket;
 mod wheel;
 
+pub use limits::{CONNS_PER_ADDR, NEW_CONNS_PER_ADDR, REQUESTS_PER_CONN};
 pub use output::Topic;
 pub use proxy::{Cidr, CidrError};
 
@@ -420,6 +424,10 @@ pub(crate) struct ShardStats {
     sync_hints: AtomicU64,
     /// Bytes in the output queues of this shard's connections (a gauge).
     output_bytes: AtomicU64,
+    /// RATE_LIMITED refusals: requests, new connections, open connections.
+    limited_requests: AtomicU64,
+    limited_new_conns: AtomicU64,
+    limited_open_conns: AtomicU64,
 }
 
 impl ShardStats {
@@ -438,6 +446,9 @@ impl ShardStats {
         total.pushes_shed += get(&self.pushes_shed);
         total.sync_hints += get(&self.sync_hints);
         total.output_bytes += get(&self.output_bytes);
+        total.rate_limited_requests += get(&self.limited_requests);
+        total.rate_limited_new_conns += get(&self.limited_new_conns);
+        total.rate_limited_open_conns += get(&self.limited_open_conns);
     }
 }
 
@@ -478,6 +489,12 @@ pub struct NetStatsSnapshot {
     pub queued_commands: u64,
     /// Their bytes.
     pub queued_bytes: u64,
+    /// Requests refused as over `max_requests_per_conn_per_sec`.
+    pub rate_limited_requests: u64,
+    /// Connections refused as over `max_new_conns_per_addr_per_sec`.
+    pub rate_limited_new_conns: u64,
+    /// Connections refused as over `max_conns_per_addr`.
+    pub rate_limited_open_conns: u64,
 }
 
 /// Bound listeners and event loops, ready to run once the handler exists.
@@ -503,6 +520,10 @@ impl Net {
         let mut first = Some(first);
 
         let open = Arc::new(AtomicUsize::new(0));
+        let addrs = Arc::new(limits::AddrLimits::new(
+            config.max_new_conns_per_addr_per_sec,
+            config.max_conns_per_addr,
+        ));
         let mut shards = Vec::with_capacity(count);
         let mut links = Vec::with_capacity(count);
         let mut receivers = Vec::with_capacity(count);
@@ -521,6 +542,7 @@ impl Net {
                 listener,
                 stats.clone(),
                 open.clone(),
+                addrs.clone(),
             )?;
             let (tx, rx) = crossbeam_channel::unbounded();
             links.push(ShardLink {
