@@ -421,6 +421,21 @@ impl RawConn {
         conn
     }
 
+    /// Connects from the local address `source` (any 127.0.0.0/8 address
+    /// works on loopback), to test limits per client address.
+    pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> RawConn {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .expect("bind the source address");
+        let stream = socket.connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawConn {
+            framed: Framed::new(stream, FrameCodec::new(16 << 20)),
+            next_id: 1,
+        }
+    }
+
     /// Connects with a tiny receive buffer, so that a reader that stops
     /// reading backs the server up quickly.
     pub async fn connect_small_buffer(addr: SocketAddr) -> RawConn {
