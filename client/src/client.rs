@@ -275,9 +275,9 @@ impl Client {
                     message,
                     retry_after,
                 }) if matches!(
-                        code,
-                        ErrorCode::Overloaded | ErrorCode::Internal | ErrorCode::RateLimited
-                    ) =>
+                    code,
+                    ErrorCode::Overloaded | ErrorCode::Internal | ErrorCode::RateLimited
+                ) =>
                 {
                     tracing::debug!(?code, %message, "send refused for now; retrying");
                     // At least as long as the server asked.

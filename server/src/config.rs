@@ -285,7 +285,11 @@ pub struct Config {
     pub max_conns_per_addr: u32,
 
     /// Groups one user may create per hour.
-    #[arg(long, env = "IM_MAX_GROUPS_CREATED_PER_USER_PER_HOUR", default_value_t = 20)]
+    #[arg(
+        long,
+        env = "IM_MAX_GROUPS_CREATED_PER_USER_PER_HOUR",
+        default_value_t = 20
+    )]
     pub max_groups_created_per_user_per_hour: u32,
 
     /// Members one user may add per minute, at creation or later (a

@@ -117,7 +117,10 @@ async fn a_user_flooding_sends_is_refused_with_a_retry_time_while_another_is_not
             "bob's send {i} refused: {body:?}"
         );
     }
-    assert_eq!(refusals(&server, "messages_per_user").await, refused.len() as f64);
+    assert_eq!(
+        refusals(&server, "messages_per_user").await,
+        refused.len() as f64
+    );
 
     // Refused, not cut off: after the wait a send goes through.
     let wait = refused.iter().copied().max().unwrap_or(0);
@@ -164,7 +167,10 @@ async fn a_connection_flooding_requests_is_refused_and_stays_open() {
         let body = other.call(lookup()).await;
         assert!(matches!(body, Body::UserList(_)), "{body:?}");
     }
-    assert_eq!(refusals(&server, "requests_per_conn").await, refused.len() as f64);
+    assert_eq!(
+        refusals(&server, "requests_per_conn").await,
+        refused.len() as f64
+    );
 
     // Still open: after the wait it is served again.
     let wait = refused.iter().copied().max().unwrap_or(0);
@@ -279,7 +285,10 @@ async fn new_connections_per_address_are_rate_limited_by_the_address_a_balancer_
             other => panic!("{other:?}"),
         }
     }
-    assert!(served >= 3 && refused >= 2, "{served} served, {refused} refused");
+    assert!(
+        served >= 3 && refused >= 2,
+        "{served} served, {refused} refused"
+    );
 
     // Through the balancer at 127.0.0.2, the header's client counts: one
     // client is limited, another is not (nor is the balancer itself).

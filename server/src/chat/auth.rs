@@ -494,7 +494,10 @@ mod tests {
         }
         assert!(matches!(
             limiter.check(ip, "Alice"),
-            Err(ChatError::RateLimited { retry_after_ms: 1.., .. })
+            Err(ChatError::RateLimited {
+                retry_after_ms: 1..,
+                ..
+            })
         ));
         // Another username from the same peer still has budget, until the
         // per-peer count is reached.

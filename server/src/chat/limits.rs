@@ -82,9 +82,8 @@ impl UserLimits<DefaultClock> {
 impl<C: Clock + Clone> UserLimits<C> {
     /// Limiters on `clock` (a fake one in tests).
     pub fn with_clock(config: UserLimitConfig, clock: C) -> Self {
-        let keyed = |quota: Option<Quota>| {
-            quota.map(|q| RateLimiter::dashmap_with_clock(q, clock.clone()))
-        };
+        let keyed =
+            |quota: Option<Quota>| quota.map(|q| RateLimiter::dashmap_with_clock(q, clock.clone()));
         let messages = NonZeroU32::new(config.msgs_per_sec).map(|rate| {
             let burst = NonZeroU32::new(config.msgs_burst.max(config.msgs_per_sec)).unwrap_or(rate);
             Quota::per_second(rate).allow_burst(burst)
@@ -113,9 +112,16 @@ impl<C: Clock + Clone> UserLimits<C> {
         }
     }
 
-    fn check(&self, limiter: &Option<Keyed<C>>, what: &'static str, user: UserId) -> Result<(), ChatError> {
+    fn check(
+        &self,
+        limiter: &Option<Keyed<C>>,
+        what: &'static str,
+        user: UserId,
+    ) -> Result<(), ChatError> {
         match limiter.as_ref().map(|l| l.check_key(&user)) {
-            Some(Err(not_until)) => Err(self.refuse(what, not_until.wait_time_from(self.clock.now()))),
+            Some(Err(not_until)) => {
+                Err(self.refuse(what, not_until.wait_time_from(self.clock.now())))
+            }
             _ => Ok(()),
         }
     }

@@ -37,11 +37,11 @@ use mio::{Events, Interest, Poll, Token};
 use prost::Message;
 use slab::Slab;
 
-use super::limits::{AddrLimits, AddrRefusal, ShardLimits};
 use super::conn::{
     Bufs, Conn, DIRTY, OUT_PAUSED, PROXY_HEADER, READ_PAUSED, READY, State, WRITE_BLOCKED,
     WRITE_SHUT,
 };
+use super::limits::{AddrLimits, AddrRefusal, ShardLimits};
 use super::output::{Offer, Topic};
 use super::proxy::{self, WarnGate};
 use super::wheel::{self, Wheel};
@@ -628,7 +628,8 @@ impl Loop {
             if let Err(ms) = self.limits.request(slot) {
                 add(&self.stats.limited_requests, 1);
                 let message = format!("rate limited (requests per connection); retry in {ms} ms");
-                let err = Frame::error_retry(request_id, ErrorCode::RateLimited, message, false, ms);
+                let err =
+                    Frame::error_retry(request_id, ErrorCode::RateLimited, message, false, ms);
                 self.queue_frame(slot, codec::encode_to_bytes(&err));
                 return;
             }

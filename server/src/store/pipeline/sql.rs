@@ -507,7 +507,9 @@ async fn check_group_counts(
         .await
         .map_err(mysql_err)?;
     match full {
-        Some(_) => Err(StoreError::LimitExceeded(crate::store::GROUPS_PER_USER_LIMIT)),
+        Some(_) => Err(StoreError::LimitExceeded(
+            crate::store::GROUPS_PER_USER_LIMIT,
+        )),
         None => Ok(()),
     }
 }

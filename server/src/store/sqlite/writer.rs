@@ -446,7 +446,9 @@ impl Writer {
             let groups: i64 =
                 count.query_row(params![user, GROUP_BASE as i64], |row| row.get(0))?;
             if usize::try_from(groups).unwrap_or(usize::MAX) >= max {
-                return Err(StoreError::LimitExceeded(crate::store::GROUPS_PER_USER_LIMIT));
+                return Err(StoreError::LimitExceeded(
+                    crate::store::GROUPS_PER_USER_LIMIT,
+                ));
             }
         }
         Ok(())
