@@ -727,4 +727,46 @@ mod tests {
             Err(ConfigError::Invalid(_))
         ));
     }
+
+    #[test]
+    fn abuse_limits_have_public_defaults_file_keys_and_checked_bursts() {
+        let c = Config::defaults();
+        assert_eq!(
+            c.chat().user_limits,
+            crate::chat::limits::UserLimitConfig {
+                msgs_per_sec: 20,
+                msgs_burst: 50,
+                groups_created_per_hour: 20,
+                members_added_per_minute: 2000,
+            }
+        );
+        let net = c.net();
+        assert_eq!(net.max_requests_per_conn_per_sec, 100);
+        assert_eq!(net.max_new_conns_per_addr_per_sec, 20);
+        assert_eq!(net.max_conns_per_addr, 500);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.toml");
+        std::fs::write(
+            &path,
+            "max-msgs-per-user-per-sec = 0\nmax-conns-per-addr = 7\n\
+             max-members-added-per-minute = 9\n",
+        )
+        .unwrap();
+        let c = Config::load_from(["im-server", "--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.chat().user_limits.msgs_per_sec, 0);
+        assert_eq!(c.net().max_conns_per_addr, 7);
+        assert_eq!(c.chat().user_limits.members_added_per_minute, 9);
+        c.validate().unwrap();
+
+        let c = Config::try_parse_from([
+            "im-server",
+            "--max-msgs-per-user-per-sec",
+            "30",
+            "--msgs-burst-per-user",
+            "10",
+        ])
+        .unwrap();
+        assert!(c.validate().is_err(), "a burst below the rate");
+    }
 }
