@@ -202,17 +202,21 @@ impl<C: Clock + Clone> UserLimits<C> {
 }
 
 /// Keeps the limiters' memory bounded: sweeps every `every` until the
-/// returned task is aborted (or the runtime stops).
+/// limiters are dropped (with the chat service).
 pub fn spawn_sweeper(
-    limits: std::sync::Arc<UserLimits>,
+    limits: &std::sync::Arc<UserLimits>,
     every: Duration,
 ) -> tokio::task::JoinHandle<()> {
+    let limits = std::sync::Arc::downgrade(limits);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            limits.sweep();
+            match limits.upgrade() {
+                Some(limits) => limits.sweep(),
+                None => return,
+            }
         }
     })
 }
@@ -307,6 +311,19 @@ mod tests {
         ));
         clock.advance(Duration::from_secs(60));
         l.members_added(1, 60).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_sweeper_stops_with_the_limiters() {
+        let limits = std::sync::Arc::new(UserLimits::new(OFF));
+        let task = spawn_sweeper(&limits, Duration::from_millis(5));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!task.is_finished());
+        drop(limits);
+        tokio::time::timeout(Duration::from_secs(1), task)
+            .await
+            .expect("the sweeper ends once the limiters are gone")
+            .unwrap();
     }
 
     #[test]

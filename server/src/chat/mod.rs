@@ -256,7 +256,7 @@ impl<S: Store> ChatService<S> {
             100_000,
         );
         let limits = Arc::new(UserLimits::new(config.user_limits));
-        limits::spawn_sweeper(limits.clone(), Duration::from_secs(5));
+        limits::spawn_sweeper(&limits, Duration::from_secs(5));
         let lane_count = config.send_lanes.max(1);
         let mut lanes = Vec::with_capacity(lane_count);
         let mut receivers = Vec::with_capacity(lane_count);
