@@ -5,11 +5,12 @@
 //! created per user per hour and members added per user per minute are
 //! keyed GCRA limiters ([`governor`]): each key holds 8 bytes of state in
 //! a sharded map, so a check is one atomic update under a shard lock, never
-//! a global one. A key is dropped by [`UserLimits::sweep`] once its bucket
-//! is full again (it then behaves like a fresh one), so the maps hold only
-//! users who hit a limiter within its replenish time (at most one burst
-//! interval: a second for messages, an hour for groups, a minute for
-//! members), and only authenticated users can create keys.
+//! a global one. A key is dropped by [`UserLimits::sweep`] (every 5 s)
+//! once its bucket is full again (it then behaves like a fresh one), so
+//! the maps hold only users who used a limiter within the time its bucket
+//! takes to refill (burst / rate: 2.5 s for messages by default, an hour
+//! for groups, a minute for members), and only authenticated users can
+//! create keys.
 //!
 //! Limits are per node: a user whose devices are on N nodes may send N
 //! times the per-node rate. A limit of 0 is off.
