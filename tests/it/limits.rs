@@ -1,6 +1,7 @@
 //! Abuse limits: a flood is refused with `RATE_LIMITED` and a retry time
 //! (`Error.retry_after_ms`) while other users, connections and addresses
-//! go on unaffected; every refusal is counted in `/metrics`.
+//! go on unaffected; every refusal is counted in `/metrics`. Limits are
+//! per node: in a cluster, each node counts on its own.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -394,4 +395,29 @@ async fn group_creation_and_member_additions_are_limited_per_user() {
         other => panic!("bob joined a fourth group: {other:?}"),
     }
     assert_eq!(refusals(&server, "groups_per_user").await, 1.0);
+}
+
+#[tokio::test]
+async fn limits_are_per_node_so_a_flood_on_one_node_leaves_the_others_serving() {
+    let cluster = im_tests::TestCluster::start_with(2, |c| {
+        c.max_msgs_per_user_per_sec = 2;
+        c.msgs_burst_per_user = 5;
+    })
+    .await;
+    let mut on_a = RawConn::connect(cluster.addr(0)).await;
+    let alice = on_a.register("nalice").await.user_id;
+    let mut on_b = RawConn::connect(cluster.addr(1)).await;
+    on_b.login("nalice").await;
+
+    // Node A refuses the flood of alice's device there...
+    let flood = (0..20).map(|i| text_send(alice, format!("a{i}"))).collect();
+    let replies = pipelined(&mut on_a, flood).await;
+    let refused = replies.iter().filter_map(rate_limited).count();
+    assert!(refused >= 13, "{refused} of 20 refused");
+    // ...while node B counts her sends there on its own: a full burst.
+    let sends = (0..5).map(|i| text_send(alice, format!("b{i}"))).collect();
+    for (i, body) in pipelined(&mut on_b, sends).await.iter().enumerate() {
+        assert!(matches!(body, Body::SendAck(_)), "send {i} on B: {body:?}");
+    }
+    cluster.shutdown().await;
 }
