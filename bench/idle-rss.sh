@@ -31,7 +31,8 @@ for mode in ${modes//,/ }; do
   # Cheap password hashing: registering the users is not what is measured.
   target/release/im-server --listen 127.0.0.1:$port --data-dir "$data/db" \
     --argon2-memory-kib 64 --argon2-iterations 1 --heartbeat-timeout-secs 600 \
-    --auth-timeout-secs 60 "${flags[@]}" >"$data/server.log" 2>&1 &
+    --auth-timeout-secs 60 --max-new-conns-per-addr-per-sec 0 --max-conns-per-addr 0 \
+    --max-requests-per-conn-per-sec 0 "${flags[@]}" >"$data/server.log" 2>&1 &
   pid=$!
   for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.1; done
   echo "== $mode"

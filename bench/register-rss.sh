@@ -12,8 +12,9 @@ cargo build --release -q -p im-server -p im-loadgen
 bench_init
 port=$(free_port)
 # Default password hashing: the cost is what is measured.
+# shellcheck disable=SC2086 # BENCH_LIMITS holds several flags
 target/release/im-server --listen "127.0.0.1:$port" --data-dir "$BENCH_DIR/data" \
-  --auth-timeout-secs 120 >"$BENCH_DIR/server.log" 2>&1 &
+  --auth-timeout-secs 120 $BENCH_LIMITS >"$BENCH_DIR/server.log" 2>&1 &
 pid=$!
 bench_pids+=("$pid")
 wait_port "$port"

@@ -271,14 +271,21 @@ impl Client {
             match self.shared().call(attempt, limit).await {
                 Ok(Body::SendAck(ack)) => return Ok(ack),
                 Ok(other) => return Err(unexpected("SendAck", &other)),
-                Err(ClientError::Server { code, message })
-                    if matches!(
-                        code,
-                        ErrorCode::Overloaded | ErrorCode::Internal | ErrorCode::RateLimited
-                    ) =>
+                Err(ClientError::Server {
+                    code,
+                    message,
+                    retry_after,
+                }) if matches!(
+                    code,
+                    ErrorCode::Overloaded | ErrorCode::Internal | ErrorCode::RateLimited
+                ) =>
                 {
                     tracing::debug!(?code, %message, "send refused for now; retrying");
-                    let delay = backoff.next_delay().min(remaining);
+                    // At least as long as the server asked.
+                    let delay = backoff
+                        .next_delay()
+                        .max(retry_after.unwrap_or_default())
+                        .min(remaining);
                     tokio::time::sleep(delay).await;
                 }
                 Err(ClientError::Disconnected) => {

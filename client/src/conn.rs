@@ -114,6 +114,7 @@ impl Conn {
                 Err(ClientError::Server {
                     code: ErrorCode::InvalidToken,
                     message,
+                    ..
                 }) if matches!(credentials, Credentials::Token(_)) => {
                     return Err(AuthError::Fatal(ClientError::AuthFailed {
                         code: ErrorCode::InvalidToken,
@@ -176,13 +177,21 @@ fn auth_ok(body: Body) -> Result<pb::AuthOk, AuthError> {
 
 fn classify(err: ClientError) -> AuthError {
     match err {
-        ClientError::Server { code, message } => match code {
+        ClientError::Server {
+            code,
+            message,
+            retry_after,
+        } => match code {
             ErrorCode::RateLimited
             | ErrorCode::Overloaded
             | ErrorCode::Internal
             | ErrorCode::ServerFull
             | ErrorCode::ServerShutdown
-            | ErrorCode::AuthTimeout => AuthError::Retry(ClientError::Server { code, message }),
+            | ErrorCode::AuthTimeout => AuthError::Retry(ClientError::Server {
+                code,
+                message,
+                retry_after,
+            }),
             _ => AuthError::Fatal(ClientError::AuthFailed { code, message }),
         },
         other => AuthError::Retry(other),

@@ -146,6 +146,13 @@ impl Driver {
                         Ok(established) => established,
                         Err(AuthError::Retry(e)) => {
                             tracing::debug!(error = %e, "reconnect failed");
+                            // Not before the server said a retry can pass.
+                            if let Some(wait) = e.retry_after() {
+                                tokio::select! {
+                                    _ = self.cancel.cancelled() => break,
+                                    _ = tokio::time::sleep(wait) => {}
+                                }
+                            }
                             // Another node may be up.
                             self.server += 1;
                             continue;

@@ -19,6 +19,10 @@ pub enum ClientError {
         code: ErrorCode,
         /// Human-readable detail from the server.
         message: String,
+        /// How long the server asks to wait before retrying
+        /// (`Error.retry_after_ms`, sent with `RATE_LIMITED` and
+        /// `OVERLOADED`); `None` when it did not say.
+        retry_after: Option<std::time::Duration>,
     },
     /// Register, login or resume was refused and cannot succeed by retrying
     /// (wrong password, username taken, expired token without a password).
@@ -57,6 +61,15 @@ impl ClientError {
         }
     }
 
+    /// How long the server asked to wait before retrying, if it said
+    /// (`RATE_LIMITED` and `OVERLOADED` replies carry it).
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            ClientError::Server { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
     /// Whether repeating the same request later may succeed (sends are
     /// idempotent by `client_msg_id`, so [`Client::send`](crate::Client::send)
     /// retries exactly these).
@@ -79,6 +92,8 @@ impl ClientError {
         ClientError::Server {
             code: error_code(err.code),
             message: err.message.clone(),
+            retry_after: (err.retry_after_ms > 0)
+                .then(|| std::time::Duration::from_millis(u64::from(err.retry_after_ms))),
         }
     }
 }

@@ -640,6 +640,52 @@ async fn overloaded_send_is_retried_with_the_same_id() {
 }
 
 #[tokio::test]
+async fn a_rate_limited_send_waits_as_long_as_the_server_asks() {
+    let server = FakeServer::start().await;
+    let (client, _events, mut conn) = connect(&server, config(&server)).await;
+    conn.serve_list(&Store::default()).await;
+    let sender = client.clone();
+    let send = tokio::spawn(async move { sender.send_text(Target::User(7), "x").await });
+    let (rid, _) = conn.recv().await;
+    let refused_at = std::time::Instant::now();
+    conn.send(Frame::error_retry(
+        rid,
+        ErrorCode::RateLimited,
+        "rate limited",
+        false,
+        400,
+    ))
+    .await;
+    let (rid, body) = conn.recv().await;
+    let waited = refused_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400),
+        "resent after {waited:?}"
+    );
+    let Body::Send(resend) = body else { panic!() };
+    assert!(resend.resend);
+    let ack = pb::SendAck {
+        message_id: 1,
+        conversation_id: 1,
+        seq: 1,
+        server_time_ms: 0,
+        duplicate: false,
+    };
+    conn.reply(rid, Body::SendAck(ack)).await;
+    assert_eq!(send.await.unwrap().unwrap(), ack);
+
+    // The wait is on the error for callers of other requests.
+    let err = ClientError::from_wire(&pb::Error {
+        code: ErrorCode::RateLimited as i32,
+        message: String::new(),
+        fatal: false,
+        retry_after_ms: 250,
+    });
+    assert_eq!(err.retry_after(), Some(Duration::from_millis(250)));
+    assert!(err.is_retryable());
+}
+
+#[tokio::test]
 async fn request_times_out_and_late_reply_is_ignored() {
     let server = FakeServer::start().await;
     let cfg = config(&server).with_request_timeout(Duration::from_millis(300));

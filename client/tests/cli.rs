@@ -58,6 +58,7 @@ fn answer(store: &Store, body: Body) -> Body {
             code: ErrorCode::InvalidCredentials as i32,
             message: "wrong password".into(),
             fatal: false,
+            retry_after_ms: 0,
         }),
         Body::Resume(r) if r.token == "tok" => auth_ok(),
         Body::Ping(_) => Body::Pong(pb::Pong::default()),

@@ -136,14 +136,18 @@ async fn call_patiently(conn: &mut Conn, first_id: u64, body: &Body) -> anyhow::
     let mut id = first_id;
     loop {
         let reply = call(conn, id, body.clone()).await?;
-        let refused = matches!(&reply, Body::Error(e)
-            if e.code == im_proto::ErrorCode::Overloaded as i32
-                || e.code == im_proto::ErrorCode::RateLimited as i32);
-        if !refused {
-            return Ok(reply);
-        }
+        let asked = match &reply {
+            Body::Error(e)
+                if e.code == im_proto::ErrorCode::Overloaded as i32
+                    || e.code == im_proto::ErrorCode::RateLimited as i32 =>
+            {
+                Duration::from_millis(u64::from(e.retry_after_ms))
+            }
+            _ => return Ok(reply),
+        };
         let jitter = rand::random_range(0.5..1.5);
-        tokio::time::sleep(backoff.mul_f64(jitter)).await;
+        // At least as long as the server asked (`retry_after_ms`).
+        tokio::time::sleep(backoff.mul_f64(jitter).max(asked)).await;
         backoff = (backoff * 2).min(AUTH_BACKOFF_MAX);
         id += 1;
     }

@@ -1128,7 +1128,12 @@ fn handle(m: &Member, state: &mut State, frame: Frame, shared: &Shared) -> anyho
                 // As a client does: back off, then go on sending.
                 Metrics::add(&metrics.rejected, 1);
                 state.backoff = (state.backoff * 2).clamp(MIN_BACKOFF, MAX_BACKOFF);
-                let pause = state.backoff.mul_f64(0.5 + rand::random::<f64>());
+                // At least as long as the server asked (`retry_after_ms`).
+                let asked = Duration::from_millis(u64::from(e.retry_after_ms));
+                let pause = state
+                    .backoff
+                    .mul_f64(0.5 + rand::random::<f64>())
+                    .max(asked);
                 state.resume_at = Some(tokio::time::Instant::now() + pause);
             } else {
                 Metrics::add(&metrics.errors, 1);

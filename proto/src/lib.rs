@@ -64,7 +64,24 @@ impl Frame {
                 code: code as i32,
                 message: message.into(),
                 fatal,
+                retry_after_ms: 0,
             }),
         )
+    }
+
+    /// An error frame telling the client to retry after `retry_after_ms`
+    /// (for `RATE_LIMITED` and `OVERLOADED`).
+    pub fn error_retry(
+        request_id: u64,
+        code: ErrorCode,
+        message: impl Into<String>,
+        fatal: bool,
+        retry_after_ms: u32,
+    ) -> Self {
+        let mut frame = Frame::error(request_id, code, message, fatal);
+        if let Some(Body::Error(e)) = frame.body.as_mut() {
+            e.retry_after_ms = retry_after_ms;
+        }
+        frame
     }
 }

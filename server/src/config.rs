@@ -298,6 +298,46 @@ pub struct Config {
     #[arg(long, env = "IM_LOGIN_FAILURE_WINDOW_SECS", default_value_t = 60)]
     pub login_failure_window_secs: u64,
 
+    // ---- abuse limits (per node; 0 = off) ----
+    /// Sustained messages one user may send per second over all its
+    /// connections to this node; more get RATE_LIMITED.
+    #[arg(long, env = "IM_MAX_MSGS_PER_USER_PER_SEC", default_value_t = 20)]
+    pub max_msgs_per_user_per_sec: u32,
+
+    /// Messages one user may send at once before the sustained rate applies
+    /// (at least --max-msgs-per-user-per-sec).
+    #[arg(long, env = "IM_MSGS_BURST_PER_USER", default_value_t = 50)]
+    pub msgs_burst_per_user: u32,
+
+    /// Requests per connection per second (also the burst); more get a
+    /// non-fatal RATE_LIMITED. Pings are not counted.
+    #[arg(long, env = "IM_MAX_REQUESTS_PER_CONN_PER_SEC", default_value_t = 100)]
+    pub max_requests_per_conn_per_sec: u32,
+
+    /// New connections per client address per second (also the burst;
+    /// IPv6 addresses count per /64); more are refused with a fatal
+    /// RATE_LIMITED and closed.
+    #[arg(long, env = "IM_MAX_NEW_CONNS_PER_ADDR_PER_SEC", default_value_t = 20)]
+    pub max_new_conns_per_addr_per_sec: u32,
+
+    /// Open connections per client address (IPv6: per /64); more are
+    /// refused with a fatal RATE_LIMITED and closed.
+    #[arg(long, env = "IM_MAX_CONNS_PER_ADDR", default_value_t = 500)]
+    pub max_conns_per_addr: u32,
+
+    /// Groups one user may create per hour.
+    #[arg(
+        long,
+        env = "IM_MAX_GROUPS_CREATED_PER_USER_PER_HOUR",
+        default_value_t = 20
+    )]
+    pub max_groups_created_per_user_per_hour: u32,
+
+    /// Members one user may add per minute, at creation or later (a
+    /// request adding more than this at once gets INVALID_ARGUMENT).
+    #[arg(long, env = "IM_MAX_MEMBERS_ADDED_PER_MINUTE", default_value_t = 2000)]
+    pub max_members_added_per_minute: u32,
+
     // ---- production pipeline (Redis Streams + MySQL) ----
     /// Redis of the production pipeline (with --mysql-url; without both the
     /// embedded store is used). Every node and storage worker of a
@@ -490,6 +530,11 @@ impl Config {
         if self.argon2_memory_kib < 8 || self.argon2_iterations == 0 {
             return bad("argon2-memory-kib must be >= 8 and argon2-iterations >= 1");
         }
+        if self.max_msgs_per_user_per_sec > 0
+            && self.msgs_burst_per_user < self.max_msgs_per_user_per_sec
+        {
+            return bad("msgs-burst-per-user must be at least max-msgs-per-user-per-sec");
+        }
         Ok(())
     }
 
@@ -522,6 +567,9 @@ impl Config {
             send_buffer_bytes: self.send_buffer_bytes,
             recv_buffer_bytes: self.recv_buffer_bytes,
             proxy_protocol_from: self.proxy_protocol_from.clone(),
+            max_requests_per_conn_per_sec: self.max_requests_per_conn_per_sec,
+            max_new_conns_per_addr_per_sec: self.max_new_conns_per_addr_per_sec,
+            max_conns_per_addr: self.max_conns_per_addr,
         }
     }
 
@@ -577,6 +625,12 @@ impl Config {
             login_failure_window: Duration::from_secs(self.login_failure_window_secs),
             member_cache_bytes: self.member_cache_bytes,
             member_cache_ttl: Duration::from_secs(self.member_cache_ttl_secs.max(1)),
+            user_limits: crate::chat::limits::UserLimitConfig {
+                msgs_per_sec: self.max_msgs_per_user_per_sec,
+                msgs_burst: self.msgs_burst_per_user,
+                groups_created_per_hour: self.max_groups_created_per_user_per_hour,
+                members_added_per_minute: self.max_members_added_per_minute,
+            },
         }
     }
 
@@ -737,5 +791,47 @@ mod tests {
             Config::load_from(["im-server", "--config", path.to_str().unwrap()]),
             Err(ConfigError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn abuse_limits_have_public_defaults_file_keys_and_checked_bursts() {
+        let c = Config::defaults();
+        assert_eq!(
+            c.chat().user_limits,
+            crate::chat::limits::UserLimitConfig {
+                msgs_per_sec: 20,
+                msgs_burst: 50,
+                groups_created_per_hour: 20,
+                members_added_per_minute: 2000,
+            }
+        );
+        let net = c.net();
+        assert_eq!(net.max_requests_per_conn_per_sec, 100);
+        assert_eq!(net.max_new_conns_per_addr_per_sec, 20);
+        assert_eq!(net.max_conns_per_addr, 500);
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("im.toml");
+        std::fs::write(
+            &path,
+            "max-msgs-per-user-per-sec = 0\nmax-conns-per-addr = 7\n\
+             max-members-added-per-minute = 9\n",
+        )
+        .unwrap();
+        let c = Config::load_from(["im-server", "--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.chat().user_limits.msgs_per_sec, 0);
+        assert_eq!(c.net().max_conns_per_addr, 7);
+        assert_eq!(c.chat().user_limits.members_added_per_minute, 9);
+        c.validate().unwrap();
+
+        let c = Config::try_parse_from([
+            "im-server",
+            "--max-msgs-per-user-per-sec",
+            "30",
+            "--msgs-burst-per-user",
+            "10",
+        ])
+        .unwrap();
+        assert!(c.validate().is_err(), "a burst below the rate");
     }
 }

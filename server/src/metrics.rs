@@ -125,6 +125,23 @@ pub fn export(out: &mut Exposition, net: &NetStatsSnapshot, chat: &ChatStatsSnap
         net.tls_errors,
     );
 
+    let chat_limits = crate::chat::limits::CHAT_LIMITS
+        .iter()
+        .copied()
+        .zip(chat.rate_limited);
+    out.counter_by(
+        "im_rate_limited_total",
+        "Refusals answered RATE_LIMITED, by limit (requests_per_conn, new_conns_per_addr and conns_per_addr from the connection layer; the others from the chat layer).",
+        "limit",
+        [
+            (crate::net::REQUESTS_PER_CONN, net.rate_limited_requests),
+            (crate::net::NEW_CONNS_PER_ADDR, net.rate_limited_new_conns),
+            (crate::net::CONNS_PER_ADDR, net.rate_limited_open_conns),
+        ]
+        .into_iter()
+        .chain(chat_limits),
+    );
+
     // ---- chat ----
     out.counter(
         "im_messages_appended_total",
@@ -266,6 +283,7 @@ mod tests {
             frames_in: 10,
             slow_consumers: 1,
             queued_commands: 9,
+            rate_limited_new_conns: 7,
             ..NetStatsSnapshot::default()
         };
         let chat = ChatStatsSnapshot {
@@ -273,6 +291,7 @@ mod tests {
             acked: 6,
             duplicates: 1,
             send_queued: 4,
+            rate_limited: [8, 0, 0, 0, 0],
             ..ChatStatsSnapshot::default()
         };
         let mut out = Exposition::new();
@@ -299,6 +318,7 @@ mod tests {
             "im_messages_pushed_total",
             "im_receipts_total",
             "im_auth_failures_total",
+            "im_rate_limited_total",
         ];
         let gauges = [
             "im_connections",
@@ -333,6 +353,9 @@ mod tests {
             "im_messages_duplicate_total 1\n",
             "im_send_queue_depth 4\n",
             "im_outbound_queue_depth 9\n",
+            "im_rate_limited_total{limit=\"new_conns_per_addr\"} 7\n",
+            "im_rate_limited_total{limit=\"messages_per_user\"} 8\n",
+            "im_rate_limited_total{limit=\"groups_per_user\"} 0\n",
         ] {
             assert!(text.contains(line), "{line}: {text}");
         }

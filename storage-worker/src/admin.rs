@@ -93,6 +93,35 @@ impl Exposition {
         self.push(name, help, MetricType::GAUGE, vec![gauge_metric(value)]);
     }
 
+    /// A counter with one sample per value of `label` (e.g. per limit).
+    /// Its name must end in `_total`.
+    pub fn counter_by<L: ToString>(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        samples: impl IntoIterator<Item = (L, u64)>,
+    ) {
+        debug_assert!(name.ends_with("_total"), "counter {name} lacks _total");
+        let metrics: Vec<Metric> = samples
+            .into_iter()
+            .map(|(value_of_label, value)| {
+                let mut pair = LabelPair::default();
+                pair.set_name(label.to_string());
+                pair.set_value(value_of_label.to_string());
+                let mut counter = Counter::default();
+                counter.set_value(value as f64);
+                let mut metric = Metric::default();
+                metric.set_counter(counter);
+                metric.set_label(vec![pair]);
+                metric
+            })
+            .collect();
+        if !metrics.is_empty() {
+            self.push(name, help, MetricType::COUNTER, metrics);
+        }
+    }
+
     /// A gauge with one sample per value of `label` (e.g. per shard). A
     /// family without samples is left out, as the format requires.
     pub fn gauge_by<L: ToString>(

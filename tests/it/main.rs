@@ -6,6 +6,7 @@ mod chat;
 mod cluster;
 mod crash;
 mod lifecycle;
+mod limits;
 mod loadgen;
 mod property;
 mod protocol;

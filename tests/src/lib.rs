@@ -112,7 +112,7 @@ impl PipelineEnv {
 }
 
 /// A configuration for tests: port 0, cheap password hashing, the given
-/// data directory.
+/// data directory, and the abuse limits off (see [`no_abuse_limits`]).
 pub fn test_config(data_dir: &Path) -> Config {
     let mut c = Config::defaults();
     c.listen = "127.0.0.1:0".parse().expect("valid address");
@@ -120,8 +120,31 @@ pub fn test_config(data_dir: &Path) -> Config {
     c.argon2_memory_kib = 64;
     c.argon2_iterations = 1;
     c.shutdown_grace_secs = 5;
+    no_abuse_limits(&mut c);
     c
 }
+
+/// Turns every abuse limit off (0): tests open many connections from
+/// 127.0.0.1 and send faster than the defaults allow one person. Tests of
+/// a limit set the one they test.
+pub fn no_abuse_limits(c: &mut Config) {
+    c.max_msgs_per_user_per_sec = 0;
+    c.max_requests_per_conn_per_sec = 0;
+    c.max_new_conns_per_addr_per_sec = 0;
+    c.max_conns_per_addr = 0;
+    c.max_groups_created_per_user_per_hour = 0;
+    c.max_members_added_per_minute = 0;
+}
+
+/// The flags of [`no_abuse_limits`], for `im-server` processes.
+pub const NO_ABUSE_LIMIT_FLAGS: [&str; 6] = [
+    "--max-msgs-per-user-per-sec",
+    "--max-requests-per-conn-per-sec",
+    "--max-new-conns-per-addr-per-sec",
+    "--max-conns-per-addr",
+    "--max-groups-created-per-user-per-hour",
+    "--max-members-added-per-minute",
+];
 
 /// Logs to stderr once per test binary when `RUST_LOG` is set.
 pub fn init_logging() {
@@ -415,6 +438,18 @@ impl RawConn {
         let mut conn = RawConn::connect(addr).await;
         conn.write_raw(preamble).await;
         conn
+    }
+
+    /// Connects from the local address `source` (any 127.0.0.0/8 address
+    /// works on loopback), to test limits per client address.
+    pub async fn connect_from(addr: SocketAddr, source: std::net::IpAddr) -> RawConn {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::new(source, 0))
+            .expect("bind the source address");
+        let stream = socket.connect(addr).await.expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        RawConn::over(Box::new(stream))
     }
 
     /// Connects with a tiny receive buffer, so that a reader that stops
@@ -711,6 +746,13 @@ impl ServerProcess {
             } else {
                 &["--argon2-memory-kib", "64", "--argon2-iterations", "1"][..]
             })
+            // The abuse limits off, except those the test sets.
+            .args(
+                NO_ABUSE_LIMIT_FLAGS
+                    .iter()
+                    .filter(|flag| !extra.contains(flag))
+                    .flat_map(|flag| [*flag, "0"]),
+            )
             .args(extra)
             .env(
                 "RUST_LOG",

@@ -376,7 +376,11 @@ impl LoginLimiter {
             if let Some(w) = map.get(&key) {
                 let age = now.duration_since(w.started);
                 if age < self.window && w.failures >= limit {
-                    return Err(ChatError::RateLimited((self.window - age).as_secs().max(1)));
+                    let wait = (self.window - age).as_millis().clamp(1, u32::MAX as u128);
+                    return Err(ChatError::RateLimited {
+                        what: super::limits::LOGIN_FAILURES,
+                        retry_after_ms: wait as u32,
+                    });
                 }
             }
         }
@@ -490,7 +494,10 @@ mod tests {
         }
         assert!(matches!(
             limiter.check(ip, "Alice"),
-            Err(ChatError::RateLimited(_))
+            Err(ChatError::RateLimited {
+                retry_after_ms: 1..,
+                ..
+            })
         ));
         // Another username from the same peer still has budget, until the
         // per-peer count is reached.

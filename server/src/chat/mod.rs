@@ -5,6 +5,8 @@
 //! through [`Cluster`]), and durable state lives behind [`Store`].
 //!
 //! - [`auth`]: password hashing, session tokens, login rate limiting.
+//! - [`limits`]: per-user abuse limits (messages, groups, members) and the
+//!   count of every `RATE_LIMITED` refusal.
 //! - [`registry`]: user → live connections, presence subscriptions.
 //! - `send`: the send pipeline (batched appends, acks, fan-out in order).
 //! - `members`: the member lists fan-out uses, never staler than the last
@@ -13,6 +15,7 @@
 
 pub mod auth;
 mod error;
+pub mod limits;
 mod members;
 pub mod registry;
 mod requests;
@@ -29,12 +32,13 @@ use im_proto::{Frame, codec};
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, mpsc};
 
-pub use error::ChatError;
+pub use error::{ChatError, OVERLOADED_RETRY_MS};
 
 use crate::cluster::Cluster;
 use crate::net::{ConnRef, FrameCtx, Handler, Outbound, Topic};
 use crate::store::{GroupId, Store, UserId};
 use auth::{HashCost, LoginLimiter, Passwords, Tokens};
+use limits::{UserLimitConfig, UserLimits};
 use members::MemberCache;
 use registry::{PresenceHub, Registry};
 use send::{SendBudget, SendJob};
@@ -98,6 +102,8 @@ pub struct ChatConfig {
     /// How long a cached member list is used before it is reloaded (a
     /// safety net: every node's change reaches every node's cache at once).
     pub member_cache_ttl: Duration,
+    /// Per-user abuse limits (messages, groups created, members added).
+    pub user_limits: UserLimitConfig,
 }
 
 impl Default for ChatConfig {
@@ -133,6 +139,12 @@ impl Default for ChatConfig {
             login_failure_window: Duration::from_secs(60),
             member_cache_bytes: 64 << 20,
             member_cache_ttl: Duration::from_secs(5),
+            user_limits: UserLimitConfig {
+                msgs_per_sec: 20,
+                msgs_burst: 50,
+                groups_created_per_hour: 20,
+                members_added_per_minute: 2000,
+            },
         }
     }
 }
@@ -185,6 +197,8 @@ pub struct ChatStatsSnapshot {
     pub online_users: u64,
     /// Connections with a presence subscription.
     pub presence_subscriptions: u64,
+    /// `RATE_LIMITED` refusals per limit, in [`limits::CHAT_LIMITS`] order.
+    pub rate_limited: [u64; limits::CHAT_LIMITS.len()],
 }
 
 /// The chat service: implements [`Handler`] for the connection layer.
@@ -207,6 +221,7 @@ pub(crate) struct Inner<S: Store> {
     passwords: Passwords,
     tokens: Tokens,
     limiter: LoginLimiter,
+    limits: Arc<UserLimits>,
     registry: Registry,
     presence: PresenceHub,
     members: MemberCache,
@@ -240,6 +255,8 @@ impl<S: Store> ChatService<S> {
             config.login_failure_window,
             100_000,
         );
+        let limits = Arc::new(UserLimits::new(config.user_limits));
+        limits::spawn_sweeper(&limits, Duration::from_secs(5));
         let lane_count = config.send_lanes.max(1);
         let mut lanes = Vec::with_capacity(lane_count);
         let mut receivers = Vec::with_capacity(lane_count);
@@ -261,6 +278,7 @@ impl<S: Store> ChatService<S> {
             passwords,
             tokens,
             limiter,
+            limits,
             registry: Registry::default(),
             presence: PresenceHub::default(),
             send_budget,
@@ -329,6 +347,7 @@ impl<S: Store> ChatService<S> {
             in_flight: self.pending() as u64,
             online_users: self.online_users() as u64,
             presence_subscriptions: inner.presence.subscribed_connections() as u64,
+            rate_limited: inner.limits.refused().map(|(_, n)| n),
         }
     }
 }
@@ -465,7 +484,10 @@ impl<S: Store> Inner<S> {
                 self.runtime.spawn(async move {
                     let frame = match inner.request(conn, user, body).await {
                         Ok(body) => Frame::new(request_id, body),
-                        Err(e) => e.to_frame(request_id),
+                        Err(e) => {
+                            inner.limits.count(&e);
+                            e.to_frame(request_id)
+                        }
                     };
                     inner.answer(conn, frame);
                 });

@@ -162,10 +162,11 @@ impl<S: Store> Inner<S> {
                     e,
                     ChatError::InvalidCredentials
                         | ChatError::InvalidToken
-                        | ChatError::RateLimited(_)
+                        | ChatError::RateLimited { .. }
                 ) {
                     ChatCounters::add(&self.counters.auth_failures, 1);
                 }
+                self.limits.count(&e);
                 self.answer_auth(ctx.conn, None, e.to_frame(request_id))
             }
         }
@@ -512,6 +513,8 @@ impl<S: Store> Inner<S> {
         }
         let mut members = user_ids(&r.member_ids, self.config.max_group_members)?;
         members.retain(|&m| m != user);
+        self.limits.group_created(user)?;
+        self.limits.members_added(user, members.len())?;
         let g = self
             .store
             .create_group(user, name, &members, self.group_limits())
@@ -525,6 +528,7 @@ impl<S: Store> Inner<S> {
         let group = group_id(r.group_id)?;
         let ids = user_ids(&r.user_ids, self.config.max_group_members)?;
         self.member_list(group, user).await?;
+        self.limits.members_added(user, ids.len())?;
         let (g, added) = self
             .store
             .add_members(group, &ids, self.group_limits())

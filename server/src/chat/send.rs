@@ -156,6 +156,10 @@ impl<S: Store> Inner<S> {
         request_id: u64,
         req: pb::SendRequest,
     ) {
+        if let Err(e) = self.limits.message(user) {
+            self.limits.count(&e);
+            return self.answer(conn, e.to_frame(request_id));
+        }
         let message = match self.validate_send(user, req) {
             Ok(m) => m,
             Err(e) => return self.answer(conn, e.to_frame(request_id)),

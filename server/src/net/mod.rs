@@ -18,6 +18,8 @@
 //!
 //! - `shard`: the event loop.
 //! - `conn`: the compact per-connection state and its borrowed buffers.
+//! - `limits`: requests per connection and connections per client address
+//!   (abuse limits), free of I/O.
 //! - `output`: a connection's output queue and its push policy (shed past
 //!   the limit, hint, cut only a reader that stalls), free of I/O.
 //! - `proxy`: the PROXY protocol header a trusted load balancer sends
@@ -28,6 +30,7 @@
 //! - `wheel`: the timer wheel of deadlines.
 
 mod conn;
+mod limits;
 mod output;
 mod proxy;
 mod shard;
@@ -35,6 +38,7 @@ mod socket;
 pub mod tls;
 mod wheel;
 
+pub use limits::{CONNS_PER_ADDR, NEW_CONNS_PER_ADDR, REQUESTS_PER_CONN};
 pub use output::Topic;
 pub use proxy::{Cidr, CidrError};
 
@@ -108,6 +112,13 @@ pub struct NetConfig {
     /// header; the client address it carries replaces theirs (empty: no
     /// header is expected from anyone).
     pub proxy_protocol_from: Vec<Cidr>,
+    /// Requests per connection per second, also the burst (0 = off).
+    pub max_requests_per_conn_per_sec: u32,
+    /// New connections per client address per second, also the burst
+    /// (0 = off).
+    pub max_new_conns_per_addr_per_sec: u32,
+    /// Open connections per client address (0 = off).
+    pub max_conns_per_addr: u32,
 }
 
 impl Default for NetConfig {
@@ -134,6 +145,9 @@ impl Default for NetConfig {
             send_buffer_bytes: 0,
             recv_buffer_bytes: 0,
             proxy_protocol_from: Vec::new(),
+            max_requests_per_conn_per_sec: 0,
+            max_new_conns_per_addr_per_sec: 0,
+            max_conns_per_addr: 0,
         }
     }
 }
@@ -431,6 +445,10 @@ pub(crate) struct ShardStats {
     tls_handshakes: AtomicU64,
     tls_resumptions: AtomicU64,
     tls_errors: AtomicU64,
+    /// RATE_LIMITED refusals: requests, new connections, open connections.
+    limited_requests: AtomicU64,
+    limited_new_conns: AtomicU64,
+    limited_open_conns: AtomicU64,
 }
 
 impl ShardStats {
@@ -452,6 +470,9 @@ impl ShardStats {
         total.tls_handshakes += get(&self.tls_handshakes);
         total.tls_resumptions += get(&self.tls_resumptions);
         total.tls_errors += get(&self.tls_errors);
+        total.rate_limited_requests += get(&self.limited_requests);
+        total.rate_limited_new_conns += get(&self.limited_new_conns);
+        total.rate_limited_open_conns += get(&self.limited_open_conns);
     }
 }
 
@@ -498,6 +519,12 @@ pub struct NetStatsSnapshot {
     pub queued_commands: u64,
     /// Their bytes.
     pub queued_bytes: u64,
+    /// Requests refused as over `max_requests_per_conn_per_sec`.
+    pub rate_limited_requests: u64,
+    /// Connections refused as over `max_new_conns_per_addr_per_sec`.
+    pub rate_limited_new_conns: u64,
+    /// Connections refused as over `max_conns_per_addr`.
+    pub rate_limited_open_conns: u64,
 }
 
 /// Bound listeners and event loops, ready to run once the handler exists.
@@ -572,6 +599,10 @@ impl Net {
         };
 
         let open = Arc::new(AtomicUsize::new(0));
+        let addrs = Arc::new(limits::AddrLimits::new(
+            config.max_new_conns_per_addr_per_sec,
+            config.max_conns_per_addr,
+        ));
         let mut shards = Vec::with_capacity(count);
         let mut links = Vec::with_capacity(count);
         let mut receivers = Vec::with_capacity(count);
@@ -587,6 +618,7 @@ impl Net {
                 listeners,
                 stats.clone(),
                 open.clone(),
+                addrs.clone(),
             )?;
             let (tx, rx) = crossbeam_channel::unbounded();
             links.push(ShardLink {

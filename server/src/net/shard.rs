@@ -22,6 +22,13 @@
 //! buffer, like a partial frame); the client address it carries is kept in
 //! a shard-wide map keyed by slot until the connection is gone, so other
 //! connections pay nothing for it.
+//!
+//! Abuse limits (`limits`) hook in at four points: a connection is counted
+//! against its client address once that is known (at accept, or once its
+//! PROXY header is read) and refused with a fatal `RATE_LIMITED` if over;
+//! each request but a ping takes a token of its connection's bucket or is
+//! answered with a non-fatal `RATE_LIMITED`; finalizing gives the address
+//! place back.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, Read, Write};
@@ -43,6 +50,7 @@ use super::conn::{
     Bufs, Conn, DIRTY, OUT_PAUSED, PROXY_HEADER, READ_PAUSED, READY, State, TLS, WRITE_BLOCKED,
     WRITE_SHUT,
 };
+use super::limits::{AddrLimits, AddrRefusal, ShardLimits};
 use super::output::{Offer, Topic};
 use super::proxy::{self, WarnGate};
 use super::tls::{MAX_PLAINTEXT, ReadOutcome, TlsAcceptor, TlsConn};
@@ -82,6 +90,7 @@ pub(crate) struct Shard {
     config: Arc<NetConfig>,
     stats: Arc<ShardStats>,
     open: Arc<AtomicUsize>,
+    addrs: Arc<AddrLimits>,
 }
 
 impl Shard {
@@ -91,6 +100,7 @@ impl Shard {
         mut listeners: Listeners,
         stats: Arc<ShardStats>,
         open: Arc<AtomicUsize>,
+        addrs: Arc<AddrLimits>,
     ) -> Result<(Shard, mio::Waker), NetError> {
         let poll = Poll::new().map_err(NetError::Poll)?;
         let waker = mio::Waker::new(poll.registry(), WAKER).map_err(NetError::Poll)?;
@@ -111,6 +121,7 @@ impl Shard {
             config,
             stats,
             open,
+            addrs,
         };
         Ok((shard, waker))
     }
@@ -130,6 +141,7 @@ impl Shard {
         let started = Instant::now();
         let errors = FatalFrames::new();
         let tls_acceptor = self.config.tls.clone();
+        let limits = ShardLimits::new(self.addrs, self.config.max_requests_per_conn_per_sec);
         let mut event_loop = Loop {
             id: self.id,
             poll: self.poll,
@@ -163,6 +175,7 @@ impl Shard {
             errors,
             carried: HashMap::new(),
             proxy_warnings: WarnGate::new(PROXY_WARN_SECS),
+            limits,
         };
         event_loop.run();
     }
@@ -259,6 +272,7 @@ struct Loop {
     /// they are finalized.
     carried: HashMap<u32, IpAddr>,
     proxy_warnings: WarnGate,
+    limits: ShardLimits,
 }
 
 fn add(stat: &std::sync::atomic::AtomicU64, n: u64) {
@@ -440,6 +454,37 @@ impl Loop {
         });
         self.open.fetch_add(1, Ordering::Relaxed);
         add(&self.stats.connections, 1);
+        self.limits.opened(slot);
+        if flags & PROXY_HEADER == 0 {
+            self.admit_addr(slot, peer.ip());
+        }
+    }
+
+    /// Counts the connection against its client address's limits, or
+    /// refuses it with a fatal `RATE_LIMITED` (the one refusal that closes:
+    /// the connection itself is what is over the limit).
+    fn admit_addr(&mut self, slot: usize, ip: IpAddr) {
+        let Err(refusal) = self.limits.admit(slot, ip) else {
+            return;
+        };
+        let stat = match refusal {
+            AddrRefusal::Rate(_) => &self.stats.limited_new_conns,
+            AddrRefusal::Open => &self.stats.limited_open_conns,
+        };
+        add(stat, 1);
+        tracing::debug!(shard = self.id, slot, %ip, limit = refusal.limit(), "connection refused");
+        let message = match refusal {
+            AddrRefusal::Rate(_) => "too many new connections from this address",
+            AddrRefusal::Open => "this address holds the most connections allowed",
+        };
+        let frame = Frame::error_retry(
+            0,
+            ErrorCode::RateLimited,
+            message,
+            true,
+            refusal.retry_after_ms(),
+        );
+        self.close_conn(slot, Some(codec::encode_to_bytes(&frame)), false);
     }
 
     // ---- reading ----
@@ -593,6 +638,7 @@ impl Loop {
             held.extend_from_slice(fresh);
         }
         let queued = bufs.tls_out.len();
+        let mut carried_ip = None;
         let step = {
             let input: &mut [u8] = if from_held { &mut held } else { fresh };
             let mut start = 0;
@@ -603,7 +649,9 @@ impl Loop {
                     Ok(Some(header)) => {
                         conn.flags &= !PROXY_HEADER;
                         if let Some(source) = header.source {
-                            self.carried.insert(slot as u32, source.ip().to_canonical());
+                            let ip = source.ip().to_canonical();
+                            self.carried.insert(slot as u32, ip);
+                            carried_ip = Some(ip);
                         }
                         start = header.len;
                     }
@@ -666,6 +714,10 @@ impl Loop {
             add(&self.stats.tls_errors, 1);
             self.close_conn(slot, None, true);
         }
+        if let Some(ip) = carried_ip {
+            // The client's address counts, as for a plain connection.
+            self.admit_addr(slot, ip);
+        }
         outcome
     }
 
@@ -710,6 +762,7 @@ impl Loop {
                     // One key per client whichever family the balancer
                     // used for it.
                     self.carried.insert(slot as u32, source.ip().to_canonical());
+                    self.admit_addr(slot, source.ip().to_canonical());
                 }
                 header.len + self.parse(slot, &buf[header.len..])
             }
@@ -793,6 +846,17 @@ impl Loop {
             conn.deadline = now + heartbeat;
         }
         let request_id = frame.request_id;
+        if !matches!(frame.body, Some(Body::Ping(_))) {
+            if let Err(ms) = self.limits.request(slot) {
+                add(&self.stats.limited_requests, 1);
+                let message = format!("rate limited (requests per connection); retry in {ms} ms");
+                let err =
+                    Frame::error_retry(request_id, ErrorCode::RateLimited, message, false, ms);
+                self.queue_frame(slot, codec::encode_to_bytes(&err));
+                return;
+            }
+        }
+        let conn = &mut self.conns[slot];
         match (&frame.body, conn.state) {
             (Some(Body::Ping(_)), _) => {
                 let pong = Frame::new(
@@ -1294,6 +1358,7 @@ impl Loop {
         if self.conns[slot].has(TLS) {
             self.tls.remove(&(slot as u32));
         }
+        self.limits.closed(slot);
         self.conns.remove(slot);
         self.open.fetch_sub(1, Ordering::Relaxed);
         self.stats.connections.fetch_sub(1, Ordering::Relaxed);

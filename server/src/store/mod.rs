@@ -186,6 +186,11 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// What [`StoreError::LimitExceeded`] says when a user would be in more
+/// than `GroupLimits::max_groups_per_user` groups (clients get
+/// `RATE_LIMITED` for it, as for the other abuse limits).
+pub const GROUPS_PER_USER_LIMIT: &str = "a user is in the most groups allowed";
+
 /// Shorthand for store results.
 pub type StoreResult<T> = Result<T, StoreError>;
 

@@ -306,7 +306,7 @@ pub fn explain(code: ErrorCode) -> &'static str {
         ErrorCode::InvalidCredentials => "unknown username or wrong password",
         ErrorCode::UsernameTaken => "that username is taken",
         ErrorCode::InvalidToken => "the saved session has expired; log in again",
-        ErrorCode::RateLimited => "too many attempts; try again later",
+        ErrorCode::RateLimited => "too many requests or attempts; try again later",
         ErrorCode::Forbidden => "not allowed",
         ErrorCode::NotFound => "no such user, group or conversation",
         ErrorCode::InvalidArgument => "invalid argument",

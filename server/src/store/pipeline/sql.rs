@@ -508,7 +508,7 @@ async fn check_group_counts(
         .map_err(mysql_err)?;
     match full {
         Some(_) => Err(StoreError::LimitExceeded(
-            "a user is in the most groups allowed",
+            crate::store::GROUPS_PER_USER_LIMIT,
         )),
         None => Ok(()),
     }

@@ -447,7 +447,7 @@ impl Writer {
                 count.query_row(params![user, GROUP_BASE as i64], |row| row.get(0))?;
             if usize::try_from(groups).unwrap_or(usize::MAX) >= max {
                 return Err(StoreError::LimitExceeded(
-                    "a user is in the most groups allowed",
+                    crate::store::GROUPS_PER_USER_LIMIT,
                 ));
             }
         }
