@@ -317,3 +317,50 @@ async fn a_proxy_header_before_the_handshake_names_the_client() {
         Body::AuthOk(_)
     ));
 }
+
+/// The per-address connection limit counts the client a balancer's PROXY
+/// header names before the handshake: over it, the connection is closed
+/// (before the handshake, so without a frame), others are served.
+#[tokio::test]
+async fn tls_connections_count_against_the_address_in_the_proxy_header() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(pki_dir.path());
+    let dir = pki_dir.path().to_path_buf();
+    let server = TestServer::start_with(move |c| {
+        with_tls(&dir, c);
+        c.proxy_protocol_from = vec!["127.0.0.1/32".parse().unwrap()];
+        c.max_conns_per_addr = 1;
+    })
+    .await;
+    let tls_addr = server.node().tls_addr().unwrap();
+    let client = pki.client_config();
+    let header =
+        |ip: &str| im_tests::proxy_v1(SocketAddr::new(ip.parse().unwrap(), 40_000), tls_addr);
+    let first = tls::connect_after(tls_addr, &header("10.5.5.5"), &client)
+        .await
+        .expect("the first connection of 10.5.5.5");
+    let mut first = RawConn::over(Box::new(first));
+    first.register("addr_limited").await;
+    // The second one from the same client address is refused.
+    let second = tls::connect_after(tls_addr, &header("10.5.5.5"), &client).await;
+    if let Ok(stream) = second {
+        let mut second = RawConn::over(Box::new(stream));
+        assert!(
+            second.until_closed().await.is_empty(),
+            "served over the limit"
+        );
+    }
+    // Another client address through the same balancer is served.
+    let other = tls::connect_after(tls_addr, &header("10.6.6.6"), &client)
+        .await
+        .expect("another address");
+    let mut other = RawConn::over(Box::new(other));
+    assert!(matches!(
+        other.call(Body::Ping(pb::Ping {})).await,
+        Body::Pong(_)
+    ));
+    assert!(matches!(
+        first.call(Body::Ping(pb::Ping {})).await,
+        Body::Pong(_)
+    ));
+}
