@@ -364,3 +364,57 @@ async fn tls_connections_count_against_the_address_in_the_proxy_header() {
         Body::Pong(_)
     ));
 }
+
+/// `im-chat` logs in over TLS with a private CA, and later commands (no
+/// TLS flag given) keep speaking TLS from the saved session.
+#[tokio::test]
+async fn im_chat_logs_in_over_tls_and_later_commands_keep_it() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(pki_dir.path());
+    let server = tls_server(pki_dir.path()).await;
+    let tls_addr = server.node().tls_addr().unwrap().to_string();
+    let state = tempfile::tempdir().unwrap();
+    let chat = |args: &[&str]| {
+        let state = state.path().to_path_buf();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(im_tests::binary("im-chat"))
+                .arg("--dir")
+                .arg(state)
+                .args(args)
+                .output()
+                .expect("run im-chat")
+        })
+    };
+    let ca = pki.ca_file().display().to_string();
+    let out = chat(&[
+        "--server",
+        &tls_addr,
+        "--ca-file",
+        &ca,
+        "register",
+        "chat_tls",
+        "--password",
+        PASSWORD,
+    ])
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = chat(&["users", "chat_tls"]).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("chat_tls"));
+    // The saved choice holds: TLS to the plain port fails.
+    let out = chat(&["--server", &server.addr.to_string(), "users", "chat_tls"])
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "TLS to the plain port must fail");
+    assert_eq!(server.node().net_stats().tls_handshakes, 2);
+}
