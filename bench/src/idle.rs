@@ -69,6 +69,7 @@ async fn token_for(addr: SocketAddr, name: String) -> anyhow::Result<String> {
         Body::Register(pb::RegisterRequest {
             username: name.clone(),
             password: password.clone(),
+            device_name: String::new(),
         }),
     )
     .await?;
@@ -81,6 +82,7 @@ async fn token_for(addr: SocketAddr, name: String) -> anyhow::Result<String> {
                 Body::Login(pb::LoginRequest {
                     username: name,
                     password,
+                    device_name: String::new(),
                 }),
             )
             .await?

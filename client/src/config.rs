@@ -57,6 +57,9 @@ pub struct ClientConfig {
     pub gap_buffer: usize,
     /// Largest frame accepted from the server. Default 64 KiB.
     pub max_frame_bytes: usize,
+    /// Name of this device in the user's session list (at most 64 bytes).
+    /// Default empty.
+    pub device_name: String,
 }
 
 impl Default for ClientConfig {
@@ -77,6 +80,7 @@ impl Default for ClientConfig {
             cursors: HashMap::new(),
             gap_buffer: 1024,
             max_frame_bytes: im_proto::DEFAULT_MAX_FRAME_BYTES,
+            device_name: String::new(),
         }
     }
 }
@@ -88,6 +92,12 @@ impl ClientConfig {
             server: server.into(),
             ..ClientConfig::default()
         }
+    }
+
+    /// Sets [`device_name`](Self::device_name).
+    pub fn with_device_name(mut self, name: impl Into<String>) -> Self {
+        self.device_name = name.into();
+        self
     }
 
     /// Sets [`request_timeout`](Self::request_timeout).

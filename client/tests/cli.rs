@@ -49,6 +49,7 @@ fn answer(store: &Store, body: Body) -> Body {
             heartbeat_timeout_ms: 30_000,
             server_time_ms: 0,
             max_frame_bytes: 65536,
+            session_id: 1,
         })
     };
     let mut messages = store.lock().unwrap();

@@ -257,6 +257,16 @@ pub struct Config {
     #[arg(long, env = "IM_LOGIN_FAILURE_WINDOW_SECS", default_value_t = 60)]
     pub login_failure_window_secs: u64,
 
+    /// Live sessions (logged-in devices) per user at most; a login beyond
+    /// it ends the user's least recently used session.
+    #[arg(long, env = "IM_MAX_DEVICES_PER_USER", default_value_t = 10)]
+    pub max_devices_per_user: usize,
+
+    /// Ended sessions kept in memory for resume checks at most (about 50
+    /// bytes each); past it, resumes of sessions not held read the store.
+    #[arg(long, env = "IM_MAX_ENDED_SESSIONS", default_value_t = 1_000_000)]
+    pub max_ended_sessions: usize,
+
     // ---- production pipeline (Redis Streams + MySQL) ----
     /// Redis of the production pipeline (with --mysql-url; without both the
     /// embedded store is used). Every node and storage worker of a
@@ -398,6 +408,9 @@ impl Config {
         if self.auth_timeout_secs == 0 {
             return bad("auth-timeout-secs must be positive");
         }
+        if self.max_devices_per_user == 0 || self.max_ended_sessions == 0 {
+            return bad("max-devices-per-user and max-ended-sessions must be positive");
+        }
         if self.max_outbound_bytes < self.max_frame_bytes {
             return bad("max-outbound-bytes must be at least max-frame-bytes");
         }
@@ -512,6 +525,8 @@ impl Config {
             login_failure_window: Duration::from_secs(self.login_failure_window_secs),
             member_cache_bytes: self.member_cache_bytes,
             member_cache_ttl: Duration::from_secs(self.member_cache_ttl_secs.max(1)),
+            max_devices_per_user: self.max_devices_per_user,
+            max_ended_sessions: self.max_ended_sessions,
         }
     }
 

@@ -196,6 +196,9 @@ impl<S: Closeable> Server<S> {
             // Subscribed before the first client is accepted.
             pending.attach(service.local()).await;
         }
+        // After the subscription: an end published meanwhile is either
+        // loaded or received.
+        service.start_sessions().await;
         let net = net.run(Arc::new(service.clone()))?;
         tracing::info!(addr = %net.local_addr(), "listening");
         let accepting = Arc::new(AtomicBool::new(true));
@@ -299,6 +302,7 @@ impl<S: Closeable> Server<S> {
         if closing.await.is_err() {
             tracing::error!("closing connections failed");
         }
+        service.flush_sessions().await;
         if let Some(cluster) = cluster {
             // Others count this node dead at once and sweep its routes.
             cluster.leave().await;

@@ -10,6 +10,8 @@
 //! - `members`: the member lists fan-out uses, never staler than the last
 //!   membership change.
 //! - `requests`: every other request.
+//! - `sessions`: logout, password change, the session list; the set of
+//!   ended sessions every resume checks; batched last-seen times.
 
 pub mod auth;
 mod error;
@@ -17,6 +19,7 @@ mod members;
 pub mod registry;
 mod requests;
 mod send;
+mod sessions;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -28,6 +31,8 @@ use im_proto::pb::frame::Body;
 use im_proto::{Frame, codec};
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, mpsc};
+
+use sessions::{Revoked, Touches};
 
 pub use error::ChatError;
 
@@ -98,6 +103,12 @@ pub struct ChatConfig {
     /// How long a cached member list is used before it is reloaded (a
     /// safety net: every node's change reaches every node's cache at once).
     pub member_cache_ttl: Duration,
+    /// Live sessions (logged-in devices) per user at most: a login beyond
+    /// it ends the user's least recently used session.
+    pub max_devices_per_user: usize,
+    /// Ended sessions kept in memory at most (16 bytes and a little each);
+    /// past it, resumes of sessions not held read the store.
+    pub max_ended_sessions: usize,
 }
 
 impl Default for ChatConfig {
@@ -133,6 +144,8 @@ impl Default for ChatConfig {
             login_failure_window: Duration::from_secs(60),
             member_cache_bytes: 64 << 20,
             member_cache_ttl: Duration::from_secs(5),
+            max_devices_per_user: 10,
+            max_ended_sessions: 1_000_000,
         }
     }
 }
@@ -147,6 +160,8 @@ pub(crate) struct ChatCounters {
     pushed: AtomicU64,
     receipts: AtomicU64,
     auth_failures: AtomicU64,
+    sessions_ended: AtomicU64,
+    sessions_ended_by_limit: AtomicU64,
 }
 
 impl ChatCounters {
@@ -185,6 +200,13 @@ pub struct ChatStatsSnapshot {
     pub online_users: u64,
     /// Connections with a presence subscription.
     pub presence_subscriptions: u64,
+    /// Sessions this node ended (logout, password change, end-session,
+    /// device limit).
+    pub sessions_ended: u64,
+    /// Of those, sessions ended because a login passed the device limit.
+    pub sessions_ended_by_limit: u64,
+    /// Ended sessions held in memory for resume checks.
+    pub ended_sessions_cached: u64,
 }
 
 /// The chat service: implements [`Handler`] for the connection layer.
@@ -219,6 +241,12 @@ pub(crate) struct Inner<S: Store> {
     pending: AtomicUsize,
     idle: Notify,
     counters: ChatCounters,
+    /// Sessions known to be ended.
+    revoked: Revoked,
+    /// Last-seen times waiting to be written.
+    touches: Touches,
+    /// Woken when a batch of last-seen times is full.
+    touch_wake: Notify,
 }
 
 impl<S: Store> ChatService<S> {
@@ -253,6 +281,7 @@ impl<S: Store> ChatService<S> {
             config.send_queue_bytes,
             config.max_user_pending_bytes,
         );
+        let revoked = Revoked::new(config.max_ended_sessions, config.token_ttl);
         let inner = Arc::new(Inner {
             store,
             out,
@@ -270,11 +299,27 @@ impl<S: Store> ChatService<S> {
             pending: AtomicUsize::new(0),
             idle: Notify::new(),
             counters: ChatCounters::default(),
+            revoked,
+            touches: Touches::default(),
+            touch_wake: Notify::new(),
         });
         for rx in receivers {
             tokio::spawn(send::run_lane(inner.clone(), rx));
         }
         Ok(ChatService { inner })
+    }
+
+    /// Loads the ended sessions from the store and starts writing
+    /// last-seen times and polling for ends. Called once the node is
+    /// subscribed to other nodes (so no end falls between the load and the
+    /// subscription); until the load succeeds, resumes read the store.
+    pub async fn start_sessions(&self) {
+        sessions::start(&self.inner).await;
+    }
+
+    /// Writes the last-seen times still waiting (at shutdown).
+    pub async fn flush_sessions(&self) {
+        self.inner.flush_touches(true).await;
     }
 
     /// Waits until every request received so far has been answered.
@@ -329,6 +374,9 @@ impl<S: Store> ChatService<S> {
             in_flight: self.pending() as u64,
             online_users: self.online_users() as u64,
             presence_subscriptions: inner.presence.subscribed_connections() as u64,
+            sessions_ended: get(&c.sessions_ended),
+            sessions_ended_by_limit: get(&c.sessions_ended_by_limit),
+            ended_sessions_cached: inner.revoked.len() as u64,
         }
     }
 }
@@ -365,7 +413,12 @@ impl<S: Store> Handler for ChatService<S> {
         // Registry first: a presence subscribe racing this close either
         // sees the connection gone or has its watchers removed below (see
         // `PresenceHub::subscribe`).
-        let went_offline = self.inner.registry.remove(user_id, conn);
+        let (went_offline, session) = self.inner.registry.remove(user_id, conn);
+        if let Some(session) = session {
+            if self.inner.touches.touch(session, None) {
+                self.inner.touch_wake.notify_one();
+            }
+        }
         self.inner.presence.unsubscribe_all(conn);
         if went_offline {
             match &self.inner.cluster {
@@ -461,6 +514,9 @@ impl<S: Store> Inner<S> {
         match body {
             Body::Send(req) => self.submit_send(conn, user, request_id, req),
             body => {
+                // These may end the caller's own session: it is closed
+                // after the reply.
+                let may_end_own = matches!(body, Body::Logout(_) | Body::EndSession(_));
                 let inner = self.clone();
                 self.runtime.spawn(async move {
                     let frame = match inner.request(conn, user, body).await {
@@ -468,6 +524,9 @@ impl<S: Store> Inner<S> {
                         Err(e) => e.to_frame(request_id),
                     };
                     inner.answer(conn, frame);
+                    if may_end_own {
+                        inner.close_if_ended(user, conn);
+                    }
                 });
             }
         }
@@ -533,5 +592,9 @@ impl<S: Store> crate::cluster::Local for Inner<S> {
 
     fn watched_users(&self) -> Vec<UserId> {
         self.presence.watched()
+    }
+
+    fn ended_elsewhere(&self, sessions: Vec<u64>) {
+        self.end_local(&sessions, im_proto::now_ms(), None);
     }
 }
