@@ -11,5 +11,6 @@ mod property;
 mod protocol;
 mod proxy_protocol;
 mod resilience;
+mod sessions;
 mod store;
 mod worker;
