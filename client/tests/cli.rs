@@ -62,6 +62,7 @@ fn answer(store: &Store, body: Body) -> Body {
         }),
         Body::Resume(r) if r.token == "tok" => auth_ok(),
         Body::Ping(_) => Body::Pong(pb::Pong::default()),
+        Body::Logout(_) => Body::Done(pb::Done {}),
         Body::LookupUsers(req) => Body::UserList(pb::UserList {
             users: [(ALICE, "alice"), (BOB, "bob")]
                 .into_iter()

@@ -263,3 +263,83 @@ async fn a_session_ended_on_one_node_is_closed_and_refused_on_the_others() {
     }
     cluster.shutdown().await;
 }
+
+/// Runs `im-chat --json` with `args` against `addr`, its state in `dir`.
+async fn im_chat(
+    addr: std::net::SocketAddr,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> (bool, Vec<serde_json::Value>, String) {
+    let exe = im_tests::binary("im-chat");
+    let mut command = tokio::process::Command::new(exe);
+    command
+        .arg("--json")
+        .args(args)
+        .env("IM_SERVER", addr.to_string())
+        .env("IM_CHAT_DIR", dir)
+        .env_remove("IM_PASSWORD")
+        .env_remove("IM_NEW_PASSWORD")
+        .env_remove("RUST_LOG");
+    let out = command.output().await.expect("im-chat runs");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    (
+        out.status.success(),
+        lines,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn im_chat_lists_and_ends_sessions_changes_the_password_and_logs_out_everywhere() {
+    let server = TestServer::start().await;
+    let (laptop, phone) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let pw = format!("--password={PASSWORD}");
+    let (ok, _, err) = im_chat(server.addr, laptop.path(), &["register", "ialice", &pw, "--device-name", "laptop"]).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = im_chat(server.addr, phone.path(), &["login", "ialice", &pw, "--device-name", "phone"]).await;
+    assert!(ok, "{err}");
+
+    let (ok, sessions, err) = im_chat(server.addr, laptop.path(), &["sessions"]).await;
+    assert!(ok, "{err}");
+    let names: Vec<&str> = sessions.iter().map(|s| s["device_name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["phone", "laptop"]);
+    assert_eq!(sessions[1]["current"], true);
+    assert_eq!(sessions[0]["address"], "127.0.0.1");
+    let phone_id = sessions[0]["session_id"].as_u64().unwrap().to_string();
+
+    let (ok, _, err) = im_chat(server.addr, laptop.path(), &["sessions", "end", &phone_id]).await;
+    assert!(ok, "{err}");
+    // The phone's saved session no longer works.
+    let (ok, _, err) = im_chat(server.addr, phone.path(), &["sessions"]).await;
+    assert!(!ok);
+    assert!(err.contains("INVALID_TOKEN") || err.contains("log in again"), "{err}");
+
+    let (ok, _, err) = im_chat(server.addr, phone.path(), &["login", "ialice", &pw, "--device-name", "phone"]).await;
+    assert!(ok, "{err}");
+    let (ok, _, err) = im_chat(
+        server.addr,
+        laptop.path(),
+        &["password", &format!("--old={PASSWORD}"), "--new=another password"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (ok, _, _) = im_chat(server.addr, phone.path(), &["sessions"]).await;
+    assert!(!ok, "the phone's session ended with the password change");
+    let (ok, sessions, err) = im_chat(server.addr, laptop.path(), &["sessions"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+
+    let (ok, _, err) = im_chat(server.addr, phone.path(), &["login", "ialice", "--password=another password"]).await;
+    assert!(ok, "{err}");
+    let (ok, out, err) = im_chat(server.addr, laptop.path(), &["logout", "--all"]).await;
+    assert!(ok, "{err}");
+    assert_eq!(out[0]["all"], true);
+    let (ok, _, _) = im_chat(server.addr, phone.path(), &["sessions"]).await;
+    assert!(!ok, "logout --all ended the phone's session too");
+    let (ok, _, err) = im_chat(server.addr, laptop.path(), &["sessions"]).await;
+    assert!(!ok);
+    assert!(err.contains("not logged in"), "{err}");
+}
