@@ -434,7 +434,10 @@ impl Client {
 
     /// The user's live sessions (devices), newest first.
     pub async fn sessions(&self) -> Result<Vec<pb::SessionInfo>, ClientError> {
-        match self.request(Body::ListSessions(pb::ListSessionsRequest {})).await? {
+        match self
+            .request(Body::ListSessions(pb::ListSessionsRequest {}))
+            .await?
+        {
             Body::SessionList(list) => Ok(list.sessions),
             other => Err(unexpected("SessionList", &other)),
         }

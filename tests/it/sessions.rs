@@ -50,7 +50,11 @@ async fn logout_ends_this_device_only_and_logout_all_ends_every_device() {
     let (mut tablet, _) = device(server.addr, "lalice", "tablet").await;
     assert_ne!(first_ok.session_id, phone_ok.session_id);
 
-    done(&phone.call(Body::Logout(pb::LogoutRequest { all: false })).await);
+    done(
+        &phone
+            .call(Body::Logout(pb::LogoutRequest { all: false }))
+            .await,
+    );
     assert_revoked(&mut phone).await;
     still_served(&mut first).await;
     still_served(&mut tablet).await;
@@ -66,7 +70,11 @@ async fn logout_ends_this_device_only_and_logout_all_ends_every_device() {
     };
     assert_eq!(resumed.session_id, first_ok.session_id);
 
-    done(&tablet.call(Body::Logout(pb::LogoutRequest { all: true })).await);
+    done(
+        &tablet
+            .call(Body::Logout(pb::LogoutRequest { all: true }))
+            .await,
+    );
     for conn in [&mut tablet, &mut first, &mut again] {
         assert_revoked(conn).await;
     }
@@ -120,7 +128,10 @@ async fn password_change_ends_every_other_session_but_keeps_this_one() {
         Some(ErrorCode::InvalidToken)
     );
     let mut resumed = RawConn::connect(server.addr).await;
-    assert!(matches!(resumed.resume(&this_ok.token).await, Body::AuthOk(_)));
+    assert!(matches!(
+        resumed.resume(&this_ok.token).await,
+        Body::AuthOk(_)
+    ));
 
     let mut conn = RawConn::connect(server.addr).await;
     let old = conn
@@ -164,9 +175,20 @@ async fn session_list_shows_devices_and_addresses_and_end_ends_one() {
     let sessions = list(&mut phone).await;
     let names: Vec<&str> = sessions.iter().map(|s| s.device_name.as_str()).collect();
     assert_eq!(names, ["work laptop", "phone", ""], "newest first");
-    assert!(sessions.iter().all(|s| s.address == "127.0.0.1"), "{sessions:?}");
-    assert!(sessions.iter().all(|s| s.created_ms > 0 && s.last_seen_ms >= s.created_ms));
-    let current: Vec<u64> = sessions.iter().filter(|s| s.current).map(|s| s.session_id).collect();
+    assert!(
+        sessions.iter().all(|s| s.address == "127.0.0.1"),
+        "{sessions:?}"
+    );
+    assert!(
+        sessions
+            .iter()
+            .all(|s| s.created_ms > 0 && s.last_seen_ms >= s.created_ms)
+    );
+    let current: Vec<u64> = sessions
+        .iter()
+        .filter(|s| s.current)
+        .map(|s| s.session_id)
+        .collect();
     assert_eq!(current, [phone_ok.session_id]);
 
     // Another user's session, or one that does not exist, is not ours.
@@ -188,7 +210,11 @@ async fn session_list_shows_devices_and_addresses_and_end_ends_one() {
     assert_revoked(&mut laptop).await;
     still_served(&mut phone).await;
     still_served(&mut first).await;
-    let left: Vec<u64> = list(&mut first).await.iter().map(|s| s.session_id).collect();
+    let left: Vec<u64> = list(&mut first)
+        .await
+        .iter()
+        .map(|s| s.session_id)
+        .collect();
     assert_eq!(left, [phone_ok.session_id, first_ok.session_id]);
     assert_eq!(
         resume_code(server.addr, &laptop_ok.token).await,
@@ -199,14 +225,20 @@ async fn session_list_shows_devices_and_addresses_and_end_ends_one() {
     let before = list(&mut first).await[0].last_seen_ms;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let mut again = RawConn::connect(server.addr).await;
-    assert!(matches!(again.resume(&phone_ok.token).await, Body::AuthOk(_)));
+    assert!(matches!(
+        again.resume(&phone_ok.token).await,
+        Body::AuthOk(_)
+    ));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let seen = list(&mut first).await[0].last_seen_ms;
         if seen > before {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "last seen never moved");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "last seen never moved"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -249,10 +281,18 @@ async fn a_session_ended_on_one_node_is_closed_and_refused_on_the_others() {
     let (mut on_b, on_b_ok) = device(cluster.addr(1), "calice", "on node b").await;
 
     let started = std::time::Instant::now();
-    done(&on_a.call(Body::Logout(pb::LogoutRequest { all: true })).await);
+    done(
+        &on_a
+            .call(Body::Logout(pb::LogoutRequest { all: true }))
+            .await,
+    );
     assert_revoked(&mut on_b).await;
     // Well within the store poll (3 s): the envelope did it.
-    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
     assert_revoked(&mut on_a).await;
     for node in 0..2 {
         assert_eq!(
@@ -297,14 +337,27 @@ async fn im_chat_lists_and_ends_sessions_changes_the_password_and_logs_out_every
     let server = TestServer::start().await;
     let (laptop, phone) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let pw = format!("--password={PASSWORD}");
-    let (ok, _, err) = im_chat(server.addr, laptop.path(), &["register", "ialice", &pw, "--device-name", "laptop"]).await;
+    let (ok, _, err) = im_chat(
+        server.addr,
+        laptop.path(),
+        &["register", "ialice", &pw, "--device-name", "laptop"],
+    )
+    .await;
     assert!(ok, "{err}");
-    let (ok, _, err) = im_chat(server.addr, phone.path(), &["login", "ialice", &pw, "--device-name", "phone"]).await;
+    let (ok, _, err) = im_chat(
+        server.addr,
+        phone.path(),
+        &["login", "ialice", &pw, "--device-name", "phone"],
+    )
+    .await;
     assert!(ok, "{err}");
 
     let (ok, sessions, err) = im_chat(server.addr, laptop.path(), &["sessions"]).await;
     assert!(ok, "{err}");
-    let names: Vec<&str> = sessions.iter().map(|s| s["device_name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = sessions
+        .iter()
+        .map(|s| s["device_name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["phone", "laptop"]);
     assert_eq!(sessions[1]["current"], true);
     assert_eq!(sessions[0]["address"], "127.0.0.1");
@@ -315,14 +368,26 @@ async fn im_chat_lists_and_ends_sessions_changes_the_password_and_logs_out_every
     // The phone's saved session no longer works.
     let (ok, _, err) = im_chat(server.addr, phone.path(), &["sessions"]).await;
     assert!(!ok);
-    assert!(err.contains("INVALID_TOKEN") || err.contains("log in again"), "{err}");
+    assert!(
+        err.contains("INVALID_TOKEN") || err.contains("log in again"),
+        "{err}"
+    );
 
-    let (ok, _, err) = im_chat(server.addr, phone.path(), &["login", "ialice", &pw, "--device-name", "phone"]).await;
+    let (ok, _, err) = im_chat(
+        server.addr,
+        phone.path(),
+        &["login", "ialice", &pw, "--device-name", "phone"],
+    )
+    .await;
     assert!(ok, "{err}");
     let (ok, _, err) = im_chat(
         server.addr,
         laptop.path(),
-        &["password", &format!("--old={PASSWORD}"), "--new=another password"],
+        &[
+            "password",
+            &format!("--old={PASSWORD}"),
+            "--new=another password",
+        ],
     )
     .await;
     assert!(ok, "{err}");
@@ -332,7 +397,12 @@ async fn im_chat_lists_and_ends_sessions_changes_the_password_and_logs_out_every
     assert!(ok, "{err}");
     assert_eq!(sessions.len(), 1, "{sessions:?}");
 
-    let (ok, _, err) = im_chat(server.addr, phone.path(), &["login", "ialice", "--password=another password"]).await;
+    let (ok, _, err) = im_chat(
+        server.addr,
+        phone.path(),
+        &["login", "ialice", "--password=another password"],
+    )
+    .await;
     assert!(ok, "{err}");
     let (ok, out, err) = im_chat(server.addr, laptop.path(), &["logout", "--all"]).await;
     assert!(ok, "{err}");

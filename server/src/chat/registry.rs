@@ -235,7 +235,11 @@ mod tests {
     #[test]
     fn connections_are_found_by_session_until_they_close() {
         let registry = Registry::default();
-        let (a, b, c) = (ConnRef::for_test(1), ConnRef::for_test(2), ConnRef::for_test(3));
+        let (a, b, c) = (
+            ConnRef::for_test(1),
+            ConnRef::for_test(2),
+            ConnRef::for_test(3),
+        );
         assert!(registry.add(7, a, 10));
         assert!(!registry.add(7, b, 10));
         assert!(!registry.add(7, c, 11));

@@ -383,10 +383,7 @@ impl<S: Store> Inner<S> {
             .await?;
         if !ended.is_empty() {
             tracing::info!(user, sessions = ?ended, "device limit reached; oldest sessions ended");
-            ChatCounters::add(
-                &self.counters.sessions_ended_by_limit,
-                ended.len() as u64,
-            );
+            ChatCounters::add(&self.counters.sessions_ended_by_limit, ended.len() as u64);
             self.sessions_ended(ended, None).await;
         }
         Ok(id)
@@ -515,10 +512,7 @@ impl<S: Store> Inner<S> {
     ) -> Result<Body, ChatError> {
         let own = self.own_session(user, conn)?;
         let now = im_proto::now_ms();
-        let records = self
-            .store
-            .sessions(user, self.revoked.horizon(now))
-            .await?;
+        let records = self.store.sessions(user, self.revoked.horizon(now)).await?;
         let sessions = records
             .into_iter()
             .map(|s| pb::SessionInfo {

@@ -315,7 +315,9 @@ async fn handle<L: Local>(
             }
             Work::EndSessions { sessions, done } => {
                 for &inc in &others {
-                    out.to(inc, me).revoked_sessions.extend_from_slice(&sessions);
+                    out.to(inc, me)
+                        .revoked_sessions
+                        .extend_from_slice(&sessions);
                 }
                 waiting.push(done);
             }

@@ -314,7 +314,9 @@ pub fn explain(code: ErrorCode) -> &'static str {
         ErrorCode::InvalidCredentials => "unknown username or wrong password",
         ErrorCode::UsernameTaken => "that username is taken",
         ErrorCode::InvalidToken => "the saved session has expired; log in again",
-        ErrorCode::SessionRevoked => "this session was ended (logout or password change); log in again",
+        ErrorCode::SessionRevoked => {
+            "this session was ended (logout or password change); log in again"
+        }
         ErrorCode::RateLimited => "too many attempts; try again later",
         ErrorCode::Forbidden => "not allowed",
         ErrorCode::NotFound => "no such user, group or conversation",

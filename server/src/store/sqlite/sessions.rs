@@ -74,9 +74,8 @@ pub(super) fn end_sessions(
 }
 
 pub(super) fn touch_sessions(conn: &Connection, touches: &[SessionTouch]) -> StoreResult<()> {
-    let mut seen = conn.prepare_cached(
-        "UPDATE sessions SET last_seen_ms = max(last_seen_ms, ?2) WHERE id = ?1",
-    )?;
+    let mut seen = conn
+        .prepare_cached("UPDATE sessions SET last_seen_ms = max(last_seen_ms, ?2) WHERE id = ?1")?;
     let mut address = conn.prepare_cached("UPDATE sessions SET address = ?2 WHERE id = ?1")?;
     for t in touches {
         seen.execute(params![t.id, t.at_ms])?;
