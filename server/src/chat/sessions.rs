@@ -19,13 +19,18 @@
 //! waited [`TOUCH_AGE`].
 
 use std::collections::HashMap;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use im_proto::pb::frame::Body;
+use im_proto::{ErrorCode, Frame, codec, pb};
 
-use crate::store::{SessionId, SessionTouch};
+use super::auth::validate_password;
+use super::{ChatCounters, ChatError, Inner};
+use crate::net::ConnRef;
+use crate::store::{NewSession, SessionId, SessionScope, SessionTouch, Store, UserId};
 
 /// How often the store's recent session ends are read again.
 pub(crate) const POLL: Duration = Duration::from_secs(3);
@@ -149,8 +154,11 @@ pub(crate) struct Touches {
     /// A plain mutex: held for one map insert or one swap, never across an
     /// await.
     waiting: Mutex<(HashMap<SessionId, SessionTouch>, Option<Instant>)>,
-    written: AtomicU64,
 }
+
+/// Sessions waiting for their last-seen time at most (while the store is
+/// slow or away): past it, touches of further sessions are dropped.
+const MAX_WAITING_TOUCHES: usize = TOUCH_BATCH * 64;
 
 impl Touches {
     /// Records a use of a session; true when a batch is full and should be
@@ -160,6 +168,9 @@ impl Touches {
         let (map, since) = &mut *waiting;
         since.get_or_insert_with(Instant::now);
         let at_ms = im_proto::now_ms();
+        if map.len() >= MAX_WAITING_TOUCHES && !map.contains_key(&id) {
+            return true;
+        }
         let entry = map.entry(id).or_insert(SessionTouch {
             id,
             at_ms,
@@ -181,10 +192,7 @@ impl Touches {
             return Vec::new();
         }
         *since = None;
-        let batch: Vec<SessionTouch> = map.drain().map(|(_, t)| t).collect();
-        self.written
-            .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        batch
+        map.drain().map(|(_, t)| t).collect()
     }
 
     /// Puts back a batch the store did not take (newer touches win).
@@ -195,7 +203,7 @@ impl Touches {
         for t in batch {
             // Bounded like the batch itself: a store that stays away
             // loses the oldest last-seen times, not memory.
-            if map.len() >= TOUCH_BATCH * 64 {
+            if map.len() >= MAX_WAITING_TOUCHES {
                 break;
             }
             map.entry(t.id).or_insert(t);
@@ -204,74 +212,16 @@ impl Touches {
 }
 
 /// Checks and normalises a device name from a login or registration.
-pub(crate) fn device_name(name: &str) -> Result<String, super::ChatError> {
+pub(crate) fn device_name(name: &str) -> Result<String, ChatError> {
     if name.len() > MAX_DEVICE_NAME || name.chars().any(char::is_control) {
-        return Err(super::ChatError::invalid(
+        return Err(ChatError::invalid(
             "device_name must be at most 64 bytes without control characters",
         ));
     }
     Ok(name.trim().to_owned())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_set_is_bounded_and_says_when_it_cannot_tell() {
-        let set = Revoked::new(4, Duration::from_secs(60));
-        assert_eq!(set.check(1), Known::Unknown, "not loaded yet");
-        set.loaded(vec![(1, im_proto::now_ms())], false);
-        assert_eq!(set.check(1), Known::Ended);
-        assert_eq!(set.check(2), Known::Live);
-        let now = im_proto::now_ms();
-        assert_eq!(set.insert([(2, now), (3, now), (2, now)]), [2, 3]);
-        // An end older than a token lifetime is pruned to make room.
-        set.insert([(4, now - 120_000)]);
-        assert_eq!(set.insert([(5, now)]), [5]);
-        assert_eq!(set.check(4), Known::Live);
-        assert_eq!(set.len(), 4);
-        // Full of ends that matter: the next one is not held, and the set
-        // stops vouching for sessions it does not hold.
-        set.insert([(6, now)]);
-        assert_eq!(set.len(), 4);
-        assert_eq!(set.check(6), Known::Unknown);
-        assert_eq!(set.check(1), Known::Ended);
-    }
-
-    #[test]
-    fn touches_coalesce_per_session_and_flush_when_full() {
-        let touches = Touches::default();
-        assert!(!touches.touch(1, Some("10.0.0.1".into())));
-        assert!(!touches.touch(1, None));
-        assert!(touches.take(false).is_empty(), "neither full nor old");
-        let batch = touches.take(true);
-        assert_eq!(batch.len(), 1);
-        assert_eq!(batch[0].address.as_deref(), Some("10.0.0.1"));
-        let full = (0..TOUCH_BATCH as u64).any(|i| touches.touch(i, None));
-        assert!(full);
-        assert_eq!(touches.take(false).len(), TOUCH_BATCH);
-    }
-
-    #[test]
-    fn device_names_are_checked() {
-        assert_eq!(device_name(" phone ").unwrap(), "phone");
-        assert!(device_name(&"x".repeat(65)).is_err());
-        assert!(device_name("a\nb").is_err());
-    }
-}
-
 // ---- the session requests and their effects ----
-
-use std::sync::Arc;
-
-use im_proto::pb::frame::Body;
-use im_proto::{ErrorCode, Frame, codec, pb};
-
-use super::auth::validate_password;
-use super::{ChatCounters, ChatError, Inner};
-use crate::net::ConnRef;
-use crate::store::{NewSession, SessionScope, Store, UserId};
 
 /// Sessions ended by one request at most that are named in one envelope
 /// to other nodes (more go in several).
@@ -573,4 +523,52 @@ fn revoked_frame() -> bytes::Bytes {
         "this session was ended; log in again",
         true,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_set_is_bounded_and_says_when_it_cannot_tell() {
+        let set = Revoked::new(4, Duration::from_secs(60));
+        assert_eq!(set.check(1), Known::Unknown, "not loaded yet");
+        set.loaded(vec![(1, im_proto::now_ms())], false);
+        assert_eq!(set.check(1), Known::Ended);
+        assert_eq!(set.check(2), Known::Live);
+        let now = im_proto::now_ms();
+        assert_eq!(set.insert([(2, now), (3, now), (2, now)]), [2, 3]);
+        // An end older than a token lifetime is pruned to make room.
+        set.insert([(4, now - 120_000)]);
+        assert_eq!(set.insert([(5, now)]), [5]);
+        assert_eq!(set.check(4), Known::Live);
+        assert_eq!(set.len(), 4);
+        // Full of ends that matter: the next one is not held, and the set
+        // stops vouching for sessions it does not hold.
+        set.insert([(6, now)]);
+        assert_eq!(set.len(), 4);
+        assert_eq!(set.check(6), Known::Unknown);
+        assert_eq!(set.check(1), Known::Ended);
+    }
+
+    #[test]
+    fn touches_coalesce_per_session_and_flush_when_full() {
+        let touches = Touches::default();
+        assert!(!touches.touch(1, Some("10.0.0.1".into())));
+        assert!(!touches.touch(1, None));
+        assert!(touches.take(false).is_empty(), "neither full nor old");
+        let batch = touches.take(true);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].address.as_deref(), Some("10.0.0.1"));
+        let full = (0..TOUCH_BATCH as u64).any(|i| touches.touch(i, None));
+        assert!(full);
+        assert_eq!(touches.take(false).len(), TOUCH_BATCH);
+    }
+
+    #[test]
+    fn device_names_are_checked() {
+        assert_eq!(device_name(" phone ").unwrap(), "phone");
+        assert!(device_name(&"x".repeat(65)).is_err());
+        assert!(device_name("a\nb").is_err());
+    }
 }

@@ -254,12 +254,23 @@ pub(super) async fn session_ended(shared: &Shared, id: SessionId) -> StoreResult
     Ok(!matches!(row, Some((None,))))
 }
 
+/// Sessions updated per statement at most (three placeholders each, far
+/// below MySQL's 65,535).
+const TOUCHES_PER_STATEMENT: usize = 512;
+
 pub(super) async fn touch_sessions(shared: &Shared, touches: Vec<SessionTouch>) -> StoreResult<()> {
     if touches.is_empty() {
         return Ok(());
     }
     let mut conn = shared.mysql().await?;
-    // One statement per kind for the whole batch.
+    for chunk in touches.chunks(TOUCHES_PER_STATEMENT) {
+        touch_chunk(&mut conn, chunk).await?;
+    }
+    Ok(())
+}
+
+async fn touch_chunk(conn: &mut mysql_async::Conn, touches: &[SessionTouch]) -> StoreResult<()> {
+    // One statement per kind for the whole chunk.
     let sql = format!(
         "UPDATE sessions SET last_seen_ms = GREATEST(last_seen_ms, CASE id {} END)
          WHERE id IN ({})",
@@ -267,7 +278,7 @@ pub(super) async fn touch_sessions(shared: &Shared, touches: Vec<SessionTouch>) 
         placeholders(touches.len())
     );
     let mut params: Vec<Value> = Vec::with_capacity(touches.len() * 3);
-    for t in &touches {
+    for t in touches {
         params.push(t.id.into());
         params.push(t.at_ms.into());
     }

@@ -127,11 +127,14 @@ impl Job {
     }
 }
 
+/// Sends a [`Call`]'s outcome, given the commit's error if any.
+pub(super) type Deliver = Box<dyn FnOnce(Option<&str>) + Send>;
+
 /// A job applied inside the open transaction whose reply waits for the
 /// commit.
 pub(super) enum Done {
     /// A [`Call`]'s outcome, sent with the commit's error if any.
-    Call(Box<dyn FnOnce(Option<&str>) + Send>),
+    Call(Deliver),
     User(Reply<UserId>, StoreResult<UserId>),
     Append(Reply<Vec<AppendResult>>, StoreResult<Vec<AppendResult>>),
     Cursor(Reply<Option<CursorMove>>, StoreResult<Option<CursorMove>>),
