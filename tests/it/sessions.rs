@@ -413,3 +413,36 @@ async fn im_chat_lists_and_ends_sessions_changes_the_password_and_logs_out_every
     assert!(!ok);
     assert!(err.contains("not logged in"), "{err}");
 }
+
+#[tokio::test]
+async fn ended_sessions_stay_ended_across_a_restart() {
+    let mut server = TestServer::start().await;
+    let mut kept = RawConn::connect(server.addr).await;
+    let kept_ok = kept.register("ralice").await;
+    let (mut ended, ended_ok) = device(server.addr, "ralice", "old phone").await;
+    done(
+        &ended
+            .call(Body::Logout(pb::LogoutRequest { all: false }))
+            .await,
+    );
+    assert_revoked(&mut ended).await;
+    drop(kept);
+
+    server.restart().await;
+    assert_eq!(
+        resume_code(server.addr, &ended_ok.token).await,
+        Some(ErrorCode::InvalidToken),
+        "the end was loaded at start"
+    );
+    let mut again = RawConn::connect(server.addr).await;
+    let Body::AuthOk(ok) = again.resume(&kept_ok.token).await else {
+        panic!("the live session was refused after the restart");
+    };
+    assert_eq!(ok.session_id, kept_ok.session_id);
+    let names: Vec<String> = list(&mut again)
+        .await
+        .into_iter()
+        .map(|s| s.device_name)
+        .collect();
+    assert_eq!(names, [""], "the ended session is not listed");
+}
