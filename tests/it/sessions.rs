@@ -446,3 +446,42 @@ async fn ended_sessions_stay_ended_across_a_restart() {
         .collect();
     assert_eq!(names, [""], "the ended session is not listed");
 }
+
+#[tokio::test]
+async fn an_end_whose_envelope_never_came_is_found_by_polling_the_store() {
+    use mysql_async::prelude::Queryable;
+    let cluster = TestCluster::start(2).await;
+    let (mut on_b, ok) = {
+        let mut conn = RawConn::connect(cluster.addr(1)).await;
+        let ok = conn.register("galice").await;
+        (conn, ok)
+    };
+    // Ended in MySQL behind the nodes' backs: no node publishes anything,
+    // as when the envelope was lost.
+    let pool = mysql_async::Pool::new(cluster.env.mysql_url.as_str());
+    let mut db = pool.get_conn().await.expect("mysql");
+    db.exec_drop(
+        "UPDATE sessions SET ended_ms = ? WHERE id = ?",
+        (im_proto::now_ms(), ok.session_id),
+    )
+    .await
+    .expect("end the session");
+    drop(db);
+    pool.disconnect().await.expect("disconnect");
+
+    let started = std::time::Instant::now();
+    assert_revoked(&mut on_b).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    for node in 0..2 {
+        assert_eq!(
+            resume_code(cluster.addr(node), &ok.token).await,
+            Some(ErrorCode::InvalidToken),
+            "node {node}"
+        );
+    }
+    cluster.shutdown().await;
+}
