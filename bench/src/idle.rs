@@ -96,6 +96,7 @@ async fn token_for(addr: SocketAddr, name: String, tls: Option<&Tls>) -> anyhow:
         Body::Register(pb::RegisterRequest {
             username: name.clone(),
             password: password.clone(),
+            device_name: String::new(),
         }),
     )
     .await?;
@@ -108,6 +109,7 @@ async fn token_for(addr: SocketAddr, name: String, tls: Option<&Tls>) -> anyhow:
                 Body::Login(pb::LoginRequest {
                     username: name,
                     password,
+                    device_name: String::new(),
                 }),
             )
             .await?

@@ -57,6 +57,7 @@ async fn register(addr: SocketAddr, name: &str) -> anyhow::Result<(Conn, u64)> {
     let body = Body::Register(pb::RegisterRequest {
         username: name.into(),
         password: "pairs-bench-password".into(),
+        device_name: String::new(),
     });
     conn.send(Frame::new(1, body)).await?;
     match conn.next().await.context("closed")??.body {

@@ -121,6 +121,7 @@ impl Client {
             .authenticate(
                 &credentials,
                 None,
+                &config.device_name,
                 || {
                     request_id += 1;
                     request_id - 1
@@ -415,6 +416,45 @@ impl Client {
     ) -> Result<pb::GroupInfo, ClientError> {
         let body = Body::RemoveMembers(pb::RemoveMembersRequest { group_id, user_ids });
         self.expect_group(body).await
+    }
+
+    /// Ends this device's session (`all` = false) or every session of the
+    /// user (`all` = true). The server then closes this connection with
+    /// SESSION_REVOKED and the client stops ([`Event::Stopped`](crate::Event::Stopped)).
+    pub async fn logout(&self, all: bool) -> Result<(), ClientError> {
+        self.expect_done(Body::Logout(pb::LogoutRequest { all }))
+            .await
+    }
+
+    /// Changes the password and ends every other session of the user; this
+    /// one stays logged in.
+    pub async fn change_password(
+        &self,
+        old_password: impl Into<String>,
+        new_password: impl Into<String>,
+    ) -> Result<(), ClientError> {
+        self.expect_done(Body::ChangePassword(pb::ChangePasswordRequest {
+            old_password: old_password.into(),
+            new_password: new_password.into(),
+        }))
+        .await
+    }
+
+    /// The user's live sessions (devices), newest first.
+    pub async fn sessions(&self) -> Result<Vec<pb::SessionInfo>, ClientError> {
+        match self
+            .request(Body::ListSessions(pb::ListSessionsRequest {}))
+            .await?
+        {
+            Body::SessionList(list) => Ok(list.sessions),
+            other => Err(unexpected("SessionList", &other)),
+        }
+    }
+
+    /// Ends one of the user's sessions (its connections are closed).
+    pub async fn end_session(&self, session_id: u64) -> Result<(), ClientError> {
+        self.expect_done(Body::EndSession(pb::EndSessionRequest { session_id }))
+            .await
     }
 
     /// Leaves a group.

@@ -61,6 +61,9 @@ pub struct ClientConfig {
     /// Speak TLS to the server (which must listen for it, e.g. with
     /// `--tls-listen`). Default `None`: plain TCP.
     pub tls: Option<Tls>,
+    /// Name of this device in the user's session list (at most 64 bytes).
+    /// Default empty.
+    pub device_name: String,
 }
 
 impl Default for ClientConfig {
@@ -82,6 +85,7 @@ impl Default for ClientConfig {
             gap_buffer: 1024,
             max_frame_bytes: im_proto::DEFAULT_MAX_FRAME_BYTES,
             tls: None,
+            device_name: String::new(),
         }
     }
 }
@@ -93,6 +97,12 @@ impl ClientConfig {
             server: server.into(),
             ..ClientConfig::default()
         }
+    }
+
+    /// Sets [`device_name`](Self::device_name).
+    pub fn with_device_name(mut self, name: impl Into<String>) -> Self {
+        self.device_name = name.into();
+        self
     }
 
     /// Sets [`request_timeout`](Self::request_timeout).

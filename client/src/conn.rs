@@ -102,6 +102,7 @@ impl Conn {
         &mut self,
         credentials: &Credentials,
         token: Option<&str>,
+        device_name: &str,
         mut next_request_id: impl FnMut() -> u64,
         limit: Duration,
     ) -> Result<pb::AuthOk, AuthError> {
@@ -132,10 +133,12 @@ impl Conn {
             Credentials::Register { username, password } => Body::Register(pb::RegisterRequest {
                 username: username.clone(),
                 password: password.clone(),
+                device_name: device_name.to_owned(),
             }),
             Credentials::Login { username, password } => Body::Login(pb::LoginRequest {
                 username: username.clone(),
                 password: password.clone(),
+                device_name: device_name.to_owned(),
             }),
             Credentials::Token(token) => Body::Resume(pb::ResumeRequest {
                 token: token.clone(),
@@ -218,6 +221,11 @@ pub(crate) fn body_name(body: &Body) -> &'static str {
         Body::ListGroups(_) => "ListGroups",
         Body::PresenceSubscribe(_) => "PresenceSubscribe",
         Body::LookupUsers(_) => "LookupUsers",
+        Body::Logout(_) => "Logout",
+        Body::ChangePassword(_) => "ChangePassword",
+        Body::ListSessions(_) => "ListSessions",
+        Body::EndSession(_) => "EndSession",
+        Body::SessionList(_) => "SessionList",
         Body::AuthOk(_) => "AuthOk",
         Body::Pong(_) => "Pong",
         Body::SendAck(_) => "SendAck",

@@ -94,6 +94,9 @@ pub(crate) struct Driver {
     me: u64,
     /// Index into the configured servers of the one to connect to next.
     server: usize,
+    /// The server ended this session (SESSION_REVOKED): its token is dead,
+    /// and logging in again is the application's decision, not ours.
+    revoked: bool,
 }
 
 impl Driver {
@@ -117,6 +120,7 @@ impl Driver {
             generation: 0,
             me: 0,
             server,
+            revoked: false,
         }
     }
 
@@ -203,6 +207,12 @@ impl Driver {
             lock(&self.shared.delivery).connection_lost();
             match end {
                 End::Shutdown => break,
+                End::Lost(reason) if self.revoked => {
+                    tracing::info!(%reason, "session ended by the server; stopping");
+                    self.shared.link.send_replace(Link::Closed);
+                    let _ = self.emit(Event::Stopped { reason }).await;
+                    return;
+                }
                 End::Lost(reason) => {
                     tracing::info!(%reason, "connection lost");
                     // Its node may be gone: the next attempt goes to the
@@ -238,6 +248,7 @@ impl Driver {
             .authenticate(
                 &self.credentials,
                 Some(&token),
+                &config.device_name,
                 || shared.next_request_id(),
                 config.request_timeout,
             )
@@ -346,6 +357,11 @@ impl Driver {
             Body::Error(err) if err.fatal => Some(describe_error(err)),
             _ => None,
         };
+        if let Body::Error(err) = &body {
+            if err.fatal && error_code(err.code) == ErrorCode::SessionRevoked {
+                self.revoked = true;
+            }
+        }
         if frame.request_id == 0 {
             match body {
                 Body::Message(message) => self.deliver(vec![message]).await?,

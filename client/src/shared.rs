@@ -25,6 +25,9 @@ pub struct Session {
     pub token: String,
     /// When `token` expires, in milliseconds since the Unix epoch.
     pub token_expires_at_ms: i64,
+    /// The server's id of this login (kept across reconnects; see
+    /// [`Client::sessions`](crate::Client::sessions)).
+    pub session_id: u64,
 }
 
 impl std::fmt::Debug for Session {
@@ -34,6 +37,7 @@ impl std::fmt::Debug for Session {
             .field("user_id", &self.user_id)
             .field("username", &self.username)
             .field("token_expires_at_ms", &self.token_expires_at_ms)
+            .field("session_id", &self.session_id)
             .finish_non_exhaustive()
     }
 }
@@ -45,6 +49,7 @@ impl From<&pb::AuthOk> for Session {
             username: ok.username.clone(),
             token: ok.token.clone(),
             token_expires_at_ms: ok.token_expires_at_ms,
+            session_id: ok.session_id,
         }
     }
 }

@@ -48,6 +48,7 @@ fn auth_ok(token: &str) -> pb::AuthOk {
         heartbeat_timeout_ms: 30_000,
         server_time_ms: im_proto::now_ms(),
         max_frame_bytes: 64 * 1024,
+        session_id: 1,
     }
 }
 
@@ -771,6 +772,50 @@ async fn heartbeat_pings_and_silent_server_triggers_reconnect() {
         }
     }
     assert!(reason.unwrap().contains("no frame"));
+}
+
+#[tokio::test]
+async fn session_revoked_stops_the_client_without_resuming() {
+    let server = FakeServer::start().await;
+    let cfg = config(&server).with_device_name("laptop");
+    let (result, mut conn) = tokio::join!(Client::connect(cfg, login()), async {
+        let mut conn = server.accept().await;
+        let (rid, body) = conn.recv().await;
+        assert!(
+            matches!(body, Body::Login(ref l) if l.device_name == "laptop"),
+            "{body:?}"
+        );
+        conn.reply(rid, Body::AuthOk(auth_ok("token-1"))).await;
+        conn
+    });
+    let (client, mut events) = result.unwrap();
+    assert_eq!(client.session().session_id, 1);
+    conn.serve_list(&Store::default()).await;
+
+    // The session is ended elsewhere: the server closes this connection.
+    conn.send(Frame::error(
+        0,
+        ErrorCode::SessionRevoked,
+        "this session was ended",
+        true,
+    ))
+    .await;
+    drop(conn);
+
+    loop {
+        match next_event(&mut events).await {
+            Event::Stopped { reason } => {
+                assert!(reason.contains("ended"), "{reason}");
+                break;
+            }
+            Event::Disconnected { reason } => panic!("treated as a lost connection: {reason}"),
+            _ => {}
+        }
+    }
+    // Neither a resume with the dead token nor a login with the password.
+    let again = timeout(Duration::from_millis(500), server.listener.accept()).await;
+    assert!(again.is_err(), "the client connected again");
+    assert!(client.request(Body::Ping(pb::Ping {})).await.is_err());
 }
 
 #[tokio::test]

@@ -49,6 +49,7 @@ fn answer(store: &Store, body: Body) -> Body {
             heartbeat_timeout_ms: 30_000,
             server_time_ms: 0,
             max_frame_bytes: 65536,
+            session_id: 1,
         })
     };
     let mut messages = store.lock().unwrap();
@@ -62,6 +63,7 @@ fn answer(store: &Store, body: Body) -> Body {
         }),
         Body::Resume(r) if r.token == "tok" => auth_ok(),
         Body::Ping(_) => Body::Pong(pb::Pong::default()),
+        Body::Logout(_) => Body::Done(pb::Done {}),
         Body::LookupUsers(req) => Body::UserList(pb::UserList {
             users: [(ALICE, "alice"), (BOB, "bob")]
                 .into_iter()

@@ -93,6 +93,7 @@ pub async fn connect(
             None => Body::Register(pb::RegisterRequest {
                 username: username.to_string(),
                 password: password.to_string(),
+                device_name: "loadgen".into(),
             }),
         };
         let mut reply = call_patiently(&mut conn, 1, &first).await?;
@@ -101,6 +102,7 @@ pub async fn connect(
                 let login = Body::Login(pb::LoginRequest {
                     username: username.to_string(),
                     password: password.to_string(),
+                    device_name: "loadgen".into(),
                 });
                 reply = call_patiently(&mut conn, 100, &login).await?;
             }

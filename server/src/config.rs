@@ -337,6 +337,15 @@ pub struct Config {
     /// request adding more than this at once gets INVALID_ARGUMENT).
     #[arg(long, env = "IM_MAX_MEMBERS_ADDED_PER_MINUTE", default_value_t = 2000)]
     pub max_members_added_per_minute: u32,
+    /// Live sessions (logged-in devices) per user at most; a login beyond
+    /// it ends the user's least recently used session.
+    #[arg(long, env = "IM_MAX_DEVICES_PER_USER", default_value_t = 10)]
+    pub max_devices_per_user: usize,
+
+    /// Ended sessions kept in memory for resume checks at most (about 50
+    /// bytes each); past it, resumes of sessions not held read the store.
+    #[arg(long, env = "IM_MAX_ENDED_SESSIONS", default_value_t = 1_000_000)]
+    pub max_ended_sessions: usize,
 
     // ---- production pipeline (Redis Streams + MySQL) ----
     /// Redis of the production pipeline (with --mysql-url; without both the
@@ -488,6 +497,9 @@ impl Config {
         if self.auth_timeout_secs == 0 {
             return bad("auth-timeout-secs must be positive");
         }
+        if self.max_devices_per_user == 0 || self.max_ended_sessions == 0 {
+            return bad("max-devices-per-user and max-ended-sessions must be positive");
+        }
         if self.max_outbound_bytes < self.max_frame_bytes {
             return bad("max-outbound-bytes must be at least max-frame-bytes");
         }
@@ -631,6 +643,8 @@ impl Config {
                 groups_created_per_hour: self.max_groups_created_per_user_per_hour,
                 members_added_per_minute: self.max_members_added_per_minute,
             },
+            max_devices_per_user: self.max_devices_per_user,
+            max_ended_sessions: self.max_ended_sessions,
         }
     }
 

@@ -173,6 +173,21 @@ pub fn export(out: &mut Exposition, net: &NetStatsSnapshot, chat: &ChatStatsSnap
         "Logins and resumes refused: wrong credentials, a bad or expired token, or rate limited.",
         chat.auth_failures,
     );
+    out.counter(
+        "im_sessions_ended_total",
+        "Sessions this node ended: logout, password change, end-session, device limit.",
+        chat.sessions_ended,
+    );
+    out.counter(
+        "im_sessions_ended_by_device_limit_total",
+        "Sessions ended because a login passed the devices-per-user limit.",
+        chat.sessions_ended_by_limit,
+    );
+    out.gauge(
+        "im_ended_sessions_cached",
+        "Ended sessions held in memory for resume checks.",
+        chat.ended_sessions_cached,
+    );
     out.gauge(
         "im_online_users",
         "Users with at least one live connection on this node.",
@@ -319,11 +334,14 @@ mod tests {
             "im_receipts_total",
             "im_auth_failures_total",
             "im_rate_limited_total",
+            "im_sessions_ended_total",
+            "im_sessions_ended_by_device_limit_total",
         ];
         let gauges = [
             "im_connections",
             "im_online_users",
             "im_presence_subscriptions",
+            "im_ended_sessions_cached",
             "im_connection_output_bytes",
             "im_outbound_queue_depth",
             "im_outbound_queue_bytes",

@@ -209,6 +209,9 @@ impl<S: Closeable> Server<S> {
             // Subscribed before the first client is accepted.
             pending.attach(service.local()).await;
         }
+        // After the subscription: an end published meanwhile is either
+        // loaded or received.
+        service.start_sessions().await;
         let net = net.run(Arc::new(service.clone()))?;
         let addrs = net.addrs();
         if let Some(addr) = addrs.plain {
@@ -336,6 +339,7 @@ impl<S: Closeable> Server<S> {
         if closing.await.is_err() {
             tracing::error!("closing connections failed");
         }
+        service.flush_sessions().await;
         if let Some(cluster) = cluster {
             // Others count this node dead at once and sweep its routes.
             cluster.leave().await;

@@ -173,6 +173,7 @@ async fn a_taken_name_costs_no_password_hash() {
         Body::Register(pb::RegisterRequest {
             username: name.into(),
             password: PASSWORD.into(),
+            device_name: String::new(),
         })
     };
     // One hash running, one waiting: the pool is full.

@@ -76,6 +76,7 @@ async fn node_metrics_follow_traffic_and_health_is_ok() {
         .call(Body::Login(pb::LoginRequest {
             username: "alice".into(),
             password: format!("{PASSWORD}!"),
+            device_name: String::new(),
         }))
         .await;
     assert_eq!(error_code(&refused), Some(ErrorCode::InvalidCredentials));

@@ -521,6 +521,7 @@ async fn a_database_out_of_connections_answers_overloaded_never_internal() {
             .call(Body::Register(pb::RegisterRequest {
                 username: name.clone(),
                 password: im_tests::PASSWORD.into(),
+                device_name: String::new(),
             }))
             .await;
         (name, body)

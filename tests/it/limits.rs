@@ -235,6 +235,7 @@ async fn connections_over_the_per_address_limit_are_refused_while_another_addres
         let login = Body::Login(pb::LoginRequest {
             username: "held2".into(),
             password: im_tests::PASSWORD.into(),
+            ..Default::default()
         });
         // Refused (closed) until the server has seen the close.
         let reply = call_or_closed(&mut conn, login).await;

@@ -12,6 +12,7 @@ mod property;
 mod protocol;
 mod proxy_protocol;
 mod resilience;
+mod sessions;
 mod store;
 mod tls;
 mod worker;

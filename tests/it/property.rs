@@ -258,11 +258,13 @@ impl Client {
             Body::Register(pb::RegisterRequest {
                 username: name.into(),
                 password: PASSWORD.into(),
+                device_name: String::new(),
             })
         } else {
             Body::Login(pb::LoginRequest {
                 username: name.into(),
                 password: PASSWORD.into(),
+                device_name: String::new(),
             })
         };
         match client.call(auth).await? {
@@ -840,6 +842,7 @@ async fn apply(
                 .call(Body::Login(pb::LoginRequest {
                     username: client.name.clone(),
                     password: PASSWORD.into(),
+                    device_name: String::new(),
                 }))
                 .await?;
             if code(&reply) != Some(ErrorCode::AlreadyAuthenticated) {

@@ -173,6 +173,7 @@ async fn a_request_with_id_zero_is_refused_and_not_processed() {
     let register = Body::Register(pb::RegisterRequest {
         username: "zero".into(),
         password: PASSWORD.into(),
+        device_name: String::new(),
     });
     conn.framed
         .send(im_proto::Frame::new(0, register))
@@ -221,6 +222,7 @@ async fn second_login_on_a_session_is_refused_without_closing() {
         .call(Body::Login(pb::LoginRequest {
             username: "twice".into(),
             password: PASSWORD.into(),
+            device_name: String::new(),
         }))
         .await;
     assert_eq!(error_code(&body), Some(ErrorCode::AlreadyAuthenticated));

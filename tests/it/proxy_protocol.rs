@@ -31,6 +31,7 @@ fn login(username: &str, password: &str) -> Body {
     Body::Login(pb::LoginRequest {
         username: username.into(),
         password: password.into(),
+        device_name: String::new(),
     })
 }
 

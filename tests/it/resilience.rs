@@ -413,6 +413,7 @@ async fn one_user_cannot_take_more_than_its_share_of_pending_sends() {
             conn.call(Body::Login(pb::LoginRequest {
                 username: "hog".into(),
                 password: im_tests::PASSWORD.into(),
+                device_name: String::new(),
             }))
             .await;
         }

@@ -116,6 +116,7 @@ async fn a_tls_only_server_refuses_plain_bytes_on_its_port_and_serves_tls() {
         .send(Body::Register(pb::RegisterRequest {
             username: "confused".into(),
             password: PASSWORD.into(),
+            ..Default::default()
         }))
         .await;
     assert!(plain.until_closed().await.is_empty(), "a plain reply");
@@ -295,6 +296,7 @@ async fn a_proxy_header_before_the_handshake_names_the_client() {
         Body::Login(pb::LoginRequest {
             username: "tls_victim".into(),
             password: password.into(),
+            ..Default::default()
         })
     };
     let mut attacker = via("10.1.1.1").await;

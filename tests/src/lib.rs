@@ -508,6 +508,7 @@ impl RawConn {
             .call(Body::Register(pb::RegisterRequest {
                 username: username.into(),
                 password: PASSWORD.into(),
+                device_name: String::new(),
             }))
             .await;
         match body {
@@ -518,15 +519,48 @@ impl RawConn {
 
     /// Logs `username` in (another device) and returns the AuthOk.
     pub async fn login(&mut self, username: &str) -> pb::AuthOk {
+        self.login_device(username, "").await
+    }
+
+    /// Logs `username` in as the device `device_name` and returns the
+    /// AuthOk.
+    pub async fn login_device(&mut self, username: &str, device_name: &str) -> pb::AuthOk {
         let body = self
             .call(Body::Login(pb::LoginRequest {
                 username: username.into(),
                 password: PASSWORD.into(),
+                device_name: device_name.into(),
             }))
             .await;
         match body {
             Body::AuthOk(ok) => ok,
             other => panic!("login {username}: {other:?}"),
+        }
+    }
+
+    /// Resumes with `token`; the reply body (AuthOk or an error).
+    pub async fn resume(&mut self, token: &str) -> Body {
+        self.call(Body::Resume(pb::ResumeRequest {
+            token: token.into(),
+        }))
+        .await
+    }
+
+    /// Waits up to `secs` for a fatal error with `code`, skipping other
+    /// frames; panics if the connection closes without one.
+    pub async fn fatal_error(&mut self, secs: u64) -> pb::Error {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, self.framed.next()).await {
+                Ok(Some(Ok(frame))) => frame,
+                Ok(_) => panic!("connection closed without a fatal error"),
+                Err(_) => panic!("no fatal error within {secs} s"),
+            };
+            if let Some(Body::Error(e)) = frame.body {
+                if e.fatal {
+                    return e;
+                }
+            }
         }
     }
 

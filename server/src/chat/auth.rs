@@ -228,24 +228,37 @@ fn verify_phc(password: &str, hash: &str, memory: &mut Vec<Block>) -> Result<boo
 pub struct Claims {
     /// The user.
     pub user_id: u64,
+    /// The session the token belongs to (every token of one login carries
+    /// the same id; revoking it refuses them all).
+    pub session_id: u64,
     /// The user's name at issue time.
     pub username: String,
     /// Expiry, Unix seconds.
     pub expires_at: u64,
 }
 
-/// Issues and checks session tokens: `v1.<payload>.<mac>` in unpadded
-/// base64url, where payload = user id (8 bytes BE) | expiry (8 bytes BE,
-/// Unix seconds) | username, and mac = HMAC-SHA256 over "v1." + payload.
-/// Every node that shares the key accepts every node's tokens.
+/// Issues and checks session tokens: `v2.<payload>.<mac>` in unpadded
+/// base64url, where payload = user id (8 bytes BE) | session id (8 bytes
+/// BE) | expiry (8 bytes BE, Unix seconds) | username, and mac =
+/// HMAC-SHA256 over "v2." + payload. Every node that shares the key
+/// accepts every node's tokens; whether the session was revoked is for
+/// the caller to check (see `sessions`). Tokens of the earlier `v1.`
+/// format carry no session and are refused.
 pub struct Tokens {
     key: Vec<u8>,
     ttl: Duration,
 }
 
-const TOKEN_PREFIX: &str = "v1.";
+const TOKEN_PREFIX: &str = "v2.";
+/// Bytes of the fixed head of a payload: user, session, expiry.
+const HEAD_LEN: usize = 24;
 
 impl Tokens {
+    /// How long the tokens issued live.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
     /// Signs with `key`; tokens live `ttl`.
     pub fn new(key: Vec<u8>, ttl: Duration) -> Self {
         Tokens { key, ttl }
@@ -260,10 +273,11 @@ impl Tokens {
     }
 
     /// A fresh token and its expiry in Unix milliseconds.
-    pub fn issue(&self, user_id: u64, username: &str) -> (String, i64) {
+    pub fn issue(&self, user_id: u64, session_id: u64, username: &str) -> (String, i64) {
         let expires_at = unix_secs() + self.ttl.as_secs();
-        let mut payload = Vec::with_capacity(16 + username.len());
+        let mut payload = Vec::with_capacity(HEAD_LEN + username.len());
         payload.extend_from_slice(&user_id.to_be_bytes());
+        payload.extend_from_slice(&session_id.to_be_bytes());
         payload.extend_from_slice(&expires_at.to_be_bytes());
         payload.extend_from_slice(username.as_bytes());
         let tag = self.mac(&payload).finalize().into_bytes();
@@ -290,20 +304,25 @@ impl Tokens {
         self.mac(&payload)
             .verify_slice(&tag)
             .map_err(|_| ChatError::InvalidToken)?;
-        if payload.len() < 16 {
+        if payload.len() < HEAD_LEN {
             return Err(ChatError::InvalidToken);
         }
-        let (head, name) = payload.split_at(16);
-        let user_id =
-            u64::from_be_bytes(head[..8].try_into().map_err(|_| ChatError::InvalidToken)?);
-        let expires_at =
-            u64::from_be_bytes(head[8..].try_into().map_err(|_| ChatError::InvalidToken)?);
+        let (head, name) = payload.split_at(HEAD_LEN);
+        let word = |i: usize| -> Result<u64, ChatError> {
+            let bytes = head
+                .get(i * 8..i * 8 + 8)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .ok_or(ChatError::InvalidToken)?;
+            Ok(u64::from_be_bytes(bytes))
+        };
+        let (user_id, session_id, expires_at) = (word(0)?, word(1)?, word(2)?);
         if expires_at <= unix_secs() {
             return Err(ChatError::InvalidToken);
         }
         let username = String::from_utf8(name.to_vec()).map_err(|_| ChatError::InvalidToken)?;
         Ok(Claims {
             user_id,
+            session_id,
             username,
             expires_at,
         })
@@ -459,10 +478,15 @@ mod tests {
     #[test]
     fn tokens_round_trip_and_reject_tampering() {
         let tokens = Tokens::new(b"k".repeat(32), Duration::from_secs(60));
-        let (token, expires_ms) = tokens.issue(42, "alice");
+        let (token, expires_ms) = tokens.issue(42, 7, "alice");
         assert!(expires_ms > im_proto::now_ms());
         let claims = tokens.verify(&token).unwrap();
-        assert_eq!((claims.user_id, claims.username.as_str()), (42, "alice"));
+        assert_eq!(
+            (claims.user_id, claims.session_id, claims.username.as_str()),
+            (42, 7, "alice")
+        );
+        // The session-less format of earlier releases is refused.
+        assert!(tokens.verify(&token.replacen("v2.", "v1.", 1)).is_err());
 
         let other = Tokens::new(b"x".repeat(32), Duration::from_secs(60));
         assert!(other.verify(&token).is_err(), "foreign key accepted");
@@ -471,13 +495,13 @@ mod tests {
         forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
         assert!(tokens.verify(&String::from_utf8(forged).unwrap()).is_err());
         assert!(tokens.verify("garbage").is_err());
-        assert!(tokens.verify("v1..").is_err());
+        assert!(tokens.verify("v2..").is_err());
     }
 
     #[test]
     fn expired_tokens_are_refused() {
         let tokens = Tokens::new(b"k".repeat(32), Duration::ZERO);
-        let (token, _) = tokens.issue(1, "bob");
+        let (token, _) = tokens.issue(1, 1, "bob");
         assert!(matches!(
             tokens.verify(&token),
             Err(ChatError::InvalidToken)

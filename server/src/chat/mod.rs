@@ -12,6 +12,8 @@
 //! - `members`: the member lists fan-out uses, never staler than the last
 //!   membership change.
 //! - `requests`: every other request.
+//! - `sessions`: logout, password change, the session list; the set of
+//!   ended sessions every resume checks; batched last-seen times.
 
 pub mod auth;
 mod error;
@@ -20,6 +22,7 @@ mod members;
 pub mod registry;
 mod requests;
 mod send;
+mod sessions;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -31,6 +34,8 @@ use im_proto::pb::frame::Body;
 use im_proto::{Frame, codec};
 use tokio::runtime::Handle;
 use tokio::sync::{Notify, mpsc};
+
+use sessions::{Revoked, Touches};
 
 pub use error::{ChatError, OVERLOADED_RETRY_MS};
 
@@ -104,6 +109,12 @@ pub struct ChatConfig {
     pub member_cache_ttl: Duration,
     /// Per-user abuse limits (messages, groups created, members added).
     pub user_limits: UserLimitConfig,
+    /// Live sessions (logged-in devices) per user at most: a login beyond
+    /// it ends the user's least recently used session.
+    pub max_devices_per_user: usize,
+    /// Ended sessions kept in memory at most (16 bytes and a little each);
+    /// past it, resumes of sessions not held read the store.
+    pub max_ended_sessions: usize,
 }
 
 impl Default for ChatConfig {
@@ -145,6 +156,8 @@ impl Default for ChatConfig {
                 groups_created_per_hour: 20,
                 members_added_per_minute: 2000,
             },
+            max_devices_per_user: 10,
+            max_ended_sessions: 1_000_000,
         }
     }
 }
@@ -159,6 +172,8 @@ pub(crate) struct ChatCounters {
     pushed: AtomicU64,
     receipts: AtomicU64,
     auth_failures: AtomicU64,
+    sessions_ended: AtomicU64,
+    sessions_ended_by_limit: AtomicU64,
 }
 
 impl ChatCounters {
@@ -199,6 +214,13 @@ pub struct ChatStatsSnapshot {
     pub presence_subscriptions: u64,
     /// `RATE_LIMITED` refusals per limit, in [`limits::CHAT_LIMITS`] order.
     pub rate_limited: [u64; limits::CHAT_LIMITS.len()],
+    /// Sessions this node ended (logout, password change, end-session,
+    /// device limit).
+    pub sessions_ended: u64,
+    /// Of those, sessions ended because a login passed the device limit.
+    pub sessions_ended_by_limit: u64,
+    /// Ended sessions held in memory for resume checks.
+    pub ended_sessions_cached: u64,
 }
 
 /// The chat service: implements [`Handler`] for the connection layer.
@@ -234,6 +256,12 @@ pub(crate) struct Inner<S: Store> {
     pending: AtomicUsize,
     idle: Notify,
     counters: ChatCounters,
+    /// Sessions known to be ended.
+    revoked: Revoked,
+    /// Last-seen times waiting to be written.
+    touches: Touches,
+    /// Woken when a batch of last-seen times is full.
+    touch_wake: Notify,
 }
 
 impl<S: Store> ChatService<S> {
@@ -270,6 +298,7 @@ impl<S: Store> ChatService<S> {
             config.send_queue_bytes,
             config.max_user_pending_bytes,
         );
+        let revoked = Revoked::new(config.max_ended_sessions, config.token_ttl);
         let inner = Arc::new(Inner {
             store,
             out,
@@ -288,11 +317,27 @@ impl<S: Store> ChatService<S> {
             pending: AtomicUsize::new(0),
             idle: Notify::new(),
             counters: ChatCounters::default(),
+            revoked,
+            touches: Touches::default(),
+            touch_wake: Notify::new(),
         });
         for rx in receivers {
             tokio::spawn(send::run_lane(inner.clone(), rx));
         }
         Ok(ChatService { inner })
+    }
+
+    /// Loads the ended sessions from the store and starts writing
+    /// last-seen times and polling for ends. Called once the node is
+    /// subscribed to other nodes (so no end falls between the load and the
+    /// subscription); until the load succeeds, resumes read the store.
+    pub async fn start_sessions(&self) {
+        sessions::start(&self.inner).await;
+    }
+
+    /// Writes the last-seen times still waiting (at shutdown).
+    pub async fn flush_sessions(&self) {
+        self.inner.flush_touches(true).await;
     }
 
     /// Waits until every request received so far has been answered.
@@ -348,6 +393,9 @@ impl<S: Store> ChatService<S> {
             online_users: self.online_users() as u64,
             presence_subscriptions: inner.presence.subscribed_connections() as u64,
             rate_limited: inner.limits.refused().map(|(_, n)| n),
+            sessions_ended: get(&c.sessions_ended),
+            sessions_ended_by_limit: get(&c.sessions_ended_by_limit),
+            ended_sessions_cached: inner.revoked.len() as u64,
         }
     }
 }
@@ -384,7 +432,12 @@ impl<S: Store> Handler for ChatService<S> {
         // Registry first: a presence subscribe racing this close either
         // sees the connection gone or has its watchers removed below (see
         // `PresenceHub::subscribe`).
-        let went_offline = self.inner.registry.remove(user_id, conn);
+        let (went_offline, session) = self.inner.registry.remove(user_id, conn);
+        if let Some(session) = session {
+            if self.inner.touches.touch(session, None) {
+                self.inner.touch_wake.notify_one();
+            }
+        }
         self.inner.presence.unsubscribe_all(conn);
         if went_offline {
             match &self.inner.cluster {
@@ -480,6 +533,9 @@ impl<S: Store> Inner<S> {
         match body {
             Body::Send(req) => self.submit_send(conn, user, request_id, req),
             body => {
+                // These may end the caller's own session: it is closed
+                // after the reply.
+                let may_end_own = matches!(body, Body::Logout(_) | Body::EndSession(_));
                 let inner = self.clone();
                 self.runtime.spawn(async move {
                     let frame = match inner.request(conn, user, body).await {
@@ -490,6 +546,9 @@ impl<S: Store> Inner<S> {
                         }
                     };
                     inner.answer(conn, frame);
+                    if may_end_own {
+                        inner.close_if_ended(user, conn);
+                    }
                 });
             }
         }
@@ -555,5 +614,9 @@ impl<S: Store> crate::cluster::Local for Inner<S> {
 
     fn watched_users(&self) -> Vec<UserId> {
         self.presence.watched()
+    }
+
+    fn ended_elsewhere(&self, sessions: Vec<u64>) {
+        self.end_local(&sessions, im_proto::now_ms(), None);
     }
 }

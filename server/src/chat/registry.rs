@@ -1,5 +1,7 @@
 //! Who is online where: the map from a user to all of that user's live
-//! connections (devices), and presence subscriptions.
+//! connections (devices) and the session of each, the map from a session
+//! to its connections (to close them when it ends), and presence
+//! subscriptions.
 //!
 //! Both are sharded maps (dashmap), so routing a push takes one shard's read
 //! lock for a lookup and no global lock. Entries exist only for online users
@@ -10,40 +12,53 @@ use dashmap::mapref::entry::Entry;
 use smallvec::SmallVec;
 
 use crate::net::ConnRef;
-use crate::store::UserId;
+use crate::store::{SessionId, UserId};
 
-type Devices = SmallVec<[ConnRef; 2]>;
+type Devices = SmallVec<[(ConnRef, SessionId); 2]>;
 
-/// User → live connections.
+/// User → live connections, and session → live connections.
 #[derive(Default)]
 pub struct Registry {
     users: DashMap<UserId, Devices>,
+    sessions: DashMap<SessionId, SmallVec<[ConnRef; 1]>>,
 }
 
 impl Registry {
-    /// Adds a device; true if the user just came online.
-    pub fn add(&self, user: UserId, conn: ConnRef) -> bool {
+    /// Adds a device of `session`; true if the user just came online.
+    pub fn add(&self, user: UserId, conn: ConnRef, session: SessionId) -> bool {
         let mut devices = self.users.entry(user).or_default();
         let first = devices.is_empty();
-        if !devices.contains(&conn) {
-            devices.push(conn);
+        if !devices.iter().any(|(c, _)| *c == conn) {
+            devices.push((conn, session));
+            // Lock order: a user's entry, then a session's (nothing takes
+            // them the other way round).
+            self.sessions.entry(session).or_default().push(conn);
         }
         first
     }
 
-    /// Removes a device; true if that was the user's last one.
-    pub fn remove(&self, user: UserId, conn: ConnRef) -> bool {
+    /// Removes a device; true if that was the user's last one, and the
+    /// session it belonged to.
+    pub fn remove(&self, user: UserId, conn: ConnRef) -> (bool, Option<SessionId>) {
+        let mut session = None;
         let removed = self.users.remove_if_mut(&user, |_, devices| {
-            devices.retain(|c| *c != conn);
+            if let Some(i) = devices.iter().position(|(c, _)| *c == conn) {
+                let (_, s) = devices.swap_remove(i);
+                session = Some(s);
+                self.sessions.remove_if_mut(&s, |_, conns| {
+                    conns.retain(|c| *c != conn);
+                    conns.is_empty()
+                });
+            }
             devices.is_empty()
         });
-        removed.is_some()
+        (removed.is_some(), session)
     }
 
     /// Calls `f` for each live connection of `user`.
     pub fn for_each_device(&self, user: UserId, mut f: impl FnMut(ConnRef)) {
         if let Some(devices) = self.users.get(&user) {
-            for &conn in devices.iter() {
+            for &(conn, _) in devices.iter() {
                 f(conn);
             }
         }
@@ -51,9 +66,25 @@ impl Registry {
 
     /// Whether `conn` is a live connection of `user`.
     pub fn has_device(&self, user: UserId, conn: ConnRef) -> bool {
-        self.users
-            .get(&user)
-            .is_some_and(|devices| devices.contains(&conn))
+        self.session_of(user, conn).is_some()
+    }
+
+    /// The session of `user`'s connection `conn`.
+    pub fn session_of(&self, user: UserId, conn: ConnRef) -> Option<SessionId> {
+        self.users.get(&user).and_then(|devices| {
+            devices
+                .iter()
+                .find(|(c, _)| *c == conn)
+                .map(|&(_, session)| session)
+        })
+    }
+
+    /// The live connections of `session`.
+    pub fn connections_of(&self, session: SessionId) -> SmallVec<[ConnRef; 1]> {
+        self.sessions
+            .get(&session)
+            .map(|conns| conns.clone())
+            .unwrap_or_default()
     }
 
     /// Whether the user has a live connection.
@@ -64,7 +95,7 @@ impl Registry {
     /// Calls `f` for every live connection.
     pub fn for_each_connection(&self, mut f: impl FnMut(ConnRef)) {
         for entry in self.users.iter() {
-            for &conn in entry.value().iter() {
+            for &(conn, _) in entry.value().iter() {
                 f(conn);
             }
         }
@@ -191,7 +222,7 @@ mod tests {
         let registry = Registry::default();
         let hub = PresenceHub::default();
         let conn = ConnRef::for_test(1);
-        registry.add(7, conn);
+        registry.add(7, conn, 1);
         // The connection closes (registry first, then its subscriptions)...
         registry.remove(7, conn);
         hub.unsubscribe_all(conn);
@@ -199,6 +230,27 @@ mod tests {
         hub.subscribe(conn, vec![1, 2, 3], || registry.has_device(7, conn));
         assert_eq!(hub.subscribed_connections(), 0);
         assert_eq!(hub.watched_users(), 0);
+    }
+
+    #[test]
+    fn connections_are_found_by_session_until_they_close() {
+        let registry = Registry::default();
+        let (a, b, c) = (
+            ConnRef::for_test(1),
+            ConnRef::for_test(2),
+            ConnRef::for_test(3),
+        );
+        assert!(registry.add(7, a, 10));
+        assert!(!registry.add(7, b, 10));
+        assert!(!registry.add(7, c, 11));
+        assert_eq!(registry.connections_of(10).as_slice(), [a, b]);
+        assert_eq!(registry.session_of(7, c), Some(11));
+        assert_eq!(registry.remove(7, a), (false, Some(10)));
+        assert_eq!(registry.connections_of(10).as_slice(), [b]);
+        assert_eq!(registry.remove(7, b), (false, Some(10)));
+        assert!(registry.connections_of(10).is_empty());
+        assert_eq!(registry.remove(7, c), (true, Some(11)));
+        assert_eq!(registry.remove(7, c), (false, None));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use im_proto::pb::{self, group_notice};
 use im_proto::{ConversationId, Frame, codec};
 
 use super::auth::{validate_password, validate_username};
+use super::sessions::device_name;
 use super::{ChatCounters, ChatError, Inner};
 use crate::net::{ConnRef, FrameCtx};
 use crate::store::{CursorKind, GroupId, GroupLimits, GroupRecord, Store, StoreError, UserId};
@@ -111,22 +112,34 @@ impl<S: Store> Inner<S> {
     // ---- authentication ----
 
     pub(crate) async fn authenticate(&self, ctx: FrameCtx, request_id: u64, body: Body) {
+        let address = ctx.peer.map(|ip| ip.to_string()).unwrap_or_default();
         let result = match body {
-            Body::Register(r) => self.register(r).await,
-            Body::Login(r) => self.login(r, ctx).await,
-            Body::Resume(r) => self
-                .tokens
-                .verify(&r.token)
-                .map(|c| (c.user_id, c.username)),
+            Body::Register(r) => self.register(r, address).await,
+            Body::Login(r) => self.login(r, ctx, address).await,
+            Body::Resume(r) => self.resume(&r.token, address).await,
             _ => Err(ChatError::invalid("expected register, login or resume")),
         };
+        let result = match result {
+            // Register the device before the connection learns it is
+            // logged in: the event loop drops pushes until the auth result
+            // lands, and anything stored before the client's first sync is
+            // returned by that sync.
+            Ok((user_id, username, session)) => {
+                let came_online = self.registry.add(user_id, ctx.conn, session);
+                // An end of the session that raced this login either is in
+                // the set now or found the connection registered (and
+                // closes it).
+                if self.revoked.check(session) == super::sessions::Known::Ended {
+                    self.registry.remove(user_id, ctx.conn);
+                    Err(ChatError::InvalidToken)
+                } else {
+                    Ok((user_id, username, session, came_online))
+                }
+            }
+            Err(e) => Err(e),
+        };
         match result {
-            Ok((user_id, username)) => {
-                // Register the device before the connection learns it is
-                // logged in: the event loop drops pushes until the auth
-                // result lands, and anything stored before the client's
-                // first sync is returned by that sync.
-                let came_online = self.registry.add(user_id, ctx.conn);
+            Ok((user_id, username, session_id, came_online)) => {
                 if came_online {
                     if let Some(cluster) = &self.cluster {
                         // Other nodes route this user's pushes here before
@@ -135,7 +148,8 @@ impl<S: Store> Inner<S> {
                         cluster.route_online(user_id).await;
                     }
                 }
-                let (token, token_expires_at_ms) = self.tokens.issue(user_id, &username);
+                let (token, token_expires_at_ms) =
+                    self.tokens.issue(user_id, session_id, &username);
                 let ok = pb::AuthOk {
                     user_id,
                     username,
@@ -145,6 +159,7 @@ impl<S: Store> Inner<S> {
                     heartbeat_timeout_ms: self.config.heartbeat_timeout_secs.saturating_mul(1000),
                     server_time_ms: im_proto::now_ms(),
                     max_frame_bytes: self.config.max_frame_bytes as u32,
+                    session_id,
                 };
                 self.answer_auth(
                     ctx.conn,
@@ -172,9 +187,28 @@ impl<S: Store> Inner<S> {
         }
     }
 
-    async fn register(&self, r: pb::RegisterRequest) -> Result<(UserId, String), ChatError> {
+    /// A token's user and session, if it is valid and its session live.
+    async fn resume(
+        &self,
+        token: &str,
+        address: String,
+    ) -> Result<(UserId, String, u64), ChatError> {
+        let claims = self.tokens.verify(token)?;
+        if !self.session_live(claims.session_id).await? {
+            return Err(ChatError::InvalidToken);
+        }
+        self.touch(claims.session_id, Some(address));
+        Ok((claims.user_id, claims.username, claims.session_id))
+    }
+
+    async fn register(
+        &self,
+        r: pb::RegisterRequest,
+        address: String,
+    ) -> Result<(UserId, String, u64), ChatError> {
         validate_username(&r.username)?;
         validate_password(&r.password)?;
+        let device = device_name(&r.device_name)?;
         // A taken name costs no password hash: the hash is the expensive
         // part of a registration, and clients that register-or-log-in
         // (as the load generator does) would pay it on every login. The
@@ -185,17 +219,20 @@ impl<S: Store> Inner<S> {
         let hash = self.passwords.hash(r.password).await?;
         let id = self.store.create_user(&r.username, &hash).await?;
         tracing::info!(user_id = id, username = %r.username, "registered");
-        Ok((id, r.username))
+        let session = self.start_session(id, device, address).await?;
+        Ok((id, r.username, session))
     }
 
     async fn login(
         &self,
         r: pb::LoginRequest,
         ctx: FrameCtx,
-    ) -> Result<(UserId, String), ChatError> {
+        address: String,
+    ) -> Result<(UserId, String, u64), ChatError> {
         if r.username.len() > 64 || r.password.len() > 1024 {
             return Err(ChatError::InvalidCredentials);
         }
+        let device = device_name(&r.device_name)?;
         self.limiter.check(ctx.peer, &r.username)?;
         let user = self.store.user_by_name(&r.username).await?;
         let hash = user.as_ref().map(|u| u.password_hash.clone());
@@ -203,7 +240,8 @@ impl<S: Store> Inner<S> {
         match user {
             Some(user) if ok => {
                 self.limiter.record_success(ctx.peer, &r.username);
-                Ok((user.id, user.username))
+                let session = self.start_session(user.id, device, address).await?;
+                Ok((user.id, user.username, session))
             }
             _ => {
                 self.limiter.record_failure(ctx.peer, &r.username);
@@ -395,6 +433,10 @@ impl<S: Store> Inner<S> {
                     .collect();
                 Ok(Body::PresenceSnapshot(pb::PresenceSnapshot { users }))
             }
+            Body::Logout(r) => self.logout(conn, user, r).await,
+            Body::ChangePassword(r) => self.change_password(conn, user, r).await,
+            Body::ListSessions(_) => self.list_sessions(conn, user).await,
+            Body::EndSession(r) => self.end_session(conn, user, r).await,
             Body::Register(_) | Body::Login(_) | Body::Resume(_) => Err(ChatError::invalid(
                 "this connection is already authenticated",
             )),

@@ -157,8 +157,9 @@ async fn subscribe(
     Ok(conn)
 }
 
-/// Applies one envelope: invalidations first (so pushes after them use
-/// fresh member lists), then pushes in order, then presence.
+/// Applies one envelope: session ends and invalidations first (so pushes
+/// after them use fresh member lists), then pushes in order, then
+/// presence.
 async fn apply<L: Local>(shared: &Shared, local: &L, payload: bytes::Bytes) {
     let envelope = match Envelope::decode(payload) {
         Ok(e) => e,
@@ -169,6 +170,9 @@ async fn apply<L: Local>(shared: &Shared, local: &L, payload: bytes::Bytes) {
         }
     };
     add(&shared.counters.envelopes_in, 1);
+    if !envelope.revoked_sessions.is_empty() {
+        local.ended_elsewhere(envelope.revoked_sessions);
+    }
     for group in envelope.invalidate_groups {
         local.invalidate_group(group).await;
     }

@@ -126,6 +126,9 @@ pub trait Local: Send + Sync + 'static {
     fn is_local(&self, user: UserId) -> bool;
     /// Users some local connection watches for presence.
     fn watched_users(&self) -> Vec<UserId>;
+    /// Sessions another node ended: refuse their tokens, close their
+    /// connections here.
+    fn ended_elsewhere(&self, sessions: Vec<u64>);
 }
 
 /// Counters of the cluster layer, for metrics.
@@ -203,6 +206,11 @@ pub(crate) enum Work {
     /// answer.
     Invalidate {
         groups: Vec<GroupId>,
+        done: tokio::sync::oneshot::Sender<()>,
+    },
+    /// These sessions ended: tell every other node, then answer.
+    EndSessions {
+        sessions: Vec<u64>,
         done: tokio::sync::oneshot::Sender<()>,
     },
     /// A new incarnation: write every local user's route again.
@@ -493,6 +501,25 @@ impl Cluster {
             .shared
             .work
             .send(Work::Invalidate { groups, done })
+            .is_ok()
+        {
+            let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
+        }
+    }
+
+    /// Tells every other live node that these sessions ended, and returns
+    /// once Redis has taken the message (or after five seconds). A node
+    /// that misses it (its subscription was down) finds the ends when it
+    /// next polls the store.
+    pub async fn sessions_ended(&self, sessions: Vec<u64>) {
+        if self.shared.alone() {
+            return;
+        }
+        let (done, wait) = tokio::sync::oneshot::channel();
+        if self
+            .shared
+            .work
+            .send(Work::EndSessions { sessions, done })
             .is_ok()
         {
             let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;

@@ -313,6 +313,14 @@ async fn handle<L: Local>(
                 }
                 waiting.push(done);
             }
+            Work::EndSessions { sessions, done } => {
+                for &inc in &others {
+                    out.to(inc, me)
+                        .revoked_sessions
+                        .extend_from_slice(&sessions);
+                }
+                waiting.push(done);
+            }
         }
     }
     if !changes.is_empty() {
@@ -380,10 +388,12 @@ fn split(envelope: Envelope) -> Vec<Envelope> {
         pushes,
         presence,
         invalidate_groups,
+        revoked_sessions,
     } = envelope;
     let mut parts = vec![Envelope {
         from,
         invalidate_groups,
+        revoked_sessions,
         ..Envelope::default()
     }];
     for push in pushes {
@@ -444,6 +454,7 @@ mod tests {
             pushes,
             presence: Vec::new(),
             invalidate_groups: vec![3],
+            revoked_sessions: vec![5, 6],
         });
         assert!(parts.len() >= 4);
         assert!(parts.iter().all(|p| p.encoded_len() <= MAX_ENVELOPE));
@@ -452,6 +463,7 @@ mod tests {
             vec![3],
             "invalidations go first"
         );
+        assert_eq!(parts[0].revoked_sessions, vec![5, 6], "and session ends");
         let order: Vec<u64> = parts
             .iter()
             .flat_map(|p| p.pushes.iter().map(|x| x.conversation_id))

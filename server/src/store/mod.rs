@@ -33,6 +33,68 @@ pub struct UserRecord {
     pub password_hash: String,
 }
 
+/// A session id: one login of one device, kept across token refreshes.
+pub type SessionId = u64;
+
+/// A stored session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The session's id.
+    pub id: SessionId,
+    /// Whose session it is.
+    pub user: UserId,
+    /// Name the device gave at login.
+    pub device_name: String,
+    /// Peer address of the last authentication.
+    pub address: String,
+    /// When it started, Unix milliseconds.
+    pub created_ms: i64,
+    /// Last authentication or close, Unix milliseconds.
+    pub last_seen_ms: i64,
+}
+
+/// A session to start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewSession {
+    /// Whose session it is.
+    pub user: UserId,
+    /// Name the device gave.
+    pub device_name: String,
+    /// Peer address.
+    pub address: String,
+    /// Now, Unix milliseconds.
+    pub now_ms: i64,
+    /// Live sessions the user may have at most, this one included: the
+    /// oldest others (by last activity) are ended to make room.
+    pub max_live: usize,
+    /// Sessions last seen before this (Unix ms) count as expired: their
+    /// tokens cannot be valid any more.
+    pub live_since_ms: i64,
+}
+
+/// Which of a user's sessions to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionScope {
+    /// This one ([`StoreError::NotFound`] unless it is a live session of
+    /// the user).
+    One(SessionId),
+    /// Every one.
+    All,
+    /// Every one but this.
+    AllBut(SessionId),
+}
+
+/// A session was used (authenticated or closed a connection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionTouch {
+    /// The session.
+    pub id: SessionId,
+    /// When, Unix milliseconds.
+    pub at_ms: i64,
+    /// The peer address of an authentication (none for a close).
+    pub address: Option<String>,
+}
+
 /// A stored group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupRecord {
@@ -221,6 +283,58 @@ pub trait Store: Send + Sync + 'static {
         ids: &[UserId],
         names: &[String],
     ) -> impl Future<Output = StoreResult<Vec<(UserId, String)>>> + Send;
+
+    /// Replaces a user's password hash; [`StoreError::NotFound`] for an
+    /// unknown user.
+    fn set_password(
+        &self,
+        user: UserId,
+        password_hash: &str,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
+
+    // ---- sessions ----
+
+    /// Starts a session and returns its id and the ids of the sessions it
+    /// ended to stay within `session.max_live` (oldest activity first).
+    fn create_session(
+        &self,
+        session: NewSession,
+    ) -> impl Future<Output = StoreResult<(SessionId, Vec<SessionId>)>> + Send;
+
+    /// The user's live sessions (not ended, last seen at or after
+    /// `live_since_ms`), newest first.
+    fn sessions(
+        &self,
+        user: UserId,
+        live_since_ms: i64,
+    ) -> impl Future<Output = StoreResult<Vec<SessionRecord>>> + Send;
+
+    /// Ends sessions of `user` at `now_ms` and returns the ids ended (those
+    /// already ended are left as they are and not returned).
+    fn end_sessions(
+        &self,
+        user: UserId,
+        scope: SessionScope,
+        now_ms: i64,
+    ) -> impl Future<Output = StoreResult<Vec<SessionId>>> + Send;
+
+    /// Sessions ended at or after `since_ms`, as (id, when ended), the
+    /// most recently ended first, at most `limit`.
+    fn ended_since(
+        &self,
+        since_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<Vec<(SessionId, i64)>>> + Send;
+
+    /// Whether a session was ended (or never existed).
+    fn session_ended(&self, id: SessionId) -> impl Future<Output = StoreResult<bool>> + Send;
+
+    /// Records when sessions were last used (a later touch of a session
+    /// never moves it back), in one write.
+    fn touch_sessions(
+        &self,
+        touches: Vec<SessionTouch>,
+    ) -> impl Future<Output = StoreResult<()>> + Send;
 
     // ---- messages ----
 

@@ -17,7 +17,7 @@ use tokio::io::AsyncBufReadExt;
 
 use crate::format::{self, Names, Recipient};
 use crate::state::{SavedSession, StateDir};
-use crate::{Auth, Cli, Command, GroupCommand, SendArgs};
+use crate::{Auth, Cli, Command, GroupCommand, SendArgs, SessionsCommand};
 
 const DEFAULT_SERVER: &str = "127.0.0.1:7000";
 /// How many earlier messages `chat` and `/history` show.
@@ -40,7 +40,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Register(auth) => ctx.authenticate(auth, true).await,
         Command::Login(auth) => ctx.authenticate(auth, false).await,
-        Command::Logout => ctx.logout(),
+        Command::Logout { all } => ctx.logout(all).await,
+        Command::Password { old, new } => ctx.password(old, new).await,
+        Command::Sessions { action: None } => ctx.sessions().await,
+        Command::Sessions {
+            action: Some(SessionsCommand::End { id }),
+        } => ctx.end_session(id).await,
         Command::Whoami => ctx.whoami(),
         Command::Send(send) => ctx.send(send).await,
         Command::Conversations => ctx.conversations().await,
@@ -218,7 +223,8 @@ impl Ctx {
         };
         let config = Self::with_tls(ClientConfig::new(server.clone()), &tls)?
             .with_catch_up(false)
-            .with_auto_ack(false);
+            .with_auto_ack(false)
+            .with_device_name(auth.device_name);
         let (client, _events) = Client::connect(config, credentials)
             .await
             .with_context(|| format!("connecting to {server}"))?;
@@ -241,18 +247,95 @@ impl Ctx {
         Ok(ExitCode::SUCCESS)
     }
 
-    fn logout(&self) -> Result<ExitCode> {
+    async fn logout(&self, all: bool) -> Result<ExitCode> {
+        if self.dir.load_session()?.is_none() {
+            self.print(
+                || "not logged in".to_owned(),
+                || json!({"type": "logout", "removed": false, "all": all}),
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        match self.connect_oneshot().await {
+            Ok(conn) => {
+                conn.client.logout(all).await?;
+                conn.client.close().await;
+            }
+            // The session is over already: only the saved copy is left.
+            Err(e) if session_over(&e) => {}
+            Err(e) => return Err(e),
+        }
         let removed = self.dir.remove_session()?;
         self.print(
             || {
-                if removed {
-                    "logged out"
+                if all {
+                    "logged out on every device"
                 } else {
-                    "not logged in"
+                    "logged out"
                 }
                 .to_owned()
             },
-            || json!({"type": "logout", "removed": removed}),
+            || json!({"type": "logout", "removed": removed, "all": all}),
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+
+    async fn password(&self, old: Option<String>, new: Option<String>) -> Result<ExitCode> {
+        let conn = self.connect_oneshot().await?;
+        let old = match old {
+            Some(p) => p,
+            None => prompt("Current password: ", false).await?,
+        };
+        let new = match new {
+            Some(p) => p,
+            None => prompt("New password: ", true).await?,
+        };
+        conn.client.change_password(old, new).await?;
+        conn.client.close().await;
+        self.print(
+            || "password changed; every other session was ended".to_owned(),
+            || json!({"type": "password_changed"}),
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+
+    async fn sessions(&self) -> Result<ExitCode> {
+        let conn = self.connect_oneshot().await?;
+        let sessions = conn.client.sessions().await?;
+        conn.client.close().await;
+        for s in &sessions {
+            self.print(
+                || {
+                    let name = if s.device_name.is_empty() {
+                        "(unnamed device)"
+                    } else {
+                        &s.device_name
+                    };
+                    let current = if s.current { "  (this device)" } else { "" };
+                    format!(
+                        "{}\t{name}\t{}\tlast seen {}{current}",
+                        s.session_id,
+                        s.address,
+                        format::datetime(s.last_seen_ms),
+                    )
+                },
+                || json!({"type": "session", "session_id": s.session_id, "device_name": s.device_name, "address": s.address, "created_ms": s.created_ms, "last_seen_ms": s.last_seen_ms, "current": s.current}),
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    async fn end_session(&self, id: u64) -> Result<ExitCode> {
+        let conn = self.connect_oneshot().await?;
+        let own = conn.client.session().session_id == id;
+        conn.client.end_session(id).await?;
+        conn.client.close().await;
+        if own {
+            // That was this device's session: its saved token is dead.
+            self.dir.remove_session()?;
+        }
+        self.print(
+            || format!("session {id} ended"),
+            || json!({"type": "session_ended", "session_id": id}),
         );
         Ok(ExitCode::SUCCESS)
     }
@@ -828,9 +911,28 @@ fn content_of(send: &SendArgs) -> Result<pb::Content> {
 }
 
 async fn prompt_password(register: bool) -> Result<String> {
+    prompt("Password: ", register).await
+}
+
+/// Whether a connect failed because the saved session is over (ended or
+/// expired), so there is nothing left to end on the server.
+fn session_over(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        matches!(
+            e.downcast_ref::<ClientError>(),
+            Some(ClientError::AuthFailed {
+                code: ErrorCode::InvalidToken,
+                ..
+            })
+        )
+    })
+}
+
+/// Reads a password without echo; with `twice`, asks again to confirm.
+async fn prompt(label: &'static str, twice: bool) -> Result<String> {
     tokio::task::spawn_blocking(move || -> Result<String> {
-        let password = rpassword::prompt_password("Password: ").context("reading the password")?;
-        if register {
+        let password = rpassword::prompt_password(label).context("reading the password")?;
+        if twice {
             let again =
                 rpassword::prompt_password("Repeat password: ").context("reading the password")?;
             if again != password {

@@ -127,6 +127,14 @@ impl Names {
     }
 }
 
+/// `2026-12-03 15:04:05` in local time.
+pub fn datetime(ms: i64) -> String {
+    match chrono::Local.timestamp_millis_opt(ms).single() {
+        Some(t) => t.format("%Y-%m-%d %H:%M:%S").to_string(),
+        None => "-".to_owned(),
+    }
+}
+
 /// One message as a human line: `[15:04:05] bob → you: hi`, or for a
 /// group `[15:04:05] bob → #12 friends: hi`.
 pub fn message_line(names: &Names, message: &pb::Message) -> String {
@@ -306,6 +314,9 @@ pub fn explain(code: ErrorCode) -> &'static str {
         ErrorCode::InvalidCredentials => "unknown username or wrong password",
         ErrorCode::UsernameTaken => "that username is taken",
         ErrorCode::InvalidToken => "the saved session has expired; log in again",
+        ErrorCode::SessionRevoked => {
+            "this session was ended (logout or password change); log in again"
+        }
         ErrorCode::RateLimited => "too many requests or attempts; try again later",
         ErrorCode::Forbidden => "not allowed",
         ErrorCode::NotFound => "no such user, group or conversation",

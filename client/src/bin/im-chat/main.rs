@@ -57,8 +57,27 @@ pub enum Command {
     Register(Auth),
     /// Log in and save the session.
     Login(Auth),
-    /// Forget the saved session.
-    Logout,
+    /// End this device's session on the server (with --all: every
+    /// session of the account, on every device) and forget it here.
+    Logout {
+        /// End every session of the account, not only this one.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Change the password; every other session of the account ends.
+    Password {
+        /// The current password; prompted for when not given.
+        #[arg(long, env = "IM_PASSWORD", hide_env_values = true)]
+        old: Option<String>,
+        /// The new password (8 to 128 bytes); prompted for when not given.
+        #[arg(long, env = "IM_NEW_PASSWORD", hide_env_values = true)]
+        new: Option<String>,
+    },
+    /// List the account's sessions (devices), or end one.
+    Sessions {
+        #[command(subcommand)]
+        action: Option<SessionsCommand>,
+    },
     /// Show the saved session.
     Whoami,
     /// Send a message (text, or an image or file reference).
@@ -114,10 +133,23 @@ pub enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// End a session by its id (as listed by `im-chat sessions`).
+    End {
+        /// The session id.
+        id: u64,
+    },
+}
+
 #[derive(Debug, Args)]
 pub struct Auth {
     /// 3 to 32 characters of [A-Za-z0-9_.-].
     pub username: String,
+    /// Name of this device in the account's session list (at most 64
+    /// bytes).
+    #[arg(long, env = "IM_DEVICE_NAME", default_value = "im-chat")]
+    pub device_name: String,
     /// The password; prompted for (without echo) when not given.
     #[arg(long, env = "IM_PASSWORD", hide_env_values = true)]
     pub password: Option<String>,

@@ -30,7 +30,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AppendRejection, AppendResult, CursorKind, CursorMove, GroupId, GroupLimits, GroupRecord,
-    NewMessage, Page, Store, StoreError, StoreResult, UserId, UserRecord,
+    NewMessage, NewSession, Page, SessionId, SessionRecord, SessionScope, SessionTouch, Store,
+    StoreError, StoreResult, UserId, UserRecord,
 };
 use append::AppendJob;
 use engine::{mysql_err, redis_err};
@@ -261,6 +262,57 @@ impl Store for PipelineStore {
         names: &[String],
     ) -> impl Future<Output = StoreResult<Vec<(UserId, String)>>> + Send {
         sql::lookup_users(&self.shared, ids, names)
+    }
+
+    fn set_password(
+        &self,
+        user: UserId,
+        password_hash: &str,
+    ) -> impl Future<Output = StoreResult<()>> + Send {
+        sql::set_password(&self.shared, user, password_hash)
+    }
+
+    fn create_session(
+        &self,
+        session: NewSession,
+    ) -> impl Future<Output = StoreResult<(SessionId, Vec<SessionId>)>> + Send {
+        sql::create_session(&self.shared, session)
+    }
+
+    fn sessions(
+        &self,
+        user: UserId,
+        live_since_ms: i64,
+    ) -> impl Future<Output = StoreResult<Vec<SessionRecord>>> + Send {
+        sql::sessions(&self.shared, user, live_since_ms)
+    }
+
+    fn end_sessions(
+        &self,
+        user: UserId,
+        scope: SessionScope,
+        now_ms: i64,
+    ) -> impl Future<Output = StoreResult<Vec<SessionId>>> + Send {
+        sql::end_sessions(&self.shared, user, scope, now_ms)
+    }
+
+    fn ended_since(
+        &self,
+        since_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<Vec<(SessionId, i64)>>> + Send {
+        sql::ended_since(&self.shared, since_ms, limit)
+    }
+
+    fn session_ended(&self, id: SessionId) -> impl Future<Output = StoreResult<bool>> + Send {
+        sql::session_ended(&self.shared, id)
+    }
+
+    fn touch_sessions(
+        &self,
+        touches: Vec<SessionTouch>,
+    ) -> impl Future<Output = StoreResult<()>> + Send {
+        sql::touch_sessions(&self.shared, touches)
     }
 
     fn append_batch(

@@ -13,7 +13,8 @@ use prost::Message as _;
 
 use super::{Shared, mysql_err, redis_err};
 use crate::store::{
-    Ack, GroupId, GroupLimits, GroupRecord, StoreError, StoreResult, UserId, UserRecord,
+    Ack, GroupId, GroupLimits, GroupRecord, NewSession, SessionId, SessionRecord, SessionScope,
+    SessionTouch, StoreError, StoreResult, UserId, UserRecord,
 };
 
 /// MySQL's "duplicate entry" error.
@@ -91,6 +92,218 @@ pub(super) async fn user_by_name(
         username,
         password_hash,
     }))
+}
+
+pub(super) async fn set_password(shared: &Shared, user: UserId, hash: &str) -> StoreResult<()> {
+    let mut conn = shared.mysql().await?;
+    conn.exec_drop(
+        "UPDATE users SET password_hash = ? WHERE id = ?",
+        (hash, user),
+    )
+    .await
+    .map_err(mysql_err)?;
+    // Matched rows, not changed ones (CLIENT_FOUND_ROWS is not set, and a
+    // new hash always differs from the old one: fresh salt).
+    if conn.affected_rows() == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
+}
+
+// ---- sessions ----
+
+pub(super) async fn create_session(
+    shared: &Shared,
+    s: NewSession,
+) -> StoreResult<(SessionId, Vec<SessionId>)> {
+    let mut conn = shared.mysql().await?;
+    let mut tx = conn
+        .start_transaction(TxOpts::default())
+        .await
+        .map_err(mysql_err)?;
+    tx.exec_drop(
+        "INSERT INTO sessions (user_id, device_name, address, created_ms, last_seen_ms)
+         VALUES (?, ?, ?, ?, ?)",
+        (s.user, &s.device_name, &s.address, s.now_ms, s.now_ms),
+    )
+    .await
+    .map_err(mysql_err)?;
+    let id = tx
+        .last_insert_id()
+        .ok_or_else(|| mysql_err("no insert id"))?;
+    // Locks the user's live rows, so two logins at once count each other.
+    let others: Vec<SessionId> = tx
+        .exec(
+            "SELECT id FROM sessions
+             WHERE user_id = ? AND ended_ms IS NULL AND last_seen_ms >= ? AND id <> ?
+             ORDER BY last_seen_ms DESC, id DESC FOR UPDATE",
+            (s.user, s.live_since_ms, id),
+        )
+        .await
+        .map_err(mysql_err)?;
+    let ended: Vec<SessionId> = others
+        .into_iter()
+        .skip(s.max_live.saturating_sub(1))
+        .collect();
+    if !ended.is_empty() {
+        let sql = format!(
+            "UPDATE sessions SET ended_ms = ? WHERE id IN ({})",
+            placeholders(ended.len())
+        );
+        let mut params: Vec<Value> = vec![s.now_ms.into()];
+        params.extend(values(&ended));
+        tx.exec_drop(sql, Params::Positional(params))
+            .await
+            .map_err(mysql_err)?;
+    }
+    tx.commit().await.map_err(mysql_err)?;
+    Ok((id, ended))
+}
+
+pub(super) async fn sessions(
+    shared: &Shared,
+    user: UserId,
+    live_since_ms: i64,
+) -> StoreResult<Vec<SessionRecord>> {
+    let mut conn = shared.mysql().await?;
+    let rows: Vec<(u64, String, String, i64, i64)> = conn
+        .exec(
+            "SELECT id, device_name, address, created_ms, last_seen_ms FROM sessions
+             WHERE user_id = ? AND ended_ms IS NULL AND last_seen_ms >= ?
+             ORDER BY id DESC",
+            (user, live_since_ms),
+        )
+        .await
+        .map_err(mysql_err)?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(id, device_name, address, created_ms, last_seen_ms)| SessionRecord {
+                id,
+                user,
+                device_name,
+                address,
+                created_ms,
+                last_seen_ms,
+            },
+        )
+        .collect())
+}
+
+pub(super) async fn end_sessions(
+    shared: &Shared,
+    user: UserId,
+    scope: SessionScope,
+    now_ms: i64,
+) -> StoreResult<Vec<SessionId>> {
+    let mut conn = shared.mysql().await?;
+    let mut tx = conn
+        .start_transaction(TxOpts::default())
+        .await
+        .map_err(mysql_err)?;
+    let live: Vec<SessionId> = tx
+        .exec(
+            "SELECT id FROM sessions WHERE user_id = ? AND ended_ms IS NULL
+             ORDER BY id FOR UPDATE",
+            (user,),
+        )
+        .await
+        .map_err(mysql_err)?;
+    let ended: Vec<SessionId> = match scope {
+        SessionScope::One(id) if live.contains(&id) => vec![id],
+        SessionScope::One(_) => return Err(StoreError::NotFound),
+        SessionScope::All => live,
+        SessionScope::AllBut(keep) => live.into_iter().filter(|&id| id != keep).collect(),
+    };
+    if !ended.is_empty() {
+        let sql = format!(
+            "UPDATE sessions SET ended_ms = ? WHERE id IN ({})",
+            placeholders(ended.len())
+        );
+        let mut params: Vec<Value> = vec![now_ms.into()];
+        params.extend(values(&ended));
+        tx.exec_drop(sql, Params::Positional(params))
+            .await
+            .map_err(mysql_err)?;
+    }
+    tx.commit().await.map_err(mysql_err)?;
+    Ok(ended)
+}
+
+pub(super) async fn ended_since(
+    shared: &Shared,
+    since_ms: i64,
+    limit: usize,
+) -> StoreResult<Vec<(SessionId, i64)>> {
+    let mut conn = shared.mysql().await?;
+    conn.exec(
+        "SELECT id, ended_ms FROM sessions WHERE ended_ms >= ?
+         ORDER BY ended_ms DESC LIMIT ?",
+        (since_ms, u64::try_from(limit).unwrap_or(u64::MAX)),
+    )
+    .await
+    .map_err(mysql_err)
+}
+
+pub(super) async fn session_ended(shared: &Shared, id: SessionId) -> StoreResult<bool> {
+    let mut conn = shared.mysql().await?;
+    let row: Option<(Option<i64>,)> = conn
+        .exec_first("SELECT ended_ms FROM sessions WHERE id = ?", (id,))
+        .await
+        .map_err(mysql_err)?;
+    Ok(!matches!(row, Some((None,))))
+}
+
+/// Sessions updated per statement at most (three placeholders each, far
+/// below MySQL's 65,535).
+const TOUCHES_PER_STATEMENT: usize = 512;
+
+pub(super) async fn touch_sessions(shared: &Shared, touches: Vec<SessionTouch>) -> StoreResult<()> {
+    if touches.is_empty() {
+        return Ok(());
+    }
+    let mut conn = shared.mysql().await?;
+    for chunk in touches.chunks(TOUCHES_PER_STATEMENT) {
+        touch_chunk(&mut conn, chunk).await?;
+    }
+    Ok(())
+}
+
+async fn touch_chunk(conn: &mut mysql_async::Conn, touches: &[SessionTouch]) -> StoreResult<()> {
+    // One statement per kind for the whole chunk.
+    let sql = format!(
+        "UPDATE sessions SET last_seen_ms = GREATEST(last_seen_ms, CASE id {} END)
+         WHERE id IN ({})",
+        vec!["WHEN ? THEN ?"; touches.len()].join(" "),
+        placeholders(touches.len())
+    );
+    let mut params: Vec<Value> = Vec::with_capacity(touches.len() * 3);
+    for t in touches {
+        params.push(t.id.into());
+        params.push(t.at_ms.into());
+    }
+    params.extend(touches.iter().map(|t| Value::from(t.id)));
+    conn.exec_drop(sql, Params::Positional(params))
+        .await
+        .map_err(mysql_err)?;
+    let addressed: Vec<&SessionTouch> = touches.iter().filter(|t| t.address.is_some()).collect();
+    if !addressed.is_empty() {
+        let sql = format!(
+            "UPDATE sessions SET address = CASE id {} END WHERE id IN ({})",
+            vec!["WHEN ? THEN ?"; addressed.len()].join(" "),
+            placeholders(addressed.len())
+        );
+        let mut params: Vec<Value> = Vec::with_capacity(addressed.len() * 3);
+        for t in &addressed {
+            params.push(t.id.into());
+            params.push(t.address.as_deref().unwrap_or_default().into());
+        }
+        params.extend(addressed.iter().map(|t| Value::from(t.id)));
+        conn.exec_drop(sql, Params::Positional(params))
+            .await
+            .map_err(mysql_err)?;
+    }
+    Ok(())
 }
 
 pub(super) async fn lookup_users(

@@ -15,6 +15,7 @@
 mod read;
 mod recent;
 mod schema;
+mod sessions;
 mod writer;
 
 #[cfg(test)]
@@ -33,10 +34,11 @@ use tokio::sync::oneshot;
 
 use self::read::ReadPool;
 use self::recent::RecentSends;
-use self::writer::{Job, Reply, Writer};
+use self::writer::{Job, Reply, TypedCall, Writer};
 use super::{
-    AppendResult, CursorKind, CursorMove, GroupId, GroupLimits, GroupRecord, NewMessage, Page,
-    Store, StoreError, StoreResult, UserId, UserRecord,
+    AppendResult, CursorKind, CursorMove, GroupId, GroupLimits, GroupRecord, NewMessage,
+    NewSession, Page, SessionId, SessionRecord, SessionScope, SessionTouch, Store, StoreError,
+    StoreResult, UserId, UserRecord,
 };
 
 /// File name of the database inside the data directory.
@@ -186,6 +188,15 @@ impl SqliteStore {
         })
     }
 
+    /// Runs `f` on the writer thread in a savepoint of its own.
+    fn write<T, F>(&self, f: F) -> impl Future<Output = StoreResult<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+    {
+        self.submit(move |reply| Job::Call(Box::new(TypedCall { f, reply })))
+    }
+
     /// Runs a query on the read pool.
     fn read<T, F>(&self, query: F) -> impl Future<Output = StoreResult<T>> + Send + 'static
     where
@@ -232,6 +243,58 @@ impl Store for SqliteStore {
     ) -> impl Future<Output = StoreResult<Vec<(UserId, String)>>> + Send {
         let (ids, names) = (ids.to_vec(), names.to_vec());
         self.read(move |conn| read::lookup_users(conn, &ids, &names))
+    }
+
+    fn set_password(
+        &self,
+        user: UserId,
+        password_hash: &str,
+    ) -> impl Future<Output = StoreResult<()>> + Send {
+        let hash = password_hash.to_owned();
+        self.write(move |conn| sessions::set_password(conn, user, &hash))
+    }
+
+    fn create_session(
+        &self,
+        session: NewSession,
+    ) -> impl Future<Output = StoreResult<(SessionId, Vec<SessionId>)>> + Send {
+        self.write(move |conn| sessions::create_session(conn, &session))
+    }
+
+    fn sessions(
+        &self,
+        user: UserId,
+        live_since_ms: i64,
+    ) -> impl Future<Output = StoreResult<Vec<SessionRecord>>> + Send {
+        self.read(move |conn| sessions::sessions(conn, user, live_since_ms))
+    }
+
+    fn end_sessions(
+        &self,
+        user: UserId,
+        scope: SessionScope,
+        now_ms: i64,
+    ) -> impl Future<Output = StoreResult<Vec<SessionId>>> + Send {
+        self.write(move |conn| sessions::end_sessions(conn, user, scope, now_ms))
+    }
+
+    fn ended_since(
+        &self,
+        since_ms: i64,
+        limit: usize,
+    ) -> impl Future<Output = StoreResult<Vec<(SessionId, i64)>>> + Send {
+        self.read(move |conn| sessions::ended_since(conn, since_ms, limit))
+    }
+
+    fn session_ended(&self, id: SessionId) -> impl Future<Output = StoreResult<bool>> + Send {
+        self.read(move |conn| sessions::session_ended(conn, id))
+    }
+
+    fn touch_sessions(
+        &self,
+        touches: Vec<SessionTouch>,
+    ) -> impl Future<Output = StoreResult<()>> + Send {
+        self.write(move |conn| sessions::touch_sessions(conn, &touches))
     }
 
     fn append_batch(

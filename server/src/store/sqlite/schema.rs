@@ -102,6 +102,19 @@ const MIGRATIONS: &[&str] = &[
         FROM messages;
     DROP TABLE messages;
     ALTER TABLE messages_v3 RENAME TO messages;",
+    // 4: sessions (one per login of a device), ended by logout, password
+    // change, the device limit or an end-session request.
+    "CREATE TABLE sessions (
+        id           INTEGER PRIMARY KEY,
+        user_id      INTEGER NOT NULL,
+        device_name  TEXT NOT NULL,
+        address      TEXT NOT NULL,
+        created_ms   INTEGER NOT NULL,
+        last_seen_ms INTEGER NOT NULL,
+        ended_ms     INTEGER
+    );
+    CREATE INDEX sessions_by_user ON sessions (user_id);
+    CREATE INDEX sessions_ended ON sessions (ended_ms) WHERE ended_ms IS NOT NULL;",
 ];
 
 /// Settings of the single write connection: WAL so readers run beside the

@@ -1083,3 +1083,112 @@ async fn late_resends_are_looked_up_within_a_budget_per_sender() {
     ));
     assert!(matches!(again[1], Ok(AppendOutcome::Stored(_))));
 }
+
+#[tokio::test]
+async fn sessions_end_by_scope_and_by_the_device_limit_and_touches_only_move_forward() {
+    use crate::store::{NewSession, SessionScope, SessionTouch};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let ids = users(&store, &["alice", "bob"]).await;
+    let (alice, bob) = (ids[0], ids[1]);
+    let new = |user: UserId, name: &str, now_ms: i64| NewSession {
+        user,
+        device_name: name.into(),
+        address: "10.0.0.1".into(),
+        now_ms,
+        max_live: 2,
+        live_since_ms: 0,
+    };
+    let (a1, ended) = store
+        .create_session(new(alice, "one", 1_000))
+        .await
+        .unwrap();
+    assert!(ended.is_empty());
+    let (a2, _) = store
+        .create_session(new(alice, "two", 2_000))
+        .await
+        .unwrap();
+    let (b1, _) = store.create_session(new(bob, "bob", 2_500)).await.unwrap();
+    // The least recently used goes: a1, unless it was seen since.
+    store
+        .touch_sessions(vec![SessionTouch {
+            id: a1,
+            at_ms: 3_000,
+            address: Some("10.0.0.9".into()),
+        }])
+        .await
+        .unwrap();
+    let (a3, ended) = store
+        .create_session(new(alice, "three", 4_000))
+        .await
+        .unwrap();
+    assert_eq!(ended, [a2]);
+    let listed = store.sessions(alice, 0).await.unwrap();
+    let seen: Vec<(u64, &str, &str, i64)> = listed
+        .iter()
+        .map(|s| {
+            (
+                s.id,
+                s.device_name.as_str(),
+                s.address.as_str(),
+                s.last_seen_ms,
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (a3, "three", "10.0.0.1", 4_000),
+            (a1, "one", "10.0.0.9", 3_000)
+        ]
+    );
+    // An older touch does not move it back; expired sessions are not live.
+    store
+        .touch_sessions(vec![SessionTouch {
+            id: a1,
+            at_ms: 10,
+            address: None,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(store.sessions(alice, 3_500).await.unwrap().len(), 1);
+
+    assert!(matches!(
+        store
+            .end_sessions(alice, SessionScope::One(b1), 5_000)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+    assert_eq!(
+        store
+            .end_sessions(alice, SessionScope::AllBut(a3), 5_000)
+            .await
+            .unwrap(),
+        [a1]
+    );
+    assert!(store.session_ended(a1).await.unwrap());
+    assert!(!store.session_ended(a3).await.unwrap());
+    assert!(
+        store.session_ended(999_999).await.unwrap(),
+        "unknown counts as ended"
+    );
+    assert_eq!(
+        store
+            .end_sessions(alice, SessionScope::All, 6_000)
+            .await
+            .unwrap(),
+        [a3]
+    );
+    let ends = store.ended_since(5_000, 10).await.unwrap();
+    assert_eq!(ends, [(a3, 6_000), (a1, 5_000)]);
+    assert_eq!(store.ended_since(5_500, 10).await.unwrap(), [(a3, 6_000)]);
+    assert!(!store.session_ended(b1).await.unwrap());
+
+    store.set_password(alice, "new hash").await.unwrap();
+    let record = store.user_by_name("alice").await.unwrap().unwrap();
+    assert_eq!(record.password_hash, "new hash");
+    assert!(matches!(
+        store.set_password(12_345, "x").await,
+        Err(StoreError::NotFound)
+    ));
+}

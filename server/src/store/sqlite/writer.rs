@@ -75,6 +75,46 @@ pub(super) enum Job {
         users: Vec<UserId>,
         reply: Reply<(GroupRecord, Vec<UserId>)>,
     },
+    /// Any other write: a function of the connection, run in its own
+    /// savepoint (accounts and sessions, see `sessions.rs`).
+    Call(Box<dyn Call>),
+}
+
+/// A write job given as a function of the write connection.
+pub(super) trait Call: Send {
+    /// Runs it inside the open transaction; the outcome is sent after the
+    /// commit.
+    fn run(self: Box<Self>, writer: &mut Writer) -> Done;
+    /// Answers it without running it.
+    fn fail(self: Box<Self>, msg: &str);
+}
+
+/// [`Call`] for a function and its reply channel.
+pub(super) struct TypedCall<T, F> {
+    pub(super) f: F,
+    pub(super) reply: Reply<T>,
+}
+
+impl<T, F> Call for TypedCall<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> StoreResult<T> + Send + 'static,
+{
+    fn run(self: Box<Self>, writer: &mut Writer) -> Done {
+        let TypedCall { f, reply } = *self;
+        let result = writer.savepoint(|w| f(&w.conn));
+        Done::Call(Box::new(move |commit_error: Option<&str>| {
+            let result = match commit_error {
+                Some(e) => Err(StoreError::Backend(e.to_owned())),
+                None => result,
+            };
+            let _ = reply.send(result);
+        }))
+    }
+
+    fn fail(self: Box<Self>, msg: &str) {
+        let _ = self.reply.send(Err(StoreError::Backend(msg.to_owned())));
+    }
 }
 
 impl Job {
@@ -87,9 +127,14 @@ impl Job {
     }
 }
 
+/// Sends a [`Call`]'s outcome, given the commit's error if any.
+pub(super) type Deliver = Box<dyn FnOnce(Option<&str>) + Send>;
+
 /// A job applied inside the open transaction whose reply waits for the
 /// commit.
-enum Done {
+pub(super) enum Done {
+    /// A [`Call`]'s outcome, sent with the commit's error if any.
+    Call(Deliver),
     User(Reply<UserId>, StoreResult<UserId>),
     Append(Reply<Vec<AppendResult>>, StoreResult<Vec<AppendResult>>),
     Cursor(Reply<Option<CursorMove>>, StoreResult<Option<CursorMove>>),
@@ -117,6 +162,7 @@ impl Done {
             Done::Cursor(r, v) => send(r, v, commit_error),
             Done::Group(r, v) => send(r, v, commit_error),
             Done::Members(r, v) => send(r, v, commit_error),
+            Done::Call(deliver) => deliver(commit_error),
         }
     }
 }
@@ -276,6 +322,7 @@ impl Writer {
             Job::AdvanceCursor { reply, .. } => fail(reply, msg),
             Job::CreateGroup { reply, .. } => fail(reply, msg),
             Job::AddMembers { reply, .. } | Job::RemoveMembers { reply, .. } => fail(reply, msg),
+            Job::Call(call) => call.fail(msg),
         }
     }
 
@@ -326,6 +373,7 @@ impl Writer {
                 users,
                 reply,
             } => Done::Members(reply, self.savepoint(|w| w.remove_members(group, &users))),
+            Job::Call(call) => call.run(self),
         }
     }
 
