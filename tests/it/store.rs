@@ -494,6 +494,38 @@ async fn an_empty_direct_conversation_is_readable_by_its_participants<S: Store>(
 
 both_stores!(an_empty_direct_conversation_is_readable_by_its_participants);
 
+// ---- registration ----
+
+/// An account and its first session are created together: the session is
+/// listed at once, and a taken name creates neither.
+async fn an_account_comes_with_its_first_session_or_not_at_all<S: Store>(store: &S) {
+    let session = |now_ms| im_server::store::NewSession {
+        user: 0,
+        device_name: "phone".into(),
+        address: "10.0.0.1".into(),
+        now_ms,
+        max_live: 10,
+        live_since_ms: 0,
+    };
+    let now = im_proto::now_ms();
+    let (user, id) = store
+        .create_user_with_session("reg", "h", session(now))
+        .await
+        .unwrap();
+    let live = store.sessions(user, 0).await.unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!((live[0].id, live[0].device_name.as_str()), (id, "phone"));
+    assert!(matches!(
+        store
+            .create_user_with_session("REG", "h", session(now))
+            .await,
+        Err(StoreError::UsernameTaken)
+    ));
+    assert_eq!(store.sessions(user, 0).await.unwrap().len(), 1);
+}
+
+both_stores!(an_account_comes_with_its_first_session_or_not_at_all);
+
 /// The MySQL connections a burst of concurrent queries opened stay in the
 /// pool for the next burst: a pool that closed each one as soon as it was
 /// idle made every concurrent login pay a new MySQL connection.

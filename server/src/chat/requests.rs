@@ -217,9 +217,13 @@ impl<S: Store> Inner<S> {
             return Err(ChatError::UsernameTaken);
         }
         let hash = self.passwords.hash(r.password).await?;
-        let id = self.store.create_user(&r.username, &hash).await?;
+        // One store operation: an account its client never got a session
+        // for would make the retried registration USERNAME_TAKEN.
+        let (id, session) = self
+            .store
+            .create_user_with_session(&r.username, &hash, self.new_session(0, device, address))
+            .await?;
         tracing::info!(user_id = id, username = %r.username, "registered");
-        let session = self.start_session(id, device, address).await?;
         Ok((id, r.username, session))
     }
 

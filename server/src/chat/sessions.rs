@@ -311,6 +311,24 @@ impl<S: Store> Inner<S> {
         }
     }
 
+    /// A session of `user` starting now, within the device limit.
+    pub(crate) fn new_session(
+        &self,
+        user: UserId,
+        device_name: String,
+        address: String,
+    ) -> NewSession {
+        let now = im_proto::now_ms();
+        NewSession {
+            user,
+            device_name,
+            address,
+            now_ms: now,
+            max_live: self.config.max_devices_per_user.max(1),
+            live_since_ms: self.revoked.horizon(now),
+        }
+    }
+
     /// Starts a session for a login or registration, ending the user's
     /// least recently used ones beyond the device limit.
     pub(crate) async fn start_session(
@@ -319,17 +337,9 @@ impl<S: Store> Inner<S> {
         device_name: String,
         address: String,
     ) -> Result<u64, ChatError> {
-        let now = im_proto::now_ms();
         let (id, ended) = self
             .store
-            .create_session(NewSession {
-                user,
-                device_name,
-                address,
-                now_ms: now,
-                max_live: self.config.max_devices_per_user.max(1),
-                live_since_ms: self.revoked.horizon(now),
-            })
+            .create_session(self.new_session(user, device_name, address))
             .await?;
         if !ended.is_empty() {
             tracing::info!(user, sessions = ?ended, "device limit reached; oldest sessions ended");

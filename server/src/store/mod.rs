@@ -294,6 +294,16 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- sessions ----
 
+    /// Creates an account and its first session together: both or neither
+    /// (a registration must not leave an account its client never got a
+    /// session for). `session.user` is ignored.
+    fn create_user_with_session(
+        &self,
+        username: &str,
+        password_hash: &str,
+        session: NewSession,
+    ) -> impl Future<Output = StoreResult<(UserId, SessionId)>> + Send;
+
     /// Starts a session and returns its id and the ids of the sessions it
     /// ended to stay within `session.max_live` (oldest activity first).
     fn create_session(

@@ -272,6 +272,15 @@ impl Store for PipelineStore {
         sql::set_password(&self.shared, user, password_hash)
     }
 
+    fn create_user_with_session(
+        &self,
+        username: &str,
+        password_hash: &str,
+        session: NewSession,
+    ) -> impl Future<Output = StoreResult<(UserId, SessionId)>> + Send {
+        sql::create_user_with_session(&self.shared, username, password_hash, session)
+    }
+
     fn create_session(
         &self,
         session: NewSession,

@@ -41,8 +41,37 @@ pub(super) async fn create_user(
     username: &str,
     password_hash: &str,
 ) -> StoreResult<UserId> {
+    let (user, _) = create_account(shared, username, password_hash, None).await?;
+    Ok(user)
+}
+
+/// An account and its first session in one transaction (see
+/// `Store::create_user_with_session`).
+pub(super) async fn create_user_with_session(
+    shared: &Shared,
+    username: &str,
+    password_hash: &str,
+    s: NewSession,
+) -> StoreResult<(UserId, SessionId)> {
+    let (user, session) = create_account(shared, username, password_hash, Some(s)).await?;
+    let session = session.ok_or_else(|| mysql_err("no session id"))?;
+    Ok((user, session))
+}
+
+/// Inserts an account, and its first session if given, in one
+/// transaction, then marks the account known to appends.
+async fn create_account(
+    shared: &Shared,
+    username: &str,
+    password_hash: &str,
+    first: Option<NewSession>,
+) -> StoreResult<(UserId, Option<SessionId>)> {
     let mut conn = shared.mysql().await?;
-    let inserted = conn
+    let mut tx = conn
+        .start_transaction(TxOpts::default())
+        .await
+        .map_err(mysql_err)?;
+    let inserted = tx
         .exec_drop(
             "INSERT INTO users (username, password_hash, created_ms) VALUES (?, ?, ?)",
             (username, password_hash, im_proto::now_ms()),
@@ -55,14 +84,35 @@ pub(super) async fn create_user(
         }
         Err(e) => return Err(mysql_err(e)),
     }
-    let id = conn
+    let user = tx
         .last_insert_id()
         .ok_or_else(|| mysql_err("no insert id"))?;
-    if !(1..=im_proto::ids::MAX_USER_ID).contains(&id) {
+    if !(1..=im_proto::ids::MAX_USER_ID).contains(&user) {
         return Err(StoreError::Backend("user id space exhausted".into()));
     }
+    let mut session = None;
+    if let Some(s) = first {
+        tx.exec_drop(
+            "INSERT INTO sessions (user_id, device_name, address, created_ms, last_seen_ms)
+             VALUES (?, ?, ?, ?, ?)",
+            (user, &s.device_name, &s.address, s.now_ms, s.now_ms),
+        )
+        .await
+        .map_err(mysql_err)?;
+        session = Some(
+            tx.last_insert_id()
+                .ok_or_else(|| mysql_err("no insert id"))?,
+        );
+    }
+    tx.commit().await.map_err(mysql_err)?;
     drop(conn);
-    // Later appends check existence against this bitmap.
+    mark_user_known(shared, user).await?;
+    Ok((user, session))
+}
+
+/// Sets the account's bit in Redis: later appends check existence
+/// against it.
+async fn mark_user_known(shared: &Shared, id: UserId) -> StoreResult<()> {
     let mut redis = shared.redis().await?;
     let _: i64 = redis::cmd("SETBIT")
         .arg(shared.layout.users_key())
@@ -72,7 +122,7 @@ pub(super) async fn create_user(
         .await
         .map_err(redis_err)?;
     shared.known_users.insert(id, ());
-    Ok(id)
+    Ok(())
 }
 
 pub(super) async fn user_by_name(

@@ -254,6 +254,20 @@ impl Store for SqliteStore {
         self.write(move |conn| sessions::set_password(conn, user, &hash))
     }
 
+    fn create_user_with_session(
+        &self,
+        username: &str,
+        password_hash: &str,
+        session: NewSession,
+    ) -> impl Future<Output = StoreResult<(UserId, SessionId)>> + Send {
+        let (username, password_hash) = (username.to_owned(), password_hash.to_owned());
+        self.write(move |conn| {
+            let user = writer::insert_user(conn, &username, &password_hash)?;
+            let (id, _) = sessions::create_session(conn, &NewSession { user, ..session })?;
+            Ok((user, id))
+        })
+    }
+
     fn create_session(
         &self,
         session: NewSession,

@@ -530,27 +530,7 @@ impl Writer {
     // ---- jobs ----
 
     fn create_user(&mut self, username: &str, password_hash: &str) -> StoreResult<UserId> {
-        let inserted = self
-            .conn
-            .prepare_cached(
-                "INSERT INTO users (username, password_hash, created_ms) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![username, password_hash, im_proto::now_ms()]);
-        match inserted {
-            Ok(_) => {}
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
-            {
-                return Err(StoreError::UsernameTaken);
-            }
-            Err(e) => return Err(e.into()),
-        }
-        let id = u64::try_from(self.conn.last_insert_rowid()).unwrap_or(0);
-        if !(1..=MAX_USER_ID).contains(&id) {
-            // Rolled back by the savepoint.
-            return Err(StoreError::Backend("user id space exhausted".into()));
-        }
-        Ok(id)
+        insert_user(&self.conn, username, password_hash)
     }
 
     fn append(&mut self, batch: Vec<NewMessage>) -> StoreResult<Vec<AppendResult>> {
@@ -1004,4 +984,33 @@ fn group_conversation(group: GroupId) -> StoreResult<u64> {
 fn dedup(items: impl Iterator<Item = UserId>) -> Vec<UserId> {
     let mut seen = HashSet::new();
     items.filter(|u| seen.insert(*u)).collect()
+}
+
+/// Inserts an account (inside the caller's savepoint, which undoes it on
+/// any later failure of the same job).
+pub(super) fn insert_user(
+    conn: &Connection,
+    username: &str,
+    password_hash: &str,
+) -> StoreResult<UserId> {
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO users (username, password_hash, created_ms) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![username, password_hash, im_proto::now_ms()]);
+    match inserted {
+        Ok(_) => {}
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            return Err(StoreError::UsernameTaken);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let id = u64::try_from(conn.last_insert_rowid()).unwrap_or(0);
+    if !(1..=MAX_USER_ID).contains(&id) {
+        // Rolled back by the savepoint.
+        return Err(StoreError::Backend("user id space exhausted".into()));
+    }
+    Ok(id)
 }
