@@ -185,6 +185,30 @@ async fn open_all(
     Ok((conns, resumed_count))
 }
 
+/// Connections opened by [`timed_open`], and how fast and at what server
+/// CPU cost.
+struct Opened {
+    conns: Vec<Conn>,
+    summary: String,
+}
+
+/// [`open_all`] for `--connections`, timed, with the server's CPU time.
+async fn timed_open(args: &Args, tls: Option<&Tls>, tokens: &[String]) -> anyhow::Result<Opened> {
+    let cpu_before = cpu_secs(args.pid)?;
+    let started = Instant::now();
+    let (conns, resumed) =
+        open_all(args.server, tls, tokens, args.connections, args.concurrency).await?;
+    let elapsed = started.elapsed();
+    let cpu = cpu_secs(args.pid)? - cpu_before;
+    let n = conns.len().max(1) as f64;
+    let summary = format!(
+        "{:.0}/s, server CPU {:.0} us each ({resumed} TLS resumed)",
+        n / elapsed.as_secs_f64(),
+        cpu * 1e6 / n
+    );
+    Ok(Opened { conns, summary })
+}
+
 /// Waits until the server's RSS stops moving.
 async fn settled_rss(pid: u32) -> anyhow::Result<u64> {
     let mut last = status_kib(pid, "VmRSS:")?;
@@ -233,18 +257,8 @@ async fn main() -> anyhow::Result<()> {
     let rss_before = settled_rss(args.pid).await?;
     let slab_before = meminfo_kib("Slab:")?;
     eprintln!("opening {} connections...", args.connections);
-    let cpu_before = cpu_secs(args.pid)?;
-    let started = Instant::now();
-    let (conns, resumed_first) = open_all(
-        args.server,
-        tls,
-        &tokens,
-        args.connections,
-        args.concurrency,
-    )
-    .await?;
-    let elapsed = started.elapsed();
-    let cpu_open = cpu_secs(args.pid)? - cpu_before;
+    let first = timed_open(&args, tls, &tokens).await?;
+    let conns = first.conns;
     let rss_after = settled_rss(args.pid).await?;
     let slab_after = meminfo_kib("Slab:")?;
     let n = conns.len() as f64;
@@ -253,11 +267,7 @@ async fn main() -> anyhow::Result<()> {
     let kind = if tls.is_some() { "TLS" } else { "plain" };
     println!("connections            {} ({kind})", conns.len());
     println!("users                  {users}");
-    println!(
-        "open+resume rate       {:.0}/s, server CPU {:.0} us each ({resumed_first} TLS resumed)",
-        n / elapsed.as_secs_f64(),
-        cpu_open * 1e6 / n
-    );
+    println!("open+resume rate       {}", first.summary);
     println!("server RSS before      {rss_before} KiB");
     println!("server RSS after       {rss_after} KiB");
     println!("server RSS per conn    {rss_per:.0} bytes");
@@ -269,23 +279,9 @@ async fn main() -> anyhow::Result<()> {
         tls.set_resume(true);
     }
     settled_rss(args.pid).await?;
-    let cpu_before = cpu_secs(args.pid)?;
-    let started = Instant::now();
-    let (conns, resumed_again) = open_all(
-        args.server,
-        tls,
-        &tokens,
-        args.connections,
-        args.concurrency,
-    )
-    .await?;
-    let elapsed = started.elapsed();
-    let cpu_again = cpu_secs(args.pid)? - cpu_before;
-    println!(
-        "reconnect rate         {:.0}/s, server CPU {:.0} us each ({resumed_again} TLS resumed)",
-        n / elapsed.as_secs_f64(),
-        cpu_again * 1e6 / n
-    );
+    let again = timed_open(&args, tls, &tokens).await?;
+    let conns = again.conns;
+    println!("reconnect rate         {}", again.summary);
     if args.hold > 0 {
         tokio::time::sleep(Duration::from_secs(args.hold)).await;
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use im_proto::ErrorCode;
 use im_proto::pb::{self, frame::Body};
-use im_tests::{PASSWORD, RawConn, TestCluster, TestServer, error_code, http_get, metric};
+use im_tests::{PASSWORD, RawConn, TestCluster, TestServer, error_code, http_get, im_chat, metric};
 
 /// A connection to `addr` logged in as `name` from `device`.
 async fn device(addr: std::net::SocketAddr, name: &str, device: &str) -> (RawConn, pb::AuthOk) {
@@ -302,34 +302,6 @@ async fn a_session_ended_on_one_node_is_closed_and_refused_on_the_others() {
         );
     }
     cluster.shutdown().await;
-}
-
-/// Runs `im-chat --json` with `args` against `addr`, its state in `dir`.
-async fn im_chat(
-    addr: std::net::SocketAddr,
-    dir: &std::path::Path,
-    args: &[&str],
-) -> (bool, Vec<serde_json::Value>, String) {
-    let exe = im_tests::binary("im-chat");
-    let mut command = tokio::process::Command::new(exe);
-    command
-        .arg("--json")
-        .args(args)
-        .env("IM_SERVER", addr.to_string())
-        .env("IM_CHAT_DIR", dir)
-        .env_remove("IM_PASSWORD")
-        .env_remove("IM_NEW_PASSWORD")
-        .env_remove("RUST_LOG");
-    let out = command.output().await.expect("im-chat runs");
-    let lines = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON lines"))
-        .collect();
-    (
-        out.status.success(),
-        lines,
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]

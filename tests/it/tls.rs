@@ -10,7 +10,7 @@ use im_client::{Client, ClientConfig, Credentials, Event, Target, Tls};
 use im_proto::pb;
 use im_proto::pb::frame::Body;
 use im_tests::tls::{self, TestPki};
-use im_tests::{PASSWORD, PipelineEnv, RawConn, ServerProcess, TestServer, pipeline_mode};
+use im_tests::{PASSWORD, PipelineEnv, RawConn, ServerProcess, TestServer, im_chat, pipeline_mode};
 use rustls::HandshakeKind;
 
 /// A ticket-key secret (hex) shared by the nodes of a test.
@@ -25,6 +25,32 @@ fn with_tls(pki_dir: &std::path::Path, c: &mut im_server::config::Config) {
 async fn tls_server(pki_dir: &std::path::Path) -> TestServer {
     let dir = pki_dir.to_path_buf();
     TestServer::start_with(move |c| with_tls(&dir, c)).await
+}
+
+/// A node whose TLS clients come through a balancer at 127.0.0.1 that
+/// sends a PROXY header, with `tweak` applied too.
+async fn tls_server_behind_balancer(
+    pki_dir: &std::path::Path,
+    tweak: impl Fn(&mut im_server::config::Config) + Send + Sync + 'static,
+) -> TestServer {
+    let dir = pki_dir.to_path_buf();
+    TestServer::start_with(move |c| {
+        with_tls(&dir, c);
+        c.proxy_protocol_from = vec!["127.0.0.1/32".parse().unwrap()];
+        tweak(c);
+    })
+    .await
+}
+
+/// A TLS connection through the balancer for a client at `ip`.
+async fn tls_via(
+    addr: SocketAddr,
+    client: &std::sync::Arc<rustls::ClientConfig>,
+    ip: &str,
+) -> std::io::Result<RawConn> {
+    let header = im_tests::proxy_v1(SocketAddr::new(ip.parse().unwrap(), 40_000), addr);
+    let stream = tls::connect_after(addr, &header, client).await?;
+    Ok(RawConn::over(Box::new(stream)))
 }
 
 /// A raw connection over TLS (trusting `pki`'s CA).
@@ -272,23 +298,15 @@ async fn a_load_run_over_tls_verifies_and_its_reconnect_storm_resumes_sessions()
 async fn a_proxy_header_before_the_handshake_names_the_client() {
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(pki_dir.path());
-    let dir = pki_dir.path().to_path_buf();
-    let server = TestServer::start_with(move |c| {
-        with_tls(&dir, c);
-        c.proxy_protocol_from = vec!["127.0.0.1/32".parse().unwrap()];
-        c.login_failures = 2;
-    })
-    .await;
+    let server = tls_server_behind_balancer(pki_dir.path(), |c| c.login_failures = 2).await;
     let tls_addr = server.node().tls_addr().unwrap();
     let client = pki.client_config();
-    let via = |ip: &str| {
-        let header = im_tests::proxy_v1(SocketAddr::new(ip.parse().unwrap(), 40_000), tls_addr);
+    let via = |ip: &'static str| {
         let client = client.clone();
         async move {
-            let stream = tls::connect_after(tls_addr, &header, &client)
+            tls_via(tls_addr, &client, ip)
                 .await
-                .expect("TLS after the PROXY header");
-            RawConn::over(Box::new(stream))
+                .expect("TLS after the PROXY header")
         }
     };
     via("10.9.9.9").await.register("tls_victim").await;
@@ -327,36 +345,24 @@ async fn a_proxy_header_before_the_handshake_names_the_client() {
 async fn tls_connections_count_against_the_address_in_the_proxy_header() {
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(pki_dir.path());
-    let dir = pki_dir.path().to_path_buf();
-    let server = TestServer::start_with(move |c| {
-        with_tls(&dir, c);
-        c.proxy_protocol_from = vec!["127.0.0.1/32".parse().unwrap()];
-        c.max_conns_per_addr = 1;
-    })
-    .await;
+    let server = tls_server_behind_balancer(pki_dir.path(), |c| c.max_conns_per_addr = 1).await;
     let tls_addr = server.node().tls_addr().unwrap();
     let client = pki.client_config();
-    let header =
-        |ip: &str| im_tests::proxy_v1(SocketAddr::new(ip.parse().unwrap(), 40_000), tls_addr);
-    let first = tls::connect_after(tls_addr, &header("10.5.5.5"), &client)
+    let mut first = tls_via(tls_addr, &client, "10.5.5.5")
         .await
         .expect("the first connection of 10.5.5.5");
-    let mut first = RawConn::over(Box::new(first));
     first.register("addr_limited").await;
     // The second one from the same client address is refused.
-    let second = tls::connect_after(tls_addr, &header("10.5.5.5"), &client).await;
-    if let Ok(stream) = second {
-        let mut second = RawConn::over(Box::new(stream));
+    if let Ok(mut second) = tls_via(tls_addr, &client, "10.5.5.5").await {
         assert!(
             second.until_closed().await.is_empty(),
             "served over the limit"
         );
     }
     // Another client address through the same balancer is served.
-    let other = tls::connect_after(tls_addr, &header("10.6.6.6"), &client)
+    let mut other = tls_via(tls_addr, &client, "10.6.6.6")
         .await
         .expect("another address");
-    let mut other = RawConn::over(Box::new(other));
     assert!(matches!(
         other.call(Body::Ping(pb::Ping {})).await,
         Body::Pong(_)
@@ -374,49 +380,22 @@ async fn im_chat_logs_in_over_tls_and_later_commands_keep_it() {
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = TestPki::new(pki_dir.path());
     let server = tls_server(pki_dir.path()).await;
-    let tls_addr = server.node().tls_addr().unwrap().to_string();
+    let tls_addr = server.node().tls_addr().unwrap();
     let state = tempfile::tempdir().unwrap();
-    let chat = |args: &[&str]| {
-        let state = state.path().to_path_buf();
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new(im_tests::binary("im-chat"))
-                .arg("--dir")
-                .arg(state)
-                .args(args)
-                .output()
-                .expect("run im-chat")
-        })
-    };
     let ca = pki.ca_file().display().to_string();
-    let out = chat(&[
-        "--server",
-        &tls_addr,
-        "--ca-file",
-        &ca,
-        "register",
-        "chat_tls",
-        "--password",
-        PASSWORD,
-    ])
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = chat(&["users", "chat_tls"]).await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("chat_tls"));
+    let pw = format!("--password={PASSWORD}");
+    let (ok, _, err) = im_chat(
+        tls_addr,
+        state.path(),
+        &["--ca-file", &ca, "register", "chat_tls", &pw],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let (ok, users, err) = im_chat(tls_addr, state.path(), &["users", "chat_tls"]).await;
+    assert!(ok, "{err}");
+    assert!(format!("{users:?}").contains("chat_tls"), "{users:?}");
     // The saved choice holds: TLS to the plain port fails.
-    let out = chat(&["--server", &server.addr.to_string(), "users", "chat_tls"])
-        .await
-        .unwrap();
-    assert!(!out.status.success(), "TLS to the plain port must fail");
+    let (ok, _, _) = im_chat(server.addr, state.path(), &["users", "chat_tls"]).await;
+    assert!(!ok, "TLS to the plain port must fail");
     assert_eq!(server.node().net_stats().tls_handshakes, 2);
 }

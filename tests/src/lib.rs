@@ -1074,3 +1074,34 @@ pub mod sdk {
         )
     }
 }
+
+/// Runs `im-chat --json` with `args` against `addr` (its `--server`
+/// unless `args` names one), its state in `dir`: whether it succeeded, the
+/// JSON lines it printed, and its stderr.
+pub async fn im_chat(
+    addr: SocketAddr,
+    dir: &Path,
+    args: &[&str],
+) -> (bool, Vec<serde_json::Value>, String) {
+    let mut command = tokio::process::Command::new(binary("im-chat"));
+    command
+        .arg("--json")
+        .args(args)
+        .env("IM_SERVER", addr.to_string())
+        .env("IM_CHAT_DIR", dir)
+        .env_remove("IM_PASSWORD")
+        .env_remove("IM_NEW_PASSWORD")
+        .env_remove("IM_TLS")
+        .env_remove("IM_CA_FILE")
+        .env_remove("RUST_LOG");
+    let out = command.output().await.expect("im-chat runs");
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .collect();
+    (
+        out.status.success(),
+        lines,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

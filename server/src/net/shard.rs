@@ -1108,14 +1108,7 @@ impl Loop {
                     let frames = bufs.out.written(written, now);
                     add(&self.stats.frames_out, frames);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    conn.set(WRITE_BLOCKED);
-                    // Cut it if the socket takes nothing for this long.
-                    if let Some(at) = self.stall_deadline(&self.conns[slot]) {
-                        self.arm(slot, at);
-                    }
-                    return self.resume_if_drained(slot);
-                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return self.write_blocked(slot),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return self.abort(slot),
             }
@@ -1166,11 +1159,7 @@ impl Loop {
                         }
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        conn.set(WRITE_BLOCKED);
-                        if let Some(at) = self.stall_deadline(&self.conns[slot]) {
-                            self.arm(slot, at);
-                        }
-                        return self.resume_if_drained(slot);
+                        return self.write_blocked(slot);
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => return self.abort(slot),
@@ -1220,6 +1209,20 @@ impl Loop {
             }
         }
         self.flushed(slot);
+    }
+
+    /// The socket is full: wait for it to be writable, cut the connection
+    /// if it takes nothing for the slow-consumer time, and go on reading
+    /// if the queue is under its limit.
+    fn write_blocked(&mut self, slot: usize) {
+        let Some(conn) = self.conns.get_mut(slot) else {
+            return;
+        };
+        conn.set(WRITE_BLOCKED);
+        if let Some(at) = self.stall_deadline(&self.conns[slot]) {
+            self.arm(slot, at);
+        }
+        self.resume_if_drained(slot);
     }
 
     /// After a flush that left nothing the socket could take now: a

@@ -303,12 +303,7 @@ impl TicketKeys {
                 mac.update(&p.to_be_bytes());
                 let bytes = mac.finalize().into_bytes();
                 let mut id = [0; KEY_ID_LEN];
-                id.copy_from_slice(
-                    &sha2::Digest::finalize(sha2::Digest::chain_update(
-                        <Sha256 as sha2::Digest>::new(),
-                        bytes,
-                    ))[..KEY_ID_LEN],
-                );
+                id.copy_from_slice(&<Sha256 as sha2::Digest>::digest(bytes)[..KEY_ID_LEN]);
                 let key = UnboundKey::new(&aead::CHACHA20_POLY1305, &bytes)
                     .expect("a 32-byte ChaCha20-Poly1305 key");
                 keys.push((id, LessSafeKey::new(key)));
