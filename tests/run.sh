@@ -5,10 +5,12 @@
 #    the storage worker and crash tests (which start their own Redis and
 #    MariaDB so they can kill them);
 #  - the same end-to-end chat tests again against the production pipeline
-#    (Redis Streams + MySQL + storage worker).
-# It starts a throwaway redis-server (AOF on) and MariaDB on free ports in a
-# temp directory, unless REDIS_URL / MYSQL_URL point elsewhere, and stops
-# them afterwards. Tests use their own key prefixes and databases.
+#    (Redis Streams + MySQL + storage worker);
+#  - the chat and cluster tests once more with the pipeline on a Redis
+#    Cluster (6 processes: 3 masters with a replica each).
+# It starts a throwaway redis-server (AOF on), a Redis Cluster and MariaDB
+# on free ports in a temp directory, unless REDIS_URL / REDIS_CLUSTER_NODES /
+# MYSQL_URL point elsewhere, and stops them afterwards. Tests use their own key prefixes and databases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,7 +62,17 @@ if [ -z "${MYSQL_URL:-}" ]; then
   until mariadb -h127.0.0.1 -P"$port" -uroot -e 'SELECT 1' >/dev/null 2>&1; do sleep 0.1; done
 fi
 
+if [ -z "${REDIS_CLUSTER_NODES:-}" ]; then
+  REDIS_CLUSTER_NODES=$(tests/redis-cluster.sh "$work/redis-cluster")
+  while read -r pid; do pids+=("$pid"); done <"$work/redis-cluster/pids"
+  export REDIS_CLUSTER_NODES
+fi
+
 # The process-level tests run the im-server and im-storage-worker binaries.
 cargo build --workspace --bins
 cargo test --workspace "$@"
-IM_TEST_STORE=pipeline cargo test -p im-tests --test it "$@" -- --skip crash:: --skip worker:: --skip cluster::
+IM_TEST_STORE=pipeline cargo test -p im-tests --test it "$@" -- --skip crash:: --skip worker:: --skip cluster:: --skip redis_cluster::
+# The third deployment, a Redis Cluster: the chat and cluster tests run on
+# it (the store contract tests and the Redis Cluster tests, failovers
+# included, already ran above).
+IM_TEST_STORE=pipeline-cluster cargo test -p im-tests --test it "$@" -- chat:: cluster::

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use im_storage::redis_target::RedisTarget;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::ChatConfig;
@@ -355,6 +356,25 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
 
+    /// Seed nodes of a Redis Cluster (`redis://host:port,...`), instead of
+    /// --redis-url: the pipeline, routes and cross-node pushes run on the
+    /// cluster unchanged.
+    #[arg(long, env = "IM_REDIS_CLUSTER_NODES", conflicts_with = "redis_url")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_cluster_nodes: Option<String>,
+
+    /// Replicas that must have an appended message before it is acked
+    /// (WAIT after the append; a timeout answers OVERLOADED, not an ack).
+    /// Default: 1 with --redis-cluster-nodes, 0 on a single Redis. With 0,
+    /// a failover may lose acknowledged messages.
+    #[arg(long, env = "IM_REDIS_REPLICA_ACKS")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_replica_acks: Option<u32>,
+
+    /// Milliseconds an append waits for its replicas (--redis-replica-acks).
+    #[arg(long, env = "IM_REDIS_REPLICA_TIMEOUT_MS", default_value_t = 1000)]
+    pub redis_replica_timeout_ms: u64,
+
     /// MySQL/MariaDB of the production pipeline, e.g.
     /// mysql://user:pass@host:3306/im (the schema is created at start-up).
     #[arg(long, env = "IM_MYSQL_URL", hide_env_values = true)]
@@ -527,8 +547,12 @@ impl Config {
                 return bad("token-secret must be at least 32 bytes");
             }
         }
-        if self.redis_url.is_some() != self.mysql_url.is_some() {
-            return bad("--redis-url and --mysql-url go together");
+        let redis = self.redis_target()?;
+        if redis.is_some() != self.mysql_url.is_some() {
+            return bad("--redis-url (or --redis-cluster-nodes) and --mysql-url go together");
+        }
+        if self.redis_replica_timeout_ms == 0 {
+            return bad("redis-replica-timeout-ms must be positive");
         }
         if !(1..=im_storage::layout::MAX_STREAMS).contains(&self.streams) {
             return bad("streams must be between 1 and 1024");
@@ -648,10 +672,27 @@ impl Config {
         }
     }
 
+    /// Where Redis is, if anywhere: --redis-url or --redis-cluster-nodes.
+    pub fn redis_target(&self) -> Result<Option<RedisTarget>, ConfigError> {
+        RedisTarget::from_flags(
+            self.redis_url.as_deref(),
+            self.redis_cluster_nodes.as_deref(),
+        )
+        .map_err(ConfigError::Invalid)
+    }
+
+    /// Replicas an append must reach before its ack.
+    pub fn replica_acks(&self) -> u32 {
+        self.redis_replica_acks
+            .unwrap_or(u32::from(self.redis_cluster_nodes.is_some()))
+    }
+
     /// Settings of the pipeline store, if Redis and MySQL are configured.
     pub fn pipeline(&self) -> Option<PipelineOptions> {
         Some(PipelineOptions {
-            redis_url: self.redis_url.clone()?,
+            redis: self.redis_target().ok()??,
+            replica_acks: self.replica_acks(),
+            replica_timeout: Duration::from_millis(self.redis_replica_timeout_ms),
             mysql_url: self.mysql_url.clone()?,
             prefix: self.redis_prefix.clone(),
             streams: self.streams,
@@ -669,7 +710,7 @@ impl Config {
     /// node id.
     pub fn cluster(&self, node_id: String) -> Option<crate::cluster::ClusterConfig> {
         Some(crate::cluster::ClusterConfig {
-            redis_url: self.redis_url.clone()?,
+            redis: self.redis_target().ok()??,
             prefix: self.redis_prefix.clone(),
             node_id,
             lease: Duration::from_secs(self.lease_secs),

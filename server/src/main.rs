@@ -30,7 +30,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         signal(SignalKind::interrupt())?,
         signal(SignalKind::hangup())?,
     );
-    if config.redis_url.is_some() {
+    if config.redis_cluster_nodes.is_some() || config.redis_url.is_some() {
         serve(PipelineServer::start_pipeline(config).await?, signals).await
     } else {
         serve(EmbeddedServer::start(config).await?, signals).await

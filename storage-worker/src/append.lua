@@ -108,6 +108,8 @@ local entry = {}
 -- (and consulted for duplicates within the call).
 local written = {}
 local dedup = {}
+-- Whether a duplicate was answered: see the end.
+local dup_seen = false
 
 for i = 1, count do
   local at = 8 + (i - 1) * 6
@@ -130,6 +132,7 @@ for i = 1, count do
       seen = redis.call("HGET", dedup_prev, field)
     end
     if seen then
+      dup_seen = true
       reply = {"dup", seen}
     elseif attempt == "r" then
       if covered(conv) then
@@ -204,6 +207,11 @@ end
 if #entry > 0 then
   redis.call("HSET", seq_key, "#t", clock - 1)
   redis.call("XADD", stream, "*", unpack(entry))
+elseif dup_seen then
+  -- A call that answers a duplicate writes something, so that a WAIT after
+  -- it (--redis-replica-acks) also covers the original, which another
+  -- connection may have appended.
+  redis.call("HINCRBY", seq_key, "#w", 1)
 end
 if #dedup > 0 then
   redis.call("HSET", dedup_cur, unpack(dedup))

@@ -36,6 +36,24 @@ pub struct WorkerConfig {
     #[arg(long, env = "IM_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
 
+    /// Seed nodes of a Redis Cluster holding the message streams
+    /// (`redis://host:port,...`), instead of --redis-url.
+    #[arg(long, env = "IM_REDIS_CLUSTER_NODES", conflicts_with = "redis_url")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_cluster_nodes: Option<String>,
+
+    /// Replicas that must have the stream entries of a batch before it
+    /// commits to MySQL (WAIT). Default: 1 with --redis-cluster-nodes, 0 on
+    /// a single Redis. Must not be lower than the servers'
+    /// --redis-replica-acks.
+    #[arg(long, env = "IM_REDIS_REPLICA_ACKS")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_replica_acks: Option<u32>,
+
+    /// Milliseconds a batch waits for its replicas before it is read again.
+    #[arg(long, env = "IM_REDIS_REPLICA_TIMEOUT_MS", default_value_t = 1000)]
+    pub redis_replica_timeout_ms: u64,
+
     /// MySQL/MariaDB database the messages are stored in (migrated at
     /// start-up).
     #[arg(
@@ -242,7 +260,28 @@ impl WorkerConfig {
         if self.mysql_timeout_ms == 0 {
             return bad("mysql-timeout-ms must be positive");
         }
+        self.redis_target()?;
+        if self.redis_replica_timeout_ms == 0 {
+            return bad("redis-replica-timeout-ms must be positive");
+        }
         Ok(())
+    }
+
+    /// Where Redis is.
+    pub fn redis_target(&self) -> Result<crate::redis_target::RedisTarget, ConfigError> {
+        use crate::redis_target::RedisTarget;
+        match &self.redis_cluster_nodes {
+            Some(nodes) => Ok(RedisTarget::Cluster(
+                crate::redis_target::parse_nodes(nodes).map_err(ConfigError::Invalid)?,
+            )),
+            None => Ok(RedisTarget::Single(self.redis_url.clone())),
+        }
+    }
+
+    /// Replicas a batch's entries must reach before it commits.
+    pub fn replica_acks(&self) -> u32 {
+        self.redis_replica_acks
+            .unwrap_or(u32::from(self.redis_cluster_nodes.is_some()))
     }
 
     /// The consumer name: the configured one, else the host name.

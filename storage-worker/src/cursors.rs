@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::redis_target::{RedisConn, RedisTarget, Timeouts};
 use mysql_async::Pool;
-use redis::aio::MultiplexedConnection;
 use tokio::sync::{Notify, watch};
 
 use crate::layout::Layout;
@@ -145,7 +145,7 @@ pub(crate) struct Flusher {
     /// Prepared statement texts.
     pub(crate) statements: Arc<Statements>,
     /// Redis, for the watermarks.
-    pub(crate) client: redis::Client,
+    pub(crate) redis: RedisTarget,
     /// Key names.
     pub(crate) layout: Layout,
     /// Marks direct conversations whose rows exist.
@@ -162,7 +162,7 @@ impl Flusher {
     /// Flushes every `every` (or when asked) until `finish` turns true,
     /// then flushes what is left, trying for at most `grace`.
     pub(crate) async fn run(self, mut finish: watch::Receiver<bool>, grace: Duration) {
-        let mut conn: Option<MultiplexedConnection> = None;
+        let mut conn: Option<RedisConn> = None;
         let mut delay = Duration::from_millis(100);
         loop {
             let finishing = *finish.borrow();
@@ -203,11 +203,7 @@ impl Flusher {
         }
     }
 
-    async fn flush(
-        &self,
-        p: &Pending,
-        conn: &mut Option<MultiplexedConnection>,
-    ) -> Result<(), FlushError> {
+    async fn flush(&self, p: &Pending, conn: &mut Option<RedisConn>) -> Result<(), FlushError> {
         if !p.direct.is_empty() || !p.group.is_empty() {
             let direct: Vec<MemberRow> = p.direct.iter().map(|(&(c, u), &s)| (c, u, s)).collect();
             let group: Vec<MemberRow> = p.group.iter().map(|(&(c, u), &s)| (c, u, s)).collect();
@@ -252,11 +248,15 @@ impl Flusher {
     async fn write_marks(
         &self,
         p: &Pending,
-        conn: &mut Option<MultiplexedConnection>,
+        conn: &mut Option<RedisConn>,
     ) -> Result<(), FlushError> {
         let c = match conn {
             Some(c) => c,
-            None => conn.insert(self.client.get_multiplexed_async_connection().await?),
+            None => conn.insert(
+                self.redis
+                    .connect_plain(Timeouts::both(self.timeout))
+                    .await?,
+            ),
         };
         let mut pipe = redis::pipe();
         let mut by_shard: BTreeMap<u32, Vec<(u64, u64)>> = BTreeMap::new();

@@ -8,6 +8,8 @@
 //!
 //! - [`layout`]: Redis key names, stream sharding, the record format of a
 //!   stored message, message ids, and the append script.
+//! - [`redis_target`]: one Redis server or a Redis Cluster behind one
+//!   connection type (pipelines split by slot on a cluster).
 //! - [`schema`]: the MySQL schema and its migrations, run at start-up by
 //!   every process that uses the database.
 //! - [`settings`]: how both binaries merge flags, `IM_*` variables and a
@@ -29,6 +31,7 @@ pub mod batch;
 pub mod config;
 pub mod cursors;
 pub mod layout;
+pub mod redis_target;
 pub mod schema;
 pub mod settings;
 pub mod sql;

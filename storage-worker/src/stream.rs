@@ -6,11 +6,11 @@
 
 use std::time::Duration;
 
-use redis::aio::MultiplexedConnection;
 use redis::{Value, cmd, pipe};
 
 use crate::batch::{Content, Entry, EntryId};
 use crate::layout::{Layout, RECORD_FIELD};
+use crate::redis_target::RedisConn;
 
 /// Raises `KEYS[1]` (conversation → highest stored seq) to at least the
 /// given seqs; never lowers a field. `ARGV`: conversation, seq, ... (one
@@ -148,7 +148,7 @@ impl ShardKeys {
     /// Creates the consumer group (and the stream) if missing. The group
     /// starts at the beginning of the stream: entries appended before any
     /// worker ran are stored too.
-    pub async fn ensure_group(&self, conn: &mut MultiplexedConnection) -> Result<(), StreamError> {
+    pub async fn ensure_group(&self, conn: &mut RedisConn) -> Result<(), StreamError> {
         let created: Result<Value, _> = cmd("XGROUP")
             .arg("CREATE")
             .arg(&self.stream)
@@ -168,7 +168,7 @@ impl ShardKeys {
     /// up to `block` for the first.
     pub async fn read_new(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         count: usize,
         block: Duration,
     ) -> Result<Vec<Entry>, StreamError> {
@@ -179,7 +179,7 @@ impl ShardKeys {
     /// `after` (left by an earlier run under the same name).
     pub async fn read_own_pending(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         after: EntryId,
         count: usize,
     ) -> Result<Vec<Entry>, StreamError> {
@@ -190,7 +190,7 @@ impl ShardKeys {
     /// an id: own pending entries after it).
     async fn read_group(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         count: usize,
         block: Option<Duration>,
         from: &str,
@@ -218,7 +218,7 @@ impl ShardKeys {
     /// after a full pass) and the entries.
     pub async fn claim(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         min_idle: Duration,
         cursor: EntryId,
         count: usize,
@@ -247,7 +247,7 @@ impl ShardKeys {
     /// How often each entry has been delivered (0 if no longer pending).
     pub async fn delivery_counts(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         ids: &[EntryId],
     ) -> Result<Vec<u64>, StreamError> {
         if ids.is_empty() {
@@ -279,11 +279,7 @@ impl ShardKeys {
 
     /// Acknowledges stored entries. Call only after their rows are
     /// committed.
-    pub async fn ack(
-        &self,
-        conn: &mut MultiplexedConnection,
-        ids: &[EntryId],
-    ) -> Result<(), StreamError> {
+    pub async fn ack(&self, conn: &mut RedisConn, ids: &[EntryId]) -> Result<(), StreamError> {
         if ids.is_empty() {
             return Ok(());
         }
@@ -302,7 +298,7 @@ impl ShardKeys {
     /// with (their other records stored).
     pub async fn dead_letter(
         &self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut RedisConn,
         letters: &[DeadLetter<'_>],
         max_len: u64,
     ) -> Result<(), StreamError> {
@@ -337,10 +333,7 @@ impl ShardKeys {
     }
 
     /// The state of every consumer group of the stream.
-    pub async fn groups(
-        &self,
-        conn: &mut MultiplexedConnection,
-    ) -> Result<Vec<GroupState>, StreamError> {
+    pub async fn groups(&self, conn: &mut RedisConn) -> Result<Vec<GroupState>, StreamError> {
         let reply: Value = cmd("XINFO")
             .arg("GROUPS")
             .arg(&self.stream)
@@ -363,11 +356,7 @@ impl ShardKeys {
     }
 
     /// Removes the entries below `min_id`; returns how many.
-    pub async fn trim(
-        &self,
-        conn: &mut MultiplexedConnection,
-        min_id: EntryId,
-    ) -> Result<u64, StreamError> {
+    pub async fn trim(&self, conn: &mut RedisConn, min_id: EntryId) -> Result<u64, StreamError> {
         let removed: u64 = cmd("XTRIM")
             .arg(&self.stream)
             .arg("MINID")

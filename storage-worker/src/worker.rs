@@ -36,7 +36,6 @@ use std::time::{Duration, Instant};
 use mysql_async::prelude::*;
 use mysql_async::{OptsBuilder, Pool, PoolConstraints, PoolOpts};
 use rand::Rng;
-use redis::aio::MultiplexedConnection;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -45,6 +44,7 @@ use crate::batch::{Batch, EntryId, FlushRules};
 use crate::config::{ConfigError, WorkerConfig};
 use crate::cursors::{Deferred, Flusher};
 use crate::layout::Layout;
+use crate::redis_target::{RedisConn, RedisTarget, Timeouts};
 use crate::schema::{self, SchemaError};
 use crate::sql::{MemberRow, MessageRow, Plan, Statements, StoreError, statement_cache_size};
 use crate::stats::{WorkerStats, WorkerStatsSnapshot};
@@ -146,10 +146,10 @@ impl Worker {
         let max_bytes = (max_packet.unwrap_or(4 << 20) / 2).clamp(64 << 10, 16 << 20) as usize;
         let statements = Arc::new(Statements::new(config.chunk_rows, max_bytes));
 
-        let client = redis::Client::open(config.redis_url.as_str()).map_err(StreamError::from)?;
+        let target = config.redis_target()?;
         let layout = Layout::new(config.redis_prefix.clone(), config.streams);
         let consumer = config.consumer_name();
-        let mut link = RedisLink::new(client.clone(), settings.redis_timeout);
+        let mut link = RedisLink::new(target.clone(), settings.redis_timeout);
         let mut conn = link.get().await?;
         for shard in 0..layout.streams() {
             ShardKeys::new(&layout, shard, &config.group, &consumer)
@@ -172,7 +172,7 @@ impl Worker {
             deferred: deferred.clone(),
             pool: pool.clone(),
             statements: statements.clone(),
-            client: client.clone(),
+            redis: target.clone(),
             layout: layout.clone(),
             known: known.clone(),
             stats: stats.clone(),
@@ -188,7 +188,7 @@ impl Worker {
                 settings: settings.clone(),
                 statements: statements.clone(),
                 pool: pool.clone(),
-                link: RedisLink::new(client.clone(), settings.redis_timeout),
+                link: RedisLink::new(target.clone(), settings.redis_timeout),
                 pace: Pace::new(&settings, stop_rx.clone(), stats.clone()),
                 known: known.clone(),
                 deferred: deferred.clone(),
@@ -321,30 +321,28 @@ impl From<&WorkerConfig> for Settings {
 /// A shard task's Redis connection, opened on demand and dropped when it
 /// fails.
 struct RedisLink {
-    client: redis::Client,
-    conn: Option<MultiplexedConnection>,
-    config: redis::AsyncConnectionConfig,
+    target: RedisTarget,
+    conn: Option<RedisConn>,
+    timeouts: Timeouts,
 }
 
 impl RedisLink {
-    fn new(client: redis::Client, response_timeout: Duration) -> RedisLink {
+    fn new(target: RedisTarget, response_timeout: Duration) -> RedisLink {
         RedisLink {
-            client,
+            target,
             conn: None,
-            config: redis::AsyncConnectionConfig::new()
-                .set_connection_timeout(Duration::from_secs(5))
-                .set_response_timeout(response_timeout),
+            timeouts: Timeouts {
+                connect: Duration::from_secs(5),
+                response: response_timeout,
+            },
         }
     }
 
-    async fn get(&mut self) -> Result<MultiplexedConnection, StreamError> {
+    async fn get(&mut self) -> Result<RedisConn, StreamError> {
         if let Some(conn) = &self.conn {
             return Ok(conn.clone());
         }
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.config)
-            .await?;
+        let conn = self.target.connect_plain(self.timeouts).await?;
         self.conn = Some(conn.clone());
         Ok(conn)
     }
@@ -432,7 +430,7 @@ async fn with_redis<T, F, Fut>(
     mut op: F,
 ) -> Option<T>
 where
-    F: FnMut(MultiplexedConnection) -> Fut,
+    F: FnMut(RedisConn) -> Fut,
     Fut: Future<Output = Result<T, StreamError>>,
 {
     loop {
@@ -634,7 +632,7 @@ impl ShardTask {
     }
 
     /// Records the shard's backlog and trims the stream.
-    async fn housekeeping(&mut self, conn: &mut MultiplexedConnection) -> Result<(), StreamError> {
+    async fn housekeeping(&mut self, conn: &mut RedisConn) -> Result<(), StreamError> {
         let groups = self.keys.groups(conn).await?;
         if let Some(me) = groups.iter().find(|g| g.name == self.keys.group) {
             self.stats.backlog(self.keys.shard, me.pending, me.lag);

@@ -195,8 +195,9 @@ async fn a_resend_after_the_dedup_window_returns_the_original_ack() {
             resend,
         })
     };
-    let Body::SendAck(first) = alice.call(send(false)).await else {
-        panic!("first attempt not acked");
+    let first = alice.call(send(false)).await;
+    let Body::SendAck(first) = first else {
+        panic!("first attempt not acked: {first:?}");
     };
     tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

@@ -263,13 +263,18 @@ async fn a_node_whose_subscription_is_cut_tells_its_sessions_to_sync() {
 
     // Redis drops alice's node's subscriber connection (as its output
     // buffer limit would), and messages are sent meanwhile.
-    let redis = redis::Client::open(cluster.env.redis_url.as_str()).unwrap();
+    let incarnation = cluster.node(0).cluster_stats().unwrap().incarnation;
+    // The subscription sits on the master serving the node's channel.
+    let channel = format!("{}:push:{{{incarnation}}}", cluster.env.prefix);
+    let info = cluster
+        .env
+        .redis_target()
+        .master_of(channel.as_bytes())
+        .await
+        .unwrap();
+    let redis = redis::Client::open(info).unwrap();
     let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
-    let name = format!(
-        "{}-node-{}",
-        cluster.env.prefix,
-        cluster.node(0).cluster_stats().unwrap().incarnation
-    );
+    let name = format!("{}-node-{incarnation}", cluster.env.prefix);
     let clients: String = redis::cmd("CLIENT")
         .arg("LIST")
         .query_async(&mut admin)
@@ -342,8 +347,7 @@ async fn a_node_whose_lease_lapsed_rejoins_and_gets_pushes_again() {
     let before = cluster.node(0).cluster_stats().unwrap();
     // As if node 0 had been cut off from Redis for a whole lease: the
     // others count it dead.
-    let redis = redis::Client::open(cluster.env.redis_url.as_str()).unwrap();
-    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut admin = cluster.env.redis_conn().await;
     let _: i64 = redis::cmd("DEL")
         .arg(format!("{}:node:node0", cluster.env.prefix))
         .query_async(&mut admin)
@@ -677,8 +681,7 @@ async fn a_node_killed_under_load_loses_nothing_and_its_routes_go() {
         .collect();
     let servers: Vec<String> = nodes.iter().map(|p| p.addr.to_string()).collect();
     let servers = servers.join(",");
-    let redis = redis::Client::open(env.redis_url.as_str()).unwrap();
-    let mut admin = redis.get_multiplexed_async_connection().await.unwrap();
+    let mut admin = env.redis_conn().await;
     // Formed, and the incarnation of the node to kill.
     let deadline = Instant::now() + Duration::from_secs(10);
     let doomed: u64 = loop {

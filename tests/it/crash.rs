@@ -488,6 +488,7 @@ async fn a_database_out_of_connections_answers_overloaded_never_internal() {
     let mysql = MariaDb::start();
     let env = PipelineEnv {
         redis_url: im_tests::services::shared().redis_url.clone(),
+        redis_cluster: None,
         mysql_url: fresh_database(&mysql.server_url()),
         prefix: unique_prefix(),
     };

@@ -60,7 +60,7 @@ fn sqlite(dir: &std::path::Path, dedup_window_secs: u64) -> SqliteStore {
 
 fn pipeline_options(env: &PipelineEnv, dedup_window_secs: u64) -> PipelineOptions {
     PipelineOptions {
-        redis_url: env.redis_url.clone(),
+        redis: env.redis_target(),
         mysql_url: env.mysql_url.clone(),
         prefix: env.prefix.clone(),
         streams: 4,
@@ -70,8 +70,9 @@ fn pipeline_options(env: &PipelineEnv, dedup_window_secs: u64) -> PipelineOption
 }
 
 /// Runs a contract `check(&store)` against each store: as
-/// `<check>::embedded` on a fresh SQLite store and `<check>::pipeline` on a
-/// fresh prefix and database of the shared Redis and MariaDB.
+/// `<check>::embedded` on a fresh SQLite store, `<check>::pipeline` on a
+/// fresh prefix and database of the shared Redis and MariaDB, and
+/// `<check>::redis_cluster` the same on the shared Redis Cluster.
 macro_rules! both_stores {
     ($check:ident) => {
         mod $check {
@@ -84,6 +85,15 @@ macro_rules! both_stores {
             #[tokio::test]
             async fn pipeline() {
                 let env = im_tests::PipelineEnv::fresh();
+                let options = super::pipeline_options(&env, 600);
+                let store = super::PipelineStore::open(options).await.unwrap();
+                super::$check(&store).await;
+            }
+
+            #[tokio::test]
+            async fn redis_cluster() {
+                let nodes = im_tests::redis_cluster::shared_cluster_nodes().to_string();
+                let env = im_tests::PipelineEnv::fresh_on_cluster(nodes);
                 let options = super::pipeline_options(&env, 600);
                 let store = super::PipelineStore::open(options).await.unwrap();
                 super::$check(&store).await;

@@ -17,6 +17,7 @@ use im_server::server::{EmbeddedServer, PipelineServer};
 use tokio::net::TcpStream;
 use tokio_util::codec::Framed;
 
+pub mod redis_cluster;
 pub mod services;
 pub mod tls;
 
@@ -25,17 +26,25 @@ pub const PASSWORD: &str = "correct horse battery";
 
 /// Which store the tests run against: the embedded one, or the production
 /// pipeline (Redis Streams + MySQL + storage worker) when
-/// `IM_TEST_STORE=pipeline`. The same tests run in both modes.
+/// `IM_TEST_STORE=pipeline` (one Redis) or `IM_TEST_STORE=pipeline-cluster`
+/// (a Redis Cluster). The same tests run in every mode.
 pub fn pipeline_mode() -> bool {
-    std::env::var("IM_TEST_STORE").is_ok_and(|v| v == "pipeline")
+    std::env::var("IM_TEST_STORE").is_ok_and(|v| v == "pipeline" || v == "pipeline-cluster")
+}
+
+/// Whether the pipeline runs on a Redis Cluster (`IM_TEST_STORE=pipeline-cluster`).
+pub fn redis_cluster_mode() -> bool {
+    std::env::var("IM_TEST_STORE").is_ok_and(|v| v == "pipeline-cluster")
 }
 
 /// Where a pipeline-mode node keeps its data: a key prefix and a database
 /// of its own on the shared services.
 #[derive(Debug, Clone)]
 pub struct PipelineEnv {
-    /// Redis URL.
+    /// Redis URL (on a Redis Cluster: the first node's).
     pub redis_url: String,
+    /// Seed nodes, on a Redis Cluster.
+    pub redis_cluster: Option<String>,
     /// MySQL URL of a database only this node uses.
     pub mysql_url: String,
     /// Key prefix only this node uses.
@@ -45,8 +54,14 @@ pub struct PipelineEnv {
 impl PipelineEnv {
     /// A fresh prefix and database on the shared services.
     pub fn fresh() -> PipelineEnv {
+        if redis_cluster_mode() {
+            return PipelineEnv::fresh_on_cluster(
+                redis_cluster::shared_cluster_nodes().to_string(),
+            );
+        }
         let shared = services::shared();
         PipelineEnv {
+            redis_cluster: None,
             redis_url: shared.redis_url.clone(),
             mysql_url: services::fresh_database(&shared.mysql_url),
             prefix: services::unique_prefix(),
@@ -58,14 +73,50 @@ impl PipelineEnv {
     pub fn fresh_on(redis_url: String) -> PipelineEnv {
         PipelineEnv {
             redis_url,
+            redis_cluster: None,
             mysql_url: services::fresh_database(&services::shared().mysql_url),
             prefix: services::unique_prefix(),
         }
     }
 
+    /// The same on a Redis Cluster (`redis://...,redis://...`).
+    pub fn fresh_on_cluster(nodes: String) -> PipelineEnv {
+        PipelineEnv {
+            redis_url: nodes.split(',').next().unwrap_or_default().to_string(),
+            redis_cluster: Some(nodes),
+            mysql_url: services::fresh_database(&services::shared().mysql_url),
+            prefix: services::unique_prefix(),
+        }
+    }
+
+    /// Where Redis is.
+    pub fn redis_target(&self) -> im_storage::redis_target::RedisTarget {
+        use im_storage::redis_target::RedisTarget;
+        match &self.redis_cluster {
+            Some(nodes) => RedisTarget::Cluster(nodes.split(',').map(str::to_string).collect()),
+            None => RedisTarget::Single(self.redis_url.clone()),
+        }
+    }
+
+    /// A connection to this environment's Redis (a cluster connection on
+    /// a Redis Cluster), for tests that look at keys directly.
+    pub async fn redis_conn(&self) -> im_storage::redis_target::RedisConn {
+        self.redis_target()
+            .connect(im_storage::redis_target::Timeouts::both(
+                Duration::from_secs(5),
+            ))
+            .await
+            .expect("connect to redis")
+    }
+
     /// Points a server configuration at this environment.
     pub fn apply(&self, c: &mut Config) {
-        c.redis_url = Some(self.redis_url.clone());
+        if let Some(nodes) = &self.redis_cluster {
+            c.redis_cluster_nodes = Some(nodes.clone());
+            c.redis_url = None;
+        } else {
+            c.redis_url = Some(self.redis_url.clone());
+        }
         c.mysql_url = Some(self.mysql_url.clone());
         c.redis_prefix = self.prefix.clone();
         c.streams = 4;
@@ -76,6 +127,7 @@ impl PipelineEnv {
     pub fn worker_config(&self, consumer: &str) -> im_storage::WorkerConfig {
         let mut c = im_storage::WorkerConfig::new(&self.redis_url, &self.mysql_url);
         c.redis_prefix = self.prefix.clone();
+        c.redis_cluster_nodes = self.redis_cluster.clone();
         c.streams = 4;
         c.consumer = Some(consumer.to_string());
         c.batch_age_ms = 5;
@@ -98,9 +150,13 @@ impl PipelineEnv {
 
     /// The same, as `im-server` flags.
     pub fn args(&self) -> Vec<String> {
+        let redis = match &self.redis_cluster {
+            Some(nodes) => ["--redis-cluster-nodes".to_string(), nodes.clone()],
+            None => ["--redis-url".to_string(), self.redis_url.clone()],
+        };
         vec![
-            "--redis-url".into(),
-            self.redis_url.clone(),
+            redis[0].clone(),
+            redis[1].clone(),
             "--mysql-url".into(),
             self.mysql_url.clone(),
             "--redis-prefix".into(),
@@ -164,7 +220,7 @@ pub enum Node {
 impl Node {
     /// Starts a node of the kind `config` asks for.
     pub async fn start(config: Config) -> Node {
-        if config.redis_url.is_some() {
+        if config.redis_url.is_some() || config.redis_cluster_nodes.is_some() {
             Node::Pipeline(
                 PipelineServer::start_pipeline(config)
                     .await

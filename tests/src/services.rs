@@ -341,6 +341,11 @@ fn keep_dir(what: &str) -> PathBuf {
 static KEEP: std::sync::Mutex<Vec<Child>> = std::sync::Mutex::new(Vec::new());
 
 /// Kills `child` and removes `dir` once this process has exited.
+pub(crate) fn keep_until_exit(child: Child, dir: &Path) {
+    watch(child, dir);
+}
+
+/// Kills `child` and removes `dir` once this process has exited.
 fn watch(child: Child, dir: &Path) {
     let pid = child.id();
     let script = format!(

@@ -107,12 +107,16 @@ async fn subscribe(
     tx: mpsc::Sender<Arrival>,
     overflow: Arc<AtomicBool>,
 ) -> Result<redis::aio::MultiplexedConnection, super::ClusterError> {
-    use redis::IntoConnectionInfo;
+    // A sharded channel is served by the master of its slot: on a Redis
+    // Cluster the subscription sits on that node, and a failover or a
+    // moved slot ends it (a disconnection or an SUNSUBSCRIBE), after
+    // which it is opened again wherever the slot is then.
+    let channel = shared.keys.channel(incarnation);
     let mut info = shared
         .config
-        .redis_url
-        .as_str()
-        .into_connection_info()
+        .redis
+        .master_of(channel.as_bytes())
+        .await
         .map_err(redis_err)?;
     info.redis.protocol = redis::ProtocolVersion::RESP3;
     let client = redis::Client::open(info).map_err(redis_err)?;
@@ -122,7 +126,7 @@ async fn subscribe(
                 Some(Value::BulkString(bytes)) => Arrival::Envelope(bytes.into()),
                 _ => return Ok(()),
             },
-            PushKind::Disconnection => Arrival::Dropped,
+            PushKind::Disconnection | PushKind::SUnsubscribe => Arrival::Dropped,
             _ => return Ok(()),
         };
         match tx.try_send(arrival) {
@@ -150,7 +154,7 @@ async fn subscribe(
         .await
         .map_err(redis_err)?;
     let () = redis::cmd("SSUBSCRIBE")
-        .arg(shared.keys.channel(incarnation))
+        .arg(&channel)
         .exec_async(&mut conn)
         .await
         .map_err(redis_err)?;

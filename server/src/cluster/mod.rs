@@ -41,14 +41,15 @@ use im_proto::cluster_pb;
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::store::{GroupId, UserId};
+use im_storage::redis_target::RedisConn;
 
 pub(crate) use node::View;
 
 /// Settings of a node's cluster membership.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
-    /// Redis shared by the cluster (`redis://host:port[/db]`).
-    pub redis_url: String,
+    /// Redis shared by the cluster (one server or a Redis Cluster).
+    pub redis: im_storage::redis_target::RedisTarget,
     /// Key prefix shared by every process of the deployment.
     pub prefix: String,
     /// This node's id (letters, digits, `-`, `_`, `.`; at most 64).
@@ -231,11 +232,11 @@ pub(crate) struct Shared {
     config: ClusterConfig,
     keys: Keys,
     /// Routes and publishing: big pipelines under load.
-    conn: redis::aio::ConnectionManager,
+    conn: RedisConn,
     /// The lease and the view, on a connection of their own so that a
     /// renewal never waits behind the routing traffic (the subscription
     /// has its own too).
-    lease_conn: redis::aio::ConnectionManager,
+    lease_conn: RedisConn,
     /// This node's current incarnation (changes when it re-registers).
     incarnation: watch::Sender<u64>,
     view: std::sync::RwLock<Arc<View>>,
@@ -368,12 +369,11 @@ impl Cluster {
     /// starts the node's tasks.
     pub async fn join(config: ClusterConfig) -> Result<(Cluster, Pending), ClusterError> {
         ClusterConfig::validate_node_id(&config.node_id).map_err(ClusterError::InvalidNodeId)?;
-        let client = redis::Client::open(config.redis_url.as_str()).map_err(redis_err)?;
         let keys = Keys {
             prefix: config.prefix.clone(),
         };
-        let conn = node::connect(&client, node::ROUTING_TIMEOUT).await?;
-        let mut lease_conn = node::connect(&client, node::LEASE_TIMEOUT).await?;
+        let conn = node::connect(&config.redis, node::ROUTING_TIMEOUT).await?;
+        let mut lease_conn = node::connect(&config.redis, node::LEASE_TIMEOUT).await?;
         let incarnation = node::register(&mut lease_conn, &keys, &config).await?;
         let (work_tx, work_rx) = mpsc::unbounded_channel();
         let units = room_units(config.forward_queue_bytes.max(64 * 1024));

@@ -14,8 +14,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use im_storage::redis_target::{RedisConn, RedisTarget, Timeouts};
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 
 use super::{
     ClusterConfig, ClusterError, INDEX_BUCKETS, Keys, Local, Shared, Work, add, redis_err,
@@ -102,12 +102,11 @@ pub(crate) const ROUTING_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection of the node that reconnects by itself; a Redis that stops
 /// answering fails its calls within `timeout` instead of stalling them.
 pub(crate) async fn connect(
-    client: &redis::Client,
+    target: &RedisTarget,
     timeout: Duration,
-) -> Result<ConnectionManager, ClusterError> {
-    let config = crate::store::pipeline::redis_manager_config(timeout);
-    client
-        .get_connection_manager_with_config(config)
+) -> Result<RedisConn, ClusterError> {
+    target
+        .connect(Timeouts::both(timeout))
         .await
         .map_err(redis_err)
 }
@@ -121,7 +120,7 @@ fn lease_ms(config: &ClusterConfig) -> u64 {
 /// Takes a fresh incarnation and the lease of the node id (a process still
 /// running with an older incarnation of the id stops when it sees this).
 pub(crate) async fn register(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &Keys,
     config: &ClusterConfig,
 ) -> Result<u64, ClusterError> {
@@ -284,7 +283,7 @@ enum Renewal {
     Taken(u64),
 }
 
-async fn renew(conn: &mut ConnectionManager, shared: &Shared) -> Result<Renewal, ClusterError> {
+async fn renew(conn: &mut RedisConn, shared: &Shared) -> Result<Renewal, ClusterError> {
     let reply: Vec<String> = redis::Script::new(RENEW_SCRIPT)
         .key(shared.keys.lease(&shared.config.node_id))
         .arg(shared.incarnation())
@@ -324,10 +323,7 @@ async fn reregister(shared: &Shared) -> Result<u64, ClusterError> {
     Ok(incarnation)
 }
 
-pub(crate) async fn read_view(
-    conn: &mut ConnectionManager,
-    shared: &Shared,
-) -> Result<View, ClusterError> {
+pub(crate) async fn read_view(conn: &mut RedisConn, shared: &Shared) -> Result<View, ClusterError> {
     let nodes: HashMap<u64, String> = conn.hgetall(shared.keys.nodes()).await.map_err(redis_err)?;
     let ids: Vec<&String> = nodes.values().collect::<HashSet<_>>().into_iter().collect();
     let mut pipe = redis::pipe();
@@ -365,7 +361,7 @@ pub(crate) async fn read_view(
 /// Watched users whose only devices were on the incarnations that just
 /// died: their watchers here learn they are offline.
 async fn gone_offline<L: Local>(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     shared: &Shared,
     local: &L,
     dead: &[u64],
@@ -395,7 +391,7 @@ async fn gone_offline<L: Local>(
 /// Sweeps a dead incarnation unless another node is at it: true if this
 /// node did.
 async fn try_sweep(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     keys: &Keys,
     incarnation: u64,
 ) -> Result<bool, ClusterError> {
@@ -416,11 +412,7 @@ async fn try_sweep(
 }
 
 /// Removes an incarnation from every route it wrote, then forgets it.
-async fn sweep(
-    conn: &mut ConnectionManager,
-    keys: &Keys,
-    incarnation: u64,
-) -> Result<(), ClusterError> {
+async fn sweep(conn: &mut RedisConn, keys: &Keys, incarnation: u64) -> Result<(), ClusterError> {
     let mut start = 0;
     while start < INDEX_BUCKETS {
         let buckets: Vec<u64> = (start..(start + SWEEP_CHUNK).min(INDEX_BUCKETS)).collect();

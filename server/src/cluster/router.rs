@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use im_proto::cluster_pb::{Envelope, PresenceChange, Push};
+use im_storage::redis_target::RedisConn;
 use prost::Message;
-use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 
 use super::{ClusterError, INDEX_BUCKETS, Local, Shared, Work, add, node, redis_err};
@@ -113,7 +113,7 @@ fn route_op(
 /// Runs a pipeline that may invoke the route script, loading the script
 /// first if Redis does not know it (it restarted, say).
 async fn query<T: redis::FromRedisValue>(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     script: &redis::Script,
     pipe: &redis::Pipeline,
 ) -> Result<T, ClusterError> {
@@ -139,7 +139,7 @@ async fn query<T: redis::FromRedisValue>(
 /// sync. Past half a lease the lease itself may be in doubt: give up.
 async fn query_retrying<T: redis::FromRedisValue>(
     shared: &Shared,
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     script: &redis::Script,
     pipe: &redis::Pipeline,
 ) -> Result<T, ClusterError> {
@@ -165,7 +165,7 @@ async fn query_retrying<T: redis::FromRedisValue>(
 /// (after the node took a new one).
 async fn republish<L: Local>(
     shared: &Shared,
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     script: &redis::Script,
     local: &L,
 ) {
@@ -192,7 +192,7 @@ async fn republish<L: Local>(
 
 async fn handle<L: Local>(
     shared: &Shared,
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     script: &redis::Script,
     local: &L,
     batch: &mut Vec<Work>,
@@ -343,7 +343,7 @@ async fn handle<L: Local>(
 
 /// Publishes the envelopes (retrying once on a failed round trip: a
 /// repeated push is harmless, clients show each seq once).
-async fn publish(shared: &Shared, conn: &mut ConnectionManager, out: Outgoing) {
+async fn publish(shared: &Shared, conn: &mut RedisConn, out: Outgoing) {
     if out.envelopes.is_empty() {
         return;
     }

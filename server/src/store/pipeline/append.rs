@@ -17,8 +17,8 @@ use std::sync::Arc;
 use im_proto::ids::ConversationKind;
 use im_proto::pb;
 use im_storage::layout::{self, APPEND_SCRIPT};
+use im_storage::redis_target::RedisConn;
 use redis::Value;
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{DIRECT_INDEX_TTL_SECS, MEMBERS_TTL_SECS, Shared, redis_err, sql};
@@ -94,14 +94,14 @@ struct Entry {
 
 struct Lane {
     shared: Arc<Shared>,
-    conn: ConnectionManager,
+    conn: RedisConn,
     append: redis::Script,
     load_members: redis::Script,
 }
 
 pub(crate) async fn run_lane(
     shared: Arc<Shared>,
-    conn: ConnectionManager,
+    conn: RedisConn,
     mut rx: mpsc::Receiver<AppendJob>,
 ) {
     let mut lane = Lane {
@@ -229,13 +229,15 @@ impl Lane {
             if pending.is_empty() {
                 return Ok(());
             }
-            let replies = self.run_script(entries, &pending, now_ms).await?;
+            let replies = self.run_script(entries, &pending, now_ms).await;
             let mut load = HashSet::new();
             let mut seed = HashSet::new();
             let mut check = Vec::new();
             let mut again = Vec::new();
             for (&i, reply) in pending.iter().zip(replies) {
                 let entry = &mut entries[i];
+                // The shard failed: no outcome (answered as failed).
+                let Some(reply) = reply else { continue };
                 match reply {
                     Reply::Ok { seq, tick } => {
                         let mut message = entry.message.clone();
@@ -266,6 +268,9 @@ impl Lane {
                         again.push(i);
                     }
                     Reply::Blocked => again.push(i),
+                    Reply::Unconfirmed => {
+                        entry.outcome = Some(Err(AppendRejection::Overloaded));
+                    }
                 }
             }
             self.check_sent(entries, &check).await?;
@@ -315,59 +320,38 @@ impl Lane {
         Ok(())
     }
 
-    /// Runs a round's pipeline, loading the script when Redis forgot it (a
-    /// restart) and trying once more when the lane's connection was found
-    /// broken before the round could be sent: that is how the first round
-    /// after Redis came back finds the old connection, and the manager
-    /// reconnects on that error. Not after a timeout or a reset: the round
-    /// may have been applied, and a second try would answer its messages
-    /// "dup" without their ever being pushed; those stay failed, and the
-    /// clients' resends tell.
-    async fn query_round(&mut self, pipe: &redis::Pipeline) -> StoreResult<Vec<Value>> {
-        let mut reconnected = false;
-        let mut loaded = false;
-        loop {
-            match pipe.query_async(&mut self.conn).await {
-                Ok(values) => return Ok(values),
-                Err(e) if e.kind() == redis::ErrorKind::NoScriptError && !loaded => {
-                    loaded = true;
-                    self.append
-                        .prepare_invoke()
-                        .load_async(&mut self.conn)
-                        .await
-                        .map_err(redis_err)?;
-                }
-                Err(e) if unsent(&e) && !reconnected => {
-                    reconnected = true;
-                    tracing::info!(error = %e, "append lane reconnecting; retrying the round");
-                }
-                Err(e) => return Err(redis_err(e)),
-            }
-        }
-    }
-
-    /// One pipelined round trip: the script once per shard (in chunks),
-    /// over the pending entries in order.
+    /// One round trip: for each shard, the script over its pending
+    /// entries (in chunks, in order), and with `--redis-replica-acks` a
+    /// `WAIT` after them. Shards go in pipelines of their own, sent
+    /// together (on a Redis Cluster each to its master), so a shard whose
+    /// pipeline fails or whose replicas do not confirm in time fails its
+    /// own entries only. Replies come back in the order of `pending`;
+    /// `None` where the shard's pipeline failed (the fate of those
+    /// messages is unknown: their resends will tell).
     async fn run_script(
         &mut self,
         entries: &[Entry],
         pending: &[usize],
         now_ms: i64,
-    ) -> StoreResult<Vec<Reply>> {
+    ) -> Vec<Option<Reply>> {
         let options = &self.shared.options;
         let window = options.dedup_window_secs.max(1);
         // Each message takes two values in one XADD and one HSET: stay well
         // below Lua's limit on unpacked values.
         let chunk = options.script_batch.clamp(1, 2000);
+        let acks = options.replica_acks;
+        let wait_ms = u64::try_from(options.replica_timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
 
         let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for &i in pending {
             by_shard.entry(entries[i].shard).or_default().push(i);
         }
-        let mut order = Vec::with_capacity(pending.len());
-        let mut pipe = redis::pipe();
-        for (shard, list) in &by_shard {
-            let stream = self.shared.layout.stream_key(*shard);
+        let mut rounds: Vec<(Vec<usize>, redis::Pipeline)> = Vec::with_capacity(by_shard.len());
+        for (shard, list) in by_shard {
+            let stream = self.shared.layout.stream_key(shard);
+            let mut pipe = redis::pipe();
             for part in list.chunks(chunk) {
                 let mut invocation = self.append.key(&stream);
                 invocation
@@ -389,32 +373,30 @@ impl Lane {
                         .arg(e.body.as_slice());
                 }
                 pipe.invoke_script(&invocation);
-                order.extend_from_slice(part);
+            }
+            if acks > 0 {
+                // WAIT covers every write this connection made before it,
+                // the script's included.
+                pipe.cmd("WAIT").arg(acks).arg(wait_ms);
+            }
+            rounds.push((list, pipe));
+        }
+        let script = &self.append;
+        let results = futures::future::join_all(rounds.iter().map(|(_, pipe)| {
+            let mut conn = self.conn.clone();
+            async move { query_round(&mut conn, script, pipe).await }
+        }))
+        .await;
+
+        let mut replies: std::collections::HashMap<usize, Reply> =
+            std::collections::HashMap::with_capacity(pending.len());
+        for ((order, _), result) in rounds.into_iter().zip(results) {
+            match result.and_then(|values| parse_round(values, order.len(), acks)) {
+                Ok(parsed) => replies.extend(order.into_iter().zip(parsed)),
+                Err(e) => tracing::warn!(error = %e, "append round of a shard failed"),
             }
         }
-        let values = self.query_round(&pipe).await?;
-        let mut replies: Vec<(usize, Reply)> = Vec::with_capacity(order.len());
-        let mut flat = Vec::with_capacity(order.len());
-        for value in values {
-            match value {
-                Value::Array(items) => flat.extend(items),
-                other => return Err(redis_err(format!("unexpected script reply {other:?}"))),
-            }
-        }
-        if flat.len() != order.len() {
-            return Err(redis_err("script answered a different number of messages"));
-        }
-        for (i, value) in order.into_iter().zip(flat) {
-            replies.push((i, Reply::parse(value)?));
-        }
-        // Back to the order of `pending`.
-        let position: std::collections::HashMap<usize, usize> = pending
-            .iter()
-            .enumerate()
-            .map(|(pos, &i)| (i, pos))
-            .collect();
-        replies.sort_by_key(|(i, _)| position[i]);
-        Ok(replies.into_iter().map(|(_, r)| r).collect())
+        pending.iter().map(|i| replies.remove(i)).collect()
     }
 
     /// Looks up in MySQL the resends at `indices` that the script could
@@ -527,6 +509,82 @@ impl Lane {
     }
 }
 
+/// Runs a shard's pipeline, loading the script when Redis forgot it (a
+/// restart, or a master new to the slot) and trying once more when the
+/// connection was found broken before the round could be sent: that is
+/// how the first round after Redis came back finds the old connection, and
+/// the manager reconnects on that error. Not after a timeout or a reset:
+/// the round may have been applied, and a second try would answer its
+/// messages "dup" without their ever being pushed; those stay failed, and
+/// the clients' resends tell.
+async fn query_round(
+    conn: &mut RedisConn,
+    script: &redis::Script,
+    pipe: &redis::Pipeline,
+) -> StoreResult<Vec<Value>> {
+    let mut reconnected = false;
+    let mut loaded = false;
+    loop {
+        match pipe.query_async(conn).await {
+            Ok(values) => return Ok(values),
+            Err(e) if e.kind() == redis::ErrorKind::NoScriptError && !loaded => {
+                loaded = true;
+                script
+                    .prepare_invoke()
+                    .load_async(conn)
+                    .await
+                    .map_err(redis_err)?;
+            }
+            Err(e) if unsent(&e) && !reconnected => {
+                reconnected = true;
+                tracing::info!(error = %e, "append lane reconnecting; retrying the round");
+            }
+            Err(e) => return Err(redis_err(e)),
+        }
+    }
+}
+
+/// A shard's replies: one array per script call, then (with `acks`) the
+/// number of replicas `WAIT` saw. Stored messages and duplicates that the
+/// replicas did not confirm become [`Reply::Unconfirmed`].
+fn parse_round(values: Vec<Value>, expected: usize, acks: u32) -> StoreResult<Vec<Reply>> {
+    let mut values = values.into_iter();
+    let mut flat = Vec::with_capacity(expected);
+    let scripts = values.len() - usize::from(acks > 0);
+    for value in values.by_ref().take(scripts) {
+        match value {
+            Value::Array(items) => flat.extend(items),
+            other => return Err(redis_err(format!("unexpected script reply {other:?}"))),
+        }
+    }
+    if flat.len() != expected {
+        return Err(redis_err("script answered a different number of messages"));
+    }
+    let confirmed = match values.next() {
+        None => true,
+        Some(Value::Int(n)) => {
+            let confirmed = u64::try_from(n).is_ok_and(|n| n >= u64::from(acks));
+            if !confirmed {
+                tracing::warn!(
+                    replicas = n,
+                    wanted = acks,
+                    "appends not confirmed by replicas in time"
+                );
+            }
+            confirmed
+        }
+        Some(other) => return Err(redis_err(format!("unexpected WAIT reply {other:?}"))),
+    };
+    flat.into_iter()
+        .map(|v| {
+            Reply::parse(v).map(|r| match r {
+                Reply::Ok { .. } | Reply::Duplicate { .. } if !confirmed => Reply::Unconfirmed,
+                r => r,
+            })
+        })
+        .collect()
+}
+
 impl Entry {
     /// Whether this is (an answer for) seq 1 of a direct conversation.
     fn opens_direct_conversation(&self) -> bool {
@@ -542,14 +600,24 @@ impl Entry {
 /// One message's answer from the append script.
 #[derive(Debug, PartialEq, Eq)]
 enum Reply {
-    Ok { seq: u64, tick: u64 },
-    Duplicate { seq: u64, tick: u64, time: i64 },
+    Ok {
+        seq: u64,
+        tick: u64,
+    },
+    Duplicate {
+        seq: u64,
+        tick: u64,
+        time: i64,
+    },
     NotMember,
     Load,
     Seed,
     Check,
     Lag,
     Blocked,
+    /// Applied, but fewer replicas than `--redis-replica-acks` confirmed
+    /// it in time: not acknowledged.
+    Unconfirmed,
 }
 
 impl Reply {

@@ -26,6 +26,7 @@ use std::time::Duration;
 use im_proto::ids::ConversationKind;
 use im_proto::{ConversationId, pb};
 use im_storage::layout::Layout;
+use im_storage::redis_target::{RedisConn, RedisTarget, Timeouts};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
@@ -39,8 +40,13 @@ use engine::{mysql_err, redis_err};
 /// Settings of the pipeline store.
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
-    /// `redis://host:port[/db]`.
-    pub redis_url: String,
+    /// One Redis or a Redis Cluster.
+    pub redis: RedisTarget,
+    /// Replicas that must have an append before it is acked (WAIT).
+    pub replica_acks: u32,
+    /// How long an append waits for them; past it the append is answered
+    /// `Overloaded`.
+    pub replica_timeout: Duration,
     /// `mysql://user:pass@host:port/db`.
     pub mysql_url: String,
     /// Key prefix shared by every process of the deployment.
@@ -71,7 +77,9 @@ pub struct PipelineOptions {
 impl Default for PipelineOptions {
     fn default() -> Self {
         PipelineOptions {
-            redis_url: "redis://127.0.0.1:6379".into(),
+            redis: RedisTarget::Single("redis://127.0.0.1:6379".into()),
+            replica_acks: 0,
+            replica_timeout: Duration::from_secs(1),
             mysql_url: "mysql://root@127.0.0.1:3306/im".into(),
             prefix: im_storage::layout::DEFAULT_PREFIX.into(),
             streams: im_storage::layout::DEFAULT_STREAMS,
@@ -87,6 +95,59 @@ impl Default for PipelineOptions {
     }
 }
 
+/// Where reads and other commands go: a pool of connections to one Redis,
+/// or the cluster client (one multiplexed connection per node).
+enum RedisReads {
+    Pool(deadpool_redis::Pool),
+    Shared(RedisConn),
+}
+
+impl RedisReads {
+    async fn get(&self) -> StoreResult<ReadConn> {
+        match self {
+            RedisReads::Pool(pool) => Ok(ReadConn::Pooled(pool.get().await.map_err(redis_err)?)),
+            RedisReads::Shared(conn) => Ok(ReadConn::Shared(conn.clone())),
+        }
+    }
+}
+
+/// A connection from [`RedisReads`].
+pub(crate) enum ReadConn {
+    Pooled(deadpool_redis::Connection),
+    Shared(RedisConn),
+}
+
+impl redis::aio::ConnectionLike for ReadConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            ReadConn::Pooled(c) => c.req_packed_command(cmd),
+            ReadConn::Shared(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            ReadConn::Pooled(c) => c.req_packed_commands(cmd, offset, count),
+            ReadConn::Shared(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            ReadConn::Pooled(c) => c.get_db(),
+            ReadConn::Shared(c) => c.get_db(),
+        }
+    }
+}
+
 /// Seconds a user's index of direct conversations not yet in MySQL lives.
 const DIRECT_INDEX_TTL_SECS: u64 = 7 * 24 * 3600;
 /// Seconds a cached member set lives.
@@ -96,7 +157,7 @@ pub(crate) struct Shared {
     layout: Layout,
     options: PipelineOptions,
     mysql: mysql_async::Pool,
-    redis: deadpool_redis::Pool,
+    redis: RedisReads,
     /// Ids known to exist (users are never deleted, so this can only be
     /// stale in the harmless direction).
     known_users: moka::sync::Cache<UserId, ()>,
@@ -107,25 +168,6 @@ pub struct PipelineStore {
     shared: Arc<Shared>,
     lanes: Vec<mpsc::Sender<AppendJob>>,
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
-}
-
-/// Settings for a self-reconnecting Redis connection that fails calls
-/// within `timeout` when Redis stops answering, and retries connecting
-/// every half second while Redis is away.
-///
-/// The library's default backoff waits 1 s, then 60 s between attempts,
-/// and every call waits for the reconnection in progress: a Redis restart
-/// of two seconds would stall the connection's users for a minute.
-/// Here a reconnection gives up after three quick attempts (the calls
-/// waiting on it fail and are retried by their callers) and the next call
-/// starts a new one.
-pub(crate) fn redis_manager_config(timeout: Duration) -> redis::aio::ConnectionManagerConfig {
-    redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(timeout)
-        .set_response_timeout(timeout)
-        .set_factor(1)
-        .set_max_delay(500)
-        .set_number_of_retries(3)
 }
 
 /// How long a pooled MySQL connection above the pool's first may stay
@@ -156,15 +198,28 @@ impl PipelineStore {
             .await
             .map_err(|e| mysql_err(e.to_string()))?;
 
-        let mut redis_config = deadpool_redis::Config::from_url(options.redis_url.clone());
-        redis_config.pool = Some(deadpool_redis::PoolConfig::new(
-            options.redis_pool_size.max(1),
-        ));
-        let redis = redis_config
-            .create_pool(Some(deadpool_redis::Runtime::Tokio1))
-            .map_err(|e| redis_err(e.to_string()))?;
+        let redis = match &options.redis {
+            RedisTarget::Single(url) => {
+                let mut config = deadpool_redis::Config::from_url(url.clone());
+                config.pool = Some(deadpool_redis::PoolConfig::new(
+                    options.redis_pool_size.max(1),
+                ));
+                RedisReads::Pool(
+                    config
+                        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+                        .map_err(|e| redis_err(e.to_string()))?,
+                )
+            }
+            // The cluster client multiplexes over one connection per node.
+            cluster => RedisReads::Shared(
+                cluster
+                    .connect(Timeouts::both(Duration::from_secs(5)))
+                    .await
+                    .map_err(redis_err)?,
+            ),
+        };
         // Fail fast on a wrong URL rather than at the first message.
-        let mut conn = redis.get().await.map_err(redis_err)?;
+        let mut conn = redis.get().await?;
         let _: String = redis::cmd("PING")
             .query_async(&mut conn)
             .await
@@ -178,15 +233,15 @@ impl PipelineStore {
             redis,
             options,
         });
-        let client = redis::Client::open(shared.options.redis_url.as_str()).map_err(redis_err)?;
         let mut lanes = Vec::new();
         let mut tasks = Vec::new();
         for _ in 0..shared.options.append_lanes.max(1) {
             // A Redis that stops answering fails the round (clients retry)
             // rather than stalling its lane.
-            let config = redis_manager_config(Duration::from_secs(5));
-            let conn = client
-                .get_connection_manager_with_config(config)
+            let conn = shared
+                .options
+                .redis
+                .connect(Timeouts::both(Duration::from_secs(5)))
                 .await
                 .map_err(redis_err)?;
             let (tx, rx) = mpsc::channel(shared.options.append_queue.max(1));
@@ -477,9 +532,9 @@ impl Store for PipelineStore {
 }
 
 impl Shared {
-    /// A pooled Redis connection.
-    async fn redis(&self) -> StoreResult<deadpool_redis::Connection> {
-        self.redis.get().await.map_err(redis_err)
+    /// A Redis connection for reads and other commands.
+    async fn redis(&self) -> StoreResult<ReadConn> {
+        self.redis.get().await
     }
 
     /// A pooled MySQL connection.

@@ -1,0 +1,320 @@
+//! A throwaway Redis Cluster for the tests: six `redis-server` processes
+//! on free ports (three masters with a replica each, made one cluster by
+//! `redis-cli --cluster create`), `cluster-node-timeout 1000` so that a
+//! failover takes seconds, AOF `everysec`.
+//!
+//! [`shared_cluster_nodes`] gives every test of a binary the same cluster
+//! (`REDIS_CLUSTER_NODES` when set, else one started on first use and
+//! stopped by a watchdog when the test process exits); crash tests start a
+//! [`RedisCluster`] of their own so they can kill its masters.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+/// Nodes of a test cluster.
+pub const NODES: usize = 6;
+
+struct Node {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// A running Redis Cluster of [`NODES`] processes.
+pub struct RedisCluster {
+    nodes: Vec<Node>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn node_command(dir: &Path, port: u16) -> Command {
+    let mut cmd = Command::new("redis-server");
+    cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+        ])
+        .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+        .args(["--cluster-config-file", "nodes.conf"])
+        // The survivors keep serving their slots while one master is gone.
+        .args(["--cluster-require-full-coverage", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .args(["--daemonize", "no", "--logfile", "redis.log"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// A free port whose cluster bus port (10000 higher, so at most 65535) is
+/// free too.
+fn cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// `redis-cli -p PORT ARGS...`'s output, if it ran.
+fn cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl RedisCluster {
+    /// Starts the processes in a temp directory and forms the cluster.
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("im-test-redis-cluster-")
+            .tempdir()
+            .expect("temp dir");
+        let mut cluster = RedisCluster::start_in(dir.path());
+        cluster._dir = Some(dir);
+        cluster
+    }
+
+    fn start_in(base: &Path) -> RedisCluster {
+        let mut nodes = Vec::new();
+        for i in 0..NODES {
+            let dir = base.join(format!("node{i}"));
+            std::fs::create_dir_all(&dir).expect("node dir");
+            let mut node = Node {
+                port: cluster_port(),
+                dir,
+                child: None,
+            };
+            node.spawn();
+            nodes.push(node);
+        }
+        let cluster = RedisCluster { nodes, _dir: None };
+        let mut create = Command::new("redis-cli");
+        create.args(["--cluster", "create"]);
+        for node in &cluster.nodes {
+            create.arg(format!("127.0.0.1:{}", node.port));
+        }
+        let out = create
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        cluster.wait_healthy(Duration::from_secs(30));
+        cluster
+    }
+
+    /// `redis://127.0.0.1:PORT,...` of every node.
+    pub fn nodes_csv(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Ports of the nodes running now.
+    pub fn live_ports(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// The port of the master serving `key` now, as a live node tells.
+    pub fn master_of(&self, key: &[u8]) -> u16 {
+        let slot = im_storage::redis_target::key_slot(key);
+        for port in self.live_ports() {
+            if let Some(owner) = slot_owner(port, slot) {
+                return owner;
+            }
+        }
+        panic!("no live node knows the master of slot {slot}");
+    }
+
+    /// Kills a node at once (SIGKILL), like a crash.
+    pub fn kill(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster");
+        node.kill();
+    }
+
+    /// Starts a killed node again (it rejoins, as a replica if its slots
+    /// moved meanwhile).
+    pub fn restart(&mut self, port: u16) {
+        let node = self
+            .nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster");
+        node.kill();
+        node.spawn();
+    }
+
+    /// Waits until every live node reports `cluster_state:ok` and agrees
+    /// that every slot has a live master, and every live replica is in
+    /// sync with its master.
+    pub fn wait_healthy(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        let live = self.live_ports();
+        loop {
+            let ok = live.iter().all(|&port| {
+                cli(port, &["CLUSTER", "INFO"])
+                    .is_some_and(|info| info.contains("cluster_state:ok"))
+                    && slots_covered(port, &live)
+                    && replica_synced(port)
+            });
+            if ok {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Redis Cluster is not healthy"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Whether the node on `port` is a master, or a replica whose link to its
+/// master is up (its first full sync done).
+fn replica_synced(port: u16) -> bool {
+    cli(port, &["INFO", "replication"])
+        .is_some_and(|info| info.contains("role:master") || info.contains("master_link_status:up"))
+}
+
+/// Whether the node on `port` maps all 16384 slots to masters in `live`.
+fn slots_covered(port: u16, live: &[u16]) -> bool {
+    let Some(nodes) = cli(port, &["CLUSTER", "NODES"]) else {
+        return false;
+    };
+    let mut covered = 0u32;
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 8 || !fields[2].contains("master") || fields[2].contains("fail") {
+            continue;
+        }
+        let Some(node_port) = fields[1]
+            .split('@')
+            .next()
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse::<u16>().ok())
+        else {
+            continue;
+        };
+        if !live.contains(&node_port) {
+            continue;
+        }
+        for range in &fields[8..] {
+            if range.starts_with('[') {
+                continue;
+            }
+            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+            if let (Ok(lo), Ok(hi)) = (lo.parse::<u32>(), hi.parse::<u32>()) {
+                covered += hi - lo + 1;
+            }
+        }
+    }
+    covered == u32::from(im_storage::redis_target::SLOTS)
+}
+
+/// The port of the master serving `slot`, as the node on `port` says.
+fn slot_owner(port: u16, slot: u16) -> Option<u16> {
+    let nodes = cli(port, &["CLUSTER", "NODES"])?;
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
+            continue;
+        }
+        let serves = fields[8..].iter().any(|range| {
+            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+            matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
+        });
+        if serves {
+            return fields[1]
+                .split('@')
+                .next()
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok());
+        }
+    }
+    None
+}
+
+impl Node {
+    fn spawn(&mut self) {
+        let child = node_command(&self.dir, self.port)
+            .spawn()
+            .expect("start redis-server (is it installed?)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while cli(self.port, &["PING"]).is_none_or(|r| !r.contains("PONG")) {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+}
+
+/// The seed nodes of the cluster shared by the tests of this process:
+/// `REDIS_CLUSTER_NODES` if set, else a cluster started on first use (and
+/// stopped when the process exits).
+pub fn shared_cluster_nodes() -> &'static str {
+    static NODES_CSV: OnceLock<String> = OnceLock::new();
+    NODES_CSV.get_or_init(|| {
+        if let Ok(nodes) = std::env::var("REDIS_CLUSTER_NODES") {
+            return nodes;
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("im-test-redis-cluster-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        let mut cluster = RedisCluster::start_in(&dir);
+        let csv = cluster.nodes_csv();
+        for node in &mut cluster.nodes {
+            if let Some(child) = node.child.take() {
+                super::services::keep_until_exit(child, &dir);
+            }
+        }
+        csv
+    })
+}
