@@ -43,6 +43,13 @@
 --                           the storage worker is more than the window
 --                           behind on the conversation: nobody can tell yet
 --                           whether it was stored; refuse it for now
+--   {"verify", replid, tick} this shard's counters have not been checked
+--                           against MySQL since its master last changed
+--                           (a failover, a restart that may have lost the
+--                           tail of its AOF): nothing is appended until
+--                           the node checks them (see VERIFY_SCRIPT) and
+--                           resubmits; replid is the master's replication
+--                           id, tick the shard clock's last tick
 --   {"blocked"}             an earlier message of the same conversation
 --                           needs "load", "seed" or "check" first; resubmit
 --                           (a duplicate or a resend to check is answered
@@ -54,12 +61,28 @@ local stream = KEYS[1]
 local base = string.sub(stream, 1, -8)
 local seq_key = base .. ":seq"
 local stored_key = base .. ":stored"
+local count = tonumber(ARGV[7])
+
+-- Counters are trusted under the master that last checked them (`#r` in
+-- the seq hash, its replication id). A new master (a promoted replica, a
+-- restarted process: every start takes a new replication id) may have
+-- lost writes MySQL already has, so it appends nothing until its counters
+-- are checked again.
+local replid = string.match(redis.call("INFO", "replication"), "master_replid:(%w+)")
+if redis.call("HGET", seq_key, "#r") ~= replid then
+  local tick = redis.call("HGET", seq_key, "#t") or "0"
+  local out = {}
+  for i = 1, count do
+    out[i] = {"verify", replid, tick}
+  end
+  return out
+end
+
 local now = ARGV[1]
 local per_ms = tonumber(ARGV[3])
 local window = tonumber(ARGV[4])
 local cache_len = tonumber(ARGV[5])
 local cache_ttl = tonumber(ARGV[6])
-local count = tonumber(ARGV[7])
 
 -- Lua numbers are doubles and print with 14 significant digits: seqs and
 -- ticks stay below 1e14 (ticks until 2073), so they print as plain,
@@ -165,6 +188,21 @@ for i = 1, count do
     -- a lost counter) shows as 1 here: undo, and let the node seed it from
     -- MySQL first.
     local seq = redis.call("HINCRBY", seq_key, conv, 1) - 1
+    local recent = base .. ":recent:" .. conv
+    if seq > 0 then
+      -- The cache ends with the conversation's newest record: a counter
+      -- that fell behind it (rolled back or rewritten) is moved past it,
+      -- so a seq is never given twice; a cache that does not end right
+      -- below the new seq is dropped, so it stays contiguous.
+      local tail = redis.call("LINDEX", recent, -1)
+      local last = tail and tonumber(string.match(tail, "^(%d+):"))
+      if last and last >= seq then
+        seq = last + 1
+        redis.call("HSET", seq_key, conv, seq + 1)
+      elseif last and last ~= seq - 1 then
+        redis.call("DEL", recent)
+      end
+    end
     if seq == 0 then
       redis.call("HDEL", seq_key, conv)
       blocked[conv] = true
@@ -177,7 +215,6 @@ for i = 1, count do
       entry[#entry + 1] = "m"
       entry[#entry + 1] = record
 
-      local recent = base .. ":recent:" .. conv
       redis.call("RPUSH", recent, record)
       if seq % 16 == 1 then
         -- Every 16 messages: drop what MySQL has and the cache need not

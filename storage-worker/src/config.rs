@@ -50,6 +50,13 @@ pub struct WorkerConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis_replica_acks: Option<u32>,
 
+    /// Seconds the stream journal (what each batch stored, read by servers
+    /// after a Redis master changes) is kept. A Redis that comes back with
+    /// data older than this, or a replica promoted that far behind, may
+    /// reuse seqs MySQL holds.
+    #[arg(long, env = "IM_JOURNAL_RETENTION_SECS", default_value_t = 3600)]
+    pub journal_retention_secs: u64,
+
     /// Milliseconds a batch waits for its replicas before it is read again.
     #[arg(long, env = "IM_REDIS_REPLICA_TIMEOUT_MS", default_value_t = 1000)]
     pub redis_replica_timeout_ms: u64,

@@ -11,6 +11,7 @@ pub const MIGRATIONS: &[(u32, &str)] = &[
     (1, include_str!("../migrations/0001_init.sql")),
     (2, include_str!("../migrations/0002_dedup_key.sql")),
     (3, include_str!("../migrations/0003_sessions.sql")),
+    (4, include_str!("../migrations/0004_stream_journal.sql")),
 ];
 
 /// Why the schema could not be brought up to date.
@@ -115,7 +116,7 @@ mod tests {
     #[test]
     fn migrations_split_into_statements() {
         let all: Vec<String> = MIGRATIONS.iter().flat_map(|m| statements(m.1)).collect();
-        assert_eq!(all.len(), 6);
+        assert_eq!(all.len(), 7);
         assert!(
             all.iter()
                 .all(|s| s.starts_with("CREATE TABLE") || s.starts_with("ALTER TABLE"))

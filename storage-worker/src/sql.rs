@@ -111,6 +111,58 @@ pub struct MessageRow<'a> {
     pub body: &'a [u8],
 }
 
+/// The `stream_journal` row of one transaction: what it stored of one
+/// stream shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalRow {
+    /// Stream shard.
+    pub shard: u32,
+    /// The greatest shard-clock tick among the rows.
+    pub last_tick: u64,
+    /// When it was written (Unix ms).
+    pub written_ms: i64,
+    /// (conversation, greatest seq) pairs, see [`encode_journal`].
+    pub conversations: Vec<u8>,
+}
+
+impl JournalRow {
+    /// The journal row of a plan's rows of `shard`.
+    pub fn of(shard: u32, plan: &Plan<'_>) -> JournalRow {
+        JournalRow {
+            shard,
+            last_tick: plan
+                .messages
+                .iter()
+                .map(|r| r.message_id >> 10)
+                .max()
+                .unwrap_or(0),
+            written_ms: im_proto::now_ms(),
+            conversations: encode_journal(&plan.conversations),
+        }
+    }
+}
+
+/// (conversation, seq) pairs as 16 bytes each, little-endian.
+pub fn encode_journal(pairs: &[(u64, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(pairs.len() * 16);
+    for &(conversation, seq) in pairs {
+        out.extend_from_slice(&conversation.to_le_bytes());
+        out.extend_from_slice(&seq.to_le_bytes());
+    }
+    out
+}
+
+/// The pairs of [`encode_journal`] (a trailing partial pair is ignored).
+pub fn decode_journal(bytes: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
+    bytes.chunks_exact(16).map(|pair| {
+        let (c, s) = pair.split_at(8);
+        (
+            u64::from_le_bytes(c.try_into().unwrap_or_default()),
+            u64::from_le_bytes(s.try_into().unwrap_or_default()),
+        )
+    })
+}
+
 /// A `members` row to write: conversation, user, read seq.
 pub type MemberRow = (u64, u64, u64);
 
@@ -360,6 +412,7 @@ impl Statements {
         &self,
         conn: &mut mysql_async::Conn,
         messages: &[MessageRow<'_>],
+        journal: Option<&JournalRow>,
     ) -> Result<(), mysql_async::Error> {
         let mut tx = conn
             .start_transaction(mysql_async::TxOpts::default())
@@ -382,6 +435,14 @@ impl Statements {
             }
             let sql = self.sql(Kind::Messages, chunk.class);
             tx.exec_drop(sql, Params::Positional(params)).await?;
+        }
+        if let Some(j) = journal {
+            tx.exec_drop(
+                "INSERT INTO stream_journal (shard, last_tick, written_ms, conversations) \
+                 VALUES (?, ?, ?, ?)",
+                (j.shard, j.last_tick, j.written_ms, &j.conversations),
+            )
+            .await?;
         }
         tx.commit().await
     }

@@ -16,6 +16,7 @@ pub struct WorkerStats {
     retries: AtomicU64,
     splits: AtomicU64,
     trimmed: AtomicU64,
+    unconfirmed: AtomicU64,
     shards: Vec<ShardStats>,
 }
 
@@ -45,6 +46,9 @@ pub struct WorkerStatsSnapshot {
     pub splits: u64,
     /// Stream entries removed by trimming.
     pub trimmed: u64,
+    /// Batches not committed because fewer replicas than
+    /// `--redis-replica-acks` confirmed their entries in time (read again).
+    pub unconfirmed: u64,
     /// Per stream shard, as of the last trim pass.
     pub shards: Vec<ShardBacklog>,
 }
@@ -107,6 +111,11 @@ impl WorkerStats {
         self.trimmed.fetch_add(n, Relaxed);
     }
 
+    /// A batch's entries were not confirmed by enough replicas.
+    pub fn unconfirmed(&self) {
+        self.unconfirmed.fetch_add(1, Relaxed);
+    }
+
     /// The backlog of a shard as last seen.
     pub fn backlog(&self, shard: u32, pending: u64, lag: Option<u64>) {
         if let Some(s) = self.shards.get(shard as usize) {
@@ -128,6 +137,7 @@ impl WorkerStats {
             claimed: self.claimed.load(Relaxed),
             retries: self.retries.load(Relaxed),
             splits: self.splits.load(Relaxed),
+            unconfirmed: self.unconfirmed.load(Relaxed),
             trimmed: self.trimmed.load(Relaxed),
             shards: self
                 .shards
@@ -196,6 +206,11 @@ impl WorkerStatsSnapshot {
             "im_storage_trimmed_total",
             "Stream entries removed by trimming.",
             self.trimmed,
+        );
+        out.counter(
+            "im_storage_replica_unconfirmed_total",
+            "Batches not committed because too few Redis replicas confirmed their entries in time (they are read again).",
+            self.unconfirmed,
         );
         out.gauge_by(
             "im_storage_stream_pending",

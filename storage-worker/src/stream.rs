@@ -332,6 +332,29 @@ impl ShardKeys {
         Ok(())
     }
 
+    /// Whether at least `replicas` replicas have everything this shard's
+    /// master held when this was called (the entries just read included):
+    /// a write on this connection, then `WAIT` for it, which covers every
+    /// earlier write of the master since replication is one ordered log.
+    pub async fn replicas_have(
+        &self,
+        conn: &mut RedisConn,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<bool, StreamError> {
+        let (_, confirmed): (i64, i64) = pipe()
+            .cmd("HINCRBY")
+            .arg(&self.stored)
+            .arg("#w")
+            .arg(1)
+            .cmd("WAIT")
+            .arg(replicas)
+            .arg(timeout.as_millis().max(1) as u64)
+            .query_async(conn)
+            .await?;
+        Ok(confirmed >= i64::from(replicas))
+    }
+
     /// The state of every consumer group of the stream.
     pub async fn groups(&self, conn: &mut RedisConn) -> Result<Vec<GroupState>, StreamError> {
         let reply: Value = cmd("XINFO")

@@ -46,7 +46,9 @@ use crate::cursors::{Deferred, Flusher};
 use crate::layout::Layout;
 use crate::redis_target::{RedisConn, RedisTarget, Timeouts};
 use crate::schema::{self, SchemaError};
-use crate::sql::{MemberRow, MessageRow, Plan, Statements, StoreError, statement_cache_size};
+use crate::sql::{
+    JournalRow, MemberRow, MessageRow, Plan, Statements, StoreError, statement_cache_size,
+};
 use crate::stats::{WorkerStats, WorkerStatsSnapshot};
 use crate::stream::{DeadLetter, ShardKeys, StreamError, trim_point};
 
@@ -196,9 +198,15 @@ impl Worker {
                 claim_cursor: EntryId::ZERO,
                 next_claim: Instant::now(),
                 next_trim: Instant::now(),
+                reread: false,
             };
             tasks.push(tokio::spawn(task.run()));
         }
+        tasks.push(tokio::spawn(trim_journal(
+            pool.clone(),
+            Duration::from_secs(config.journal_retention_secs.max(60)),
+            stop_rx.clone(),
+        )));
         if config.progress_secs > 0 {
             tasks.push(tokio::spawn(progress(
                 stats.clone(),
@@ -292,6 +300,8 @@ struct Settings {
     mysql_timeout: Duration,
     redis_timeout: Duration,
     grace: Duration,
+    replica_acks: u32,
+    replica_timeout: Duration,
 }
 
 impl From<&WorkerConfig> for Settings {
@@ -304,6 +314,8 @@ impl From<&WorkerConfig> for Settings {
                 age: ms(c.batch_age_ms),
             },
             block: ms(c.block_ms),
+            replica_acks: c.replica_acks(),
+            replica_timeout: ms(c.redis_replica_timeout_ms),
             claim_idle: ms(c.claim_idle_ms),
             claim_interval: ms(c.claim_interval_ms),
             max_attempts: u64::from(c.max_attempts),
@@ -519,6 +531,9 @@ struct ShardTask {
     claim_cursor: EntryId,
     next_claim: Instant,
     next_trim: Instant,
+    /// Set when the batch was dropped unstored: its entries are read
+    /// again from this consumer's pending list.
+    reread: bool,
 }
 
 impl ShardTask {
@@ -527,6 +542,9 @@ impl ShardTask {
         // This consumer's own pending entries come first.
         let mut history = Some(EntryId::ZERO);
         while !self.pace.stopping() {
+            if std::mem::take(&mut self.reread) {
+                history = Some(EntryId::ZERO);
+            }
             if self.batch.is_due(Instant::now()) {
                 self.flush().await;
                 continue;
@@ -659,6 +677,9 @@ impl ShardTask {
     /// comes back when claimed (its stored rows are stored again, a no-op).
     async fn flush(&mut self) {
         let shard = self.keys.shard;
+        if !self.replicas_confirm().await {
+            return;
+        }
         let outcome = self.store().await;
         let batch = &self.batch;
         let rows = batch.rows();
@@ -816,6 +837,41 @@ impl ShardTask {
         self.batch.clear();
     }
 
+    /// With `--redis-replica-acks`, whether the replicas have the batch's
+    /// entries; if not (or Redis failed), the batch is dropped unstored
+    /// and this consumer's pending entries are read again once Redis
+    /// answers, from whichever master then serves the shard. So MySQL
+    /// never holds a message a promoted replica lacks: the replica would
+    /// give its seq to another message, and the two would collide.
+    async fn replicas_confirm(&mut self) -> bool {
+        let replicas = self.settings.replica_acks;
+        if replicas == 0 || self.batch.is_empty() {
+            return true;
+        }
+        let timeout = self.settings.replica_timeout;
+        let confirmed = match self.link.get().await {
+            Ok(mut conn) => self.keys.replicas_have(&mut conn, replicas, timeout).await,
+            Err(e) => Err(e),
+        };
+        match confirmed {
+            Ok(true) => return true,
+            Ok(false) => tracing::warn!(
+                shard = self.keys.shard,
+                replicas,
+                "replicas did not confirm the batch's entries in time; reading them again"
+            ),
+            Err(e) => {
+                self.link.broken();
+                tracing::warn!(shard = self.keys.shard, error = %e, "waiting for replicas failed; reading the batch again");
+            }
+        }
+        self.stats.unconfirmed();
+        self.batch.clear();
+        self.reread = true;
+        let _ = self.pace.pause(true).await;
+        false
+    }
+
     /// Commits the batch's rows: all at once if possible, else in halves
     /// until every bad row is alone. Retries connectivity failures.
     async fn store(&mut self) -> Outcome {
@@ -900,6 +956,7 @@ impl ShardTask {
             let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
             Plan::build(rows, |c| known.contains(c))
         };
+        let journal = JournalRow::of(self.keys.shard, &plan);
         let pool = &self.pool;
         let statements = &self.statements;
         let work = async {
@@ -907,7 +964,9 @@ impl ShardTask {
             // transactions in flight, and connections keep their prepared
             // statements between uses.
             let mut conn = pool.get_conn().await?;
-            let result = statements.execute_messages(&mut conn, &plan.messages).await;
+            let result = statements
+                .execute_messages(&mut conn, &plan.messages, Some(&journal))
+                .await;
             if let Err(e) = &result {
                 if e.is_fatal() {
                     let _ = conn.disconnect().await;
@@ -948,6 +1007,39 @@ fn watermarks(stored: &[(u64, u64)], rejected: &[(u64, u64)]) -> Vec<(u64, u64)>
         }
     }
     out
+}
+
+/// Deletes stream journal rows older than `retention`, every minute, in
+/// slices that keep each statement short.
+async fn trim_journal(pool: Pool, retention: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let before = im_proto::now_ms() - i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        loop {
+            let deleted = async {
+                let mut conn = pool.get_conn().await?;
+                conn.exec_drop(
+                    "DELETE FROM stream_journal WHERE written_ms < ? LIMIT 10000",
+                    (before,),
+                )
+                .await?;
+                Ok::<u64, mysql_async::Error>(conn.affected_rows())
+            }
+            .await;
+            match deleted {
+                Ok(10_000) => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "trimming the stream journal failed");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// Logs a one-line summary of progress every `every`.

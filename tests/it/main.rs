@@ -11,6 +11,7 @@ mod loadgen;
 mod property;
 mod protocol;
 mod proxy_protocol;
+mod redis_cluster;
 mod resilience;
 mod sessions;
 mod store;

@@ -144,13 +144,58 @@ impl RedisCluster {
 
     /// The port of the master serving `key` now, as a live node tells.
     pub fn master_of(&self, key: &[u8]) -> u16 {
+        self.try_master_of(key)
+            .expect("no live node knows a master serving the key")
+    }
+
+    /// The same, `None` while no live master serves it (a failover in
+    /// progress).
+    pub fn try_master_of(&self, key: &[u8]) -> Option<u16> {
         let slot = im_storage::redis_target::key_slot(key);
-        for port in self.live_ports() {
-            if let Some(owner) = slot_owner(port, slot) {
-                return owner;
-            }
+        let live = self.live_ports();
+        live.iter()
+            .find_map(|&port| slot_owner(port, slot).filter(|owner| live.contains(owner)))
+    }
+
+    /// The port of a live replica of the master on `master`, if any.
+    pub fn replica_of(&self, master: u16) -> Option<u16> {
+        let nodes = cli(master, &["CLUSTER", "NODES"])?;
+        let id = nodes
+            .lines()
+            .find(|l| l.contains("myself"))?
+            .split_whitespace()
+            .next()?
+            .to_string();
+        let live = self.live_ports();
+        nodes.lines().find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = fields
+                .get(1)?
+                .split('@')
+                .next()?
+                .rsplit(':')
+                .next()?
+                .parse::<u16>()
+                .ok()?;
+            (fields.get(3) == Some(&id.as_str()) && live.contains(&port)).then_some(port)
+        })
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, ...) to a node's process.
+    pub fn signal(&self, port: u16, signal: &str) {
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster");
+        if let Some(child) = &node.child {
+            let status = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(child.id().to_string())
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -{signal} failed");
         }
-        panic!("no live node knows the master of slot {slot}");
     }
 
     /// Kills a node at once (SIGKILL), like a crash.

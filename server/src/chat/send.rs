@@ -315,8 +315,15 @@ impl<S: Store> Inner<S> {
                         Err(rejection) => rejection_error(*rejection).to_frame(request_id),
                     };
                     self.answer(conn, frame);
-                    if let Ok(AppendOutcome::Stored(message)) = result {
-                        self.fan_out(message, Some(conn), &extra).await;
+                    match result {
+                        Ok(AppendOutcome::Stored(message)) => {
+                            self.fan_out(message, Some(conn), &extra).await;
+                        }
+                        Ok(AppendOutcome::Duplicate(ack)) => {
+                            self.hint_recipients(ack.conversation_id, Some(conn), &extra)
+                                .await;
+                        }
+                        Err(_) => {}
                     }
                 }
                 Origin::Internal(waiter) => {
@@ -381,6 +388,36 @@ impl<S: Store> Inner<S> {
             return;
         };
         let frame = codec::encode_to_bytes(&Frame::new(0, Body::Message(message)));
+        self.push_to_participants(conversation, frame, origin, extra)
+            .await;
+    }
+
+    /// A resend answered as a duplicate: its original was stored, but may
+    /// never have been pushed (its ack was lost, or the replicas had not
+    /// confirmed it yet). The participants' devices are told to sync the
+    /// conversation, which costs one sync per resend and loses nothing.
+    async fn hint_recipients(&self, conversation: u64, origin: Option<ConnRef>, extra: &[UserId]) {
+        let Some(conversation) = ConversationId::from_raw(conversation) else {
+            return;
+        };
+        let hint = pb::SyncHint {
+            conversation_ids: vec![conversation.raw()],
+            presence: false,
+        };
+        let frame = codec::encode_to_bytes(&Frame::new(0, Body::SyncHint(hint)));
+        self.push_to_participants(conversation, frame, origin, extra)
+            .await;
+    }
+
+    /// Pushes `frame` to the devices of the conversation's participants
+    /// (and of `extra` users), except `origin`.
+    async fn push_to_participants(
+        &self,
+        conversation: ConversationId,
+        frame: bytes::Bytes,
+        origin: Option<ConnRef>,
+        extra: &[UserId],
+    ) {
         let conv = conversation.raw();
         // Delivery that lags behind holds this lane here (the shards wake
         // it as they drain) rather than growing their queues.

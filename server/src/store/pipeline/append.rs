@@ -35,10 +35,11 @@ pub(crate) struct AppendJob {
 
 /// Messages taken into one round at most (more wait for the next round).
 const ROUND_MESSAGES: usize = 8192;
-/// Rounds of load/seed/check/resubmit before giving up on a conversation.
-/// A conversation needs at most four: every resend of a round is checked
-/// in its first, then one load, one seed and the append itself.
-const MAX_ROUNDS: usize = 6;
+/// Rounds of load/seed/check/verify/resubmit before giving up on a
+/// conversation. A conversation needs at most five: its shard's check
+/// after a change of master, every resend of a round checked, then one
+/// load, one seed and the append itself.
+const MAX_ROUNDS: usize = 7;
 
 /// Replaces a group's cached member set, unless its membership changed
 /// since `ARGV[1]` (its version) was read.
@@ -59,6 +60,51 @@ if #batch > 0 then redis.call("SADD", KEYS[1], unpack(batch)) end
 redis.call("EXPIRE", KEYS[1], tonumber(ARGV[2]))
 return 1
 "#;
+
+/// Moves a shard's counters past what MySQL holds, after its master
+/// changed (see the append script's "verify"). `KEYS[1]` the seq hash;
+/// `ARGV[1]` the replication id the check is for, `ARGV[2]` a shard-clock
+/// tick MySQL holds, `ARGV[3]` "1" on the last call of the check; then
+/// conversation, greatest stored seq, ... Only for the master that asked:
+/// if it changed meanwhile, returns 0 and the check starts over. A counter
+/// it moves loses its recent cache (which would no longer be contiguous)
+/// and gets its stored watermark, so reads go to MySQL below.
+const VERIFY_SCRIPT: &str = r##"
+local replid = string.match(redis.call("INFO", "replication"), "master_replid:(%w+)")
+if replid ~= ARGV[1] then return 0 end
+local base = string.sub(KEYS[1], 1, -5)
+for i = 4, #ARGV, 2 do
+  local conv = ARGV[i]
+  local seq = tonumber(ARGV[i + 1])
+  local counter = tonumber(redis.call("HGET", KEYS[1], conv) or "0")
+  if counter <= seq then
+    redis.call("HSET", KEYS[1], conv, seq + 1)
+    redis.call("DEL", base .. ":recent:" .. conv)
+    local stored = tonumber(redis.call("HGET", base .. ":stored", conv) or "0")
+    if stored < seq then redis.call("HSET", base .. ":stored", conv, seq) end
+  end
+end
+local tick = tonumber(redis.call("HGET", KEYS[1], "#t") or "0")
+if tonumber(ARGV[2]) > tick then redis.call("HSET", KEYS[1], "#t", ARGV[2]) end
+if ARGV[3] == "1" then redis.call("HSET", KEYS[1], "#r", replid) end
+return 1
+"##;
+
+/// Seeds missing counters of one shard (`KEYS[1]`, the seq hash) to one
+/// past the greater of what MySQL holds and what the conversation's recent
+/// cache ends with (records the worker has not stored yet).
+/// `ARGV`: conversation, last seq in MySQL, ...
+const SEED_SCRIPT: &str = r##"
+local base = string.sub(KEYS[1], 1, -5)
+for i = 1, #ARGV, 2 do
+  local conv = ARGV[i]
+  local last = tonumber(ARGV[i + 1])
+  local tail = redis.call("LINDEX", base .. ":recent:" .. conv, -1)
+  local cached = tail and tonumber(string.match(tail, "^(%d+):")) or 0
+  redis.call("HSETNX", KEYS[1], conv, math.max(last, cached) + 1)
+end
+return 1
+"##;
 
 /// Which attempt of a send an entry is, as the script's argument says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +143,8 @@ struct Lane {
     conn: RedisConn,
     append: redis::Script,
     load_members: redis::Script,
+    verify: redis::Script,
+    seed: redis::Script,
 }
 
 pub(crate) async fn run_lane(
@@ -109,6 +157,8 @@ pub(crate) async fn run_lane(
         conn,
         append: redis::Script::new(APPEND_SCRIPT),
         load_members: redis::Script::new(LOAD_MEMBERS_SCRIPT),
+        verify: redis::Script::new(VERIFY_SCRIPT),
+        seed: redis::Script::new(SEED_SCRIPT),
     };
     let mut jobs: Vec<AppendJob> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -232,6 +282,7 @@ impl Lane {
             let replies = self.run_script(entries, &pending, now_ms).await;
             let mut load = HashSet::new();
             let mut seed = HashSet::new();
+            let mut verify: BTreeMap<u32, (String, u64)> = BTreeMap::new();
             let mut check = Vec::new();
             let mut again = Vec::new();
             for (&i, reply) in pending.iter().zip(replies) {
@@ -268,10 +319,17 @@ impl Lane {
                         again.push(i);
                     }
                     Reply::Blocked => again.push(i),
+                    Reply::Verify { replid, tick } => {
+                        verify.insert(entry.shard, (replid, tick));
+                        again.push(i);
+                    }
                     Reply::Unconfirmed => {
                         entry.outcome = Some(Err(AppendRejection::Overloaded));
                     }
                 }
+            }
+            for (shard, (replid, tick)) in verify {
+                self.verify_shard(shard, &replid, tick).await?;
             }
             self.check_sent(entries, &check).await?;
             for conv in load {
@@ -460,23 +518,97 @@ impl Lane {
         ))
     }
 
-    /// Seeds a missing seq counter from MySQL (a new conversation starts at
-    /// 0; after a loss of Redis data, seqs continue after what is stored).
-    /// Counters hold last seq + 1.
+    /// Seeds missing seq counters: a new conversation starts at 0; after a
+    /// loss of Redis data, seqs continue after what MySQL holds, or what
+    /// the recent cache still ends with, whichever is later (the cache
+    /// holds what the worker has not stored yet). Counters hold last
+    /// seq + 1.
     async fn seed(&mut self, conversations: &HashSet<u64>) -> StoreResult<()> {
         let conversations: Vec<u64> = conversations.iter().copied().collect();
         let last = sql::stored_last_seqs(&self.shared, &conversations).await?;
-        let mut pipe = redis::pipe();
+        let mut by_shard: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
         for conversation in conversations {
-            let shard = self.shared.layout.shard_of(conversation);
-            let next = last.get(&conversation).copied().unwrap_or(0) + 1;
-            pipe.cmd("HSETNX")
-                .arg(self.shared.layout.seq_key(shard))
-                .arg(conversation)
-                .arg(next)
-                .ignore();
+            by_shard
+                .entry(self.shared.layout.shard_of(conversation))
+                .or_default()
+                .push(conversation);
         }
-        let _: () = pipe.query_async(&mut self.conn).await.map_err(redis_err)?;
+        let mut pipe = redis::pipe();
+        for (shard, list) in by_shard {
+            let mut invocation = self.seed.key(self.shared.layout.seq_key(shard));
+            for conversation in list {
+                invocation
+                    .arg(conversation)
+                    .arg(last.get(&conversation).copied().unwrap_or(0));
+            }
+            pipe.invoke_script(&invocation).ignore();
+        }
+        query_round(&mut self.conn, &self.seed, &pipe).await?;
+        Ok(())
+    }
+
+    /// Checks a shard's counters against MySQL after its master changed:
+    /// every conversation the stream journal shows stored above the shard
+    /// clock Redis still has (`tick`) gets its counter moved past what
+    /// MySQL holds, and the shard clock past MySQL's ticks, so no seq and
+    /// no message id is given twice. A shard clock at 0 means Redis kept
+    /// nothing of the shard: its counters are all missing and get seeded
+    /// one by one as conversations come back, so only the clock is moved.
+    async fn verify_shard(&mut self, shard: u32, replid: &str, tick: u64) -> StoreResult<()> {
+        let key = self.shared.layout.seq_key(shard);
+        let mut moved_to = tick.max(sql::journal_last_tick(&self.shared, shard).await?);
+        let mut after_id = 0;
+        let mut checked = 0usize;
+        if tick > 0 {
+            loop {
+                let page = sql::journal_page(&self.shared, shard, tick, after_id).await?;
+                let Some(&(last_id, _, _)) = page.last() else {
+                    break;
+                };
+                after_id = last_id;
+                let mut greatest: std::collections::HashMap<u64, u64> = Default::default();
+                for (_, last_tick, pairs) in page {
+                    moved_to = moved_to.max(last_tick);
+                    for (conversation, seq) in pairs {
+                        let at = greatest.entry(conversation).or_insert(0);
+                        *at = (*at).max(seq);
+                    }
+                }
+                checked += greatest.len();
+                let pairs: Vec<(u64, u64)> = greatest.into_iter().collect();
+                for chunk in pairs.chunks(1000) {
+                    let mut invocation = self.verify.key(&key);
+                    invocation.arg(replid).arg(moved_to).arg("0");
+                    for &(conversation, seq) in chunk {
+                        invocation.arg(conversation).arg(seq);
+                    }
+                    let applied: i64 = invocation
+                        .invoke_async(&mut self.conn)
+                        .await
+                        .map_err(redis_err)?;
+                    if applied == 0 {
+                        // Another change of master: the next round asks again.
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        let applied: i64 = self
+            .verify
+            .key(&key)
+            .arg(replid)
+            .arg(moved_to)
+            .arg("1")
+            .invoke_async(&mut self.conn)
+            .await
+            .map_err(redis_err)?;
+        if applied == 1 && tick > 0 {
+            tracing::info!(
+                shard,
+                conversations = checked,
+                "shard counters checked against MySQL after a change of Redis master"
+            );
+        }
         Ok(())
     }
 
@@ -615,6 +747,11 @@ enum Reply {
     Check,
     Lag,
     Blocked,
+    /// The shard's counters must be checked against MySQL first.
+    Verify {
+        replid: String,
+        tick: u64,
+    },
     /// Applied, but fewer replicas than `--redis-replica-acks` confirmed
     /// it in time: not acknowledged.
     Unconfirmed,
@@ -656,6 +793,14 @@ impl Reply {
             "check" => Reply::Check,
             "lag" => Reply::Lag,
             "blocked" => Reply::Blocked,
+            "verify" => Reply::Verify {
+                replid: items.get(1).and_then(text).ok_or_else(bad)?,
+                tick: items
+                    .get(2)
+                    .and_then(text)
+                    .and_then(|t| t.parse().ok())
+                    .ok_or_else(bad)?,
+            },
             _ => return Err(bad()),
         })
     }

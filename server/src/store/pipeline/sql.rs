@@ -424,6 +424,46 @@ pub(super) async fn stored_last_seqs(
     Ok(rows.into_iter().collect())
 }
 
+/// Journal rows read per query while checking a shard's counters.
+const JOURNAL_PAGE: usize = 200;
+
+/// A page of the stream journal of `shard`: rows with a last tick above
+/// `tick` and an id above `after_id`, oldest first, as (row id, last tick,
+/// (conversation, greatest seq) pairs).
+pub(super) async fn journal_page(
+    shared: &Shared,
+    shard: u32,
+    tick: u64,
+    after_id: u64,
+) -> StoreResult<Vec<(u64, u64, Vec<(u64, u64)>)>> {
+    let mut conn = shared.mysql().await?;
+    let rows: Vec<(u64, u64, Vec<u8>)> = conn
+        .exec(
+            "SELECT id, last_tick, conversations FROM stream_journal \
+             WHERE shard = ? AND last_tick > ? AND id > ? ORDER BY id LIMIT ?",
+            (shard, tick, after_id, JOURNAL_PAGE as u64),
+        )
+        .await
+        .map_err(mysql_err)?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, last, blob)| (id, last, im_storage::sql::decode_journal(&blob).collect()))
+        .collect())
+}
+
+/// The greatest last tick the stream journal has for `shard` (0 if none).
+pub(super) async fn journal_last_tick(shared: &Shared, shard: u32) -> StoreResult<u64> {
+    let mut conn = shared.mysql().await?;
+    let last: Option<Option<u64>> = conn
+        .exec_first(
+            "SELECT MAX(last_tick) FROM stream_journal WHERE shard = ?",
+            (shard,),
+        )
+        .await
+        .map_err(mysql_err)?;
+    Ok(last.flatten().unwrap_or(0))
+}
+
 /// `Some(joined_seq)` if the user is a member of the group conversation.
 pub(super) async fn joined_seq(
     shared: &Shared,

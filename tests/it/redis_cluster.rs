@@ -1,0 +1,301 @@
+//! Seqs that never go back and acks that survive the loss of a master:
+//! counters deleted or rolled back under the store's feet, a Redis that
+//! comes back from an older snapshot than MySQL holds, and appends whose
+//! replicas do not confirm them in time. On one Redis and on the shared
+//! Redis Cluster; the crash test that kills a cluster master under load is
+//! in `crash`.
+
+use std::time::{Duration, Instant};
+
+use im_proto::{ConversationId, pb};
+use im_server::store::pipeline::{PipelineOptions, PipelineStore};
+use im_server::store::{AppendOutcome, AppendRejection, AppendResult, NewMessage, Store, UserId};
+use im_storage::layout::Layout;
+use im_tests::PipelineEnv;
+use im_tests::redis_cluster::{RedisCluster, shared_cluster_nodes};
+use im_tests::services::RedisServer;
+use mysql_async::prelude::*;
+
+fn message(sender: UserId, conversation: ConversationId, id: &str) -> NewMessage {
+    NewMessage {
+        sender,
+        conversation,
+        client_msg_id: id.into(),
+        content: pb::Content {
+            kind: Some(pb::content::Kind::Text(pb::Text { text: id.into() })),
+        },
+        server_time_ms: im_proto::now_ms(),
+        resend: false,
+    }
+}
+
+fn seq_of(result: &AppendResult) -> u64 {
+    match result {
+        Ok(AppendOutcome::Stored(m)) => m.seq,
+        other => panic!("expected a stored message, got {other:?}"),
+    }
+}
+
+async fn open(env: &PipelineEnv, replica_acks: u32) -> PipelineStore {
+    PipelineStore::open(PipelineOptions {
+        redis: env.redis_target(),
+        mysql_url: env.mysql_url.clone(),
+        prefix: env.prefix.clone(),
+        streams: 4,
+        replica_acks,
+        replica_timeout: Duration::from_millis(300),
+        ..PipelineOptions::default()
+    })
+    .await
+    .expect("pipeline store opens")
+}
+
+/// Two users and their direct conversation.
+async fn pair(store: &PipelineStore, tag: &str) -> (UserId, ConversationId) {
+    let a = store.create_user(&format!("{tag}a"), "h").await.unwrap();
+    let b = store.create_user(&format!("{tag}b"), "h").await.unwrap();
+    (a, ConversationId::direct(a, b).unwrap())
+}
+
+/// Appends `ids` one call each, returning their seqs.
+async fn send(store: &PipelineStore, a: UserId, ab: ConversationId, ids: &[&str]) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    for id in ids {
+        let result = store.append_batch(vec![message(a, ab, id)]).await.unwrap();
+        seqs.push(seq_of(&result[0]));
+    }
+    seqs
+}
+
+/// The conversation's counter field in its shard's seq hash.
+fn counter_key(env: &PipelineEnv, ab: ConversationId) -> String {
+    let layout = Layout::new(env.prefix.clone(), 4);
+    layout.seq_key(layout.shard_of(ab.raw()))
+}
+
+/// A counter deleted while the worker has stored nothing: the next seq
+/// follows the messages Redis still holds, not MySQL's (empty) history.
+async fn deleted_counter_continues_after_unstored_messages(env: PipelineEnv) {
+    let store = open(&env, 0).await;
+    let (a, ab) = pair(&store, "del").await;
+    assert_eq!(send(&store, a, ab, &["m1", "m2", "m3"]).await, [1, 2, 3]);
+    let mut redis = env.redis_conn().await;
+    let _: i64 = redis::cmd("HDEL")
+        .arg(counter_key(&env, ab))
+        .arg(ab.raw())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(send(&store, a, ab, &["m4", "m5"]).await, [4, 5]);
+}
+
+/// A counter rolled back (an old value written over it): the next seq is
+/// still past the newest message, never one given before.
+async fn rolled_back_counter_never_repeats_a_seq(env: PipelineEnv) {
+    let store = open(&env, 0).await;
+    let (a, ab) = pair(&store, "back").await;
+    assert_eq!(
+        send(&store, a, ab, &["m1", "m2", "m3", "m4"]).await,
+        [1, 2, 3, 4]
+    );
+    let mut redis = env.redis_conn().await;
+    // Counters hold last seq + 1: as if only seq 1 had been given.
+    let _: i64 = redis::cmd("HSET")
+        .arg(counter_key(&env, ab))
+        .arg(ab.raw())
+        .arg(2)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(send(&store, a, ab, &["m5", "m6"]).await, [5, 6]);
+    let page = store.history(a, ab, 0, 50).await.unwrap();
+    let seqs: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=6).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_deleted_counter_continues_after_unstored_messages() {
+    deleted_counter_continues_after_unstored_messages(PipelineEnv::fresh_on(
+        im_tests::services::shared().redis_url.clone(),
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_deleted_counter_continues_after_unstored_messages_on_a_cluster() {
+    deleted_counter_continues_after_unstored_messages(PipelineEnv::fresh_on_cluster(
+        shared_cluster_nodes().to_string(),
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_rolled_back_counter_never_repeats_a_seq() {
+    rolled_back_counter_never_repeats_a_seq(PipelineEnv::fresh_on(
+        im_tests::services::shared().redis_url.clone(),
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_rolled_back_counter_never_repeats_a_seq_on_a_cluster() {
+    rolled_back_counter_never_repeats_a_seq(PipelineEnv::fresh_on_cluster(
+        shared_cluster_nodes().to_string(),
+    ))
+    .await;
+}
+
+/// Rows in MySQL: (seq, client_msg_id) of a conversation, by seq.
+async fn stored_rows(mysql_url: &str, conversation: u64) -> Vec<(u64, String)> {
+    let pool = mysql_async::Pool::new(mysql_url);
+    let mut conn = pool.get_conn().await.unwrap();
+    let rows: Vec<(u64, Vec<u8>)> = conn
+        .exec(
+            "SELECT seq, body FROM messages WHERE conversation_id = ? ORDER BY seq",
+            (conversation,),
+        )
+        .await
+        .unwrap();
+    drop(conn);
+    pool.disconnect().await.ok();
+    rows.into_iter()
+        .map(|(seq, body)| {
+            let m = <pb::Message as prost::Message>::decode(body.as_slice()).unwrap();
+            (seq, m.client_msg_id)
+        })
+        .collect()
+}
+
+async fn wait_rows(mysql_url: &str, conversation: u64, n: usize) -> Vec<(u64, String)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = stored_rows(mysql_url, conversation).await;
+        if rows.len() >= n || Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Redis comes back (kill -9, restart) from a snapshot older than what the
+/// worker already stored in MySQL, as after losing the tail of an AOF: a
+/// new process has a new replication id, so the store checks the shard's
+/// counters against MySQL's stream journal before appending, and seqs
+/// carry on after MySQL's, dense, with no row written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_back_from_an_older_snapshot_continues_after_mysql() {
+    let mut redis = RedisServer::start(false);
+    let env = PipelineEnv::fresh_on(redis.url());
+    let worker = env.start_worker().await;
+    let store = open(&env, 0).await;
+    let (a, ab) = pair(&store, "snap").await;
+    assert_eq!(send(&store, a, ab, &["m1", "m2", "m3"]).await, [1, 2, 3]);
+    assert_eq!(wait_rows(&env.mysql_url, ab.raw(), 3).await.len(), 3);
+    let mut conn = env.redis_conn().await;
+    let _: () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
+    assert_eq!(send(&store, a, ab, &["m4", "m5"]).await, [4, 5]);
+    assert_eq!(wait_rows(&env.mysql_url, ab.raw(), 5).await.len(), 5);
+    // Back to the snapshot: Redis knows seqs 1 to 3 only.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let seq = loop {
+        match store.append_batch(vec![message(a, ab, "m6")]).await {
+            Ok(r) if r[0].is_ok() => break seq_of(&r[0]),
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no append after the restart: {other:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(seq, 6, "a seq MySQL holds was given again");
+    assert_eq!(send(&store, a, ab, &["m7"]).await, [7]);
+    let rows = wait_rows(&env.mysql_url, ab.raw(), 7).await;
+    let expected: Vec<(u64, String)> = (1..=7).map(|i| (i, format!("m{i}"))).collect();
+    assert_eq!(rows, expected);
+    let history = store.history(a, ab, 0, 50).await.unwrap();
+    let seqs: Vec<u64> = history.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
+    assert_eq!(worker.stats().dead_letters, 0);
+    worker.shutdown().await;
+}
+
+/// With --redis-replica-acks 1, an append whose replica cannot confirm it
+/// (the replica process stopped) is refused as overloaded, not acked; the
+/// client's resend once the replica is back gets the original seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_the_replica_does_not_confirm_are_refused_not_acked() {
+    let cluster = RedisCluster::start();
+    let env = PipelineEnv::fresh_on_cluster(cluster.nodes_csv());
+    let store = open(&env, 1).await;
+    let (a, ab) = pair(&store, "acks").await;
+    assert_eq!(send(&store, a, ab, &["m1"]).await, [1]);
+
+    let layout = Layout::new(env.prefix.clone(), 4);
+    let stream = layout.stream_key(layout.shard_of(ab.raw()));
+    let master = cluster.master_of(stream.as_bytes());
+    let replica = cluster
+        .replica_of(master)
+        .expect("the master has a replica");
+    cluster.signal(replica, "STOP");
+    let refused = store
+        .append_batch(vec![message(a, ab, "m2")])
+        .await
+        .unwrap();
+    cluster.signal(replica, "CONT");
+    assert!(
+        matches!(refused[0], Err(AppendRejection::Overloaded)),
+        "{:?}",
+        refused[0]
+    );
+    let mut resend = message(a, ab, "m2");
+    resend.resend = true;
+    let again = store.append_batch(vec![resend]).await.unwrap();
+    match &again[0] {
+        Ok(AppendOutcome::Duplicate(ack)) => assert_eq!(ack.seq, 2),
+        other => panic!("the resend was answered {other:?}"),
+    }
+    assert_eq!(send(&store, a, ab, &["m3"]).await, [3]);
+}
+
+/// The worker commits only what the replicas have: while the replica of a
+/// shard's master is stopped, that shard's entries stay out of MySQL
+/// (counted as unconfirmed batches, read again), and once it is back they
+/// are stored, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_commits_only_what_the_replicas_have() {
+    let cluster = RedisCluster::start();
+    let env = PipelineEnv::fresh_on_cluster(cluster.nodes_csv());
+    // Appends are acked without waiting, so they go on while the replica
+    // is stopped; only the worker waits.
+    let store = open(&env, 0).await;
+    let (a, ab) = pair(&store, "wait").await;
+    let layout = Layout::new(env.prefix.clone(), 4);
+    let stream = layout.stream_key(layout.shard_of(ab.raw()));
+    let master = cluster.master_of(stream.as_bytes());
+    let replica = cluster
+        .replica_of(master)
+        .expect("the master has a replica");
+    let mut config = env.worker_config("replica-wait");
+    config.redis_replica_acks = Some(1);
+    config.redis_replica_timeout_ms = 200;
+    let worker = im_storage::Worker::start(config).await.unwrap();
+
+    cluster.signal(replica, "STOP");
+    assert_eq!(send(&store, a, ab, &["m1", "m2"]).await, [1, 2]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while worker.stats().unconfirmed == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker never waited for the replica"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(stored_rows(&env.mysql_url, ab.raw()).await.is_empty());
+    cluster.signal(replica, "CONT");
+    let rows = wait_rows(&env.mysql_url, ab.raw(), 2).await;
+    assert_eq!(rows, [(1, "m1".to_string()), (2, "m2".to_string())]);
+    worker.shutdown().await;
+}
