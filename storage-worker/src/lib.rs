@@ -10,6 +10,8 @@
 //!   stored message, message ids, and the append script.
 //! - [`schema`]: the MySQL schema and its migrations, run at start-up by
 //!   every process that uses the database.
+//! - [`shards`]: which MySQL database holds a conversation's messages
+//!   (`--mysql-shards`), and the pools of those databases.
 //! - [`settings`]: how both binaries merge flags, `IM_*` variables and a
 //!   TOML file into their typed configuration.
 //! - [`admin`]: the admin HTTP listener of both binaries (Prometheus
@@ -31,6 +33,7 @@ pub mod cursors;
 pub mod layout;
 pub mod schema;
 pub mod settings;
+pub mod shards;
 pub mod sql;
 pub mod stats;
 pub mod stream;
