@@ -16,6 +16,7 @@ pub struct WorkerStats {
     retries: AtomicU64,
     splits: AtomicU64,
     trimmed: AtomicU64,
+    seq_conflicts: AtomicU64,
     shards: Vec<ShardStats>,
 }
 
@@ -45,6 +46,9 @@ pub struct WorkerStatsSnapshot {
     pub splits: u64,
     /// Stream entries removed by trimming.
     pub trimmed: u64,
+    /// Records not stored because their (conversation, seq) was stored
+    /// with another message id (each dead-lettered).
+    pub seq_conflicts: u64,
     /// Per stream shard, as of the last trim pass.
     pub shards: Vec<ShardBacklog>,
 }
@@ -107,6 +111,11 @@ impl WorkerStats {
         self.trimmed.fetch_add(n, Relaxed);
     }
 
+    /// Records conflicted with stored rows.
+    pub fn seq_conflicts(&self, n: u64) {
+        self.seq_conflicts.fetch_add(n, Relaxed);
+    }
+
     /// The backlog of a shard as last seen.
     pub fn backlog(&self, shard: u32, pending: u64, lag: Option<u64>) {
         if let Some(s) = self.shards.get(shard as usize) {
@@ -129,6 +138,7 @@ impl WorkerStats {
             retries: self.retries.load(Relaxed),
             splits: self.splits.load(Relaxed),
             trimmed: self.trimmed.load(Relaxed),
+            seq_conflicts: self.seq_conflicts.load(Relaxed),
             shards: self
                 .shards
                 .iter()
@@ -197,6 +207,11 @@ impl WorkerStatsSnapshot {
             "Stream entries removed by trimming.",
             self.trimmed,
         );
+        out.counter(
+            "im_storage_seq_conflicts_total",
+            "Records not stored because their conversation and seq were already stored with another message id; each is dead-lettered.",
+            self.seq_conflicts,
+        );
         out.gauge_by(
             "im_storage_stream_pending",
             "Entries delivered to the consumer group and not yet acknowledged, per stream shard, as of the last trim pass.",
@@ -248,6 +263,7 @@ mod tests {
         let stats = WorkerStats::new(2);
         stats.committed(10, 100);
         stats.dead_lettered(2);
+        stats.seq_conflicts(1);
         stats.backlog(1, 7, Some(3));
         let mut out = Exposition::new();
         stats.snapshot().export(&mut out);
@@ -261,6 +277,7 @@ mod tests {
             ("im_storage_retries_total", "counter"),
             ("im_storage_splits_total", "counter"),
             ("im_storage_trimmed_total", "counter"),
+            ("im_storage_seq_conflicts_total", "counter"),
             ("im_storage_stream_pending", "gauge"),
             ("im_storage_stream_lag", "gauge"),
         ] {
@@ -274,6 +291,7 @@ mod tests {
             "im_storage_rows_total 10\n",
             "im_storage_bytes_total 100\n",
             "im_storage_dead_letters_total 2\n",
+            "im_storage_seq_conflicts_total 1\n",
             "im_storage_stream_pending{shard=\"0\"} 0\n",
             "im_storage_stream_pending{shard=\"1\"} 7\n",
             "im_storage_stream_lag{shard=\"1\"} 3\n",

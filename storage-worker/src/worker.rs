@@ -13,7 +13,9 @@
 //! 3. store the batch in one transaction; on a connectivity failure retry
 //!    it with backoff, reading nothing meanwhile; if the database rejects
 //!    a row, split the batch in halves until the bad entries are alone,
-//!    so every good row commits;
+//!    so every good row commits. A row whose (conversation, seq) is stored
+//!    with another message id is a conflict: counted, and its record
+//!    dead-lettered;
 //! 4. after the commit, `XACK` every entry whose messages are all stored,
 //!    and hand the members rows, read cursors and stored watermarks the
 //!    messages imply to the [`cursors`](crate::cursors) flusher, which
@@ -46,7 +48,9 @@ use crate::config::{ConfigError, WorkerConfig};
 use crate::cursors::{Deferred, Flusher};
 use crate::layout::Layout;
 use crate::schema::{self, SchemaError};
-use crate::sql::{MemberRow, MessageRow, Plan, Statements, StoreError, statement_cache_size};
+use crate::sql::{
+    MemberRow, MessageRow, Plan, SeqConflict, Statements, StoreError, statement_cache_size,
+};
 use crate::stats::{WorkerStats, WorkerStatsSnapshot};
 use crate::stream::{DeadLetter, ShardKeys, StreamError, trim_point};
 
@@ -132,6 +136,9 @@ impl Worker {
                     .with_reset_connection(false),
             )
             .stmt_cache_size(statement_cache_size(config.chunk_rows))
+            // Affected rows must count changed rows, not found ones: that
+            // is how duplicates are told from inserts.
+            .client_found_rows(false)
             // Fewer gap locks, so concurrent batches rarely deadlock.
             .init(vec![
                 "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
@@ -500,6 +507,9 @@ struct Outcome {
     stored: Vec<usize>,
     /// Rows the database rejected, alone, with the error.
     rejected: Vec<(usize, String)>,
+    /// Rows not written because their (conversation, seq) is stored with
+    /// another message id.
+    conflicts: Vec<(usize, SeqConflict)>,
     /// Whether the task gave up (stop requested, grace over) before every
     /// row was tried.
     gave_up: bool,
@@ -655,10 +665,11 @@ impl ShardTask {
     /// dead-letters what cannot be stored, and empties the batch.
     ///
     /// An entry (all messages of one append call) is done when each of its
-    /// records is stored, or can never be, or was rejected by the database
-    /// on `max_attempts` deliveries; the last two go to the dead-letter
-    /// stream as the entry is acknowledged. Otherwise it stays pending and
-    /// comes back when claimed (its stored rows are stored again, a no-op).
+    /// records is stored, or can never be (undecodable, or a seq conflict),
+    /// or was rejected by the database on `max_attempts` deliveries; all
+    /// but the first go to the dead-letter stream as the entry is
+    /// acknowledged. Otherwise it stays pending and comes back when
+    /// claimed (its stored rows are stored again, a no-op).
     async fn flush(&mut self) {
         let shard = self.keys.shard;
         let outcome = self.store().await;
@@ -666,10 +677,12 @@ impl ShardTask {
         let rows = batch.rows();
         let entries = batch.entries();
 
-        // Watermarks: the greatest stored seq, below any rejected one.
+        // Watermarks: the greatest seq MySQL has (a conflict's seq has the
+        // other message), below any rejected one.
         let mut marks: Vec<(u64, u64)> = outcome
             .stored
             .iter()
+            .chain(outcome.conflicts.iter().map(|(i, _)| i))
             .map(|&i| (rows[i].conversation_id, rows[i].seq))
             .collect();
         let mut holes: Vec<(u64, u64)> = outcome
@@ -704,6 +717,26 @@ impl ShardTask {
                 .entry(r.entry)
                 .or_default()
                 .push((r.record, r.reason.to_string()));
+        }
+        for (i, conflict) in &outcome.conflicts {
+            let r = &rows[*i];
+            tracing::error!(
+                shard,
+                id = %entries[r.entry].id,
+                conversation = conflict.conversation_id,
+                seq = conflict.seq,
+                message_id = conflict.message_id,
+                stored_message_id = conflict.stored_message_id,
+                "a seq was given to two messages: the stored one stays, this record goes to the dead-letter stream"
+            );
+            stored_rows[r.entry] += 1;
+            permanent
+                .entry(r.entry)
+                .or_default()
+                .push((Some(r.record), conflict.to_string()));
+        }
+        if !outcome.conflicts.is_empty() {
+            self.stats.seq_conflicts(outcome.conflicts.len() as u64);
         }
         // Entries with rejected rows: done only after max_attempts.
         let keys = &self.keys;
@@ -834,12 +867,22 @@ impl ShardTask {
             loop {
                 let result = self.transaction(&order[range.clone()]).await;
                 match result {
-                    Ok(implied) => {
+                    Ok(((direct, group, new_direct), conflicts)) => {
                         self.pace.success();
-                        let (direct, group, new_direct) = implied;
                         self.deferred
                             .add(self.keys.shard, &direct, &group, &new_direct, &[]);
-                        outcome.stored.extend_from_slice(&order[range.clone()]);
+                        let rows = self.batch.rows();
+                        for &i in &order[range.clone()] {
+                            let r = &rows[i];
+                            let conflict = conflicts.iter().find(|c| {
+                                (c.conversation_id, c.seq, c.message_id)
+                                    == (r.conversation_id, r.seq, r.message_id)
+                            });
+                            match conflict {
+                                Some(c) => outcome.conflicts.push((i, *c)),
+                                None => outcome.stored.push(i),
+                            }
+                        }
                         break;
                     }
                     Err(StoreError::Rejected(e)) => {
@@ -879,8 +922,12 @@ impl ShardTask {
 
     /// Writes the message rows at `indices` in one transaction; returns
     /// what they imply for members rows and read cursors (direct rows,
-    /// group cursors, new direct conversations), written later.
-    async fn transaction(&mut self, indices: &[usize]) -> Result<Implied, StoreError> {
+    /// group cursors, new direct conversations), written later, and the
+    /// rows not written for a seq conflict.
+    async fn transaction(
+        &mut self,
+        indices: &[usize],
+    ) -> Result<(Implied, Vec<SeqConflict>), StoreError> {
         let timeout = self.settings.mysql_timeout;
         let batch = &self.batch;
         let rows: Vec<MessageRow<'_>> = indices
@@ -918,7 +965,10 @@ impl ShardTask {
             result
         };
         match tokio::time::timeout(timeout, work).await {
-            Ok(Ok(())) => Ok((plan.direct_members, plan.group_reads, plan.new_direct)),
+            Ok(Ok(conflicts)) => Ok((
+                (plan.direct_members, plan.group_reads, plan.new_direct),
+                conflicts,
+            )),
             Ok(Err(e)) => Err(StoreError::classify(e)),
             Err(_) => Err(StoreError::Timeout(timeout)),
         }
