@@ -22,7 +22,8 @@
 //!   flush them), [`sql`] (what rows become in MySQL), [`cursors`]
 //!   (members rows, read cursors and watermarks, coalesced over batches),
 //!   [`stream`] (the consumer group, acknowledgements, dead letters,
-//!   trimming).
+//!   trimming), [`outage`] (MySQL shards that are down and the rows held
+//!   back for them).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -31,6 +32,7 @@ pub mod batch;
 pub mod config;
 pub mod cursors;
 pub mod layout;
+pub mod outage;
 pub mod schema;
 pub mod settings;
 pub mod shards;

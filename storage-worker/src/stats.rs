@@ -18,6 +18,8 @@ pub struct WorkerStats {
     trimmed: AtomicU64,
     seq_conflicts: AtomicU64,
     shards: Vec<ShardStats>,
+    /// Rows deferred, per MySQL shard.
+    deferred: Vec<AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -51,6 +53,9 @@ pub struct WorkerStatsSnapshot {
     pub seq_conflicts: u64,
     /// Per stream shard, as of the last trim pass.
     pub shards: Vec<ShardBacklog>,
+    /// Per MySQL shard: rows left pending because the shard was down
+    /// (stored once it is back; a row deferred twice counts twice).
+    pub deferred: Vec<u64>,
 }
 
 /// The backlog of one shard for this worker's group.
@@ -66,8 +71,9 @@ pub struct ShardBacklog {
 }
 
 impl WorkerStats {
-    /// Counters for `shards` stream shards.
-    pub fn new(shards: u32) -> WorkerStats {
+    /// Counters for `shards` stream shards and `mysql_shards` MySQL
+    /// shards.
+    pub fn new(shards: u32, mysql_shards: u32) -> WorkerStats {
         WorkerStats {
             shards: (0..shards)
                 .map(|_| ShardStats {
@@ -75,6 +81,7 @@ impl WorkerStats {
                     lag: AtomicI64::new(-1),
                 })
                 .collect(),
+            deferred: (0..mysql_shards).map(|_| AtomicU64::new(0)).collect(),
             ..WorkerStats::default()
         }
     }
@@ -116,6 +123,13 @@ impl WorkerStats {
         self.seq_conflicts.fetch_add(n, Relaxed);
     }
 
+    /// Rows of MySQL shard `shard` were deferred.
+    pub fn deferred(&self, shard: u32, n: u64) {
+        if let Some(d) = self.deferred.get(shard as usize) {
+            d.fetch_add(n, Relaxed);
+        }
+    }
+
     /// The backlog of a shard as last seen.
     pub fn backlog(&self, shard: u32, pending: u64, lag: Option<u64>) {
         if let Some(s) = self.shards.get(shard as usize) {
@@ -139,6 +153,7 @@ impl WorkerStats {
             splits: self.splits.load(Relaxed),
             trimmed: self.trimmed.load(Relaxed),
             seq_conflicts: self.seq_conflicts.load(Relaxed),
+            deferred: self.deferred.iter().map(|d| d.load(Relaxed)).collect(),
             shards: self
                 .shards
                 .iter()
@@ -212,6 +227,12 @@ impl WorkerStatsSnapshot {
             "Records not stored because their conversation and seq were already stored with another message id; each is dead-lettered.",
             self.seq_conflicts,
         );
+        out.counter_by(
+            "im_storage_rows_deferred_total",
+            "Message rows left pending because their MySQL shard was down, per MySQL shard; they are stored once it is back.",
+            "mysql_shard",
+            self.deferred.iter().enumerate().map(|(i, &n)| (i, n)),
+        );
         out.gauge_by(
             "im_storage_stream_pending",
             "Entries delivered to the consumer group and not yet acknowledged, per stream shard, as of the last trim pass.",
@@ -235,7 +256,7 @@ mod tests {
 
     #[test]
     fn snapshot_reflects_counters() {
-        let stats = WorkerStats::new(2);
+        let stats = WorkerStats::new(2, 1);
         stats.committed(10, 100);
         stats.committed(5, 50);
         stats.dead_lettered(1);
@@ -260,10 +281,12 @@ mod tests {
 
     #[test]
     fn export_names_types_and_shard_labels() {
-        let stats = WorkerStats::new(2);
+        let stats = WorkerStats::new(2, 2);
         stats.committed(10, 100);
         stats.dead_lettered(2);
         stats.seq_conflicts(1);
+        stats.deferred(1, 4);
+        stats.deferred(7, 1); // out of range: ignored
         stats.backlog(1, 7, Some(3));
         let mut out = Exposition::new();
         stats.snapshot().export(&mut out);
@@ -278,6 +301,7 @@ mod tests {
             ("im_storage_splits_total", "counter"),
             ("im_storage_trimmed_total", "counter"),
             ("im_storage_seq_conflicts_total", "counter"),
+            ("im_storage_rows_deferred_total", "counter"),
             ("im_storage_stream_pending", "gauge"),
             ("im_storage_stream_lag", "gauge"),
         ] {
@@ -292,6 +316,8 @@ mod tests {
             "im_storage_bytes_total 100\n",
             "im_storage_dead_letters_total 2\n",
             "im_storage_seq_conflicts_total 1\n",
+            "im_storage_rows_deferred_total{mysql_shard=\"0\"} 0\n",
+            "im_storage_rows_deferred_total{mysql_shard=\"1\"} 4\n",
             "im_storage_stream_pending{shard=\"0\"} 0\n",
             "im_storage_stream_pending{shard=\"1\"} 7\n",
             "im_storage_stream_lag{shard=\"1\"} 3\n",
