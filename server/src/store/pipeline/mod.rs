@@ -9,7 +9,10 @@
 //! which never changes once true.
 //!
 //! - `append`: ordered append lanes and the append script's protocol.
-//! - `sql`: accounts, groups and memberships in MySQL.
+//! - `sql`: accounts, groups and memberships in MySQL (the main database),
+//!   and the message reads, each on its conversation's MySQL shard
+//!   (`im_storage::shards`; one shard, the main database, unless
+//!   `--mysql-shards` lists others).
 //! - `engine`: Redis and MySQL errors told apart (busy or failed).
 //! - `read`: sync, history, conversation list and cursors, merging the
 //!   Redis cache with MySQL without a gap at the boundary.
@@ -41,8 +44,13 @@ use engine::{mysql_err, redis_err};
 pub struct PipelineOptions {
     /// `redis://host:port[/db]`.
     pub redis_url: String,
-    /// `mysql://user:pass@host:port/db`.
+    /// `mysql://user:pass@host:port/db`: accounts, sessions, groups,
+    /// memberships, and the messages unless `mysql_shards` lists other
+    /// databases.
     pub mysql_url: String,
+    /// Databases the messages are spread over by conversation (empty: the
+    /// main database). Must match the storage workers, in order.
+    pub mysql_shards: Vec<String>,
     /// Key prefix shared by every process of the deployment.
     pub prefix: String,
     /// Stream shards (must match the storage workers).
@@ -64,7 +72,7 @@ pub struct PipelineOptions {
     pub recent_cache_ttl_secs: u64,
     /// Pooled Redis connections for reads and other commands.
     pub redis_pool_size: usize,
-    /// Pooled MySQL connections.
+    /// Pooled MySQL connections, of the main database and of each shard.
     pub mysql_pool_size: usize,
 }
 
@@ -73,6 +81,7 @@ impl Default for PipelineOptions {
         PipelineOptions {
             redis_url: "redis://127.0.0.1:6379".into(),
             mysql_url: "mysql://root@127.0.0.1:3306/im".into(),
+            mysql_shards: Vec::new(),
             prefix: im_storage::layout::DEFAULT_PREFIX.into(),
             streams: im_storage::layout::DEFAULT_STREAMS,
             append_lanes: 4,
@@ -96,6 +105,8 @@ pub(crate) struct Shared {
     layout: Layout,
     options: PipelineOptions,
     mysql: mysql_async::Pool,
+    /// The pools of the message shards (the main pool when unsharded).
+    messages: im_storage::shards::ShardPools,
     redis: deadpool_redis::Pool,
     /// Ids known to exist (users are never deleted, so this can only be
     /// stale in the harmless direction).
@@ -136,23 +147,22 @@ impl PipelineStore {
     /// Connects to Redis and MySQL, runs the schema migrations and starts
     /// the append lanes. Must be called within a tokio runtime.
     pub async fn open(options: PipelineOptions) -> StoreResult<PipelineStore> {
-        let opts = mysql_async::Opts::from_url(&options.mysql_url)
-            .map_err(|e| mysql_err(e.to_string()))?;
-        let constraints = mysql_async::PoolConstraints::new(1, options.mysql_pool_size.max(1))
-            .ok_or_else(|| StoreError::Backend("invalid MySQL pool size".into()))?;
-        // Connections above the first stay open while they are in use at
-        // least once a minute. (The default closes each one the moment it
-        // is idle, so under load every query above one at a time paid a new
-        // connection: two MySQL handshakes per login, which kept MariaDB
-        // busy with 100,000 logins.)
-        let pool_opts = mysql_async::PoolOpts::default()
-            .with_constraints(constraints)
-            .with_inactive_connection_ttl(MYSQL_IDLE_TTL);
-        let opts = mysql_async::OptsBuilder::from_opts(opts)
-            .pool_opts(pool_opts)
-            .stmt_cache_size(256);
-        let mysql = mysql_async::Pool::new(opts);
+        im_storage::shards::validate_urls(&options.mysql_shards)
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let size = options.mysql_pool_size;
+        let mysql = mysql_pool(&options.mysql_url, size).map_err(mysql_err)?;
         im_storage::schema::migrate(&mysql)
+            .await
+            .map_err(|e| mysql_err(e.to_string()))?;
+        let messages = im_storage::shards::ShardPools::new(
+            &options.mysql_url,
+            &mysql,
+            &options.mysql_shards,
+            |url| mysql_pool(url, size),
+        )
+        .map_err(mysql_err)?;
+        messages
+            .migrate()
             .await
             .map_err(|e| mysql_err(e.to_string()))?;
 
@@ -175,6 +185,7 @@ impl PipelineStore {
             layout: Layout::new(options.prefix.clone(), options.streams),
             known_users: moka::sync::Cache::new(1_000_000),
             mysql,
+            messages,
             redis,
             options,
         });
@@ -196,6 +207,7 @@ impl PipelineStore {
         tracing::info!(
             streams = shared.layout.streams(),
             prefix = shared.layout.prefix(),
+            mysql_shards = shared.messages.len(),
             "pipeline store opened"
         );
         Ok(PipelineStore {
@@ -234,10 +246,29 @@ impl PipelineStore {
         for task in tasks {
             task.abort();
         }
+        self.shared.messages.disconnect().await;
         if let Err(e) = self.shared.mysql.clone().disconnect().await {
             tracing::warn!(error = %e, "closing the MySQL pool failed");
         }
     }
+}
+
+/// A MySQL pool of up to `size` connections for `url`.
+fn mysql_pool(url: &str, size: usize) -> Result<mysql_async::Pool, mysql_async::Error> {
+    let opts = mysql_async::Opts::from_url(url).map_err(mysql_async::Error::from)?;
+    let constraints = mysql_async::PoolConstraints::new(1, size.max(1)).unwrap_or_default();
+    // Connections above the first stay open while they are in use at
+    // least once a minute. (The default closes each one the moment it is
+    // idle, so under load every query above one at a time paid a new
+    // connection: two MySQL handshakes per login, which kept MariaDB busy
+    // with 100,000 logins.)
+    let pool_opts = mysql_async::PoolOpts::default()
+        .with_constraints(constraints)
+        .with_inactive_connection_ttl(MYSQL_IDLE_TTL);
+    let opts = mysql_async::OptsBuilder::from_opts(opts)
+        .pool_opts(pool_opts)
+        .stmt_cache_size(256);
+    Ok(mysql_async::Pool::new(opts))
 }
 
 impl Store for PipelineStore {
@@ -482,9 +513,14 @@ impl Shared {
         self.redis.get().await.map_err(redis_err)
     }
 
-    /// A pooled MySQL connection.
+    /// A pooled MySQL connection to the main database.
     async fn mysql(&self) -> StoreResult<mysql_async::Conn> {
         self.mysql.get_conn().await.map_err(mysql_err)
+    }
+
+    /// A pooled MySQL connection to message shard `shard`.
+    async fn message_shard(&self, shard: u32) -> StoreResult<mysql_async::Conn> {
+        self.messages.get(shard).get_conn().await.map_err(mysql_err)
     }
 
     /// The last seq of each conversation (0 if none), from Redis, falling
