@@ -13,6 +13,7 @@ mod protocol;
 mod proxy_protocol;
 mod resilience;
 mod sessions;
+mod shards;
 mod store;
 mod tls;
 mod worker;

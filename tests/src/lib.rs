@@ -30,8 +30,16 @@ pub fn pipeline_mode() -> bool {
     std::env::var("IM_TEST_STORE").is_ok_and(|v| v == "pipeline")
 }
 
+/// Whether pipeline-mode nodes spread their messages over two MySQL
+/// shards (`IM_TEST_MYSQL_SHARDS=2`): one database on each of the two
+/// shared MariaDB servers, besides the main database.
+pub fn sharded_mode() -> bool {
+    std::env::var("IM_TEST_MYSQL_SHARDS").is_ok_and(|v| v == "2")
+}
+
 /// Where a pipeline-mode node keeps its data: a key prefix and a database
-/// of its own on the shared services.
+/// of its own on the shared services (and, sharded, a database of its own
+/// on each shard server).
 #[derive(Debug, Clone)]
 pub struct PipelineEnv {
     /// Redis URL.
@@ -40,33 +48,63 @@ pub struct PipelineEnv {
     pub mysql_url: String,
     /// Key prefix only this node uses.
     pub prefix: String,
+    /// The message shards (`--mysql-shards`); empty: messages in
+    /// `mysql_url`.
+    pub mysql_shards: Vec<String>,
 }
 
 impl PipelineEnv {
-    /// A fresh prefix and database on the shared services.
+    /// A fresh prefix and database on the shared services (with two
+    /// message shards in [`sharded_mode`]).
     pub fn fresh() -> PipelineEnv {
         let shared = services::shared();
-        PipelineEnv {
+        let env = PipelineEnv {
             redis_url: shared.redis_url.clone(),
             mysql_url: services::fresh_database(&shared.mysql_url),
             prefix: services::unique_prefix(),
-        }
+            mysql_shards: Vec::new(),
+        };
+        if sharded_mode() { env.sharded() } else { env }
     }
 
     /// The same on a Redis of the test's own (one it stops or pauses), with
     /// a fresh database on the shared MariaDB.
     pub fn fresh_on(redis_url: String) -> PipelineEnv {
-        PipelineEnv {
+        let env = PipelineEnv {
             redis_url,
             mysql_url: services::fresh_database(&services::shared().mysql_url),
             prefix: services::unique_prefix(),
-        }
+            mysql_shards: Vec::new(),
+        };
+        if sharded_mode() { env.sharded() } else { env }
+    }
+
+    /// This environment with its messages on two shards: a fresh database
+    /// on the shared MariaDB and one on the second (see
+    /// [`services::second_mysql`]).
+    pub fn sharded(self) -> PipelineEnv {
+        let servers = [
+            services::shared().mysql_url.clone(),
+            services::second_mysql().to_string(),
+        ];
+        self.sharded_on(&servers)
+    }
+
+    /// This environment with its messages on a fresh database of each of
+    /// `servers` (`mysql://...` without a database), in that order.
+    pub fn sharded_on(mut self, servers: &[String]) -> PipelineEnv {
+        self.mysql_shards = servers
+            .iter()
+            .map(|s| services::fresh_database(s))
+            .collect();
+        self
     }
 
     /// Points a server configuration at this environment.
     pub fn apply(&self, c: &mut Config) {
         c.redis_url = Some(self.redis_url.clone());
         c.mysql_url = Some(self.mysql_url.clone());
+        c.mysql_shards = self.mysql_shards.clone();
         c.redis_prefix = self.prefix.clone();
         c.streams = 4;
     }
@@ -75,6 +113,7 @@ impl PipelineEnv {
     /// age and claim idle time).
     pub fn worker_config(&self, consumer: &str) -> im_storage::WorkerConfig {
         let mut c = im_storage::WorkerConfig::new(&self.redis_url, &self.mysql_url);
+        c.mysql_shards = self.mysql_shards.clone();
         c.redis_prefix = self.prefix.clone();
         c.streams = 4;
         c.consumer = Some(consumer.to_string());
@@ -98,7 +137,7 @@ impl PipelineEnv {
 
     /// The same, as `im-server` flags.
     pub fn args(&self) -> Vec<String> {
-        vec![
+        let mut args: Vec<String> = vec![
             "--redis-url".into(),
             self.redis_url.clone(),
             "--mysql-url".into(),
@@ -107,7 +146,12 @@ impl PipelineEnv {
             self.prefix.clone(),
             "--streams".into(),
             "4".into(),
-        ]
+        ];
+        if !self.mysql_shards.is_empty() {
+            args.push("--mysql-shards".into());
+            args.push(self.mysql_shards.join(","));
+        }
+        args
     }
 }
 
@@ -241,9 +285,24 @@ impl TestServer {
     /// Starts a node with [`test_config`] adjusted by `tweak` (which is
     /// applied again on restart).
     pub async fn start_with(tweak: impl Fn(&mut Config) + Send + Sync + 'static) -> TestServer {
+        Self::start_in(pipeline_mode().then(PipelineEnv::fresh), tweak).await
+    }
+
+    /// Starts a pipeline node on `env`, whatever `IM_TEST_STORE` says, with
+    /// its storage worker.
+    pub async fn start_on(
+        env: PipelineEnv,
+        tweak: impl Fn(&mut Config) + Send + Sync + 'static,
+    ) -> TestServer {
+        Self::start_in(Some(env), tweak).await
+    }
+
+    async fn start_in(
+        pipeline: Option<PipelineEnv>,
+        tweak: impl Fn(&mut Config) + Send + Sync + 'static,
+    ) -> TestServer {
         init_logging();
         let dir = tempfile::tempdir().expect("temp dir");
-        let pipeline = pipeline_mode().then(PipelineEnv::fresh);
         let mut server = TestServer {
             server: None,
             addr: "127.0.0.1:0".parse().expect("address"),
