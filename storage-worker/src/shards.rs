@@ -13,7 +13,9 @@
 //!
 //! The function is part of the data: it is fixed across releases (the
 //! tests pin its values), and [`SHARD_FUNCTION_SQL`] computes the same in
-//! MySQL/MariaDB, for moving rows between shards by hand.
+//! MySQL/MariaDB, for moving rows between shards by hand
+//! ([`DROP_OTHER_SHARDS_SQL`] deletes what does not belong after a split;
+//! docs/scaling.md quotes both).
 
 use mysql_async::Pool;
 
@@ -59,6 +61,27 @@ BEGIN
   SET x = MOD(CAST(x AS DECIMAL(40)) * 14181476777654086739, 18446744073709551616);
   SET x = x ^ (x >> 33);
   RETURN x % GREATEST(shards, 1);
+END";
+
+/// A MySQL/MariaDB stored procedure, `im_drop_other_shards(shards, me)`:
+/// deletes from `messages` every row whose conversation is not on shard
+/// `me` of `shards` (by `im_message_shard`, which must exist). It walks the
+/// primary key one conversation at a time and deletes at most 10,000 rows
+/// per statement, so no transaction grows large; it may run while the
+/// shard serves.
+pub const DROP_OTHER_SHARDS_SQL: &str =
+    "CREATE PROCEDURE im_drop_other_shards(shards INT UNSIGNED, me INT UNSIGNED)
+MODIFIES SQL DATA
+BEGIN
+  DECLARE c BIGINT UNSIGNED DEFAULT (SELECT MIN(conversation_id) FROM messages);
+  WHILE c IS NOT NULL DO
+    IF im_message_shard(c, shards) <> me THEN
+      REPEAT
+        DELETE FROM messages WHERE conversation_id = c LIMIT 10000;
+      UNTIL ROW_COUNT() = 0 END REPEAT;
+    END IF;
+    SET c = (SELECT MIN(conversation_id) FROM messages WHERE conversation_id > c);
+  END WHILE;
 END";
 
 /// Why a shard list is refused.
@@ -219,6 +242,13 @@ mod tests {
         }
         assert_eq!(shard_of(12345, 1), 0);
         assert_eq!(shard_of(12345, 0), 0);
+    }
+
+    #[test]
+    fn the_operators_guide_quotes_the_sql_as_it_is() {
+        let guide = include_str!("../../docs/scaling.md");
+        assert!(guide.contains(SHARD_FUNCTION_SQL), "docs/scaling.md");
+        assert!(guide.contains(DROP_OTHER_SHARDS_SQL), "docs/scaling.md");
     }
 
     #[test]

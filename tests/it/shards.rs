@@ -14,7 +14,7 @@ use im_proto::{ConversationId, ErrorCode, pb};
 use im_server::store::pipeline::{PipelineOptions, PipelineStore};
 use im_server::store::{AppendOutcome, NewMessage, Store};
 use im_storage::layout::Layout;
-use im_storage::shards::{SHARD_FUNCTION_SQL, shard_of};
+use im_storage::shards::{DROP_OTHER_SHARDS_SQL, SHARD_FUNCTION_SQL, shard_of};
 use im_tests::sdk::{self, text_of};
 use im_tests::services::{self, MariaDb};
 use im_tests::{PipelineEnv, RawConn, TestServer};
@@ -493,16 +493,17 @@ async fn a_shard_that_is_down_holds_up_only_its_own_conversations() {
 }
 
 /// The stored function of docs/scaling.md computes the same shard as the
-/// servers and workers, for the ids of both kinds of conversation.
+/// servers and workers, for the ids of both kinds of conversation, and its
+/// procedure leaves a shard with exactly the conversations that belong to
+/// it.
 #[tokio::test]
-async fn the_sql_shard_function_agrees_with_the_servers() {
+async fn the_sql_of_the_shard_split_agrees_with_the_servers() {
     let url = services::fresh_database(&services::shared().mysql_url);
     let pool = mysql_async::Pool::new(url.as_str());
+    im_storage::schema::migrate(&pool).await.unwrap();
     let mut conn = pool.get_conn().await.unwrap();
     conn.query_drop(SHARD_FUNCTION_SQL).await.unwrap();
-    conn.query_drop("CREATE TABLE ids (id BIGINT UNSIGNED NOT NULL PRIMARY KEY)")
-        .await
-        .unwrap();
+    conn.query_drop(DROP_OTHER_SHARDS_SQL).await.unwrap();
     let mut ids: Vec<u64> = vec![1, 2, 3, u64::MAX, u64::MAX - 1, 1 << 63, (1 << 32) + 7];
     for a in 1..60u64 {
         ids.extend(
@@ -513,18 +514,22 @@ async fn the_sql_shard_function_agrees_with_the_servers() {
     }
     ids.sort_unstable();
     ids.dedup();
+    // Two messages per conversation.
     for chunk in ids.chunks(500) {
         let sql = format!(
-            "INSERT INTO ids (id) VALUES {}",
-            vec!["(?)"; chunk.len()].join(",")
+            "INSERT INTO messages (conversation_id, seq, message_id, sender_id, server_time_ms, body) \
+             VALUES {}",
+            vec!["(?, 1, 1, 0, 0, ''), (?, 2, 2, 0, 0, '')"; chunk.len()].join(",")
         );
-        let params: Vec<mysql_async::Value> = chunk.iter().map(|&i| i.into()).collect();
+        let params: Vec<mysql_async::Value> =
+            chunk.iter().flat_map(|&i| [i.into(), i.into()]).collect();
         conn.exec_drop(sql, params).await.unwrap();
     }
     let found: Vec<(u64, u32, u32, u32)> = conn
         .query(
-            "SELECT id, im_message_shard(id, 2), im_message_shard(id, 4), \
-             im_message_shard(id, 7) FROM ids ORDER BY id",
+            "SELECT DISTINCT conversation_id, im_message_shard(conversation_id, 2), \
+             im_message_shard(conversation_id, 4), im_message_shard(conversation_id, 7) \
+             FROM messages ORDER BY 1",
         )
         .await
         .unwrap();
@@ -536,6 +541,21 @@ async fn the_sql_shard_function_agrees_with_the_servers() {
             "{id}"
         );
     }
+    // This database as shard 1 of 2 after a split.
+    conn.query_drop("CALL im_drop_other_shards(2, 1)")
+        .await
+        .unwrap();
+    let left: Vec<(u64, u64)> = conn
+        .query("SELECT conversation_id, COUNT(*) FROM messages GROUP BY 1 ORDER BY 1")
+        .await
+        .unwrap();
+    let kept: Vec<(u64, u64)> = ids
+        .iter()
+        .filter(|&&c| shard_of(c, 2) == 1)
+        .map(|&c| (c, 2))
+        .collect();
+    assert!(!kept.is_empty() && kept.len() < ids.len());
+    assert_eq!(left, kept);
     drop(conn);
     let _ = pool.disconnect().await;
 }
