@@ -660,7 +660,15 @@ impl ShardTask {
                     let pool = self.shards.get(shard);
                     let probe = async {
                         let mut conn = pool.get_conn().await?;
-                        conn.query_drop("SELECT 1").await
+                        let result = conn.query_drop("SELECT 1").await;
+                        if let Err(e) = &result {
+                            // A pooled connection the outage broke: not
+                            // to be handed out again.
+                            if e.is_fatal() {
+                                let _ = conn.disconnect().await;
+                            }
+                        }
+                        result
                     };
                     match tokio::time::timeout(timeout, probe).await {
                         Ok(Ok(())) => {
