@@ -364,7 +364,19 @@ pub(super) async fn conversations(
         }
     }
     let (group_names, user_names) = sql::titles(shared, &group_ids, &peers).await?;
-    let own = own_unstored_sends(shared, user, &convs, &lasts).await?;
+    let (own, marks) = own_unstored_sends(shared, user, &convs, &lasts).await?;
+    // The worker writes a sender's cursor before it raises the stored
+    // watermark past the message, but the cursors above were read before
+    // the watermarks: where a watermark is above the cursor seen, the
+    // cursor may have moved in between, so read it again (after the
+    // watermark, which makes it current).
+    let stale: Vec<u64> = list
+        .iter()
+        .zip(&marks)
+        .filter(|((_, joined, read), mark)| **mark > (*read).max(*joined))
+        .map(|((conv, _, _), _)| *conv)
+        .collect();
+    let fresh = sql::memberships_in(shared, user, &stale).await?;
     let summaries = list
         .into_iter()
         .zip(lasts)
@@ -374,7 +386,11 @@ pub(super) async fn conversations(
             // sending marks everything before as read, which the worker
             // records when it stores the message: until then the cache
             // tells.
-            let read = read.max(joined).max(own.get(&conv).copied().unwrap_or(0));
+            let again = fresh.get(&conv).map_or(0, |&(_, read)| read);
+            let read = read
+                .max(again)
+                .max(joined)
+                .max(own.get(&conv).copied().unwrap_or(0));
             let (peer_id, group_id, title) = match id.kind() {
                 ConversationKind::Group(g) => {
                     (0, g, group_names.get(&g).cloned().unwrap_or_default())
@@ -401,15 +417,15 @@ pub(super) async fn conversations(
 
 /// Per conversation, the highest seq `user` sent among the messages the
 /// worker has not stored yet (the stored ones have moved the read cursor in
-/// MySQL already).
+/// MySQL already), and each conversation's stored watermark (0 if none).
 async fn own_unstored_sends(
     shared: &Shared,
     user: UserId,
     convs: &[u64],
     lasts: &[u64],
-) -> StoreResult<HashMap<u64, u64>> {
+) -> StoreResult<(HashMap<u64, u64>, Vec<u64>)> {
     if convs.is_empty() {
-        return Ok(HashMap::new());
+        return Ok((HashMap::new(), Vec::new()));
     }
     let mut pipe = redis::pipe();
     for &conv in convs {
@@ -421,12 +437,12 @@ async fn own_unstored_sends(
     let mut conn = shared.redis().await?;
     let stored: Vec<Option<u64>> = pipe.query_async(&mut conn).await.map_err(redis_err)?;
     drop(conn);
+    let stored: Vec<u64> = stored.into_iter().map(Option::unwrap_or_default).collect();
     let ranges: Vec<(u64, u64, u64)> = convs
         .iter()
         .zip(lasts)
-        .zip(stored)
-        .filter_map(|((&conv, &last), stored)| {
-            let stored = stored.unwrap_or(0);
+        .zip(&stored)
+        .filter_map(|((&conv, &last), &stored)| {
             (stored < last).then_some((conv, stored.max(last.saturating_sub(RECEIPT_SCAN)), last))
         })
         .collect();
@@ -437,7 +453,7 @@ async fn own_unstored_sends(
             own.insert(conv, m.seq);
         }
     }
-    Ok(own)
+    Ok((own, stored))
 }
 
 /// Moves a delivered cursor forward only (in Redis), returning the old one.
