@@ -5,12 +5,14 @@
 #    the storage worker and crash tests (which start their own Redis and
 #    MariaDB so they can kill them);
 #  - the same end-to-end chat tests again against the production pipeline
-#    (Redis Streams + MySQL + storage worker);
+#    (Redis Streams + MySQL + storage worker), and the chat tests once more
+#    with the messages on two MySQL shards (one on each MariaDB);
 #  - the chat and cluster tests once more with the pipeline on a Redis
 #    Cluster (6 processes: 3 masters with a replica each).
-# It starts a throwaway redis-server (AOF on), a Redis Cluster and MariaDB
-# on free ports in a temp directory, unless REDIS_URL / REDIS_CLUSTER_NODES /
-# MYSQL_URL point elsewhere, and stops them afterwards. Tests use their own key prefixes and databases.
+# It starts a throwaway redis-server (AOF on), a Redis Cluster and two
+# MariaDB servers on free ports in a temp directory, unless REDIS_URL /
+# REDIS_CLUSTER_NODES / MYSQL_URL / MYSQL_URL_2 point elsewhere, and stops
+# them afterwards. Tests use their own key prefixes and databases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,17 +51,29 @@ if [ -z "${REDIS_URL:-}" ]; then
   until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.1; done
 fi
 
-if [ -z "${MYSQL_URL:-}" ]; then
+# Starts a MariaDB in $work/$1 on a free port; sets started_url.
+start_mariadb() {
+  local name=$1 port
   port=$(free_port)
-  mariadb-install-db --no-defaults --datadir="$work/mysql" --user="$(id -un)" \
-    --auth-root-authentication-method=normal --skip-test-db >"$work/mysql-install.log" 2>&1
-  mariadbd --no-defaults --datadir="$work/mysql" --socket="$work/mysql.sock" \
-    --pid-file="$work/mysql.pid" --port="$port" --bind-address=127.0.0.1 --user="$(id -un)" \
+  mariadb-install-db --no-defaults --datadir="$work/$name" --user="$(id -un)" \
+    --auth-root-authentication-method=normal --skip-test-db >"$work/$name-install.log" 2>&1
+  mariadbd --no-defaults --datadir="$work/$name" --socket="$work/$name.sock" \
+    --pid-file="$work/$name.pid" --port="$port" --bind-address=127.0.0.1 --user="$(id -un)" \
     --skip-name-resolve --skip-log-bin --innodb-buffer-pool-size=256M \
-    --max-connections=1000 >"$work/mysql.log" 2>&1 &
+    --max-connections=1000 >"$work/$name.log" 2>&1 &
   pids+=($!)
-  export MYSQL_URL="mysql://root@127.0.0.1:$port"
   until mariadb -h127.0.0.1 -P"$port" -uroot -e 'SELECT 1' >/dev/null 2>&1; do sleep 0.1; done
+  started_url="mysql://root@127.0.0.1:$port"
+}
+
+if [ -z "${MYSQL_URL:-}" ]; then
+  start_mariadb mysql
+  export MYSQL_URL="$started_url"
+fi
+# A second server for the tests whose messages spread over two shards.
+if [ -z "${MYSQL_URL_2:-}" ]; then
+  start_mariadb mysql2
+  export MYSQL_URL_2="$started_url"
 fi
 
 if [ -z "${REDIS_CLUSTER_NODES:-}" ]; then
@@ -71,8 +85,9 @@ fi
 # The process-level tests run the im-server and im-storage-worker binaries.
 cargo build --workspace --bins
 cargo test --workspace "$@"
-IM_TEST_STORE=pipeline cargo test -p im-tests --test it "$@" -- --skip crash:: --skip worker:: --skip cluster:: --skip redis_cluster::
+IM_TEST_STORE=pipeline cargo test -p im-tests --test it "$@" -- --skip crash:: --skip worker:: --skip cluster:: --skip redis_cluster:: --skip shards::
+IM_TEST_STORE=pipeline IM_TEST_MYSQL_SHARDS=2 cargo test -p im-tests --test it "$@" -- chat::
 # The third deployment, a Redis Cluster: the chat and cluster tests run on
 # it (the store contract tests and the Redis Cluster tests, failovers
 # included, already ran above).
-IM_TEST_STORE=pipeline-cluster cargo test -p im-tests --test it "$@" -- chat:: cluster::
+IM_TEST_STORE=pipeline-cluster cargo test -p im-tests --test it "$@" -- chat:: cluster:: --skip redis_cluster::

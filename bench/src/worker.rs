@@ -72,6 +72,11 @@ struct Args {
     /// Skip the LOAD DATA comparison.
     #[arg(long)]
     no_load_data: bool,
+    /// MySQL servers (`mysql://user@host:port`, no database) to spread
+    /// the message rows over (`--mysql-shards`): a database of this run's
+    /// own on each. Default: the messages in --mysql-url's database.
+    #[arg(long, value_delimiter = ',')]
+    mysql_shards: Vec<String>,
 }
 
 struct Conv {
@@ -100,6 +105,19 @@ async fn main() -> anyhow::Result<()> {
     let mysql_url = format!("{}/{database}", args.mysql_url.trim_end_matches('/'));
     let pool = mysql_async::Pool::new(mysql_url.as_str());
     im_storage::schema::migrate(&pool).await?;
+    let mut shard_urls = Vec::new();
+    for (i, server_url) in args.mysql_shards.iter().enumerate() {
+        let name = format!("{database}_s{i}");
+        let server = mysql_async::Pool::new(server_url.as_str());
+        server
+            .get_conn()
+            .await
+            .context("connect to a MySQL shard")?
+            .query_drop(format!("CREATE DATABASE {name}"))
+            .await?;
+        server.disconnect().await?;
+        shard_urls.push(format!("{}/{name}", server_url.trim_end_matches('/')));
+    }
 
     // Conversations: groups with members rows (so read cursors do real
     // work), and direct pairs.
@@ -241,6 +259,7 @@ async fn main() -> anyhow::Result<()> {
     config.batch_count = args.batch_count;
     config.chunk_rows = args.chunk_rows;
     config.mysql_connections = args.mysql_connections;
+    config.mysql_shards = shard_urls.clone();
     config.progress_secs = 0;
     let cpu_before = cpu_times(&args.pids);
     let start = Instant::now();
@@ -281,8 +300,23 @@ async fn main() -> anyhow::Result<()> {
         rows_took.as_secs_f64(),
         took.as_secs_f64()
     );
+    let mut stored = Some(0);
+    let holders = if shard_urls.is_empty() {
+        vec![mysql_url.clone()]
+    } else {
+        shard_urls.clone()
+    };
+    for url in &holders {
+        let shard = mysql_async::Pool::new(url.as_str());
+        let n: Option<u64> = shard
+            .get_conn()
+            .await?
+            .query_first("SELECT COUNT(*) FROM messages")
+            .await?;
+        stored = Some(stored.unwrap_or(0) + n.unwrap_or(0));
+        shard.disconnect().await?;
+    }
     let mut conn = pool.get_conn().await?;
-    let stored: Option<u64> = conn.query_first("SELECT COUNT(*) FROM messages").await?;
     println!(
         "worker: {} rows in {:.2} s = {:.0} rows/s ({} batches, {:.0} rows/batch, {} retries); table holds {}",
         args.rows,

@@ -381,6 +381,22 @@ pub struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mysql_url: Option<String>,
 
+    /// MySQL/MariaDB databases the messages are spread over by
+    /// conversation, comma-separated URLs (the --mysql-url database may be
+    /// one of them; each is migrated at start-up). Accounts, sessions,
+    /// groups and memberships stay in --mysql-url. Every node and storage
+    /// worker must list the same databases in the same order. Default: the
+    /// messages live in --mysql-url.
+    #[arg(
+        long,
+        env = "IM_MYSQL_SHARDS",
+        value_name = "URL,...",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    #[serde(default)]
+    pub mysql_shards: Vec<String>,
+
     /// Prefix of every Redis key (shared by the deployment's processes).
     #[arg(long, env = "IM_REDIS_PREFIX", default_value = "im")]
     pub redis_prefix: String,
@@ -407,7 +423,8 @@ pub struct Config {
     #[arg(long, env = "IM_REDIS_POOL_SIZE", default_value_t = 16)]
     pub redis_pool_size: usize,
 
-    /// Pooled MySQL connections.
+    /// Pooled MySQL connections, to the main database and to each of
+    /// --mysql-shards.
     #[arg(long, env = "IM_MYSQL_POOL_SIZE", default_value_t = 16)]
     pub mysql_pool_size: usize,
 
@@ -554,6 +571,11 @@ impl Config {
         if self.redis_replica_timeout_ms == 0 {
             return bad("redis-replica-timeout-ms must be positive");
         }
+        if !self.mysql_shards.is_empty() && self.mysql_url.is_none() {
+            return bad("--mysql-shards needs --mysql-url (and --redis-url)");
+        }
+        im_storage::shards::validate_urls(&self.mysql_shards)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if !(1..=im_storage::layout::MAX_STREAMS).contains(&self.streams) {
             return bad("streams must be between 1 and 1024");
         }
@@ -694,6 +716,7 @@ impl Config {
             replica_acks: self.replica_acks(),
             replica_timeout: Duration::from_millis(self.redis_replica_timeout_ms),
             mysql_url: self.mysql_url.clone()?,
+            mysql_shards: self.mysql_shards.clone(),
             prefix: self.redis_prefix.clone(),
             streams: self.streams,
             append_lanes: self.append_lanes,
@@ -754,11 +777,45 @@ mod tests {
             "IM_ADMIN_LISTEN",
             "--proxy-protocol-from <CIDR,...>",
             "IM_PROXY_PROTOCOL_FROM",
+            "--mysql-shards <URL,...>",
+            "IM_MYSQL_SHARDS",
         ] {
             assert!(help.contains(flag), "{flag} missing from --help");
         }
         assert!(help.contains("[default: 65536]"));
         assert!(help.contains("IM_MAX_FRAME_BYTES"));
+    }
+
+    #[test]
+    fn mysql_shards_are_a_list_that_needs_the_pipeline() {
+        let pipeline = [
+            "im-server",
+            "--redis-url",
+            "redis://r",
+            "--mysql-url",
+            "mysql://m/im",
+        ];
+        let c = Config::load_from(
+            pipeline
+                .iter()
+                .copied()
+                .chain(["--mysql-shards", "mysql://m/im,mysql://s1/im"]),
+        )
+        .unwrap();
+        assert_eq!(c.mysql_shards, ["mysql://m/im", "mysql://s1/im"]);
+        let options = c.pipeline().unwrap();
+        assert_eq!(options.mysql_shards, c.mysql_shards);
+        assert!(Config::defaults().pipeline().is_none());
+        assert!(Config::load_from(pipeline).unwrap().mysql_shards.is_empty());
+        let err = Config::load_from(["im-server", "--mysql-shards", "mysql://s1/im"]);
+        assert!(matches!(err, Err(ConfigError::Invalid(_))), "{err:?}");
+        let err = Config::load_from(
+            pipeline
+                .iter()
+                .copied()
+                .chain(["--mysql-shards", "mysql://s1/im,mysql://s1/im"]),
+        );
+        assert!(matches!(err, Err(ConfigError::Invalid(_))), "{err:?}");
     }
 
     #[test]

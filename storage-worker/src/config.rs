@@ -71,6 +71,22 @@ pub struct WorkerConfig {
     )]
     pub mysql_url: String,
 
+    /// MySQL/MariaDB databases the messages are spread over by
+    /// conversation, comma-separated URLs (the main database may be one of
+    /// them; each is migrated at start-up). Members rows and read cursors
+    /// stay in the main database. Must list the same databases in the same
+    /// order as the server nodes. Default: the messages live in the main
+    /// database.
+    #[arg(
+        long,
+        env = "IM_MYSQL_SHARDS",
+        value_name = "URL,...",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    #[serde(default)]
+    pub mysql_shards: Vec<String>,
+
     /// TOML file with any of these settings (flags and IM_* variables win).
     #[arg(long, env = "IM_CONFIG")]
     #[serde(skip)]
@@ -180,6 +196,12 @@ pub struct WorkerConfig {
     #[arg(long, env = "IM_MYSQL_CONNECTIONS", default_value_t = 4)]
     pub mysql_connections: usize,
 
+    /// Message rows one stream shard's consumer may leave pending for MySQL
+    /// shards that are down (while the other shards' rows are stored)
+    /// before it stops reading new entries until those shards are back.
+    #[arg(long, env = "IM_MAX_DEFERRED_ROWS", default_value_t = 100_000)]
+    pub max_deferred_rows: usize,
+
     /// Milliseconds to finish the batch in hand after a stop request;
     /// entries not stored by then stay pending for the next start.
     #[arg(long, env = "IM_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
@@ -271,6 +293,11 @@ impl WorkerConfig {
         if self.redis_replica_timeout_ms == 0 {
             return bad("redis-replica-timeout-ms must be positive");
         }
+        if self.max_deferred_rows == 0 {
+            return bad("max-deferred-rows must be positive");
+        }
+        crate::shards::validate_urls(&self.mysql_shards)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
     }
 
@@ -334,6 +361,8 @@ mod tests {
         assert_eq!(c.claim_idle_ms, 30_000);
         assert_eq!(c.max_attempts, 5);
         assert_eq!(c.admin_listen, None);
+        assert!(c.mysql_shards.is_empty());
+        assert_eq!(c.max_deferred_rows, 100_000);
         assert!(!c.consumer_name().is_empty());
         let help = <WorkerConfig as clap::CommandFactory>::command()
             .render_long_help()
@@ -348,6 +377,9 @@ mod tests {
             "--admin-listen",
             "IM_ADMIN_LISTEN",
             "IM_REDIS_URL",
+            "--mysql-shards",
+            "IM_MYSQL_SHARDS",
+            "--max-deferred-rows",
             "[default: 1000]",
         ] {
             assert!(help.contains(flag), "--help lacks {flag}");
@@ -383,6 +415,27 @@ mod tests {
         let err = WorkerConfig::load_from(["w", "--batch-count", "0"]);
         assert!(matches!(err, Err(ConfigError::Invalid(_))));
         let err = WorkerConfig::load_from(["w", "--claim-idle-ms", "20", "--batch-age-ms", "20"]);
+        assert!(matches!(err, Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn mysql_shards_are_a_list_from_the_flag_or_the_file() {
+        let c =
+            WorkerConfig::load_from(["w", "--mysql-shards", "mysql://a:3306/m0,mysql://b:3306/m1"])
+                .unwrap();
+        assert_eq!(c.mysql_shards, ["mysql://a:3306/m0", "mysql://b:3306/m1"]);
+        let dir = std::env::temp_dir().join(format!("im-worker-shards-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("worker.toml");
+        std::fs::write(
+            &path,
+            "mysql-shards = [\"mysql://c/m0\", \"mysql://d/m1\"]\n",
+        )
+        .unwrap();
+        let c = WorkerConfig::load_from(["w", "--config", path.to_str().unwrap()]).unwrap();
+        assert_eq!(c.mysql_shards, ["mysql://c/m0", "mysql://d/m1"]);
+        let _ = std::fs::remove_dir_all(&dir);
+        let err = WorkerConfig::load_from(["w", "--mysql-shards", "mysql://a/m,mysql://a/m"]);
         assert!(matches!(err, Err(ConfigError::Invalid(_))));
     }
 }

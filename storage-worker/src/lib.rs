@@ -12,6 +12,8 @@
 //!   connection type (pipelines split by slot on a cluster).
 //! - [`schema`]: the MySQL schema and its migrations, run at start-up by
 //!   every process that uses the database.
+//! - [`shards`]: which MySQL database holds a conversation's messages
+//!   (`--mysql-shards`), and the pools of those databases.
 //! - [`settings`]: how both binaries merge flags, `IM_*` variables and a
 //!   TOML file into their typed configuration.
 //! - [`admin`]: the admin HTTP listener of both binaries (Prometheus
@@ -22,7 +24,8 @@
 //!   flush them), [`sql`] (what rows become in MySQL), [`cursors`]
 //!   (members rows, read cursors and watermarks, coalesced over batches),
 //!   [`stream`] (the consumer group, acknowledgements, dead letters,
-//!   trimming).
+//!   trimming), [`outage`] (MySQL shards that are down and the rows held
+//!   back for them).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -31,9 +34,11 @@ pub mod batch;
 pub mod config;
 pub mod cursors;
 pub mod layout;
+pub mod outage;
 pub mod redis_target;
 pub mod schema;
 pub mod settings;
+pub mod shards;
 pub mod sql;
 pub mod stats;
 pub mod stream;

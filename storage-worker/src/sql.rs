@@ -18,7 +18,13 @@
 //! The statements:
 //! - `messages`: `INSERT ... ON DUPLICATE KEY UPDATE seq = seq` (a
 //!   redelivered entry makes no second row, and real errors still surface,
-//!   unlike `INSERT IGNORE`);
+//!   unlike `INSERT IGNORE`). Its affected-rows count is 1 per inserted row
+//!   and 0 per row that was there already, so a chunk that counts fewer
+//!   than its real rows held duplicates: only then are the chunk's stored
+//!   message ids read back (`lookup`, in the same transaction) and
+//!   compared. The same id is a redelivery; another id means the seq was
+//!   given to two messages, a [`SeqConflict`], which is reported and never
+//!   overwrites the stored row;
 //! - `members` of direct conversations: both participants' rows
 //!   (`joined_seq` 0) unless already known, and the sender's `read_seq`
 //!   raised to the highest seq it sent;
@@ -163,6 +169,54 @@ pub fn decode_journal(bytes: &[u8]) -> impl Iterator<Item = (u64, u64)> + '_ {
     })
 }
 
+/// A message row whose (conversation, seq) is already stored with another
+/// message id: the same seq was given to two different messages (say, by a
+/// Redis that failed over and lost its latest counters). The stored row is
+/// kept; this one is not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqConflict {
+    /// Conversation.
+    pub conversation_id: u64,
+    /// The seq both messages have.
+    pub seq: u64,
+    /// The message id of the row that was not written.
+    pub message_id: u64,
+    /// The message id stored under that seq.
+    pub stored_message_id: u64,
+}
+
+impl std::fmt::Display for SeqConflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seq conflict: conversation {} seq {} is stored with message id {}, this record has message id {}",
+            self.conversation_id, self.seq, self.stored_message_id, self.message_id
+        )
+    }
+}
+
+/// The conflicts among `rows` given what the database holds under their
+/// keys (`stored`: (conversation, seq, message id), in any order). A row
+/// whose key is stored with its own message id is a redelivery (or was
+/// just inserted); a key the database does not hold is no conflict.
+pub fn conflicts(rows: &[MessageRow<'_>], stored: &mut [(u64, u64, u64)]) -> Vec<SeqConflict> {
+    stored.sort_unstable();
+    rows.iter()
+        .filter_map(|r| {
+            let i = stored
+                .binary_search_by(|s| (s.0, s.1).cmp(&(r.conversation_id, r.seq)))
+                .ok()?;
+            let stored_message_id = stored[i].2;
+            (stored_message_id != r.message_id).then_some(SeqConflict {
+                conversation_id: r.conversation_id,
+                seq: r.seq,
+                message_id: r.message_id,
+                stored_message_id,
+            })
+        })
+        .collect()
+}
+
 /// A `members` row to write: conversation, user, read seq.
 pub type MemberRow = (u64, u64, u64);
 
@@ -248,6 +302,8 @@ pub enum Kind {
     DirectMembers,
     /// Group read cursors.
     GroupReads,
+    /// Message ids stored under (conversation, seq) keys.
+    Lookup,
 }
 
 impl Kind {
@@ -256,6 +312,7 @@ impl Kind {
         match self {
             Kind::Messages => 7,
             Kind::DirectMembers | Kind::GroupReads => 3,
+            Kind::Lookup => 2,
         }
     }
 
@@ -293,6 +350,10 @@ impl Kind {
                      ON m.conversation_id = v.c AND m.user_id = v.u \
                      SET m.read_seq = GREATEST(m.read_seq, v.s)"
                 )
+            }
+            Kind::Lookup => {
+                let keys = vec!["(conversation_id = ? AND seq = ?)"; rows].join(" OR ");
+                format!("SELECT conversation_id, seq, message_id FROM messages WHERE {keys}")
             }
         }
     }
@@ -367,13 +428,13 @@ pub fn chunks(
 /// The prepared statements of every kind and size, built once.
 #[derive(Debug)]
 pub struct Statements {
-    kinds: [(Kind, Vec<usize>, Vec<String>); 3],
+    kinds: [(Kind, Vec<usize>, Vec<String>); 4],
     max_bytes: usize,
 }
 
 /// Statements per connection worth caching: every kind and size class.
 pub fn statement_cache_size(chunk_rows: usize) -> usize {
-    3 * size_classes(chunk_rows).len() + 8
+    4 * size_classes(chunk_rows).len() + 8
 }
 
 impl Statements {
@@ -391,6 +452,7 @@ impl Statements {
                 make(Kind::Messages),
                 make(Kind::DirectMembers),
                 make(Kind::GroupReads),
+                make(Kind::Lookup),
             ],
             max_bytes,
         }
@@ -407,18 +469,21 @@ impl Statements {
         &sql[i]
     }
 
-    /// Writes message rows in one transaction on `conn`.
+    /// Writes message rows in one transaction on `conn`; returns the rows
+    /// that were not written because their (conversation, seq) is stored
+    /// with another message id (every other row is committed).
     pub async fn execute_messages(
         &self,
         conn: &mut mysql_async::Conn,
         messages: &[MessageRow<'_>],
         journal: Option<&JournalRow>,
-    ) -> Result<(), mysql_async::Error> {
+    ) -> Result<Vec<SeqConflict>, mysql_async::Error> {
         let mut tx = conn
             .start_transaction(mysql_async::TxOpts::default())
             .await?;
         let (classes, _) = self.of(Kind::Messages);
         let per_row = |i: usize| messages[i].body.len() + 64;
+        let mut found = Vec::new();
         for chunk in chunks(messages.len(), classes, self.max_bytes, per_row) {
             let mut params = Vec::with_capacity(chunk.class * 7);
             for i in 0..chunk.class {
@@ -435,6 +500,13 @@ impl Statements {
             }
             let sql = self.sql(Kind::Messages, chunk.class);
             tx.exec_drop(sql, Params::Positional(params)).await?;
+            // 1 per inserted row, 0 per row already there (the padding
+            // repeats the last row, which then counts once at most).
+            if (tx.affected_rows() as usize) < chunk.rows {
+                let rows = &messages[chunk.start..chunk.start + chunk.rows];
+                let mut stored = self.lookup(&mut tx, rows).await?;
+                found.extend(conflicts(rows, &mut stored));
+            }
         }
         if let Some(j) = journal {
             tx.exec_drop(
@@ -444,7 +516,30 @@ impl Statements {
             )
             .await?;
         }
-        tx.commit().await
+        tx.commit().await?;
+        Ok(found)
+    }
+
+    /// The (conversation, seq, message id) stored under the keys of `rows`,
+    /// read in `tx` (so its own inserts included).
+    async fn lookup(
+        &self,
+        tx: &mut mysql_async::Transaction<'_>,
+        rows: &[MessageRow<'_>],
+    ) -> Result<Vec<(u64, u64, u64)>, mysql_async::Error> {
+        let (classes, _) = self.of(Kind::Lookup);
+        let mut out = Vec::with_capacity(rows.len());
+        for chunk in chunks(rows.len(), classes, usize::MAX, |_| 0) {
+            let mut params = Vec::with_capacity(chunk.class * 2);
+            for i in 0..chunk.class {
+                let r = &rows[chunk.start + i.min(chunk.rows - 1)];
+                params.extend([Value::UInt(r.conversation_id), Value::UInt(r.seq)]);
+            }
+            let sql = self.sql(Kind::Lookup, chunk.class);
+            let found: Vec<(u64, u64, u64)> = tx.exec(sql, Params::Positional(params)).await?;
+            out.extend(found);
+        }
+        Ok(out)
     }
 
     /// Writes members rows of direct conversations and raises group read
@@ -505,13 +600,18 @@ mod tests {
                 .all(|w| w[0] < w[1] && w[1] <= w[0] * 3 / 2 + 1)
         );
         assert!(c.len() <= 21);
-        assert!(statement_cache_size(1024) >= 3 * c.len());
+        assert!(statement_cache_size(1024) >= 4 * c.len());
     }
 
     #[test]
     fn chunks_stay_below_the_placeholder_limit() {
         let statements = Statements::new(1_000_000, usize::MAX);
-        for kind in [Kind::Messages, Kind::DirectMembers, Kind::GroupReads] {
+        for kind in [
+            Kind::Messages,
+            Kind::DirectMembers,
+            Kind::GroupReads,
+            Kind::Lookup,
+        ] {
             let (classes, sql) = statements.of(kind);
             let cap = *classes.last().unwrap();
             assert!(cap * kind.params() <= MAX_PLACEHOLDERS, "{kind:?}");
@@ -562,6 +662,47 @@ mod tests {
         let reads = Kind::GroupReads.sql(3);
         assert_eq!(reads.matches('?').count(), 9);
         assert!(reads.starts_with("UPDATE members m JOIN"));
+        let lookup = Kind::Lookup.sql(2);
+        assert_eq!(
+            lookup,
+            "SELECT conversation_id, seq, message_id FROM messages WHERE \
+             (conversation_id = ? AND seq = ?) OR (conversation_id = ? AND seq = ?)"
+        );
+    }
+
+    #[test]
+    fn duplicates_with_another_message_id_are_conflicts() {
+        let rows = [row(10, 1, 0), row(10, 2, 0), row(11, 1, 0), row(12, 5, 0)];
+        // 10:1 and 11:1 were there with the same ids (redelivered or just
+        // inserted), 10:2 with another one; 12:5 is not stored at all.
+        let mut stored = vec![
+            (11, 1, rows[2].message_id),
+            (10, 2, 999),
+            (10, 1, rows[0].message_id),
+        ];
+        assert_eq!(
+            conflicts(&rows, &mut stored),
+            [SeqConflict {
+                conversation_id: 10,
+                seq: 2,
+                message_id: rows[1].message_id,
+                stored_message_id: 999,
+            }]
+        );
+        assert!(conflicts(&rows, &mut []).is_empty());
+        // Two records of one batch with the same seq: the one inserted
+        // first is stored, the other conflicts with it.
+        let mut twin = row(10, 2, 0);
+        twin.message_id = 999;
+        let mut stored = vec![(10, 2, 999)];
+        let found = conflicts(&[twin, rows[1]], &mut stored);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].message_id, rows[1].message_id);
+        let text = found[0].to_string();
+        assert!(
+            text.starts_with("seq conflict: conversation 10 seq 2"),
+            "{text}"
+        );
     }
 
     #[test]

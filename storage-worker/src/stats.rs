@@ -17,7 +17,10 @@ pub struct WorkerStats {
     splits: AtomicU64,
     trimmed: AtomicU64,
     unconfirmed: AtomicU64,
+    seq_conflicts: AtomicU64,
     shards: Vec<ShardStats>,
+    /// Rows deferred, per MySQL shard.
+    deferred: Vec<AtomicU64>,
 }
 
 #[derive(Debug)]
@@ -49,8 +52,14 @@ pub struct WorkerStatsSnapshot {
     /// Batches not committed because fewer replicas than
     /// `--redis-replica-acks` confirmed their entries in time (read again).
     pub unconfirmed: u64,
+    /// Records not stored because their (conversation, seq) was stored
+    /// with another message id (each dead-lettered).
+    pub seq_conflicts: u64,
     /// Per stream shard, as of the last trim pass.
     pub shards: Vec<ShardBacklog>,
+    /// Per MySQL shard: rows left pending because the shard was down
+    /// (stored once it is back; a row deferred twice counts twice).
+    pub deferred: Vec<u64>,
 }
 
 /// The backlog of one shard for this worker's group.
@@ -66,8 +75,9 @@ pub struct ShardBacklog {
 }
 
 impl WorkerStats {
-    /// Counters for `shards` stream shards.
-    pub fn new(shards: u32) -> WorkerStats {
+    /// Counters for `shards` stream shards and `mysql_shards` MySQL
+    /// shards.
+    pub fn new(shards: u32, mysql_shards: u32) -> WorkerStats {
         WorkerStats {
             shards: (0..shards)
                 .map(|_| ShardStats {
@@ -75,6 +85,7 @@ impl WorkerStats {
                     lag: AtomicI64::new(-1),
                 })
                 .collect(),
+            deferred: (0..mysql_shards).map(|_| AtomicU64::new(0)).collect(),
             ..WorkerStats::default()
         }
     }
@@ -116,6 +127,18 @@ impl WorkerStats {
         self.unconfirmed.fetch_add(1, Relaxed);
     }
 
+    /// Records conflicted with stored rows.
+    pub fn seq_conflicts(&self, n: u64) {
+        self.seq_conflicts.fetch_add(n, Relaxed);
+    }
+
+    /// Rows of MySQL shard `shard` were deferred.
+    pub fn deferred(&self, shard: u32, n: u64) {
+        if let Some(d) = self.deferred.get(shard as usize) {
+            d.fetch_add(n, Relaxed);
+        }
+    }
+
     /// The backlog of a shard as last seen.
     pub fn backlog(&self, shard: u32, pending: u64, lag: Option<u64>) {
         if let Some(s) = self.shards.get(shard as usize) {
@@ -139,6 +162,8 @@ impl WorkerStats {
             splits: self.splits.load(Relaxed),
             unconfirmed: self.unconfirmed.load(Relaxed),
             trimmed: self.trimmed.load(Relaxed),
+            seq_conflicts: self.seq_conflicts.load(Relaxed),
+            deferred: self.deferred.iter().map(|d| d.load(Relaxed)).collect(),
             shards: self
                 .shards
                 .iter()
@@ -212,6 +237,17 @@ impl WorkerStatsSnapshot {
             "Batches not committed because too few Redis replicas confirmed their entries in time (they are read again).",
             self.unconfirmed,
         );
+        out.counter(
+            "im_storage_seq_conflicts_total",
+            "Records not stored because their conversation and seq were already stored with another message id; each is dead-lettered.",
+            self.seq_conflicts,
+        );
+        out.counter_by(
+            "im_storage_rows_deferred_total",
+            "Message rows left pending because their MySQL shard was down, per MySQL shard; they are stored once it is back.",
+            "mysql_shard",
+            self.deferred.iter().enumerate().map(|(i, &n)| (i, n)),
+        );
         out.gauge_by(
             "im_storage_stream_pending",
             "Entries delivered to the consumer group and not yet acknowledged, per stream shard, as of the last trim pass.",
@@ -235,7 +271,7 @@ mod tests {
 
     #[test]
     fn snapshot_reflects_counters() {
-        let stats = WorkerStats::new(2);
+        let stats = WorkerStats::new(2, 1);
         stats.committed(10, 100);
         stats.committed(5, 50);
         stats.dead_lettered(1);
@@ -260,9 +296,12 @@ mod tests {
 
     #[test]
     fn export_names_types_and_shard_labels() {
-        let stats = WorkerStats::new(2);
+        let stats = WorkerStats::new(2, 2);
         stats.committed(10, 100);
         stats.dead_lettered(2);
+        stats.seq_conflicts(1);
+        stats.deferred(1, 4);
+        stats.deferred(7, 1); // out of range: ignored
         stats.backlog(1, 7, Some(3));
         let mut out = Exposition::new();
         stats.snapshot().export(&mut out);
@@ -276,6 +315,8 @@ mod tests {
             ("im_storage_retries_total", "counter"),
             ("im_storage_splits_total", "counter"),
             ("im_storage_trimmed_total", "counter"),
+            ("im_storage_seq_conflicts_total", "counter"),
+            ("im_storage_rows_deferred_total", "counter"),
             ("im_storage_stream_pending", "gauge"),
             ("im_storage_stream_lag", "gauge"),
         ] {
@@ -289,6 +330,9 @@ mod tests {
             "im_storage_rows_total 10\n",
             "im_storage_bytes_total 100\n",
             "im_storage_dead_letters_total 2\n",
+            "im_storage_seq_conflicts_total 1\n",
+            "im_storage_rows_deferred_total{mysql_shard=\"0\"} 0\n",
+            "im_storage_rows_deferred_total{mysql_shard=\"1\"} 4\n",
             "im_storage_stream_pending{shard=\"0\"} 0\n",
             "im_storage_stream_pending{shard=\"1\"} 7\n",
             "im_storage_stream_lag{shard=\"1\"} 3\n",

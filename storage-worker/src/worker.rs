@@ -4,17 +4,25 @@
 //! A shard task owns a Redis connection (its blocking reads would hold up
 //! anything sharing it) and borrows a MySQL connection from a pool for each
 //! transaction, so shards commit in parallel, as many at once as the pool
-//! allows. Its loop:
+//! allows. Messages spread over one or more MySQL shards
+//! ([`shards`](crate::shards)), each with its own pool; members rows and
+//! read cursors go to the main database. Its loop:
 //!
 //! 1. on start, re-read this consumer's own pending entries (`XREADGROUP
 //!    ... 0`), left by an earlier run under the same name;
 //! 2. read new entries (`XREADGROUP ... >` with `BLOCK`) into the batch
 //!    until it is due (count, bytes or age);
-//! 3. store the batch in one transaction; on a connectivity failure retry
-//!    it with backoff, reading nothing meanwhile; if the database rejects
-//!    a row, split the batch in halves until the bad entries are alone,
-//!    so every good row commits;
-//! 4. after the commit, `XACK` every entry whose messages are all stored,
+//! 3. store the batch: each MySQL shard's rows in a transaction of their
+//!    own, all shards at once (nothing that must be atomic crosses
+//!    shards). If the database rejects a row, split that shard's part in
+//!    halves until the bad rows are alone, so every good row commits. A
+//!    row whose (conversation, seq) is stored with another message id is
+//!    a conflict: counted, and its record dead-lettered. A shard that
+//!    fails twice is marked down for a backoff and its rows are deferred
+//!    ([`outage`](crate::outage)): their entries stay pending while the
+//!    other shards' rows go on being stored, and once the shard answers
+//!    again the task re-reads its pending entries;
+//! 4. after the commits, `XACK` every entry whose messages are all stored,
 //!    and hand the members rows, read cursors and stored watermarks the
 //!    messages imply to the [`cursors`](crate::cursors) flusher, which
 //!    writes them coalesced; records that can never be stored go to the
@@ -26,7 +34,7 @@
 //! 6. every `trim_interval`, trim the stream below what every consumer
 //!    group has acknowledged.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,10 +52,13 @@ use crate::batch::{Batch, EntryId, FlushRules};
 use crate::config::{ConfigError, WorkerConfig};
 use crate::cursors::{Deferred, Flusher};
 use crate::layout::Layout;
+use crate::outage::{Health, Held, ShardState};
 use crate::redis_target::{RedisConn, RedisTarget, Timeouts};
 use crate::schema::{self, SchemaError};
+use crate::shards::ShardPools;
 use crate::sql::{
-    JournalRow, MemberRow, MessageRow, Plan, Statements, StoreError, statement_cache_size,
+    JournalRow, MemberRow, MessageRow, Plan, SeqConflict, Statements, StoreError,
+    statement_cache_size,
 };
 use crate::stats::{WorkerStats, WorkerStatsSnapshot};
 use crate::stream::{DeadLetter, ShardKeys, StreamError, trim_point};
@@ -83,6 +94,7 @@ pub struct WorkerHandle {
     flusher: Option<JoinHandle<()>>,
     stats: Arc<WorkerStats>,
     pool: Pool,
+    shards: ShardPools,
     /// Cleared when shutdown begins (the health check fails from then on).
     running: Arc<AtomicBool>,
     admin: Option<AdminServer>,
@@ -91,12 +103,14 @@ pub struct WorkerHandle {
 /// What the worker reports on its admin listener.
 struct WorkerAdmin {
     stats: Arc<WorkerStats>,
+    health: Arc<Health>,
     running: Arc<AtomicBool>,
 }
 
 impl AdminSource for WorkerAdmin {
     fn collect(&self, out: &mut Exposition) {
         self.stats.snapshot().export(out);
+        self.health.export(out);
     }
 
     async fn health(&self) -> Result<(), String> {
@@ -120,30 +134,44 @@ impl Worker {
         let admin = config.admin_listen.map(AdminListener::bind).transpose()?;
         let settings = Arc::new(Settings::from(&config));
 
-        let opts = mysql_async::Opts::from_url(&config.mysql_url)
-            .map_err(|e| WorkerError::Mysql(e.into()))?;
         let size = config.mysql_pool_size().max(1);
-        // Idle connections are kept up to `min`: keep them all, with their
-        // prepared statements.
-        let constraints = PoolConstraints::new(size, size).unwrap_or_default();
-        let opts = OptsBuilder::from_opts(opts)
-            .pool_opts(
-                PoolOpts::default()
-                    .with_constraints(constraints)
-                    // Keep the prepared statements across uses.
-                    .with_reset_connection(false),
-            )
-            .stmt_cache_size(statement_cache_size(config.chunk_rows))
-            // Fewer gap locks, so concurrent batches rarely deadlock.
-            .init(vec![
-                "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
-            ]);
-        let pool = Pool::new(opts);
-        schema::migrate(&pool).await?;
-        let max_packet: Option<u64> = {
-            let mut conn = pool.get_conn().await?;
-            conn.query_first("SELECT @@max_allowed_packet").await?
+        let chunk_rows = config.chunk_rows;
+        let open = |url: &str| -> Result<Pool, mysql_async::Error> {
+            let opts = mysql_async::Opts::from_url(url).map_err(mysql_async::Error::from)?;
+            // Idle connections are kept up to `min`: keep them all, with
+            // their prepared statements.
+            let constraints = PoolConstraints::new(size, size).unwrap_or_default();
+            let opts = OptsBuilder::from_opts(opts)
+                .pool_opts(
+                    PoolOpts::default()
+                        .with_constraints(constraints)
+                        // Keep the prepared statements across uses.
+                        .with_reset_connection(false),
+                )
+                .stmt_cache_size(statement_cache_size(chunk_rows))
+                // Affected rows must count changed rows, not found ones:
+                // that is how duplicates are told from inserts.
+                .client_found_rows(false)
+                // Fewer gap locks, so concurrent batches rarely deadlock.
+                .init(vec![
+                    "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
+                ]);
+            Ok(Pool::new(opts))
         };
+        let pool = open(&config.mysql_url)?;
+        schema::migrate(&pool).await?;
+        // Every shard has a pool of the same size as the main database.
+        let shards = ShardPools::new(&config.mysql_url, &pool, &config.mysql_shards, open)?;
+        shards.migrate().await?;
+        let mut max_packet: Option<u64> = None;
+        for shard in 0..shards.len() {
+            let mut conn = shards.get(shard).get_conn().await?;
+            let packet: Option<u64> = conn.query_first("SELECT @@max_allowed_packet").await?;
+            max_packet = match (max_packet, packet) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
         // One statement's bodies stay well below the packet limit.
         let max_bytes = (max_packet.unwrap_or(4 << 20) / 2).clamp(64 << 10, 16 << 20) as usize;
         let statements = Arc::new(Statements::new(config.chunk_rows, max_bytes));
@@ -160,12 +188,18 @@ impl Worker {
         }
         tracing::info!(
             streams = layout.streams(),
+            mysql_shards = shards.len(),
             group = %config.group,
             consumer = %consumer,
             "storage worker started"
         );
 
-        let stats = Arc::new(WorkerStats::new(layout.streams()));
+        let stats = Arc::new(WorkerStats::new(layout.streams(), shards.len()));
+        let health = Arc::new(Health::new(
+            shards.len(),
+            settings.retry_min,
+            settings.retry_max,
+        ));
         let (stop, stop_rx) = watch::channel(false);
         let (finish, finish_rx) = watch::channel(false);
         let deferred = Arc::new(Deferred::new(100_000));
@@ -189,7 +223,9 @@ impl Worker {
                 batch: Batch::new(shard, settings.rules),
                 settings: settings.clone(),
                 statements: statements.clone(),
-                pool: pool.clone(),
+                shards: shards.clone(),
+                health: health.clone(),
+                held: Held::new(config.max_deferred_rows),
                 link: RedisLink::new(target.clone(), settings.redis_timeout),
                 pace: Pace::new(&settings, stop_rx.clone(), stats.clone()),
                 known: known.clone(),
@@ -202,11 +238,14 @@ impl Worker {
             };
             tasks.push(tokio::spawn(task.run()));
         }
-        tasks.push(tokio::spawn(trim_journal(
-            pool.clone(),
-            Duration::from_secs(config.journal_retention_secs.max(60)),
-            stop_rx.clone(),
-        )));
+        // Each message shard keeps the journal of the rows it stored.
+        for shard in 0..shards.len() {
+            tasks.push(tokio::spawn(trim_journal(
+                shards.get(shard).clone(),
+                Duration::from_secs(config.journal_retention_secs.max(60)),
+                stop_rx.clone(),
+            )));
+        }
         if config.progress_secs > 0 {
             tasks.push(tokio::spawn(progress(
                 stats.clone(),
@@ -218,6 +257,7 @@ impl Worker {
         let admin = admin.map(|listener| {
             listener.serve(Arc::new(WorkerAdmin {
                 stats: stats.clone(),
+                health,
                 running: running.clone(),
             }))
         });
@@ -228,6 +268,7 @@ impl Worker {
             flusher: Some(flusher),
             stats,
             pool,
+            shards,
             running,
             admin,
         })
@@ -267,6 +308,7 @@ impl WorkerHandle {
                 tracing::error!(error = %e, "cursor flusher failed");
             }
         }
+        self.shards.disconnect().await;
         if let Err(e) = self.pool.clone().disconnect().await {
             tracing::debug!(error = %e, "closing the MySQL pool");
         }
@@ -503,16 +545,28 @@ impl KnownDirect {
     }
 }
 
-/// What became of a batch's rows.
+/// What became of a batch's rows (indices into the batch's rows).
 #[derive(Default)]
 struct Outcome {
-    /// Rows committed (indices into the batch's rows).
+    /// Rows committed.
     stored: Vec<usize>,
     /// Rows the database rejected, alone, with the error.
     rejected: Vec<(usize, String)>,
-    /// Whether the task gave up (stop requested, grace over) before every
-    /// row was tried.
-    gave_up: bool,
+    /// Rows not written because their (conversation, seq) is stored with
+    /// another message id.
+    conflicts: Vec<(usize, SeqConflict)>,
+    /// Rows not tried, or not stored, because their MySQL shard is down
+    /// (or the task is stopping): their entries stay pending.
+    deferred: Vec<usize>,
+}
+
+impl Outcome {
+    fn merge(&mut self, other: Outcome) {
+        self.stored.extend(other.stored);
+        self.rejected.extend(other.rejected);
+        self.conflicts.extend(other.conflicts);
+        self.deferred.extend(other.deferred);
+    }
 }
 
 /// One shard's consumer.
@@ -521,7 +575,11 @@ struct ShardTask {
     batch: Batch,
     settings: Arc<Settings>,
     statements: Arc<Statements>,
-    pool: Pool,
+    shards: ShardPools,
+    /// Which MySQL shards are down, shared by every task of the worker.
+    health: Arc<Health>,
+    /// The rows this task deferred for shards that were down.
+    held: Held,
     link: RedisLink,
     pace: Pace,
     /// Shared with the flusher, which marks what it has written.
@@ -541,6 +599,8 @@ impl ShardTask {
         let shard = self.keys.shard;
         // This consumer's own pending entries come first.
         let mut history = Some(EntryId::ZERO);
+        self.held.begin_pass();
+        let mut full_logged = false;
         while !self.pace.stopping() {
             if std::mem::take(&mut self.reread) {
                 history = Some(EntryId::ZERO);
@@ -549,6 +609,34 @@ impl ShardTask {
                 self.flush().await;
                 continue;
             }
+            if history.is_none() && self.batch.is_empty() && self.shard_back().await {
+                // The rows deferred for it wait in this consumer's pending
+                // entries: read them all again.
+                tracing::info!(
+                    shard,
+                    held = self.held.len(),
+                    "a MySQL shard is back; re-reading the entries left pending for it"
+                );
+                self.held.begin_pass();
+                history = Some(EntryId::ZERO);
+                continue;
+            }
+            if history.is_none() && self.held.is_full() {
+                if !full_logged {
+                    tracing::warn!(
+                        shard,
+                        held = self.held.len(),
+                        "too many rows wait for MySQL shards that are down; reading no new entries until they are back"
+                    );
+                    full_logged = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(self.settings.retry_min) => {}
+                    _ = self.pace.stopped() => {}
+                }
+                continue;
+            }
+            full_logged = false;
             match self.step(&mut history).await {
                 Ok(()) => self.pace.success(),
                 Err(e) => {
@@ -573,6 +661,54 @@ impl ShardTask {
         tracing::debug!(shard, "shard task stopped");
     }
 
+    /// Whether a MySQL shard this task deferred rows for answers again
+    /// (probing one whose backoff is over).
+    async fn shard_back(&mut self) -> bool {
+        if self.held.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        let waiting: Vec<u32> = self.held.shards().collect();
+        for shard in waiting {
+            match self.health.state(shard, now) {
+                ShardState::Up => return true,
+                ShardState::Down(_) => {}
+                ShardState::Due => {
+                    let timeout = self.settings.mysql_timeout.min(Duration::from_secs(5));
+                    let pool = self.shards.get(shard);
+                    let probe = async {
+                        let mut conn = pool.get_conn().await?;
+                        let result = conn.query_drop("SELECT 1").await;
+                        if let Err(e) = &result {
+                            // A pooled connection the outage broke: not
+                            // to be handed out again.
+                            if e.is_fatal() {
+                                let _ = conn.disconnect().await;
+                            }
+                        }
+                        result
+                    };
+                    match tokio::time::timeout(timeout, probe).await {
+                        Ok(Ok(())) => {
+                            self.health.succeeded(shard);
+                            return true;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(mysql_shard = shard, error = %e, "MySQL shard still down");
+                            self.health.failed(shard, Instant::now());
+                            self.stats.retried();
+                        }
+                        Err(_) => {
+                            self.health.failed(shard, Instant::now());
+                            self.stats.retried();
+                        }
+                    }
+                }
+            }
+        }
+        false
+    }
+
     /// One read: own pending entries, claimed entries or new entries.
     async fn step(&mut self, history: &mut Option<EntryId>) -> Result<(), StreamError> {
         let now = Instant::now();
@@ -581,11 +717,14 @@ impl ShardTask {
         if let Some(after) = *history {
             let entries = self.keys.read_own_pending(&mut conn, after, room).await?;
             *history = entries.last().map(|e| e.id);
-            if !entries.is_empty() {
+            if history.is_none() {
+                // Every pending entry was read again.
+                self.held.end_pass();
+            } else {
                 tracing::info!(
                     shard = self.keys.shard,
                     entries = entries.len(),
-                    "taking up entries left pending by an earlier run"
+                    "taking up entries left pending (by an earlier run, or for a MySQL shard that was down)"
                 );
             }
             self.add(entries, now);
@@ -671,10 +810,12 @@ impl ShardTask {
     /// dead-letters what cannot be stored, and empties the batch.
     ///
     /// An entry (all messages of one append call) is done when each of its
-    /// records is stored, or can never be, or was rejected by the database
-    /// on `max_attempts` deliveries; the last two go to the dead-letter
-    /// stream as the entry is acknowledged. Otherwise it stays pending and
-    /// comes back when claimed (its stored rows are stored again, a no-op).
+    /// records is stored, or can never be (undecodable, or a seq conflict),
+    /// or was rejected by the database on `max_attempts` deliveries; all
+    /// but the first go to the dead-letter stream as the entry is
+    /// acknowledged. Otherwise (a record rejected fewer times, or deferred
+    /// for a MySQL shard that is down) it stays pending and comes back when
+    /// read again (its stored rows are stored again, a no-op).
     async fn flush(&mut self) {
         let shard = self.keys.shard;
         if !self.replicas_confirm().await {
@@ -685,10 +826,27 @@ impl ShardTask {
         let rows = batch.rows();
         let entries = batch.entries();
 
-        // Watermarks: the greatest stored seq, below any rejected one.
-        let mut marks: Vec<(u64, u64)> = outcome
+        let mut deferred_by_shard: BTreeMap<u32, u64> = BTreeMap::new();
+        for &i in &outcome.deferred {
+            let r = &rows[i];
+            let mysql_shard = self.shards.shard_of(r.conversation_id);
+            self.held.defer(mysql_shard, r.conversation_id, r.seq);
+            *deferred_by_shard.entry(mysql_shard).or_default() += 1;
+        }
+        for (mysql_shard, n) in deferred_by_shard {
+            self.stats.deferred(mysql_shard, n);
+        }
+        let in_mysql = outcome
             .stored
             .iter()
+            .chain(outcome.conflicts.iter().map(|(i, _)| i));
+        for &i in in_mysql.clone() {
+            self.held.stored(rows[i].conversation_id, rows[i].seq);
+        }
+
+        // Watermarks: the greatest seq MySQL has (a conflict's seq has the
+        // other message), below any rejected seq and any held one.
+        let mut marks: Vec<(u64, u64)> = in_mysql
             .map(|&i| (rows[i].conversation_id, rows[i].seq))
             .collect();
         let mut holes: Vec<(u64, u64)> = outcome
@@ -697,6 +855,15 @@ impl ShardTask {
             .map(|&(i, _)| (rows[i].conversation_id, rows[i].seq))
             .collect();
         marks.sort_unstable();
+        if !self.held.is_empty() {
+            let mut last = None;
+            for &(conversation, _) in &marks {
+                if last != Some(conversation) {
+                    holes.extend(self.held.first(conversation).map(|seq| (conversation, seq)));
+                    last = Some(conversation);
+                }
+            }
+        }
         holes.sort_unstable();
         let marks = watermarks(&marks, &holes);
         self.deferred.add(shard, &[], &[], &[], &marks);
@@ -724,10 +891,30 @@ impl ShardTask {
                 .or_default()
                 .push((r.record, r.reason.to_string()));
         }
+        for (i, conflict) in &outcome.conflicts {
+            let r = &rows[*i];
+            tracing::error!(
+                shard,
+                id = %entries[r.entry].id,
+                conversation = conflict.conversation_id,
+                seq = conflict.seq,
+                message_id = conflict.message_id,
+                stored_message_id = conflict.stored_message_id,
+                "a seq was given to two messages: the stored one stays, this record goes to the dead-letter stream"
+            );
+            stored_rows[r.entry] += 1;
+            permanent
+                .entry(r.entry)
+                .or_default()
+                .push((Some(r.record), conflict.to_string()));
+        }
+        if !outcome.conflicts.is_empty() {
+            self.stats.seq_conflicts(outcome.conflicts.len() as u64);
+        }
         // Entries with rejected rows: done only after max_attempts.
         let keys = &self.keys;
         let mut attempts: HashMap<usize, u64> = HashMap::new();
-        if !rejected.is_empty() && !outcome.gave_up {
+        if !rejected.is_empty() {
             let which: Vec<usize> = rejected.keys().copied().collect();
             let ids: Vec<EntryId> = which.iter().map(|&e| entries[e].id).collect();
             let counts = with_redis(
@@ -745,7 +932,6 @@ impl ShardTask {
                 attempts.extend(which.into_iter().zip(counts));
             }
         }
-
         let mut ack: Vec<EntryId> = batch.deleted().iter().map(|&i| entries[i].id).collect();
         let mut letters = Vec::new();
         let mut stored_bytes = 0;
@@ -756,7 +942,7 @@ impl ShardTask {
             let rejected_here = rejected.get(&e);
             let tried = stored_rows[e] + rejected_here.map_or(0, Vec::len);
             if tried < all_rows[e] {
-                continue; // Not every row was tried (stopping): stays pending.
+                continue; // Not every row was tried (its MySQL shard is down, or stopping): stays pending.
             }
             let tries = attempts.get(&e).copied();
             let letters_before = letters.len();
@@ -872,71 +1058,155 @@ impl ShardTask {
         false
     }
 
-    /// Commits the batch's rows: all at once if possible, else in halves
-    /// until every bad row is alone. Retries connectivity failures.
+    /// Commits the batch's rows, each MySQL shard's part on its own and
+    /// all parts at once; see [`Part::store`].
     async fn store(&mut self) -> Outcome {
         let rows = self.batch.rows();
         let mut order: Vec<usize> = (0..rows.len()).collect();
         order.sort_unstable_by_key(|&i| (rows[i].conversation_id, rows[i].seq));
+        let parts = self.shards.split(order, |&i| rows[i].conversation_id);
+        let part = Part {
+            stream: self.keys.shard,
+            batch: &self.batch,
+            settings: &self.settings,
+            statements: &self.statements,
+            shards: &self.shards,
+            health: &self.health,
+            known: &self.known,
+            deferred: &self.deferred,
+            stats: &self.stats,
+            stopping: self.pace.stopping(),
+        };
+        let work = parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, indices)| !indices.is_empty())
+            .map(|(mysql_shard, indices)| part.store(mysql_shard as u32, indices));
         let mut outcome = Outcome::default();
+        for part in futures::future::join_all(work).await {
+            outcome.merge(part);
+        }
+        outcome
+    }
+}
+
+/// What storing one MySQL shard's part of a batch needs (borrowed from the
+/// shard task, so that every part of a batch runs at once).
+struct Part<'a> {
+    stream: u32,
+    batch: &'a Batch,
+    settings: &'a Settings,
+    statements: &'a Statements,
+    shards: &'a ShardPools,
+    health: &'a Health,
+    known: &'a Mutex<KnownDirect>,
+    deferred: &'a Deferred,
+    stats: &'a WorkerStats,
+    /// A stop was requested: a failing shard is not retried.
+    stopping: bool,
+}
+
+impl Part<'_> {
+    /// Commits the rows at `order` (indices into the batch's rows, sorted
+    /// by key, all of MySQL shard `shard`): all at once if possible, else
+    /// in halves until every row the database rejects is alone. A shard
+    /// marked down is not tried; one that fails is retried once, then
+    /// marked down, and what is left of its part is deferred.
+    async fn store(&self, shard: u32, order: Vec<usize>) -> Outcome {
+        let mut outcome = Outcome::default();
+        if self.health.is_down(shard, Instant::now()) {
+            outcome.deferred = order;
+            return outcome;
+        }
+        let rows = self.batch.rows();
+        let mut retried = self.stopping;
         let mut todo: Vec<std::ops::Range<usize>> = Vec::new();
         todo.push(0..order.len());
         while let Some(range) = todo.pop() {
             if range.is_empty() {
                 continue;
             }
-            loop {
-                let result = self.transaction(&order[range.clone()]).await;
-                match result {
-                    Ok(implied) => {
-                        self.pace.success();
-                        let (direct, group, new_direct) = implied;
-                        self.deferred
-                            .add(self.keys.shard, &direct, &group, &new_direct, &[]);
-                        outcome.stored.extend_from_slice(&order[range.clone()]);
-                        break;
-                    }
-                    Err(StoreError::Rejected(e)) => {
-                        if range.len() == 1 {
-                            outcome.rejected.push((order[range.start], e.to_string()));
-                        } else {
-                            self.stats.split();
-                            let mid = range.start + range.len() / 2;
-                            tracing::debug!(
-                                shard = self.keys.shard,
-                                rows = range.len(),
-                                error = %e,
-                                "database rejected a row; splitting the transaction"
-                            );
-                            todo.push(mid..range.end);
-                            todo.push(range.start..mid);
+            let indices = &order[range.clone()];
+            match self.transaction(shard, indices).await {
+                Ok(((direct, group, new_direct), conflicts)) => {
+                    self.health.succeeded(shard);
+                    self.deferred
+                        .add(self.stream, &direct, &group, &new_direct, &[]);
+                    for &i in indices {
+                        let r = &rows[i];
+                        let conflict = conflicts.iter().find(|c| {
+                            (c.conversation_id, c.seq, c.message_id)
+                                == (r.conversation_id, r.seq, r.message_id)
+                        });
+                        match conflict {
+                            Some(c) => outcome.conflicts.push((i, *c)),
+                            None => outcome.stored.push(i),
                         }
-                        break;
                     }
-                    Err(e) => {
-                        tracing::warn!(
-                            shard = self.keys.shard,
+                }
+                Err(StoreError::Rejected(e)) => {
+                    if range.len() == 1 {
+                        outcome.rejected.push((order[range.start], e.to_string()));
+                    } else {
+                        self.stats.split();
+                        let mid = range.start + range.len() / 2;
+                        tracing::debug!(
+                            shard = self.stream,
+                            mysql_shard = shard,
                             rows = range.len(),
                             error = %e,
-                            "storing a batch failed; retrying"
+                            "database rejected a row; splitting the transaction"
                         );
-                        if !self.pace.pause(true).await {
-                            outcome.gave_up = true;
-                            return outcome;
-                        }
+                        todo.push(mid..range.end);
+                        todo.push(range.start..mid);
                     }
+                }
+                Err(e) if !retried => {
+                    // Once in place: a deadlock or a dropped connection
+                    // usually passes.
+                    retried = true;
+                    self.stats.retried();
+                    tracing::warn!(
+                        shard = self.stream,
+                        mysql_shard = shard,
+                        rows = range.len(),
+                        error = %e,
+                        "storing rows failed; retrying"
+                    );
+                    tokio::time::sleep(self.settings.retry_min).await;
+                    todo.push(range);
+                }
+                Err(e) => {
+                    self.stats.retried();
+                    self.health.failed(shard, Instant::now());
+                    outcome.deferred.extend_from_slice(indices);
+                    for range in todo.drain(..) {
+                        outcome.deferred.extend_from_slice(&order[range]);
+                    }
+                    tracing::warn!(
+                        shard = self.stream,
+                        mysql_shard = shard,
+                        rows = outcome.deferred.len(),
+                        error = %e,
+                        "MySQL shard failing; its rows stay pending until it answers again"
+                    );
                 }
             }
         }
         outcome
     }
 
-    /// Writes the message rows at `indices` in one transaction; returns
-    /// what they imply for members rows and read cursors (direct rows,
-    /// group cursors, new direct conversations), written later.
-    async fn transaction(&mut self, indices: &[usize]) -> Result<Implied, StoreError> {
+    /// Writes the message rows at `indices` on MySQL shard `shard` in one
+    /// transaction; returns what they imply for members rows and read
+    /// cursors (direct rows, group cursors, new direct conversations),
+    /// written later, and the rows not written for a seq conflict.
+    async fn transaction(
+        &self,
+        shard: u32,
+        indices: &[usize],
+    ) -> Result<(Implied, Vec<SeqConflict>), StoreError> {
         let timeout = self.settings.mysql_timeout;
-        let batch = &self.batch;
+        let batch = self.batch;
         let rows: Vec<MessageRow<'_>> = indices
             .iter()
             .map(|&i| {
@@ -956,9 +1226,9 @@ impl ShardTask {
             let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
             Plan::build(rows, |c| known.contains(c))
         };
-        let journal = JournalRow::of(self.keys.shard, &plan);
-        let pool = &self.pool;
-        let statements = &self.statements;
+        let journal = JournalRow::of(self.stream, &plan);
+        let pool = self.shards.get(shard);
+        let statements = self.statements;
         let work = async {
             // A pooled connection per transaction: the pool size bounds the
             // transactions in flight, and connections keep their prepared
@@ -975,7 +1245,10 @@ impl ShardTask {
             result
         };
         match tokio::time::timeout(timeout, work).await {
-            Ok(Ok(())) => Ok((plan.direct_members, plan.group_reads, plan.new_direct)),
+            Ok(Ok(conflicts)) => Ok((
+                (plan.direct_members, plan.group_reads, plan.new_direct),
+                conflicts,
+            )),
             Ok(Err(e)) => Err(StoreError::classify(e)),
             Err(_) => Err(StoreError::Timeout(timeout)),
         }
@@ -987,16 +1260,17 @@ impl ShardTask {
 type Implied = (Vec<MemberRow>, Vec<MemberRow>, Vec<u64>);
 
 /// The stored watermark per conversation: the greatest stored seq, but
-/// below the least rejected seq of the same conversation (a rejected
-/// message is not stored, and the recent cache must keep it). Both inputs
-/// sorted.
-fn watermarks(stored: &[(u64, u64)], rejected: &[(u64, u64)]) -> Vec<(u64, u64)> {
+/// below the least seq of the same conversation that is not stored
+/// (rejected, or held for a shard that is down: the recent cache must keep
+/// it). Both inputs sorted.
+fn watermarks(stored: &[(u64, u64)], holes: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     for &(conversation, seq) in stored {
-        let limit = rejected
-            .iter()
-            .find(|r| r.0 == conversation)
-            .map_or(u64::MAX, |r| r.1 - 1);
+        let first = holes.partition_point(|h| h.0 < conversation);
+        let limit = holes
+            .get(first)
+            .filter(|h| h.0 == conversation)
+            .map_or(u64::MAX, |h| h.1 - 1);
         let seq = seq.min(limit);
         if seq == 0 {
             continue;

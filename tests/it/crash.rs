@@ -524,6 +524,7 @@ async fn a_database_out_of_connections_answers_overloaded_never_internal() {
         redis_cluster: None,
         mysql_url: fresh_database(&mysql.server_url()),
         prefix: unique_prefix(),
+        mysql_shards: Vec::new(),
     };
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());

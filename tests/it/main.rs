@@ -14,6 +14,7 @@ mod proxy_protocol;
 mod redis_cluster;
 mod resilience;
 mod sessions;
+mod shards;
 mod store;
 mod tls;
 mod worker;

@@ -62,6 +62,7 @@ fn pipeline_options(env: &PipelineEnv, dedup_window_secs: u64) -> PipelineOption
     PipelineOptions {
         redis: env.redis_target(),
         mysql_url: env.mysql_url.clone(),
+        mysql_shards: env.mysql_shards.clone(),
         prefix: env.prefix.clone(),
         streams: 4,
         dedup_window_secs,

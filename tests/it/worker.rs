@@ -330,6 +330,118 @@ async fn worker_stores_rows_once_with_summaries_and_cursors() {
 
     assert_eq!(env.stored_mark(d).await, Some(3));
     assert_eq!(env.stored_mark(g).await, Some(99));
+    // Redelivered rows carry their own message ids: no conflict.
+    let stats = worker.stats();
+    assert_eq!((stats.seq_conflicts, stats.dead_letters), (0, 0));
+    worker.shutdown().await;
+}
+
+/// A record whose (conversation, seq) MySQL already holds with another
+/// message id (the same seq given to two messages) is never skipped
+/// silently: it is counted, logged and dead-lettered, the stored row
+/// stays, and every other row of its entry and batch is stored. A row
+/// already there with its own id (a redelivery) is no conflict.
+#[tokio::test]
+async fn a_seq_given_to_two_messages_is_counted_and_dead_lettered() {
+    let env = Env::new(1).await;
+    env.migrate().await;
+    let (g, other) = (group(31), group(32));
+    let body = |seq: u64| {
+        record_body(&pb::Message {
+            conversation_id: g,
+            sender_id: 7,
+            client_msg_id: format!("g{seq}"),
+            server_time_ms: im_proto::now_ms(),
+            content: Some(pb::Content {
+                kind: Some(pb::content::Kind::Text(pb::Text {
+                    text: format!("g {seq}"),
+                })),
+            }),
+            ..Default::default()
+        })
+    };
+    let tick = tick_of(im_proto::now_ms());
+    // Seq 2 is stored as another message; seq 4 as this very one.
+    let mut conn = env.pool.get_conn().await.unwrap();
+    for (seq, id) in [(2, 424_242), (4, message_id(0, tick + 4))] {
+        conn.exec_drop(
+            "INSERT INTO messages \
+             (conversation_id, seq, message_id, sender_id, server_time_ms, dedup_key, body) \
+             VALUES (?, ?, ?, 7, 1, 0, ?)",
+            (g, seq, id, body(seq)),
+        )
+        .await
+        .unwrap();
+    }
+    drop(conn);
+    // One append call's entry: seqs 1 to 4 of g.
+    let records: Vec<Vec<u8>> = (1..=4)
+        .map(|seq| encode_record(seq, tick + seq, &body(seq)))
+        .collect();
+    let fields: Vec<(&str, &[u8])> = records.iter().map(|r| ("m", r.as_slice())).collect();
+    let entry: String = env
+        .r()
+        .xadd(env.layout.stream_key(0), "*", &fields)
+        .await
+        .unwrap();
+    for seq in 1..=3 {
+        env.append(other, 9, seq, "bystander").await;
+    }
+
+    let mut config = env.config("w1");
+    config.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    let worker = env.start(config).await;
+    eventually(10, "the other rows stored", || async {
+        env.count("SELECT COUNT(*) FROM messages").await == 7
+    })
+    .await;
+    let dead = env.layout.dead_letter_key(0);
+    eventually(5, "the conflict dead-lettered", || async {
+        let n: u64 = env.r().xlen(&dead).await.unwrap();
+        n == 1
+    })
+    .await;
+    let letters: redis::streams::StreamRangeReply = env.r().xrange_all(&dead).await.unwrap();
+    let field = |f: &str| -> Vec<u8> { redis::from_redis_value(&letters.ids[0].map[f]).unwrap() };
+    assert_eq!(field("m"), records[1], "the conflicting record, as it was");
+    assert_eq!(String::from_utf8(field("id")).unwrap(), entry);
+    let reason = String::from_utf8(field("reason")).unwrap();
+    assert!(
+        reason.contains("seq conflict") && reason.contains("seq 2") && reason.contains("424242"),
+        "{reason}"
+    );
+    // The stored row stays; the rest of the entry is there.
+    let stored: Vec<(u64, u64)> = env
+        .messages()
+        .await
+        .iter()
+        .filter(|m| m.conversation_id == g)
+        .map(|m| (m.seq, m.message_id))
+        .collect();
+    assert_eq!(
+        stored,
+        [
+            (1, message_id(0, tick + 1)),
+            (2, 424_242),
+            (3, message_id(0, tick + 3)),
+            (4, message_id(0, tick + 4)),
+        ]
+    );
+    eventually(5, "nothing pending", || async { env.pending(0).await == 0 }).await;
+    eventually(5, "watermark over the whole entry", || async {
+        env.stored_mark(g).await == Some(4)
+    })
+    .await;
+    let stats = worker.stats();
+    assert_eq!((stats.seq_conflicts, stats.dead_letters), (1, 1));
+    let addr = worker.admin_addr().expect("admin listener");
+    let scrape = im_tests::http_get(addr, "/metrics").await.unwrap();
+    assert_eq!(
+        im_tests::metric(&scrape.body, "im_storage_seq_conflicts_total"),
+        Some(1.0),
+        "{}",
+        scrape.body
+    );
     worker.shutdown().await;
 }
 

@@ -37,8 +37,16 @@ pub fn redis_cluster_mode() -> bool {
     std::env::var("IM_TEST_STORE").is_ok_and(|v| v == "pipeline-cluster")
 }
 
+/// Whether pipeline-mode nodes spread their messages over two MySQL
+/// shards (`IM_TEST_MYSQL_SHARDS=2`): one database on each of the two
+/// shared MariaDB servers, besides the main database.
+pub fn sharded_mode() -> bool {
+    std::env::var("IM_TEST_MYSQL_SHARDS").is_ok_and(|v| v == "2")
+}
+
 /// Where a pipeline-mode node keeps its data: a key prefix and a database
-/// of its own on the shared services.
+/// of its own on the shared services (and, sharded, a database of its own
+/// on each shard server).
 #[derive(Debug, Clone)]
 pub struct PipelineEnv {
     /// Redis URL (on a Redis Cluster: the first node's).
@@ -49,10 +57,14 @@ pub struct PipelineEnv {
     pub mysql_url: String,
     /// Key prefix only this node uses.
     pub prefix: String,
+    /// The message shards (`--mysql-shards`); empty: messages in
+    /// `mysql_url`.
+    pub mysql_shards: Vec<String>,
 }
 
 impl PipelineEnv {
-    /// A fresh prefix and database on the shared services.
+    /// A fresh prefix and database on the shared services (with two
+    /// message shards in [`sharded_mode`]).
     pub fn fresh() -> PipelineEnv {
         if redis_cluster_mode() {
             return PipelineEnv::fresh_on_cluster(
@@ -60,23 +72,48 @@ impl PipelineEnv {
             );
         }
         let shared = services::shared();
-        PipelineEnv {
+        let env = PipelineEnv {
             redis_cluster: None,
             redis_url: shared.redis_url.clone(),
             mysql_url: services::fresh_database(&shared.mysql_url),
             prefix: services::unique_prefix(),
-        }
+            mysql_shards: Vec::new(),
+        };
+        if sharded_mode() { env.sharded() } else { env }
     }
 
     /// The same on a Redis of the test's own (one it stops or pauses), with
     /// a fresh database on the shared MariaDB.
     pub fn fresh_on(redis_url: String) -> PipelineEnv {
-        PipelineEnv {
+        let env = PipelineEnv {
             redis_url,
             redis_cluster: None,
             mysql_url: services::fresh_database(&services::shared().mysql_url),
             prefix: services::unique_prefix(),
-        }
+            mysql_shards: Vec::new(),
+        };
+        if sharded_mode() { env.sharded() } else { env }
+    }
+
+    /// This environment with its messages on two shards: a fresh database
+    /// on the shared MariaDB and one on the second (see
+    /// [`services::second_mysql`]).
+    pub fn sharded(self) -> PipelineEnv {
+        let servers = [
+            services::shared().mysql_url.clone(),
+            services::second_mysql().to_string(),
+        ];
+        self.sharded_on(&servers)
+    }
+
+    /// This environment with its messages on a fresh database of each of
+    /// `servers` (`mysql://...` without a database), in that order.
+    pub fn sharded_on(mut self, servers: &[String]) -> PipelineEnv {
+        self.mysql_shards = servers
+            .iter()
+            .map(|s| services::fresh_database(s))
+            .collect();
+        self
     }
 
     /// The same on a Redis Cluster (`redis://...,redis://...`).
@@ -86,6 +123,7 @@ impl PipelineEnv {
             redis_cluster: Some(nodes),
             mysql_url: services::fresh_database(&services::shared().mysql_url),
             prefix: services::unique_prefix(),
+            mysql_shards: Vec::new(),
         }
     }
 
@@ -118,6 +156,7 @@ impl PipelineEnv {
             c.redis_url = Some(self.redis_url.clone());
         }
         c.mysql_url = Some(self.mysql_url.clone());
+        c.mysql_shards = self.mysql_shards.clone();
         c.redis_prefix = self.prefix.clone();
         c.streams = 4;
     }
@@ -126,6 +165,7 @@ impl PipelineEnv {
     /// age and claim idle time).
     pub fn worker_config(&self, consumer: &str) -> im_storage::WorkerConfig {
         let mut c = im_storage::WorkerConfig::new(&self.redis_url, &self.mysql_url);
+        c.mysql_shards = self.mysql_shards.clone();
         c.redis_prefix = self.prefix.clone();
         c.redis_cluster_nodes = self.redis_cluster.clone();
         c.streams = 4;
@@ -154,16 +194,22 @@ impl PipelineEnv {
             Some(nodes) => ["--redis-cluster-nodes".to_string(), nodes.clone()],
             None => ["--redis-url".to_string(), self.redis_url.clone()],
         };
-        vec![
-            redis[0].clone(),
-            redis[1].clone(),
+        let [flag, redis] = redis;
+        let mut args: Vec<String> = vec![
+            flag,
+            redis,
             "--mysql-url".into(),
             self.mysql_url.clone(),
             "--redis-prefix".into(),
             self.prefix.clone(),
             "--streams".into(),
             "4".into(),
-        ]
+        ];
+        if !self.mysql_shards.is_empty() {
+            args.push("--mysql-shards".into());
+            args.push(self.mysql_shards.join(","));
+        }
+        args
     }
 }
 
@@ -297,9 +343,24 @@ impl TestServer {
     /// Starts a node with [`test_config`] adjusted by `tweak` (which is
     /// applied again on restart).
     pub async fn start_with(tweak: impl Fn(&mut Config) + Send + Sync + 'static) -> TestServer {
+        Self::start_in(pipeline_mode().then(PipelineEnv::fresh), tweak).await
+    }
+
+    /// Starts a pipeline node on `env`, whatever `IM_TEST_STORE` says, with
+    /// its storage worker.
+    pub async fn start_on(
+        env: PipelineEnv,
+        tweak: impl Fn(&mut Config) + Send + Sync + 'static,
+    ) -> TestServer {
+        Self::start_in(Some(env), tweak).await
+    }
+
+    async fn start_in(
+        pipeline: Option<PipelineEnv>,
+        tweak: impl Fn(&mut Config) + Send + Sync + 'static,
+    ) -> TestServer {
         init_logging();
         let dir = tempfile::tempdir().expect("temp dir");
-        let pipeline = pipeline_mode().then(PipelineEnv::fresh);
         let mut server = TestServer {
             server: None,
             addr: "127.0.0.1:0".parse().expect("address"),

@@ -3,9 +3,11 @@
 //!
 //! [`shared`] gives every test of a binary the same pair (from
 //! `REDIS_URL`/`MYSQL_URL` when set, else started once, with a watchdog
-//! that stops them when the test process exits); tests isolate themselves
-//! with [`unique_prefix`] and [`fresh_database`]. Crash tests start their
-//! own [`RedisServer`] and [`MariaDb`] so they can kill and restart them.
+//! that stops them when the test process exits); [`second_mysql`] a second
+//! MariaDB the same way (`MYSQL_URL_2`), for messages sharded over two
+//! servers. Tests isolate themselves with [`unique_prefix`] and
+//! [`fresh_database`]. Crash tests start their own [`RedisServer`] and
+//! [`MariaDb`] so they can kill and restart them.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -312,20 +314,36 @@ pub fn shared() -> &'static Shared {
             wait_for_redis(port);
             format!("redis://127.0.0.1:{port}")
         });
-        let mysql_url = std::env::var("MYSQL_URL").unwrap_or_else(|_| {
-            let dir = keep_dir("mariadb");
-            install_mariadb(&dir);
-            let port = free_port();
-            let child = mariadb_command(&dir, port).spawn().expect("start mariadbd");
-            watch(child, &dir);
-            wait_for_mysql(port);
-            format!("mysql://root@127.0.0.1:{port}")
-        });
+        let mysql_url = std::env::var("MYSQL_URL").unwrap_or_else(|_| kept_mariadb());
         Shared {
             redis_url,
             mysql_url: mysql_url.trim_end_matches('/').to_string(),
         }
     })
+}
+
+/// A second MariaDB server for the tests of one process (`mysql://...`
+/// without a database): `MYSQL_URL_2` if set, else one started on first
+/// use and stopped by a watchdog when this process exits.
+pub fn second_mysql() -> &'static str {
+    static SECOND: OnceLock<String> = OnceLock::new();
+    SECOND.get_or_init(|| {
+        std::env::var("MYSQL_URL_2")
+            .unwrap_or_else(|_| kept_mariadb())
+            .trim_end_matches('/')
+            .to_string()
+    })
+}
+
+/// Starts a MariaDB that lives as long as this process; its server URL.
+fn kept_mariadb() -> String {
+    let dir = keep_dir("mariadb");
+    install_mariadb(&dir);
+    let port = free_port();
+    let child = mariadb_command(&dir, port).spawn().expect("start mariadbd");
+    watch(child, &dir);
+    wait_for_mysql(port);
+    format!("mysql://root@127.0.0.1:{port}")
 }
 
 /// A temp directory that outlives its handle (the watchdog removes it).

@@ -557,11 +557,17 @@ impl Lane {
     async fn verify_shard(&mut self, shard: u32, replid: &str, tick: u64) -> StoreResult<()> {
         let key = self.shared.layout.seq_key(shard);
         let mut moved_to = tick.max(sql::journal_last_tick(&self.shared, shard).await?);
-        let mut after_id = 0;
         let mut checked = 0usize;
-        if tick > 0 {
+        let mysql_shards = if tick > 0 {
+            self.shared.messages.len()
+        } else {
+            0
+        };
+        for mysql_shard in 0..mysql_shards {
+            let mut after_id = 0;
             loop {
-                let page = sql::journal_page(&self.shared, shard, tick, after_id).await?;
+                let page =
+                    sql::journal_page(&self.shared, mysql_shard, shard, tick, after_id).await?;
                 let Some(&(last_id, _, _)) = page.last() else {
                     break;
                 };

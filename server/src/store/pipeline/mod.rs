@@ -9,7 +9,10 @@
 //! which never changes once true.
 //!
 //! - `append`: ordered append lanes and the append script's protocol.
-//! - `sql`: accounts, groups and memberships in MySQL.
+//! - `sql`: accounts, groups and memberships in MySQL (the main database),
+//!   and the message reads, each on its conversation's MySQL shard
+//!   (`im_storage::shards`; one shard, the main database, unless
+//!   `--mysql-shards` lists others).
 //! - `engine`: Redis and MySQL errors told apart (busy or failed).
 //! - `read`: sync, history, conversation list and cursors, merging the
 //!   Redis cache with MySQL without a gap at the boundary.
@@ -47,8 +50,13 @@ pub struct PipelineOptions {
     /// How long an append waits for them; past it the append is answered
     /// `Overloaded`.
     pub replica_timeout: Duration,
-    /// `mysql://user:pass@host:port/db`.
+    /// `mysql://user:pass@host:port/db`: accounts, sessions, groups,
+    /// memberships, and the messages unless `mysql_shards` lists other
+    /// databases.
     pub mysql_url: String,
+    /// Databases the messages are spread over by conversation (empty: the
+    /// main database). Must match the storage workers, in order.
+    pub mysql_shards: Vec<String>,
     /// Key prefix shared by every process of the deployment.
     pub prefix: String,
     /// Stream shards (must match the storage workers).
@@ -70,7 +78,7 @@ pub struct PipelineOptions {
     pub recent_cache_ttl_secs: u64,
     /// Pooled Redis connections for reads and other commands.
     pub redis_pool_size: usize,
-    /// Pooled MySQL connections.
+    /// Pooled MySQL connections, of the main database and of each shard.
     pub mysql_pool_size: usize,
 }
 
@@ -81,6 +89,7 @@ impl Default for PipelineOptions {
             replica_acks: 0,
             replica_timeout: Duration::from_secs(1),
             mysql_url: "mysql://root@127.0.0.1:3306/im".into(),
+            mysql_shards: Vec::new(),
             prefix: im_storage::layout::DEFAULT_PREFIX.into(),
             streams: im_storage::layout::DEFAULT_STREAMS,
             append_lanes: 4,
@@ -157,6 +166,8 @@ pub(crate) struct Shared {
     layout: Layout,
     options: PipelineOptions,
     mysql: mysql_async::Pool,
+    /// The pools of the message shards (the main pool when unsharded).
+    messages: im_storage::shards::ShardPools,
     redis: RedisReads,
     /// Ids known to exist (users are never deleted, so this can only be
     /// stale in the harmless direction).
@@ -178,23 +189,22 @@ impl PipelineStore {
     /// Connects to Redis and MySQL, runs the schema migrations and starts
     /// the append lanes. Must be called within a tokio runtime.
     pub async fn open(options: PipelineOptions) -> StoreResult<PipelineStore> {
-        let opts = mysql_async::Opts::from_url(&options.mysql_url)
-            .map_err(|e| mysql_err(e.to_string()))?;
-        let constraints = mysql_async::PoolConstraints::new(1, options.mysql_pool_size.max(1))
-            .ok_or_else(|| StoreError::Backend("invalid MySQL pool size".into()))?;
-        // Connections above the first stay open while they are in use at
-        // least once a minute. (The default closes each one the moment it
-        // is idle, so under load every query above one at a time paid a new
-        // connection: two MySQL handshakes per login, which kept MariaDB
-        // busy with 100,000 logins.)
-        let pool_opts = mysql_async::PoolOpts::default()
-            .with_constraints(constraints)
-            .with_inactive_connection_ttl(MYSQL_IDLE_TTL);
-        let opts = mysql_async::OptsBuilder::from_opts(opts)
-            .pool_opts(pool_opts)
-            .stmt_cache_size(256);
-        let mysql = mysql_async::Pool::new(opts);
+        im_storage::shards::validate_urls(&options.mysql_shards)
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        let size = options.mysql_pool_size;
+        let mysql = mysql_pool(&options.mysql_url, size).map_err(mysql_err)?;
         im_storage::schema::migrate(&mysql)
+            .await
+            .map_err(|e| mysql_err(e.to_string()))?;
+        let messages = im_storage::shards::ShardPools::new(
+            &options.mysql_url,
+            &mysql,
+            &options.mysql_shards,
+            |url| mysql_pool(url, size),
+        )
+        .map_err(mysql_err)?;
+        messages
+            .migrate()
             .await
             .map_err(|e| mysql_err(e.to_string()))?;
 
@@ -230,6 +240,7 @@ impl PipelineStore {
             layout: Layout::new(options.prefix.clone(), options.streams),
             known_users: moka::sync::Cache::new(1_000_000),
             mysql,
+            messages,
             redis,
             options,
         });
@@ -251,6 +262,7 @@ impl PipelineStore {
         tracing::info!(
             streams = shared.layout.streams(),
             prefix = shared.layout.prefix(),
+            mysql_shards = shared.messages.len(),
             "pipeline store opened"
         );
         Ok(PipelineStore {
@@ -289,10 +301,29 @@ impl PipelineStore {
         for task in tasks {
             task.abort();
         }
+        self.shared.messages.disconnect().await;
         if let Err(e) = self.shared.mysql.clone().disconnect().await {
             tracing::warn!(error = %e, "closing the MySQL pool failed");
         }
     }
+}
+
+/// A MySQL pool of up to `size` connections for `url`.
+fn mysql_pool(url: &str, size: usize) -> Result<mysql_async::Pool, mysql_async::Error> {
+    let opts = mysql_async::Opts::from_url(url).map_err(mysql_async::Error::from)?;
+    let constraints = mysql_async::PoolConstraints::new(1, size.max(1)).unwrap_or_default();
+    // Connections above the first stay open while they are in use at
+    // least once a minute. (The default closes each one the moment it is
+    // idle, so under load every query above one at a time paid a new
+    // connection: two MySQL handshakes per login, which kept MariaDB busy
+    // with 100,000 logins.)
+    let pool_opts = mysql_async::PoolOpts::default()
+        .with_constraints(constraints)
+        .with_inactive_connection_ttl(MYSQL_IDLE_TTL);
+    let opts = mysql_async::OptsBuilder::from_opts(opts)
+        .pool_opts(pool_opts)
+        .stmt_cache_size(256);
+    Ok(mysql_async::Pool::new(opts))
 }
 
 impl Store for PipelineStore {
@@ -537,9 +568,14 @@ impl Shared {
         self.redis.get().await
     }
 
-    /// A pooled MySQL connection.
+    /// A pooled MySQL connection to the main database.
     async fn mysql(&self) -> StoreResult<mysql_async::Conn> {
         self.mysql.get_conn().await.map_err(mysql_err)
+    }
+
+    /// A pooled MySQL connection to message shard `shard`.
+    async fn message_shard(&self, shard: u32) -> StoreResult<mysql_async::Conn> {
+        self.messages.get(shard).get_conn().await.map_err(mysql_err)
     }
 
     /// The last seq of each conversation (0 if none), from Redis, falling

@@ -5,7 +5,10 @@
 //! its newest seqs, never trimmed below what MySQL has stored) and in MySQL
 //! (everything the worker has stored). A range is read from the cache
 //! first and completed from MySQL below the cache's lowest seq, so the
-//! boundary never leaves a gap; whatever is returned is contiguous.
+//! boundary never leaves a gap; whatever is returned is contiguous. Reads
+//! of many conversations (sync, the conversation list) ask the cache in
+//! one round trip and MySQL in one statement per shard, never once per
+//! conversation.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::LazyLock;
@@ -57,6 +60,42 @@ fn contiguous_from(after: u64, messages: Vec<pb::Message>) -> Vec<pb::Message> {
         .collect()
 }
 
+/// The range MySQL must supply for messages in `(after, upto]` given the
+/// cache's answer (ascending): none if the cache starts right after
+/// `after`, else what lies below the cache's first seq.
+fn below_cache(after: u64, upto: u64, cached: &[pb::Message]) -> Option<(u64, u64)> {
+    match cached.first() {
+        Some(m) if m.seq == after + 1 => None,
+        Some(m) => Some((after, m.seq - 1)),
+        None => Some((after, upto)),
+    }
+}
+
+/// Messages with seq in `(after, ...]`, oldest first, at most `limit`,
+/// from the rows MySQL gave for the range below the cache (if one was
+/// asked for) followed by the cache's answer.
+fn join_ascending(
+    after: u64,
+    limit: usize,
+    stored: Option<Vec<(u64, u64, Vec<u8>)>>,
+    cached: Vec<pb::Message>,
+) -> StoreResult<Vec<pb::Message>> {
+    let Some(rows) = stored else {
+        let mut messages = contiguous_from(after, cached);
+        messages.truncate(limit);
+        return Ok(messages);
+    };
+    let mut messages = rows
+        .into_iter()
+        .map(decode_row)
+        .collect::<StoreResult<Vec<_>>>()?;
+    let last = messages.last().map_or(after, |m| m.seq);
+    messages.extend(cached.into_iter().filter(|m| m.seq > last));
+    let mut messages = contiguous_from(after, messages);
+    messages.truncate(limit);
+    Ok(messages)
+}
+
 /// Messages with seq in `(after, upto]`, oldest first, at most `limit`,
 /// given the cache's answer for that range (ascending).
 async fn complete_ascending(
@@ -67,21 +106,50 @@ async fn complete_ascending(
     limit: usize,
     cached: Vec<pb::Message>,
 ) -> StoreResult<Vec<pb::Message>> {
-    if cached.first().is_some_and(|m| m.seq == after + 1) {
-        return Ok(contiguous_from(after, cached));
+    let stored = match below_cache(after, upto, &cached) {
+        None => None,
+        Some((after, below)) => {
+            Some(sql::messages(shared, conversation, after, below, limit).await?)
+        }
+    };
+    join_ascending(after, limit, stored, cached)
+}
+
+/// [`complete_ascending`] for many conversations at once: `ranges` are
+/// (conversation, after, upto, limit), `cached` the cache's answers in the
+/// same order. MySQL is asked once per shard for all of them.
+async fn complete_many(
+    shared: &Shared,
+    ranges: &[(u64, u64, u64, usize)],
+    cached: Vec<Vec<pb::Message>>,
+) -> StoreResult<Vec<Vec<pb::Message>>> {
+    let mut needed: Vec<sql::Range> = Vec::new();
+    let mut slot: Vec<Option<usize>> = Vec::with_capacity(ranges.len());
+    for (&(conversation, after, upto, limit), cached) in ranges.iter().zip(&cached) {
+        slot.push(below_cache(after, upto, cached).map(|(after, below)| {
+            needed.push(sql::Range {
+                conversation,
+                after,
+                upto: below,
+                limit,
+            });
+            needed.len() - 1
+        }));
     }
-    // The cache starts too late (or is empty): the older part is in MySQL.
-    let below = cached.first().map_or(upto, |m| m.seq - 1);
-    let rows = sql::messages(shared, conversation, after, below, limit).await?;
-    let mut messages = rows
-        .into_iter()
-        .map(decode_row)
-        .collect::<StoreResult<Vec<_>>>()?;
-    let last = messages.last().map_or(after, |m| m.seq);
-    messages.extend(cached.into_iter().filter(|m| m.seq > last));
-    let mut messages = contiguous_from(after, messages);
-    messages.truncate(limit);
-    Ok(messages)
+    let mut stored = if needed.is_empty() {
+        Vec::new()
+    } else {
+        sql::messages_of_many(shared, &needed).await?
+    };
+    ranges
+        .iter()
+        .zip(cached)
+        .zip(slot)
+        .map(|((&(_, after, _, limit), cached), slot)| {
+            let rows = slot.map(|i| std::mem::take(&mut stored[i]));
+            join_ascending(after, limit, rows, cached)
+        })
+        .collect()
 }
 
 /// The cache's records of each conversation with seq in `(after, upto]`,
@@ -165,18 +233,29 @@ pub(super) async fn sync(
         .collect();
     let cached = cached_ranges(shared, &ranges, limit).await?;
 
+    // The page's room goes to the conversations in order; each takes what
+    // its range holds (seqs are dense), so every share is known before
+    // MySQL is asked.
     let mut page = Page::default();
-    for ((conv, from, last), cached) in ranges.into_iter().zip(cached) {
-        let remaining = limit.saturating_sub(page.messages.len());
+    let mut shares: Vec<(u64, u64, u64, usize)> = Vec::with_capacity(ranges.len());
+    let mut remaining = limit;
+    for &(conv, from, last) in &ranges {
         if remaining == 0 {
             page.has_more = true;
             break;
         }
-        let messages = complete_ascending(shared, conv, from, last, remaining, cached).await?;
-        if messages.last().map_or(from, |m| m.seq) < last {
+        shares.push((conv, from, last, remaining));
+        remaining -= remaining.min(usize::try_from(last - from).unwrap_or(usize::MAX));
+    }
+    let mut cached = cached;
+    cached.truncate(shares.len());
+    let found = complete_many(shared, &shares, cached).await?;
+    for (&(_, from, last, _), messages) in shares.iter().zip(found) {
+        let remaining = limit.saturating_sub(page.messages.len());
+        if messages.last().map_or(from, |m| m.seq) < last || messages.len() > remaining {
             page.has_more = true;
         }
-        page.messages.extend(messages);
+        page.messages.extend(messages.into_iter().take(remaining));
     }
     Ok(page)
 }
@@ -261,9 +340,13 @@ pub(super) async fn conversations(
         .map(|(&(c, _, _), &last)| (c, last - 1, last))
         .collect();
     let cached = cached_ranges(shared, &ranges, 1).await?;
+    let shares: Vec<(u64, u64, u64, usize)> = ranges
+        .iter()
+        .map(|&(conv, after, upto)| (conv, after, upto, 1))
+        .collect();
+    let found = complete_many(shared, &shares, cached).await?;
     let mut last_messages: HashMap<u64, pb::Message> = HashMap::new();
-    for ((conv, after, upto), cached) in ranges.into_iter().zip(cached) {
-        let m = complete_ascending(shared, conv, after, upto, 1, cached).await?;
+    for (&(conv, _, _), m) in ranges.iter().zip(found) {
         if let Some(m) = m.into_iter().next() {
             last_messages.insert(conv, m);
         }
@@ -281,7 +364,19 @@ pub(super) async fn conversations(
         }
     }
     let (group_names, user_names) = sql::titles(shared, &group_ids, &peers).await?;
-    let own = own_unstored_sends(shared, user, &convs, &lasts).await?;
+    let (own, marks) = own_unstored_sends(shared, user, &convs, &lasts).await?;
+    // The worker writes a sender's cursor before it raises the stored
+    // watermark past the message, but the cursors above were read before
+    // the watermarks: where a watermark is above the cursor seen, the
+    // cursor may have moved in between, so read it again (after the
+    // watermark, which makes it current).
+    let stale: Vec<u64> = list
+        .iter()
+        .zip(&marks)
+        .filter(|((_, joined, read), mark)| **mark > (*read).max(*joined))
+        .map(|((conv, _, _), _)| *conv)
+        .collect();
+    let fresh = sql::memberships_in(shared, user, &stale).await?;
     let summaries = list
         .into_iter()
         .zip(lasts)
@@ -291,7 +386,11 @@ pub(super) async fn conversations(
             // sending marks everything before as read, which the worker
             // records when it stores the message: until then the cache
             // tells.
-            let read = read.max(joined).max(own.get(&conv).copied().unwrap_or(0));
+            let again = fresh.get(&conv).map_or(0, |&(_, read)| read);
+            let read = read
+                .max(again)
+                .max(joined)
+                .max(own.get(&conv).copied().unwrap_or(0));
             let (peer_id, group_id, title) = match id.kind() {
                 ConversationKind::Group(g) => {
                     (0, g, group_names.get(&g).cloned().unwrap_or_default())
@@ -318,15 +417,15 @@ pub(super) async fn conversations(
 
 /// Per conversation, the highest seq `user` sent among the messages the
 /// worker has not stored yet (the stored ones have moved the read cursor in
-/// MySQL already).
+/// MySQL already), and each conversation's stored watermark (0 if none).
 async fn own_unstored_sends(
     shared: &Shared,
     user: UserId,
     convs: &[u64],
     lasts: &[u64],
-) -> StoreResult<HashMap<u64, u64>> {
+) -> StoreResult<(HashMap<u64, u64>, Vec<u64>)> {
     if convs.is_empty() {
-        return Ok(HashMap::new());
+        return Ok((HashMap::new(), Vec::new()));
     }
     let mut pipe = redis::pipe();
     for &conv in convs {
@@ -338,12 +437,12 @@ async fn own_unstored_sends(
     let mut conn = shared.redis().await?;
     let stored: Vec<Option<u64>> = pipe.query_async(&mut conn).await.map_err(redis_err)?;
     drop(conn);
+    let stored: Vec<u64> = stored.into_iter().map(Option::unwrap_or_default).collect();
     let ranges: Vec<(u64, u64, u64)> = convs
         .iter()
         .zip(lasts)
-        .zip(stored)
-        .filter_map(|((&conv, &last), stored)| {
-            let stored = stored.unwrap_or(0);
+        .zip(&stored)
+        .filter_map(|((&conv, &last), &stored)| {
             (stored < last).then_some((conv, stored.max(last.saturating_sub(RECEIPT_SCAN)), last))
         })
         .collect();
@@ -354,7 +453,7 @@ async fn own_unstored_sends(
             own.insert(conv, m.seq);
         }
     }
-    Ok(own)
+    Ok((own, stored))
 }
 
 /// Moves a delivered cursor forward only (in Redis), returning the old one.

@@ -1,6 +1,11 @@
-//! Accounts, groups and memberships in MySQL. Every SQL statement of the
-//! pipeline store's server side is here (the worker has its own, for
-//! messages).
+//! Accounts, groups and memberships in MySQL, and the reads of stored
+//! messages. Every SQL statement of the pipeline store's server side is
+//! here (the worker has its own, for writing messages).
+//!
+//! Accounts, sessions, groups and `members` live in the main database.
+//! Messages live on their conversation's shard (`im_storage::shards`): a
+//! read of one conversation goes to its shard; a read of many is split by
+//! shard into one statement per shard, and the shards are asked at once.
 
 use std::collections::{HashMap, HashSet};
 
@@ -411,32 +416,44 @@ pub(super) async fn stored_last_seqs(
     shared: &Shared,
     conversations: &[u64],
 ) -> StoreResult<HashMap<u64, u64>> {
-    let mut conn = shared.mysql().await?;
-    let sql = format!(
-        "SELECT conversation_id, MAX(seq) FROM messages WHERE conversation_id IN ({}) \
-         GROUP BY conversation_id",
-        placeholders(conversations.len())
-    );
-    let rows: Vec<(u64, u64)> = conn
-        .exec(sql, Params::Positional(values(conversations)))
-        .await
-        .map_err(mysql_err)?;
-    Ok(rows.into_iter().collect())
+    let parts = shared.messages.split(conversations.iter().copied(), |&c| c);
+    let queries = parts
+        .into_iter()
+        .enumerate()
+        .filter(|(_, part)| !part.is_empty())
+        .map(|(shard, part)| async move {
+            let mut conn = shared.message_shard(shard as u32).await?;
+            let sql = format!(
+                "SELECT conversation_id, MAX(seq) FROM messages WHERE conversation_id IN ({}) \
+                 GROUP BY conversation_id",
+                placeholders(part.len())
+            );
+            conn.exec::<(u64, u64), _, _>(sql, Params::Positional(values(&part)))
+                .await
+                .map_err(mysql_err)
+        });
+    let mut out = HashMap::with_capacity(conversations.len());
+    for rows in futures::future::join_all(queries).await {
+        out.extend(rows?);
+    }
+    Ok(out)
 }
 
 /// Journal rows read per query while checking a shard's counters.
 const JOURNAL_PAGE: usize = 200;
 
-/// A page of the stream journal of `shard`: rows with a last tick above
-/// `tick` and an id above `after_id`, oldest first, as (row id, last tick,
-/// (conversation, greatest seq) pairs).
+/// A page of the stream journal of stream shard `shard` on MySQL shard
+/// `mysql_shard` (each holds the journal of the rows it stored): rows with
+/// a last tick above `tick` and an id above `after_id`, oldest first, as
+/// (row id, last tick, (conversation, greatest seq) pairs).
 pub(super) async fn journal_page(
     shared: &Shared,
+    mysql_shard: u32,
     shard: u32,
     tick: u64,
     after_id: u64,
 ) -> StoreResult<Vec<(u64, u64, Vec<(u64, u64)>)>> {
-    let mut conn = shared.mysql().await?;
+    let mut conn = shared.message_shard(mysql_shard).await?;
     let rows: Vec<(u64, u64, Vec<u8>)> = conn
         .exec(
             "SELECT id, last_tick, conversations FROM stream_journal \
@@ -451,17 +468,22 @@ pub(super) async fn journal_page(
         .collect())
 }
 
-/// The greatest last tick the stream journal has for `shard` (0 if none).
+/// The greatest last tick the stream journals of every MySQL shard have
+/// for stream shard `shard` (0 if none).
 pub(super) async fn journal_last_tick(shared: &Shared, shard: u32) -> StoreResult<u64> {
-    let mut conn = shared.mysql().await?;
-    let last: Option<Option<u64>> = conn
-        .exec_first(
-            "SELECT MAX(last_tick) FROM stream_journal WHERE shard = ?",
-            (shard,),
-        )
-        .await
-        .map_err(mysql_err)?;
-    Ok(last.flatten().unwrap_or(0))
+    let mut greatest = 0;
+    for mysql_shard in 0..shared.messages.len() {
+        let mut conn = shared.message_shard(mysql_shard).await?;
+        let last: Option<Option<u64>> = conn
+            .exec_first(
+                "SELECT MAX(last_tick) FROM stream_journal WHERE shard = ?",
+                (shard,),
+            )
+            .await
+            .map_err(mysql_err)?;
+        greatest = greatest.max(last.flatten().unwrap_or(0));
+    }
+    Ok(greatest)
 }
 
 /// `Some(joined_seq)` if the user is a member of the group conversation.
@@ -564,7 +586,9 @@ pub(super) async fn messages(
     upto: u64,
     limit: usize,
 ) -> StoreResult<Vec<(u64, u64, Vec<u8>)>> {
-    let mut conn = shared.mysql().await?;
+    let mut conn = shared
+        .message_shard(shared.messages.shard_of(conversation))
+        .await?;
     conn.exec(
         "SELECT seq, message_id, body FROM messages \
          WHERE conversation_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
@@ -572,6 +596,80 @@ pub(super) async fn messages(
     )
     .await
     .map_err(mysql_err)
+}
+
+/// One conversation's share of a [`messages_of_many`] read: seqs in
+/// `(after, upto]`, at most `limit`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Range {
+    pub conversation: u64,
+    pub after: u64,
+    pub upto: u64,
+    pub limit: usize,
+}
+
+/// Ranges per statement at most (four placeholders each).
+const RANGES_PER_STATEMENT: usize = 256;
+
+/// Stored messages of many conversations at once: for each range, what
+/// [`messages`] would return for it. One statement per shard (per
+/// [`RANGES_PER_STATEMENT`] ranges), the shards asked at once.
+pub(super) async fn messages_of_many(
+    shared: &Shared,
+    ranges: &[Range],
+) -> StoreResult<Vec<Vec<(u64, u64, Vec<u8>)>>> {
+    let mut out: Vec<Vec<(u64, u64, Vec<u8>)>> = vec![Vec::new(); ranges.len()];
+    let wanted = ranges
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.limit > 0 && r.upto > r.after);
+    let parts = shared.messages.split(wanted, |(_, r)| r.conversation);
+    let queries = parts
+        .into_iter()
+        .enumerate()
+        .filter(|(_, part)| !part.is_empty())
+        .map(|(shard, part)| async move {
+            let mut conn = shared.message_shard(shard as u32).await?;
+            let mut found = Vec::new();
+            for chunk in part.chunks(RANGES_PER_STATEMENT) {
+                // Each range is its own indexed scan; the first column
+                // says which range a row answers.
+                let sql = vec![
+                    "(SELECT ? AS i, seq, message_id, body FROM messages \
+                     WHERE conversation_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?)";
+                    chunk.len()
+                ]
+                .join(" UNION ALL ");
+                let mut params = Vec::with_capacity(chunk.len() * 5);
+                for &(i, r) in chunk {
+                    params.extend([
+                        Value::from(i as u64),
+                        Value::from(r.conversation),
+                        Value::from(r.after),
+                        Value::from(r.upto),
+                        Value::from(r.limit as u64),
+                    ]);
+                }
+                let rows: Vec<(u64, u64, u64, Vec<u8>)> = conn
+                    .exec(sql, Params::Positional(params))
+                    .await
+                    .map_err(mysql_err)?;
+                found.extend(rows);
+            }
+            Ok::<_, StoreError>(found)
+        });
+    for rows in futures::future::join_all(queries).await {
+        for (i, seq, message_id, body) in rows? {
+            if let Some(list) = out.get_mut(i as usize) {
+                list.push((seq, message_id, body));
+            }
+        }
+    }
+    for list in &mut out {
+        // UNION ALL keeps no order across its parts.
+        list.sort_unstable_by_key(|m| m.0);
+    }
+    Ok(out)
 }
 
 /// A send looked up by its dedup key.
@@ -583,7 +681,8 @@ pub(super) struct SentQuery<'a> {
 
 /// For each query, the ack of the stored message with that conversation,
 /// sender and client_msg_id (the lowest seq, should there be several), or
-/// `None`: one statement for all of them, through the dedup-key index.
+/// `None`: one statement per shard for all of them, through the dedup-key
+/// index, the shards asked at once.
 pub(super) async fn find_sent(
     shared: &Shared,
     queries: &[SentQuery<'_>],
@@ -596,39 +695,49 @@ pub(super) async fn find_sent(
         .iter()
         .map(|q| (q.conversation, dedup_key(q.sender, q.client_msg_id)))
         .collect();
-    let condition = vec!["(conversation_id = ? AND dedup_key = ?)"; keys.len()].join(" OR ");
-    let params: Vec<Value> = keys
-        .iter()
-        .flat_map(|&(c, k)| [Value::from(c), Value::from(k)])
-        .collect();
-    let mut conn = shared.mysql().await?;
-    let rows: Vec<(u64, u64, u64, u64, i64, Vec<u8>)> = conn
-        .exec(
-            format!(
-                "SELECT conversation_id, dedup_key, seq, message_id, server_time_ms, body \
-                 FROM messages WHERE {condition} ORDER BY seq"
-            ),
-            Params::Positional(params),
-        )
-        .await
-        .map_err(mysql_err)?;
-    for (conversation, key, seq, message_id, server_time_ms, body) in rows {
-        // The key is a hash: believe a row only if it is the same send.
-        let Ok(stored) = im_proto::pb::Message::decode(body.as_slice()) else {
-            continue;
-        };
-        for (i, q) in queries.iter().enumerate() {
-            if found[i].is_none()
-                && keys[i] == (conversation, key)
-                && stored.sender_id == q.sender
-                && stored.client_msg_id == q.client_msg_id
-            {
-                found[i] = Some(Ack {
-                    message_id,
-                    conversation_id: conversation,
-                    seq,
-                    server_time_ms,
-                });
+    let parts = shared.messages.split(0..queries.len(), |&i| keys[i].0);
+    let keys = &keys;
+    let lookups = parts
+        .into_iter()
+        .enumerate()
+        .filter(|(_, part)| !part.is_empty())
+        .map(|(shard, part)| async move {
+            let condition =
+                vec!["(conversation_id = ? AND dedup_key = ?)"; part.len()].join(" OR ");
+            let params: Vec<Value> = part
+                .iter()
+                .flat_map(|&i| [Value::from(keys[i].0), Value::from(keys[i].1)])
+                .collect();
+            let mut conn = shared.message_shard(shard as u32).await?;
+            conn.exec::<(u64, u64, u64, u64, i64, Vec<u8>), _, _>(
+                format!(
+                    "SELECT conversation_id, dedup_key, seq, message_id, server_time_ms, body \
+                     FROM messages WHERE {condition} ORDER BY seq"
+                ),
+                Params::Positional(params),
+            )
+            .await
+            .map_err(mysql_err)
+        });
+    for rows in futures::future::join_all(lookups).await {
+        for (conversation, key, seq, message_id, server_time_ms, body) in rows? {
+            // The key is a hash: believe a row only if it is the same send.
+            let Ok(stored) = im_proto::pb::Message::decode(body.as_slice()) else {
+                continue;
+            };
+            for (i, q) in queries.iter().enumerate() {
+                if found[i].is_none()
+                    && keys[i] == (conversation, key)
+                    && stored.sender_id == q.sender
+                    && stored.client_msg_id == q.client_msg_id
+                {
+                    found[i] = Some(Ack {
+                        message_id,
+                        conversation_id: conversation,
+                        seq,
+                        server_time_ms,
+                    });
+                }
             }
         }
     }
