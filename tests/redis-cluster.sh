@@ -4,7 +4,8 @@
 # create), cluster-node-timeout 1000 so that a failover takes seconds, AOF
 # everysec. Prints the seed list (redis://127.0.0.1:PORT,...) once every
 # node agrees the cluster is healthy and every replica is in sync, and
-# writes the processes' pids to DIR/pids.
+# writes the processes' pids to DIR/pids. The processes keep running after
+# it exits (and hold none of its output open, so $(...) returns).
 #   usage: tests/redis-cluster.sh DIR
 set -euo pipefail
 dir=$1
@@ -30,7 +31,8 @@ for i in 0 1 2 3 4 5; do
   redis-server --bind 127.0.0.1 --port "$port" --save "" --dir "$dir/node$i" \
     --appendonly yes --appendfsync everysec --cluster-enabled yes \
     --cluster-config-file nodes.conf --cluster-node-timeout 1000 \
-    --cluster-require-full-coverage no --daemonize no --logfile "$dir/node$i/log" &
+    --cluster-require-full-coverage no --daemonize no --logfile "$dir/node$i/log" \
+    </dev/null >/dev/null 2>&1 &
   echo $! >>"$dir/pids"
   ports+=("$port")
 done

@@ -8,10 +8,10 @@
 //! | key | type | what |
 //! |---|---|---|
 //! | `P:{sN}:stream` | stream | one entry per append call: field `m` repeated, one record per message, in order |
-//! | `P:{sN}:seq` | hash | conversation → last seq + 1 (so a missing counter is told apart from a new one); `#t` → the shard clock's last tick |
+//! | `P:{sN}:seq` | hash | conversation → last seq + 1 (so a missing counter is told apart from a new one); `#t` → the shard clock's last tick; `#r` → the replication id of the Redis primary that last checked the counters against MySQL; `#w` → bumped by calls that answer only duplicates (so a `WAIT` after them covers the originals) |
 //! | `P:{sN}:dedup:B` | hash | `conv:sender:client_msg_id` → `seq:tick:time`, bucket B of the dedup window (buckets follow the shard clock) |
 //! | `P:{sN}:recent:C` | list | newest records of conversation C, contiguous in seq |
-//! | `P:{sN}:stored` | hash | conversation → highest seq the worker has stored in MySQL |
+//! | `P:{sN}:stored` | hash | conversation → highest seq the worker has stored in MySQL; `#w` → bumped before the worker's `WAIT` |
 //! | `P:{sN}:members:C` | set | member ids of group conversation C, plus `0` as a marker |
 //! | `P:{sN}:mver:C` | string | version of C's membership, bumped on every change |
 //! | `P:{sN}:dead` | stream | entries that kept failing (dead letters) |
