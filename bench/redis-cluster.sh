@@ -2,9 +2,10 @@
 # The pipeline on one Redis against a local Redis Cluster (3 masters with a
 # replica each, all on this machine), with and without replica acks, in
 # one run: the standard 1:1 run (im-loadgen --scenario direct, 2,000
-# connections) at 20,000 msgs/s offered and at saturation, every delivery
-# verified. Redis AOF everysec everywhere; one im-server, one storage
-# worker and MariaDB (durable InnoDB) each time, on a fresh database.
+# connections) at 5,000 msgs/s offered (RATES="..." for others) and at
+# saturation, every delivery verified. Redis AOF everysec everywhere; one
+# im-server, one storage worker and MariaDB (durable InnoDB) each time, on
+# a fresh database and key prefix.
 #   bench/redis-cluster.sh [SECONDS]
 # Then the storage worker's rows/s into one MariaDB against two MySQL
 # shards (two MariaDB servers on this machine).
@@ -27,13 +28,14 @@ run() {
   shift
   mariadb -h127.0.0.1 -P"$MYSQL_PORT" -uroot -e "CREATE DATABASE $name"
   local db="$server_url/$name"
-  target/release/im-storage-worker "$@" --mysql-url "$db" --consumer "$name" \
+  # A key prefix per run: the runs share the Redis Cluster.
+  target/release/im-storage-worker "$@" --mysql-url "$db" --consumer "$name" --redis-prefix "$name" \
     >"$BENCH_DIR/$name-worker.log" 2>&1 &
   local worker=$!
-  start_server "$name" "$@" --mysql-url "$db"
+  start_server "$name" "$@" --mysql-url "$db" --redis-prefix "$name"
   local server=$SERVER_PID
   local rate
-  for rate in 20000 0; do
+  for rate in ${RATES:-5000 0}; do
     target/release/im-loadgen --quiet --server "127.0.0.1:$SERVER_PORT" --scenario direct \
       --connections 2000 --rate "$rate" --duration "$duration" --warmup 3 \
       --user-prefix "$name$rate" >"$BENCH_DIR/$name-$rate.txt" 2>&1 || true
@@ -47,9 +49,9 @@ run() {
   wait "$server" "$worker" 2>/dev/null || true
 }
 
-run one-redis --redis-url "$single"
-run cluster-acks0 --redis-cluster-nodes "$nodes" --redis-replica-acks 0
-run cluster-acks1 --redis-cluster-nodes "$nodes" --redis-replica-acks 1
+run one_redis --redis-url "$single"
+run cluster_acks0 --redis-cluster-nodes "$nodes" --redis-replica-acks 0
+run cluster_acks1 --redis-cluster-nodes "$nodes" --redis-replica-acks 1
 
 echo "storage worker, 1,000,000 rows: one MariaDB against two shards"
 first_mysql=$MYSQL_PORT
