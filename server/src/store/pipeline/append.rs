@@ -688,7 +688,7 @@ async fn query_round(
 fn parse_round(values: Vec<Value>, expected: usize, acks: u32) -> StoreResult<Vec<Reply>> {
     let mut values = values.into_iter();
     let mut flat = Vec::with_capacity(expected);
-    let scripts = values.len() - usize::from(acks > 0);
+    let scripts = values.len().saturating_sub(usize::from(acks > 0));
     for value in values.by_ref().take(scripts) {
         match value {
             Value::Array(items) => flat.extend(items),
