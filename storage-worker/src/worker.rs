@@ -603,6 +603,9 @@ impl ShardTask {
         let mut full_logged = false;
         while !self.pace.stopping() {
             if std::mem::take(&mut self.reread) {
+                // The batch was dropped unconfirmed: read every pending
+                // entry again, deferred rows included.
+                self.held.begin_pass();
                 history = Some(EntryId::ZERO);
             }
             if self.batch.is_due(Instant::now()) {
