@@ -1,5 +1,8 @@
 //! Many server nodes as one service, on Redis alone: no consensus and no
-//! node-to-node connections of our own.
+//! node-to-node connections of our own. Redis may be one server or a Redis
+//! Cluster (`im_storage::redis_target`): every key below is used by
+//! single-key commands, pipelines spanning slots are split per slot, and
+//! the node channel's subscription sits on the master of its slot.
 //!
 //! - `node`: who this node is (a node id and, per start, a fresh
 //!   incarnation), its lease, and the view of which incarnations are live.

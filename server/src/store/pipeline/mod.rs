@@ -3,6 +3,12 @@
 //! with Redis as the cache where reads are hot. The storage worker
 //! (`im-storage-worker`) moves stream entries into MySQL in batches.
 //!
+//! Redis is one server or a Redis Cluster (`--redis-cluster-nodes`): every
+//! key a script touches carries its stream shard's hash tag, and with
+//! `replica_acks` an append is acknowledged only once that many replicas
+//! have it (`WAIT`). A shard's counters are checked against MySQL's stream
+//! journal whenever its Redis primary changes (see `append`).
+//!
 //! Nothing here assumes a single server node: seqs, deduplication, the
 //! recent-messages cache and the member sets used to authorise appends all
 //! live in Redis; the only process-local cache holds which user ids exist,
