@@ -409,6 +409,34 @@ pub(super) async fn existing_users(shared: &Shared, ids: &[UserId]) -> StoreResu
 
 // ---- conversations ----
 
+/// Splits `items` by the MySQL shard of `conversation(item)` and runs
+/// `query` once for each shard that got any, on a connection of that
+/// shard, all shards at once; the answers come back in shard order.
+async fn on_shards<P, T, Fut>(
+    shared: &Shared,
+    items: impl IntoIterator<Item = P>,
+    conversation: impl Fn(&P) -> u64,
+    query: impl Fn(mysql_async::Conn, Vec<P>) -> Fut,
+) -> StoreResult<Vec<T>>
+where
+    Fut: Future<Output = StoreResult<T>>,
+{
+    let parts = shared.messages.split(items, conversation);
+    let query = &query;
+    let queries = parts
+        .into_iter()
+        .enumerate()
+        .filter(|(_, part)| !part.is_empty())
+        .map(|(shard, part)| async move {
+            let conn = shared.message_shard(shard as u32).await?;
+            query(conn, part).await
+        });
+    futures::future::join_all(queries)
+        .await
+        .into_iter()
+        .collect()
+}
+
 /// The highest seq stored in MySQL for each of `conversations` that has
 /// any message there (the others are absent): what a conversation's seq
 /// counter resumes from when Redis does not know it.
@@ -416,13 +444,11 @@ pub(super) async fn stored_last_seqs(
     shared: &Shared,
     conversations: &[u64],
 ) -> StoreResult<HashMap<u64, u64>> {
-    let parts = shared.messages.split(conversations.iter().copied(), |&c| c);
-    let queries = parts
-        .into_iter()
-        .enumerate()
-        .filter(|(_, part)| !part.is_empty())
-        .map(|(shard, part)| async move {
-            let mut conn = shared.message_shard(shard as u32).await?;
+    let answers = on_shards(
+        shared,
+        conversations.iter().copied(),
+        |&c| c,
+        |mut conn, part| async move {
             let sql = format!(
                 "SELECT conversation_id, MAX(seq) FROM messages WHERE conversation_id IN ({}) \
                  GROUP BY conversation_id",
@@ -431,12 +457,10 @@ pub(super) async fn stored_last_seqs(
             conn.exec::<(u64, u64), _, _>(sql, Params::Positional(values(&part)))
                 .await
                 .map_err(mysql_err)
-        });
-    let mut out = HashMap::with_capacity(conversations.len());
-    for rows in futures::future::join_all(queries).await {
-        out.extend(rows?);
-    }
-    Ok(out)
+        },
+    )
+    .await?;
+    Ok(answers.into_iter().flatten().collect())
 }
 
 /// Journal rows read per query while checking a shard's counters.
@@ -623,13 +647,11 @@ pub(super) async fn messages_of_many(
         .iter()
         .enumerate()
         .filter(|(_, r)| r.limit > 0 && r.upto > r.after);
-    let parts = shared.messages.split(wanted, |(_, r)| r.conversation);
-    let queries = parts
-        .into_iter()
-        .enumerate()
-        .filter(|(_, part)| !part.is_empty())
-        .map(|(shard, part)| async move {
-            let mut conn = shared.message_shard(shard as u32).await?;
+    let answers = on_shards(
+        shared,
+        wanted,
+        |(_, r)| r.conversation,
+        |mut conn, part| async move {
             let mut found = Vec::new();
             for chunk in part.chunks(RANGES_PER_STATEMENT) {
                 // Each range is its own indexed scan; the first column
@@ -656,10 +678,12 @@ pub(super) async fn messages_of_many(
                     .map_err(mysql_err)?;
                 found.extend(rows);
             }
-            Ok::<_, StoreError>(found)
-        });
-    for rows in futures::future::join_all(queries).await {
-        for (i, seq, message_id, body) in rows? {
+            Ok(found)
+        },
+    )
+    .await?;
+    for rows in answers {
+        for (i, seq, message_id, body) in rows {
             if let Some(list) = out.get_mut(i as usize) {
                 list.push((seq, message_id, body));
             }
@@ -695,20 +719,18 @@ pub(super) async fn find_sent(
         .iter()
         .map(|q| (q.conversation, dedup_key(q.sender, q.client_msg_id)))
         .collect();
-    let parts = shared.messages.split(0..queries.len(), |&i| keys[i].0);
     let keys = &keys;
-    let lookups = parts
-        .into_iter()
-        .enumerate()
-        .filter(|(_, part)| !part.is_empty())
-        .map(|(shard, part)| async move {
+    let answers = on_shards(
+        shared,
+        0..queries.len(),
+        |&i| keys[i].0,
+        |mut conn, part| async move {
             let condition =
                 vec!["(conversation_id = ? AND dedup_key = ?)"; part.len()].join(" OR ");
             let params: Vec<Value> = part
                 .iter()
                 .flat_map(|&i| [Value::from(keys[i].0), Value::from(keys[i].1)])
                 .collect();
-            let mut conn = shared.message_shard(shard as u32).await?;
             conn.exec::<(u64, u64, u64, u64, i64, Vec<u8>), _, _>(
                 format!(
                     "SELECT conversation_id, dedup_key, seq, message_id, server_time_ms, body \
@@ -718,9 +740,11 @@ pub(super) async fn find_sent(
             )
             .await
             .map_err(mysql_err)
-        });
-    for rows in futures::future::join_all(lookups).await {
-        for (conversation, key, seq, message_id, server_time_ms, body) in rows? {
+        },
+    )
+    .await?;
+    for rows in answers {
+        for (conversation, key, seq, message_id, server_time_ms, body) in rows {
             // The key is a hash: believe a row only if it is the same send.
             let Ok(stored) = im_proto::pb::Message::decode(body.as_slice()) else {
                 continue;
