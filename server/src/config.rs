@@ -705,8 +705,10 @@ impl Config {
 
     /// Replicas an append must reach before its ack.
     pub fn replica_acks(&self) -> u32 {
-        self.redis_replica_acks
-            .unwrap_or(u32::from(self.redis_cluster_nodes.is_some()))
+        im_storage::redis_target::replica_acks(
+            self.redis_replica_acks,
+            self.redis_cluster_nodes.is_some(),
+        )
     }
 
     /// Settings of the pipeline store, if Redis and MySQL are configured.

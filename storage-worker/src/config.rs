@@ -303,19 +303,22 @@ impl WorkerConfig {
 
     /// Where Redis is.
     pub fn redis_target(&self) -> Result<crate::redis_target::RedisTarget, ConfigError> {
-        use crate::redis_target::RedisTarget;
-        match &self.redis_cluster_nodes {
-            Some(nodes) => Ok(RedisTarget::Cluster(
-                crate::redis_target::parse_nodes(nodes).map_err(ConfigError::Invalid)?,
-            )),
-            None => Ok(RedisTarget::Single(self.redis_url.clone())),
-        }
+        // --redis-url has a default: it counts only without the cluster.
+        let url = self
+            .redis_cluster_nodes
+            .is_none()
+            .then_some(self.redis_url.as_str());
+        crate::redis_target::RedisTarget::from_flags(url, self.redis_cluster_nodes.as_deref())
+            .map_err(ConfigError::Invalid)?
+            .ok_or_else(|| ConfigError::Invalid("no Redis configured".into()))
     }
 
     /// Replicas a batch's entries must reach before it commits.
     pub fn replica_acks(&self) -> u32 {
-        self.redis_replica_acks
-            .unwrap_or(u32::from(self.redis_cluster_nodes.is_some()))
+        crate::redis_target::replica_acks(
+            self.redis_replica_acks,
+            self.redis_cluster_nodes.is_some(),
+        )
     }
 
     /// The consumer name: the configured one, else the host name.

@@ -82,19 +82,6 @@ impl RedisTarget {
         }
     }
 
-    /// Whether this is a Redis Cluster.
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, RedisTarget::Cluster(_))
-    }
-
-    /// The first URL (for logs).
-    pub fn first_url(&self) -> &str {
-        match self {
-            RedisTarget::Single(url) => url,
-            RedisTarget::Cluster(nodes) => nodes.first().map_or("", String::as_str),
-        }
-    }
-
     /// A connection that reconnects by itself: on one server a
     /// [`ConnectionManager`], on a cluster the cluster client (which
     /// reconnects to each node and follows the topology). Calls fail
@@ -168,6 +155,13 @@ impl RedisTarget {
             redis::RedisError::from((redis::ErrorKind::ClientError, "no cluster nodes"))
         }))
     }
+}
+
+/// The replicas an append (and a worker's batch) must reach: as
+/// configured, else 1 on a Redis Cluster (whose failovers are automatic,
+/// so an ack must survive one) and 0 on one Redis.
+pub fn replica_acks(configured: Option<u32>, on_cluster: bool) -> u32 {
+    configured.unwrap_or(u32::from(on_cluster))
 }
 
 fn check_url(url: &str) -> Result<(), String> {
@@ -374,13 +368,6 @@ pub enum RedisConn {
     Plain(MultiplexedConnection),
     /// A Redis Cluster.
     Cluster(ClusterConnection),
-}
-
-impl RedisConn {
-    /// Whether this is a cluster connection.
-    pub fn is_cluster(&self) -> bool {
-        matches!(self, RedisConn::Cluster(_))
-    }
 }
 
 /// Runs a pipeline on a cluster: one sub-pipeline per slot, concurrently,
