@@ -216,6 +216,13 @@ async fn a_resend_after_the_dedup_window_returns_the_original_ack() {
         (again.message_id, again.seq, again.server_time_ms),
         (first.message_id, first.seq, first.server_time_ms)
     );
+    // The original may never have been pushed (its ack lost, or refused
+    // unconfirmed by replicas): the recipient is told to sync.
+    bob.push_where(5, |b| match b {
+        Body::SyncHint(h) if h.conversation_ids == [first.conversation_id] => Some(()),
+        _ => None,
+    })
+    .await;
     let history = bob
         .call(Body::History(pb::HistoryRequest {
             conversation_id: first.conversation_id,
