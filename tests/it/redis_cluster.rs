@@ -17,23 +17,11 @@ use im_tests::services::RedisServer;
 use mysql_async::prelude::*;
 
 fn message(sender: UserId, conversation: ConversationId, id: &str) -> NewMessage {
-    NewMessage {
-        sender,
-        conversation,
-        client_msg_id: id.into(),
-        content: pb::Content {
-            kind: Some(pb::content::Kind::Text(pb::Text { text: id.into() })),
-        },
-        server_time_ms: im_proto::now_ms(),
-        resend: false,
-    }
+    crate::store::message(sender, conversation, id, false)
 }
 
 fn seq_of(result: &AppendResult) -> u64 {
-    match result {
-        Ok(AppendOutcome::Stored(m)) => m.seq,
-        other => panic!("expected a stored message, got {other:?}"),
-    }
+    crate::store::stored(result).seq
 }
 
 async fn open(env: &PipelineEnv, replica_acks: u32) -> PipelineStore {
@@ -113,37 +101,30 @@ async fn rolled_back_counter_never_repeats_a_seq(env: PipelineEnv) {
     assert_eq!(seqs, (1..=6).collect::<Vec<_>>());
 }
 
-#[tokio::test]
-async fn a_deleted_counter_continues_after_unstored_messages() {
-    deleted_counter_continues_after_unstored_messages(PipelineEnv::fresh_on(
-        im_tests::services::shared().redis_url.clone(),
-    ))
-    .await;
+/// Runs `check(env)` as `<check>::one_redis` on the shared Redis and as
+/// `<check>::redis_cluster` on the shared Redis Cluster.
+macro_rules! on_both_redis {
+    ($check:ident) => {
+        mod $check {
+            use super::*;
+
+            #[tokio::test]
+            async fn one_redis() {
+                let redis = im_tests::services::shared().redis_url.clone();
+                $check(PipelineEnv::fresh_on(redis)).await;
+            }
+
+            #[tokio::test]
+            async fn redis_cluster() {
+                let nodes = shared_cluster_nodes().to_string();
+                $check(PipelineEnv::fresh_on_cluster(nodes)).await;
+            }
+        }
+    };
 }
 
-#[tokio::test]
-async fn a_deleted_counter_continues_after_unstored_messages_on_a_cluster() {
-    deleted_counter_continues_after_unstored_messages(PipelineEnv::fresh_on_cluster(
-        shared_cluster_nodes().to_string(),
-    ))
-    .await;
-}
-
-#[tokio::test]
-async fn a_rolled_back_counter_never_repeats_a_seq() {
-    rolled_back_counter_never_repeats_a_seq(PipelineEnv::fresh_on(
-        im_tests::services::shared().redis_url.clone(),
-    ))
-    .await;
-}
-
-#[tokio::test]
-async fn a_rolled_back_counter_never_repeats_a_seq_on_a_cluster() {
-    rolled_back_counter_never_repeats_a_seq(PipelineEnv::fresh_on_cluster(
-        shared_cluster_nodes().to_string(),
-    ))
-    .await;
-}
+on_both_redis!(deleted_counter_continues_after_unstored_messages);
+on_both_redis!(rolled_back_counter_never_repeats_a_seq);
 
 /// Rows in MySQL: (seq, client_msg_id) of a conversation, by seq.
 async fn stored_rows(mysql_url: &str, conversation: u64) -> Vec<(u64, String)> {

@@ -15,6 +15,7 @@ use im_server::store::pipeline::{PipelineOptions, PipelineStore};
 use im_server::store::{AppendOutcome, NewMessage, Store};
 use im_storage::layout::Layout;
 use im_storage::shards::{DROP_OTHER_SHARDS_SQL, SHARD_FUNCTION_SQL, shard_of};
+use im_tests::eventually;
 use im_tests::sdk::{self, text_of};
 use im_tests::services::{self, MariaDb};
 use im_tests::{PipelineEnv, RawConn, TestServer};
@@ -48,18 +49,6 @@ async fn rows(url: &str) -> Vec<(u64, u64, u64)> {
     };
     let _ = pool.disconnect().await;
     rows
-}
-
-async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(Instant::now() < deadline, "not within {secs} s: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Messages stored over both shards.

@@ -17,7 +17,13 @@ use im_server::store::{
 use im_tests::PipelineEnv;
 use im_tests::services::RedisServer;
 
-fn message(sender: UserId, conversation: ConversationId, id: &str, resend: bool) -> NewMessage {
+/// A text message `id` (text and client_msg_id alike).
+pub(crate) fn message(
+    sender: UserId,
+    conversation: ConversationId,
+    id: &str,
+    resend: bool,
+) -> NewMessage {
     NewMessage {
         sender,
         conversation,
@@ -30,7 +36,8 @@ fn message(sender: UserId, conversation: ConversationId, id: &str, resend: bool)
     }
 }
 
-fn stored(result: &AppendResult) -> &pb::Message {
+/// The stored message of an append result (panics otherwise).
+pub(crate) fn stored(result: &AppendResult) -> &pb::Message {
     match result {
         Ok(AppendOutcome::Stored(m)) => m,
         other => panic!("expected a stored message, got {other:?}"),

@@ -8,6 +8,7 @@ use im_proto::{ConversationId, pb};
 use im_storage::layout::{Layout, encode_record, message_id, record_body, tick_of};
 use im_storage::{Worker, WorkerConfig, WorkerHandle};
 use im_tests::WorkerProcess;
+use im_tests::eventually;
 use im_tests::services::{self, MariaDb, RedisServer};
 use mysql_async::prelude::*;
 use redis::AsyncCommands;
@@ -210,19 +211,6 @@ struct Stored {
     sender_id: u64,
     server_time_ms: i64,
     body: Vec<u8>,
-}
-
-/// Polls `check` until it holds; panics after `secs`.
-async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(Instant::now() < deadline, "not within {secs} s: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn direct(a: u64, b: u64) -> u64 {

@@ -248,6 +248,22 @@ pub const NO_ABUSE_LIMIT_FLAGS: [&str; 6] = [
     "--max-members-added-per-minute",
 ];
 
+/// Polls `check` until it holds; panics after `secs`, naming `what`.
+pub async fn eventually<F, Fut>(secs: u64, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not within {secs} s: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Logs to stderr once per test binary when `RUST_LOG` is set.
 pub fn init_logging() {
     if std::env::var_os("RUST_LOG").is_some() {
@@ -993,7 +1009,8 @@ impl Drop for WorkerProcess {
     }
 }
 
-fn signal_child(child: &Child, signal: &str) {
+/// Sends `signal` (`TERM`, `STOP`, ...) to a child process.
+pub(crate) fn signal_child(child: &Child, signal: &str) {
     let status = Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(child.id().to_string())

@@ -159,63 +159,39 @@ impl RedisCluster {
 
     /// The port of a live replica of the master on `master`, if any.
     pub fn replica_of(&self, master: u16) -> Option<u16> {
-        let nodes = cli(master, &["CLUSTER", "NODES"])?;
-        let id = nodes
-            .lines()
-            .find(|l| l.contains("myself"))?
-            .split_whitespace()
-            .next()?
-            .to_string();
+        let nodes = cluster_nodes(master)?;
+        let id = &nodes.iter().find(|n| n.myself)?.id;
         let live = self.live_ports();
-        nodes.lines().find_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let port = fields
-                .get(1)?
-                .split('@')
-                .next()?
-                .rsplit(':')
-                .next()?
-                .parse::<u16>()
-                .ok()?;
-            (fields.get(3) == Some(&id.as_str()) && live.contains(&port)).then_some(port)
-        })
+        nodes
+            .iter()
+            .find(|n| n.master_id.as_ref() == Some(id) && live.contains(&n.port))
+            .map(|n| n.port)
     }
 
     /// Sends a signal (`STOP`, `CONT`, ...) to a node's process.
     pub fn signal(&self, port: u16, signal: &str) {
-        let node = self
-            .nodes
-            .iter()
-            .find(|n| n.port == port)
-            .expect("a node of this cluster");
+        let node = self.nodes.iter().find(|n| n.port == port);
+        let node = node.expect("a node of this cluster");
         if let Some(child) = &node.child {
-            let status = Command::new("kill")
-                .arg(format!("-{signal}"))
-                .arg(child.id().to_string())
-                .status()
-                .expect("run kill");
-            assert!(status.success(), "kill -{signal} failed");
+            super::signal_child(child, signal);
         }
+    }
+
+    fn node_mut(&mut self, port: u16) -> &mut Node {
+        let node = self.nodes.iter_mut().find(|n| n.port == port);
+        node.expect("a node of this cluster")
     }
 
     /// Kills a node at once (SIGKILL), like a crash.
     pub fn kill(&mut self, port: u16) {
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.port == port)
-            .expect("a node of this cluster");
+        let node = self.node_mut(port);
         node.kill();
     }
 
     /// Starts a killed node again (it rejoins, as a replica if its slots
     /// moved meanwhile).
     pub fn restart(&mut self, port: u16) {
-        let node = self
-            .nodes
-            .iter_mut()
-            .find(|n| n.port == port)
-            .expect("a node of this cluster");
+        let node = self.node_mut(port);
         node.kill();
         node.spawn();
     }
@@ -252,62 +228,77 @@ fn replica_synced(port: u16) -> bool {
         .is_some_and(|info| info.contains("role:master") || info.contains("master_link_status:up"))
 }
 
+/// One line of `CLUSTER NODES`.
+struct NodeLine {
+    id: String,
+    port: u16,
+    myself: bool,
+    /// A master that no node counts as failing.
+    healthy_master: bool,
+    /// Whose replica it is, for a replica.
+    master_id: Option<String>,
+    /// Slot ranges it serves (inclusive).
+    slots: Vec<(u16, u16)>,
+}
+
+/// The cluster as the node on `port` sees it.
+fn cluster_nodes(port: u16) -> Option<Vec<NodeLine>> {
+    let text = cli(port, &["CLUSTER", "NODES"])?;
+    Some(
+        text.lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let flags = *fields.get(2)?;
+                let port = fields
+                    .get(1)?
+                    .split('@')
+                    .next()?
+                    .rsplit(':')
+                    .next()?
+                    .parse()
+                    .ok()?;
+                let slots = fields
+                    .iter()
+                    .skip(8)
+                    .filter(|r| !r.starts_with('['))
+                    .filter_map(|range| {
+                        let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                        Some((lo.parse().ok()?, hi.parse().ok()?))
+                    })
+                    .collect();
+                Some(NodeLine {
+                    id: fields[0].to_string(),
+                    port,
+                    myself: flags.contains("myself"),
+                    healthy_master: flags.contains("master") && !flags.contains("fail"),
+                    master_id: fields.get(3).filter(|m| **m != "-").map(|m| m.to_string()),
+                    slots,
+                })
+            })
+            .collect(),
+    )
+}
+
 /// Whether the node on `port` maps all 16384 slots to masters in `live`.
 fn slots_covered(port: u16, live: &[u16]) -> bool {
-    let Some(nodes) = cli(port, &["CLUSTER", "NODES"]) else {
+    let Some(nodes) = cluster_nodes(port) else {
         return false;
     };
-    let mut covered = 0u32;
-    for line in nodes.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 8 || !fields[2].contains("master") || fields[2].contains("fail") {
-            continue;
-        }
-        let Some(node_port) = fields[1]
-            .split('@')
-            .next()
-            .and_then(|a| a.rsplit(':').next())
-            .and_then(|p| p.parse::<u16>().ok())
-        else {
-            continue;
-        };
-        if !live.contains(&node_port) {
-            continue;
-        }
-        for range in &fields[8..] {
-            if range.starts_with('[') {
-                continue;
-            }
-            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-            if let (Ok(lo), Ok(hi)) = (lo.parse::<u32>(), hi.parse::<u32>()) {
-                covered += hi - lo + 1;
-            }
-        }
-    }
+    let covered: u32 = nodes
+        .iter()
+        .filter(|n| n.healthy_master && live.contains(&n.port))
+        .flat_map(|n| &n.slots)
+        .map(|&(lo, hi)| u32::from(hi) - u32::from(lo) + 1)
+        .sum();
     covered == u32::from(im_storage::redis_target::SLOTS)
 }
 
 /// The port of the master serving `slot`, as the node on `port` says.
 fn slot_owner(port: u16, slot: u16) -> Option<u16> {
-    let nodes = cli(port, &["CLUSTER", "NODES"])?;
-    for line in nodes.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
-            continue;
-        }
-        let serves = fields[8..].iter().any(|range| {
-            let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-            matches!((lo.parse::<u16>(), hi.parse::<u16>()), (Ok(lo), Ok(hi)) if (lo..=hi).contains(&slot))
-        });
-        if serves {
-            return fields[1]
-                .split('@')
-                .next()
-                .and_then(|a| a.rsplit(':').next())
-                .and_then(|p| p.parse().ok());
-        }
-    }
-    None
+    cluster_nodes(port)?
+        .into_iter()
+        .find(|n| n.healthy_master && n.slots.iter().any(|&(lo, hi)| (lo..=hi).contains(&slot)))
+        .map(|n| n.port)
 }
 
 impl Node {
