@@ -19,6 +19,7 @@ use crate::net::tls::TlsFiles;
 use crate::net::{Cidr, NetConfig};
 use crate::store::pipeline::PipelineOptions;
 use crate::store::sqlite::SqliteOptions;
+use crate::store::{Retention, RetentionMode};
 
 /// Invalid or unreadable configuration.
 #[derive(Debug, thiserror::Error)]
@@ -472,6 +473,24 @@ pub struct Config {
     #[arg(long, env = "IM_SQLITE_WRITE_QUEUE", default_value_t = 8192)]
     pub sqlite_write_queue: usize,
 
+    /// Seconds the embedded store keeps a message: older ones are removed
+    /// (see --message-retention-mode), oldest first, and sync and history
+    /// tell clients what is gone. 0 = keep every message forever. On the
+    /// pipeline the storage worker removes them: set it there.
+    #[arg(long, env = "IM_MESSAGE_RETENTION_SECS", default_value_t = 0)]
+    pub message_retention_secs: u64,
+
+    /// What happens to messages past --message-retention-secs: `drop`
+    /// deletes them, `archive` moves them to the `messages_archive` table
+    /// (read by no client; export and purge it yourself).
+    #[arg(long, env = "IM_MESSAGE_RETENTION_MODE", value_enum, default_value_t = RetentionMode::Drop)]
+    #[serde(default)]
+    pub message_retention_mode: RetentionMode,
+
+    /// Seconds between two retention sweeps of the embedded store.
+    #[arg(long, env = "IM_RETENTION_SWEEP_SECS", default_value_t = 60)]
+    pub retention_sweep_secs: u64,
+
     /// tokio worker threads for chat logic and storage (0 = one per CPU).
     #[arg(long, env = "IM_WORKER_THREADS", default_value_t = 0)]
     pub worker_threads: usize,
@@ -568,6 +587,14 @@ impl Config {
         if redis.is_some() != self.mysql_url.is_some() {
             return bad("--redis-url (or --redis-cluster-nodes) and --mysql-url go together");
         }
+        if redis.is_some() && self.message_retention_secs > 0 {
+            return bad(
+                "on the pipeline the storage worker removes old messages: set --message-retention-secs on im-storage-worker",
+            );
+        }
+        if self.retention_sweep_secs == 0 {
+            return bad("retention-sweep-secs must be positive");
+        }
         if self.redis_replica_timeout_ms == 0 {
             return bad("redis-replica-timeout-ms must be positive");
         }
@@ -594,6 +621,12 @@ impl Config {
             return bad("msgs-burst-per-user must be at least max-msgs-per-user-per-sec");
         }
         Ok(())
+    }
+
+    /// The embedded store's retention policy, if messages are not kept
+    /// forever.
+    pub fn retention(&self) -> Option<Retention> {
+        Retention::from_secs(self.message_retention_secs, self.message_retention_mode)
     }
 
     /// Settings of the connection layer.

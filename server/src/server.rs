@@ -21,7 +21,7 @@ use crate::net::tls::{TlsAcceptor, TlsError};
 use crate::net::{Net, NetConfig, NetError, NetStatsSnapshot, Outbound, RunningNet};
 use crate::store::pipeline::PipelineStore;
 use crate::store::sqlite::SqliteStore;
-use crate::store::{Store, StoreError};
+use crate::store::{Retention, Store, StoreError};
 
 /// Why a server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -129,8 +129,41 @@ impl Server<SqliteStore> {
             .await
             .map_err(|e| ServerError::Chat(e.to_string()))??;
         let key = token_key(&config, &data_dir)?;
-        Self::with_store(config, Arc::new(store), key, None).await
+        let store = Arc::new(store);
+        if let Some(retention) = config.retention() {
+            spawn_retention(
+                Arc::downgrade(&store),
+                retention,
+                Duration::from_secs(config.retention_sweep_secs),
+            );
+        }
+        Self::with_store(config, store, key, None).await
     }
+}
+
+/// Removes the embedded store's messages past the retention limit every
+/// `every`, until the store is closed or dropped.
+fn spawn_retention(store: std::sync::Weak<SqliteStore>, retention: Retention, every: Duration) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let Some(store) = store.upgrade() else {
+                return;
+            };
+            let cutoff = retention.cutoff_ms(im_proto::now_ms());
+            match store.expire_before(cutoff, retention.mode).await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(
+                    removed,
+                    mode = ?retention.mode,
+                    "removed messages past the retention limit"
+                ),
+                Err(StoreError::Closed) => return,
+                Err(e) => tracing::warn!(error = %e, "the retention sweep failed"),
+            }
+        }
+    });
 }
 
 impl Server<PipelineStore> {

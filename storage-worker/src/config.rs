@@ -13,6 +13,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 
 use crate::layout::{DEFAULT_PREFIX, DEFAULT_STREAMS, MAX_STREAMS, STORAGE_GROUP};
+use crate::retention::{Retention, RetentionMode};
 
 /// Invalid or unreadable configuration.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,23 @@ pub struct WorkerConfig {
     /// reuse seqs MySQL holds.
     #[arg(long, env = "IM_JOURNAL_RETENTION_SECS", default_value_t = 3600)]
     pub journal_retention_secs: u64,
+
+    /// Seconds a message is kept in MySQL: older ones are removed (see
+    /// --message-retention-mode), oldest first, and sync and history tell
+    /// clients what is gone. 0 = keep every message forever.
+    #[arg(long, env = "IM_MESSAGE_RETENTION_SECS", default_value_t = 0)]
+    pub message_retention_secs: u64,
+
+    /// What happens to messages past --message-retention-secs: `drop`
+    /// deletes them, `archive` moves them to the `messages_archive` table
+    /// of their shard (read by no client; export and purge it yourself).
+    #[arg(long, env = "IM_MESSAGE_RETENTION_MODE", value_enum, default_value_t = RetentionMode::Drop)]
+    #[serde(default)]
+    pub message_retention_mode: RetentionMode,
+
+    /// Seconds between two retention sweeps.
+    #[arg(long, env = "IM_RETENTION_SWEEP_SECS", default_value_t = 60)]
+    pub retention_sweep_secs: u64,
 
     /// Milliseconds a batch waits for its replicas before it is read again.
     #[arg(long, env = "IM_REDIS_REPLICA_TIMEOUT_MS", default_value_t = 1000)]
@@ -293,12 +311,20 @@ impl WorkerConfig {
         if self.redis_replica_timeout_ms == 0 {
             return bad("redis-replica-timeout-ms must be positive");
         }
+        if self.retention_sweep_secs == 0 {
+            return bad("retention-sweep-secs must be positive");
+        }
         if self.max_deferred_rows == 0 {
             return bad("max-deferred-rows must be positive");
         }
         crate::shards::validate_urls(&self.mysql_shards)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
+    }
+
+    /// The retention policy, if messages are not kept forever.
+    pub fn retention(&self) -> Option<Retention> {
+        Retention::from_secs(self.message_retention_secs, self.message_retention_mode)
     }
 
     /// Where Redis is.

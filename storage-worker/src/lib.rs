@@ -16,6 +16,9 @@
 //!   (`--mysql-shards`), and the pools of those databases.
 //! - [`settings`]: how both binaries merge flags, `IM_*` variables and a
 //!   TOML file into their typed configuration.
+//! - [`retention`]: removing (or archiving) messages past the retention
+//!   limit, as a prefix of each conversation, and the floors sync and
+//!   history report.
 //! - [`admin`]: the admin HTTP listener of both binaries (Prometheus
 //!   metrics and a health check).
 //! - [`worker`]: the consumer that moves stream entries into MySQL (one
@@ -36,6 +39,7 @@ pub mod cursors;
 pub mod layout;
 pub mod outage;
 pub mod redis_target;
+pub mod retention;
 pub mod schema;
 pub mod settings;
 pub mod shards;

@@ -12,6 +12,7 @@ pub const MIGRATIONS: &[(u32, &str)] = &[
     (2, include_str!("../migrations/0002_dedup_key.sql")),
     (3, include_str!("../migrations/0003_sessions.sql")),
     (4, include_str!("../migrations/0004_stream_journal.sql")),
+    (5, include_str!("../migrations/0005_retention.sql")),
 ];
 
 /// Why the schema could not be brought up to date.
@@ -116,7 +117,7 @@ mod tests {
     #[test]
     fn migrations_split_into_statements() {
         let all: Vec<String> = MIGRATIONS.iter().flat_map(|m| statements(m.1)).collect();
-        assert_eq!(all.len(), 7);
+        assert_eq!(all.len(), 10);
         assert!(
             all.iter()
                 .all(|s| s.starts_with("CREATE TABLE") || s.starts_with("ALTER TABLE"))

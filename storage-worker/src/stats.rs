@@ -18,6 +18,8 @@ pub struct WorkerStats {
     trimmed: AtomicU64,
     unconfirmed: AtomicU64,
     seq_conflicts: AtomicU64,
+    expired: AtomicU64,
+    retention_failures: AtomicU64,
     shards: Vec<ShardStats>,
     /// Rows deferred, per MySQL shard.
     deferred: Vec<AtomicU64>,
@@ -55,6 +57,10 @@ pub struct WorkerStatsSnapshot {
     /// Records not stored because their (conversation, seq) was stored
     /// with another message id (each dead-lettered).
     pub seq_conflicts: u64,
+    /// Messages removed (or archived) past the retention limit.
+    pub expired: u64,
+    /// Retention sweeps that failed (retried at the next).
+    pub retention_failures: u64,
     /// Per stream shard, as of the last trim pass.
     pub shards: Vec<ShardBacklog>,
     /// Per MySQL shard: rows left pending because the shard was down
@@ -132,6 +138,16 @@ impl WorkerStats {
         self.seq_conflicts.fetch_add(n, Relaxed);
     }
 
+    /// A retention sweep removed `n` messages.
+    pub fn expired(&self, n: u64) {
+        self.expired.fetch_add(n, Relaxed);
+    }
+
+    /// A retention sweep failed.
+    pub fn retention_failed(&self) {
+        self.retention_failures.fetch_add(1, Relaxed);
+    }
+
     /// Rows of MySQL shard `shard` were deferred.
     pub fn deferred(&self, shard: u32, n: u64) {
         if let Some(d) = self.deferred.get(shard as usize) {
@@ -163,6 +179,8 @@ impl WorkerStats {
             unconfirmed: self.unconfirmed.load(Relaxed),
             trimmed: self.trimmed.load(Relaxed),
             seq_conflicts: self.seq_conflicts.load(Relaxed),
+            expired: self.expired.load(Relaxed),
+            retention_failures: self.retention_failures.load(Relaxed),
             deferred: self.deferred.iter().map(|d| d.load(Relaxed)).collect(),
             shards: self
                 .shards
@@ -242,6 +260,16 @@ impl WorkerStatsSnapshot {
             "Records not stored because their conversation and seq were already stored with another message id; each is dead-lettered.",
             self.seq_conflicts,
         );
+        out.counter(
+            "im_storage_retention_removed_total",
+            "Messages removed (dropped or archived) because they were older than --message-retention-secs.",
+            self.expired,
+        );
+        out.counter(
+            "im_storage_retention_failures_total",
+            "Retention sweeps that failed; the next sweep goes on where it stopped.",
+            self.retention_failures,
+        );
         out.counter_by(
             "im_storage_rows_deferred_total",
             "Message rows left pending because their MySQL shard was down, per MySQL shard; they are stored once it is back.",
@@ -316,6 +344,8 @@ mod tests {
             ("im_storage_splits_total", "counter"),
             ("im_storage_trimmed_total", "counter"),
             ("im_storage_seq_conflicts_total", "counter"),
+            ("im_storage_retention_removed_total", "counter"),
+            ("im_storage_retention_failures_total", "counter"),
             ("im_storage_rows_deferred_total", "counter"),
             ("im_storage_stream_pending", "gauge"),
             ("im_storage_stream_lag", "gauge"),

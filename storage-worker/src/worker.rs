@@ -246,6 +246,17 @@ impl Worker {
                 stop_rx.clone(),
             )));
         }
+        if let Some(retention) = config.retention() {
+            tasks.push(tokio::spawn(crate::retention::run(
+                shards.clone(),
+                retention,
+                target.clone(),
+                layout.clone(),
+                Duration::from_secs(config.retention_sweep_secs),
+                stats.clone(),
+                stop_rx.clone(),
+            )));
+        }
         if config.progress_secs > 0 {
             tasks.push(tokio::spawn(progress(
                 stats.clone(),

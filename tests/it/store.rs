@@ -11,8 +11,8 @@ use im_proto::{ConversationId, pb};
 use im_server::store::pipeline::{PipelineOptions, PipelineStore};
 use im_server::store::sqlite::{SqliteOptions, SqliteStore};
 use im_server::store::{
-    AppendOutcome, AppendRejection, AppendResult, GroupLimits, NewMessage, Store, StoreError,
-    UserId,
+    AppendOutcome, AppendRejection, AppendResult, GroupLimits, NewMessage, Page, RetentionMode,
+    Store, StoreError, UserId,
 };
 use im_tests::PipelineEnv;
 use im_tests::services::RedisServer;
@@ -590,4 +590,175 @@ async fn pipeline_pooled_mysql_connections_outlive_a_burst() {
         "the second burst replaced pooled connections: {after_first:?} then {after_second:?}"
     );
     let _ = admin.disconnect().await;
+}
+
+// ---- retention ----
+
+/// Messages stored before the cutoff go as a prefix of each conversation:
+/// sync and history from below the floor say where it is and go on above
+/// it, the conversation list keeps the last seq, and seqs continue after
+/// the floor. `settle(n)` waits until `n` messages are stored for good
+/// (the pipeline's worker has them in MySQL).
+async fn retention_removes_a_prefix_and_reports_its_floor<S: Store>(
+    store: &S,
+    settle: impl AsyncFn(u64),
+) {
+    let (a, b, ab) = pair(store, "ret").await;
+    let c = store.create_user("retc", "h").await.unwrap();
+    let ac = ConversationId::direct(a, c).unwrap();
+    let old: Vec<NewMessage> = (1..=5)
+        .map(|i| message(a, ab, &format!("old{i}"), false))
+        .chain((1..=2).map(|i| message(c, ac, &format!("oldc{i}"), false)))
+        .collect();
+    for r in store.append_batch(old).await.unwrap() {
+        stored(&r);
+    }
+    settle(7).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let cutoff = im_proto::now_ms();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let new = store
+        .append_batch(vec![
+            message(b, ab, "new6", false),
+            message(a, ab, "new7", false),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(stored(&new[1]).seq, 7);
+    settle(9).await;
+
+    let removed = store
+        .expire_before(cutoff, RetentionMode::Drop)
+        .await
+        .unwrap();
+    assert_eq!(removed, 7);
+    let again = store
+        .expire_before(cutoff, RetentionMode::Drop)
+        .await
+        .unwrap();
+    assert_eq!(again, 0, "nothing left before the cutoff");
+
+    let seqs = |page: &Page| {
+        page.messages
+            .iter()
+            .map(|m| (m.conversation_id, m.seq))
+            .collect::<Vec<_>>()
+    };
+    let mut floors = vec![(ab.raw(), 5), (ac.raw(), 2)];
+    floors.sort_unstable();
+    let page = store.sync(a, &[(ab, 0), (ac, 0)], 100).await.unwrap();
+    assert_eq!(page.expired, floors);
+    assert_eq!(seqs(&page), [(ab.raw(), 6), (ab.raw(), 7)]);
+    assert!(!page.has_more);
+    // From the floor on there is nothing to report.
+    let page = store.sync(b, &[(ab, 5)], 100).await.unwrap();
+    assert!(page.expired.is_empty());
+    assert_eq!(seqs(&page), [(ab.raw(), 6), (ab.raw(), 7)]);
+    // A page that stops above the floor says nothing about it yet.
+    let page = store.sync(b, &[(ab, 3)], 1).await.unwrap();
+    assert_eq!(page.expired, [(ab.raw(), 5)]);
+    assert_eq!(seqs(&page), [(ab.raw(), 6)]);
+    assert!(page.has_more);
+
+    let page = store.history(b, ab, 0, 50).await.unwrap();
+    assert_eq!(seqs(&page), [(ab.raw(), 6), (ab.raw(), 7)]);
+    assert_eq!(page.expired, [(ab.raw(), 5)]);
+    assert!(!page.has_more, "nothing below the floor remains");
+    let page = store.history(b, ab, 0, 1).await.unwrap();
+    assert_eq!(seqs(&page), [(ab.raw(), 7)]);
+    assert!(page.expired.is_empty() && page.has_more);
+    let page = store.history(b, ab, 6, 50).await.unwrap();
+    assert!(page.messages.is_empty());
+    assert_eq!(page.expired, [(ab.raw(), 5)]);
+    let page = store.history(c, ac, 0, 50).await.unwrap();
+    assert!(page.messages.is_empty() && !page.has_more);
+    assert_eq!(page.expired, [(ac.raw(), 2)]);
+
+    // The list keeps the conversation and its last seq; its last message
+    // is gone.
+    let (list, _) = store.conversations(c, 0, 10).await.unwrap();
+    let summary = list
+        .iter()
+        .find(|s| s.conversation_id == ac.raw())
+        .expect("listed");
+    assert_eq!(summary.last_seq, 2);
+    assert!(summary.last_message.is_none());
+
+    // Seqs go on above the floor.
+    let next = store
+        .append_batch(vec![message(a, ac, "after", false)])
+        .await
+        .unwrap();
+    assert_eq!(stored(&next[0]).seq, 3);
+    let page = store.sync(c, &[(ac, 0)], 100).await.unwrap();
+    assert_eq!(page.expired, [(ac.raw(), 2)]);
+    assert_eq!(seqs(&page), [(ac.raw(), 3)]);
+}
+
+#[tokio::test]
+async fn embedded_retention_removes_a_prefix_and_reports_its_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = sqlite(dir.path(), 600);
+    retention_removes_a_prefix_and_reports_its_floor(&store, async |_| {}).await;
+}
+
+async fn pipeline_retention_on(env: PipelineEnv) {
+    let store = PipelineStore::open(pipeline_options(&env, 600))
+        .await
+        .unwrap();
+    let _worker = env.start_worker().await;
+    let settle = async |rows| wait_stored(&env, rows).await;
+    retention_removes_a_prefix_and_reports_its_floor(&store, settle).await;
+
+    // A conversation whose every message expired, and whose counter Redis
+    // then loses, resumes above its floor: the counter is seeded from it.
+    let (a, _, ab) = pair(&store, "retseed").await;
+    for r in store
+        .append_batch(
+            (1..=3)
+                .map(|i| message(a, ab, &format!("s{i}"), false))
+                .collect(),
+        )
+        .await
+        .unwrap()
+    {
+        stored(&r);
+    }
+    // Three rows were left by the check above.
+    settle(6).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let removed = store
+        .expire_before(im_proto::now_ms(), RetentionMode::Drop)
+        .await
+        .unwrap();
+    assert!(removed >= 3);
+    let layout = im_storage::layout::Layout::new(env.prefix.clone(), 4);
+    let shard = layout.shard_of(ab.raw());
+    let mut redis = env.redis_conn().await;
+    let _: () = redis::cmd("HDEL")
+        .arg(layout.seq_key(shard))
+        .arg(ab.raw())
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let next = store
+        .append_batch(vec![message(a, ab, "s4", false)])
+        .await
+        .unwrap();
+    assert_eq!(
+        stored(&next[0]).seq,
+        4,
+        "a seq at or below the floor was given again"
+    );
+}
+
+#[tokio::test]
+async fn pipeline_retention_removes_a_prefix_and_reports_its_floor() {
+    pipeline_retention_on(PipelineEnv::fresh()).await;
+}
+
+#[tokio::test]
+async fn redis_cluster_retention_removes_a_prefix_and_reports_its_floor() {
+    let nodes = im_tests::redis_cluster::shared_cluster_nodes().to_string();
+    pipeline_retention_on(PipelineEnv::fresh_on_cluster(nodes)).await;
 }

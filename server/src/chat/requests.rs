@@ -280,11 +280,31 @@ impl<S: Store> Inner<S> {
                     .store
                     .sync(user, &cursors, page_limit(r.limit, c.max_sync_page))
                     .await?;
+                let expired: Vec<pb::ConvCursor> = page
+                    .expired
+                    .iter()
+                    .map(|&(conversation_id, seq)| pb::ConvCursor {
+                        conversation_id,
+                        seq,
+                    })
+                    .collect();
+                // At most one per cursor; each a tag, a length and itself.
+                let expired_len: usize = expired
+                    .iter()
+                    .map(|e| {
+                        let len = prost::Message::encoded_len(e);
+                        1 + prost::length_delimiter_len(len) + len
+                    })
+                    .sum();
                 // Each conversation's part stays a contiguous prefix.
-                let cut = fit_prefix(&mut page.messages, c.max_frame_bytes);
+                let cut = fit_prefix(
+                    &mut page.messages,
+                    c.max_frame_bytes.saturating_sub(expired_len),
+                );
                 Ok(Body::SyncResponse(pb::SyncResponse {
                     messages: page.messages,
                     has_more: page.has_more || cut,
+                    expired,
                 }))
             }
             Body::History(r) => {
@@ -300,9 +320,15 @@ impl<S: Store> Inner<S> {
                     .await?;
                 // Keep the newest: the page must end right below before_seq.
                 let cut = fit_suffix(&mut page.messages, c.max_frame_bytes);
+                // A page cut short ends above the floor: the next says it.
+                let expired_seq = match page.expired.first() {
+                    Some(&(_, floor)) if !cut => floor,
+                    _ => 0,
+                };
                 Ok(Body::HistoryResponse(pb::HistoryResponse {
                     messages: page.messages,
                     has_more: page.has_more || cut,
+                    expired_seq,
                 }))
             }
             Body::ListConversations(r) => {
@@ -652,6 +678,7 @@ mod tests {
             Body::SyncResponse(pb::SyncResponse {
                 messages: items,
                 has_more: true,
+                expired: Vec::new(),
             }),
         );
         assert!(im_proto::HEADER_LEN + prost::Message::encoded_len(&frame) <= 4096);

@@ -17,6 +17,8 @@ use std::future::Future;
 use im_proto::ConversationId;
 use im_proto::pb;
 
+pub use im_storage::retention::{Retention, RetentionMode};
+
 /// A user id, in `[1, 2^31)`.
 pub type UserId = u64;
 /// A group id, in `[1, 2^62)`.
@@ -197,6 +199,10 @@ pub struct Page {
     pub messages: Vec<pb::Message>,
     /// Whether more messages remain beyond this page.
     pub has_more: bool,
+    /// Conversations whose requested range reached below what the
+    /// retention policy keeps, ascending: (conversation, the highest seq
+    /// removed). Their messages in the page start above it.
+    pub expired: Vec<(u64, u64)>,
 }
 
 /// Which per-user cursor an ack moves.
@@ -378,7 +384,9 @@ pub trait Store: Send + Sync + 'static {
     /// Conversations the user is not a member of are skipped. A group member
     /// sees only messages stored after they joined. A conversation listed
     /// twice is read from its lowest cursor. `has_more` is set when messages
-    /// remain beyond the page in any listed conversation.
+    /// remain beyond the page in any listed conversation. A cursor below
+    /// a conversation's retention floor (see [`Retention`]) is read from
+    /// the floor, and the page lists the conversation in `expired`.
     fn sync(
         &self,
         user: UserId,
@@ -389,7 +397,8 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` messages with seq below `before_seq` (0 = the newest),
     /// the newest of them, in ascending seq order; as in `sync`, a group
     /// member sees nothing stored before they joined. `has_more` is set when
-    /// older visible messages remain.
+    /// older visible messages remain; a page that reaches the retention
+    /// floor lists it in `expired` (and older messages do not remain).
     /// [`StoreError::NotMember`] if `user` may not read the conversation.
     fn history(
         &self,
@@ -423,6 +432,20 @@ pub trait Store: Send + Sync + 'static {
         kind: CursorKind,
         seq: u64,
     ) -> impl Future<Output = StoreResult<Option<CursorMove>>> + Send;
+
+    /// Removes every message stored before `cutoff_ms` (`server_time_ms`),
+    /// dropped or archived as `mode` says: each conversation loses a prefix
+    /// of its seqs and keeps its floor (the highest seq removed), which
+    /// sync and history report in [`Page::expired`] from then on; seq
+    /// counters never restart at or below it. Runs in short transactions
+    /// until nothing before the cutoff is left; returns the messages
+    /// removed. The embedded node runs it on a schedule; on the pipeline
+    /// the storage worker does, with the same code.
+    fn expire_before(
+        &self,
+        cutoff_ms: i64,
+        mode: RetentionMode,
+    ) -> impl Future<Output = StoreResult<u64>> + Send;
 
     /// Distinct senders (server notices excluded) of the messages with seq
     /// in `(after, upto]`, at most `limit` of them.

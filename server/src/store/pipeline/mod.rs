@@ -40,8 +40,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     AppendRejection, AppendResult, CursorKind, CursorMove, GroupId, GroupLimits, GroupRecord,
-    NewMessage, NewSession, Page, SessionId, SessionRecord, SessionScope, SessionTouch, Store,
-    StoreError, StoreResult, UserId, UserRecord,
+    NewMessage, NewSession, Page, RetentionMode, SessionId, SessionRecord, SessionScope,
+    SessionTouch, Store, StoreError, StoreResult, UserId, UserRecord,
 };
 use append::AppendJob;
 use engine::{mysql_err, redis_err};
@@ -505,6 +505,14 @@ impl Store for PipelineStore {
         seq: u64,
     ) -> impl Future<Output = StoreResult<Option<CursorMove>>> + Send {
         read::advance_cursor(&self.shared, user, conversation, kind, seq)
+    }
+
+    fn expire_before(
+        &self,
+        cutoff_ms: i64,
+        mode: RetentionMode,
+    ) -> impl Future<Output = StoreResult<u64>> + Send {
+        sql::expire_before(&self.shared, cutoff_ms, mode)
     }
 
     fn senders_between(

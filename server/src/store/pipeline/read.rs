@@ -73,20 +73,25 @@ fn below_cache(after: u64, upto: u64, cached: &[pb::Message]) -> Option<(u64, u6
 
 /// Messages with seq in `(after, ...]`, oldest first, at most `limit`,
 /// from the rows MySQL gave for the range below the cache (if one was
-/// asked for) followed by the cache's answer.
+/// asked for) followed by the cache's answer; nothing at or below `floor`
+/// (what retention removed) counts.
 fn join_ascending(
     after: u64,
+    floor: u64,
     limit: usize,
     stored: Option<Vec<(u64, u64, Vec<u8>)>>,
     cached: Vec<pb::Message>,
 ) -> StoreResult<Vec<pb::Message>> {
+    let after = after.max(floor);
     let Some(rows) = stored else {
+        let cached = cached.into_iter().filter(|m| m.seq > after).collect();
         let mut messages = contiguous_from(after, cached);
         messages.truncate(limit);
         return Ok(messages);
     };
     let mut messages = rows
         .into_iter()
+        .filter(|r| r.0 > after)
         .map(decode_row)
         .collect::<StoreResult<Vec<_>>>()?;
     let last = messages.last().map_or(after, |m| m.seq);
@@ -96,33 +101,22 @@ fn join_ascending(
     Ok(messages)
 }
 
-/// Messages with seq in `(after, upto]`, oldest first, at most `limit`,
-/// given the cache's answer for that range (ascending).
-async fn complete_ascending(
-    shared: &Shared,
-    conversation: u64,
-    after: u64,
-    upto: u64,
-    limit: usize,
-    cached: Vec<pb::Message>,
-) -> StoreResult<Vec<pb::Message>> {
-    let stored = match below_cache(after, upto, &cached) {
-        None => None,
-        Some((after, below)) => {
-            Some(sql::messages(shared, conversation, after, below, limit).await?)
-        }
-    };
-    join_ascending(after, limit, stored, cached)
-}
+/// One conversation's answer to [`complete_many`]: its messages, and its
+/// retention floor where the range reached below it (else 0).
+type Completed = (Vec<pb::Message>, u64);
 
-/// [`complete_ascending`] for many conversations at once: `ranges` are
-/// (conversation, after, upto, limit), `cached` the cache's answers in the
-/// same order. MySQL is asked once per shard for all of them.
+/// Messages with seq in `(after, upto]`, oldest first, at most `limit`,
+/// for many conversations at once: `ranges` are (conversation, after, upto,
+/// limit), `cached` the cache's answers in the same order. MySQL is asked
+/// once per shard for all of them. Where MySQL's rows do not start right
+/// after `after` (retention removed the oldest), the conversations' floors
+/// are read (once per shard for all of them) and the answers start above
+/// them.
 async fn complete_many(
     shared: &Shared,
     ranges: &[(u64, u64, u64, usize)],
     cached: Vec<Vec<pb::Message>>,
-) -> StoreResult<Vec<Vec<pb::Message>>> {
+) -> StoreResult<Vec<Completed>> {
     let mut needed: Vec<sql::Range> = Vec::new();
     let mut slot: Vec<Option<usize>> = Vec::with_capacity(ranges.len());
     for (&(conversation, after, upto, limit), cached) in ranges.iter().zip(&cached) {
@@ -141,13 +135,30 @@ async fn complete_many(
     } else {
         sql::messages_of_many(shared, &needed).await?
     };
+    // A range MySQL cannot start is below the conversation's floor.
+    let gaps: Vec<u64> = needed
+        .iter()
+        .zip(&stored)
+        .filter(|(r, rows)| r.limit > 0 && rows.first().map(|row| row.0) != Some(r.after + 1))
+        .map(|(r, _)| r.conversation)
+        .collect();
+    let floors = if gaps.is_empty() {
+        HashMap::new()
+    } else {
+        sql::floors(shared, &gaps).await?
+    };
     ranges
         .iter()
         .zip(cached)
         .zip(slot)
-        .map(|((&(_, after, _, limit), cached), slot)| {
+        .map(|((&(conv, after, _, limit), cached), slot)| {
+            let floor = floors
+                .get(&conv)
+                .copied()
+                .filter(|&f| f > after)
+                .unwrap_or(0);
             let rows = slot.map(|i| std::mem::take(&mut stored[i]));
-            join_ascending(after, limit, rows, cached)
+            Ok((join_ascending(after, floor, limit, rows, cached)?, floor))
         })
         .collect()
 }
@@ -250,9 +261,13 @@ pub(super) async fn sync(
     let mut cached = cached;
     cached.truncate(shares.len());
     let found = complete_many(shared, &shares, cached).await?;
-    for (&(_, from, last, _), messages) in shares.iter().zip(found) {
+    for (&(conv, from, last, _), (messages, floor)) in shares.iter().zip(found) {
         let remaining = limit.saturating_sub(page.messages.len());
-        if messages.last().map_or(from, |m| m.seq) < last || messages.len() > remaining {
+        if floor > 0 {
+            page.expired.push((conv, floor));
+        }
+        let reached = messages.last().map_or(from.max(floor), |m| m.seq);
+        if reached < last || messages.len() > remaining {
             page.has_more = true;
         }
         page.messages.extend(messages.into_iter().take(remaining));
@@ -287,13 +302,24 @@ pub(super) async fn history(
         return Ok(Page::default());
     }
     let after = joined.max(upto.saturating_sub(limit as u64));
-    let cached = cached_ranges(shared, &[(conv, after, upto)], limit)
+    let cached = cached_ranges(shared, &[(conv, after, upto)], limit).await?;
+    let (messages, floor) = complete_many(shared, &[(conv, after, upto, limit)], cached)
         .await?
         .pop()
         .unwrap_or_default();
-    let messages = complete_ascending(shared, conv, after, upto, limit, cached).await?;
-    let has_more = after > joined;
-    Ok(Page { messages, has_more })
+    // A page that reached the floor has nothing visible below it.
+    if floor > 0 {
+        return Ok(Page {
+            messages,
+            has_more: false,
+            expired: vec![(conv, floor)],
+        });
+    }
+    Ok(Page {
+        messages,
+        has_more: after > joined,
+        expired: Vec::new(),
+    })
 }
 
 pub(super) async fn conversations(
@@ -346,7 +372,7 @@ pub(super) async fn conversations(
         .collect();
     let found = complete_many(shared, &shares, cached).await?;
     let mut last_messages: HashMap<u64, pb::Message> = HashMap::new();
-    for (&(conv, _, _), m) in ranges.iter().zip(found) {
+    for (&(conv, _, _), (m, _)) in ranges.iter().zip(found) {
         if let Some(m) = m.into_iter().next() {
             last_messages.insert(conv, m);
         }
@@ -519,11 +545,11 @@ pub(super) async fn senders_between(
     let conv = conversation.raw();
     let after = after.max(upto.saturating_sub(RECEIPT_SCAN));
     let scan = (upto - after) as usize;
-    let cached = cached_ranges(shared, &[(conv, after, upto)], scan)
+    let cached = cached_ranges(shared, &[(conv, after, upto)], scan).await?;
+    let (messages, _) = complete_many(shared, &[(conv, after, upto, scan)], cached)
         .await?
         .pop()
         .unwrap_or_default();
-    let messages = complete_ascending(shared, conv, after, upto, scan, cached).await?;
     let mut seen = HashSet::new();
     Ok(messages
         .into_iter()

@@ -12,14 +12,15 @@ use std::collections::{HashMap, HashSet};
 use im_proto::ConversationId;
 use im_proto::ids::GROUP_BASE;
 use im_storage::layout::dedup_key;
+use im_storage::retention;
 use mysql_async::prelude::*;
 use mysql_async::{Params, TxOpts, Value};
 use prost::Message as _;
 
 use super::{Shared, mysql_err, redis_err};
 use crate::store::{
-    Ack, GroupId, GroupLimits, GroupRecord, NewSession, SessionId, SessionRecord, SessionScope,
-    SessionTouch, StoreError, StoreResult, UserId, UserRecord,
+    Ack, GroupId, GroupLimits, GroupRecord, NewSession, RetentionMode, SessionId, SessionRecord,
+    SessionScope, SessionTouch, StoreError, StoreResult, UserId, UserRecord,
 };
 
 /// MySQL's "duplicate entry" error.
@@ -449,9 +450,43 @@ pub(super) async fn stored_last_seqs(
         conversations.iter().copied(),
         |&c| c,
         |mut conn, part| async move {
+            // A conversation whose every message expired resumes above
+            // its floor.
+            let list = placeholders(part.len());
             let sql = format!(
-                "SELECT conversation_id, MAX(seq) FROM messages WHERE conversation_id IN ({}) \
-                 GROUP BY conversation_id",
+                "SELECT conversation_id, MAX(s) FROM ( \
+                   SELECT conversation_id, MAX(seq) AS s FROM messages \
+                   WHERE conversation_id IN ({list}) GROUP BY conversation_id \
+                   UNION ALL \
+                   SELECT conversation_id, expired_seq FROM message_expiry \
+                   WHERE conversation_id IN ({list}) \
+                 ) known GROUP BY conversation_id"
+            );
+            let mut params = values(&part);
+            params.extend(values(&part));
+            conn.exec::<(u64, u64), _, _>(sql, Params::Positional(params))
+                .await
+                .map_err(mysql_err)
+        },
+    )
+    .await?;
+    Ok(answers.into_iter().flatten().collect())
+}
+
+/// The retention floor (highest seq removed) of each of `conversations`
+/// that lost messages to retention (the others are absent).
+pub(super) async fn floors(
+    shared: &Shared,
+    conversations: &[u64],
+) -> StoreResult<HashMap<u64, u64>> {
+    let answers = on_shards(
+        shared,
+        conversations.iter().copied(),
+        |&c| c,
+        |mut conn, part| async move {
+            let sql = format!(
+                "SELECT conversation_id, expired_seq FROM message_expiry \
+                 WHERE conversation_id IN ({})",
                 placeholders(part.len())
             );
             conn.exec::<(u64, u64), _, _>(sql, Params::Positional(values(&part)))
@@ -461,6 +496,41 @@ pub(super) async fn stored_last_seqs(
     )
     .await?;
     Ok(answers.into_iter().flatten().collect())
+}
+
+/// Removes what retention removes (see
+/// [`Store::expire_before`](crate::store::Store::expire_before)) from
+/// every message shard, and the same records from the recent caches.
+pub(super) async fn expire_before(
+    shared: &Shared,
+    cutoff_ms: i64,
+    mode: RetentionMode,
+) -> StoreResult<u64> {
+    let mut removed = 0;
+    loop {
+        let mut more = false;
+        let mut floors = Vec::new();
+        for shard in 0..shared.messages.len() {
+            let (swept, left) =
+                retention::sweep_database(shared.messages.get(shard), cutoff_ms, mode)
+                    .await
+                    .map_err(mysql_err)?;
+            removed += swept.rows;
+            more |= left;
+            floors.extend(swept.floors);
+        }
+        if !floors.is_empty() {
+            let mut conn = shared.redis().await?;
+            for part in floors.chunks(1000) {
+                retention::trim_recent(&mut conn, &shared.layout, part)
+                    .await
+                    .map_err(redis_err)?;
+            }
+        }
+        if !more {
+            return Ok(removed);
+        }
+    }
 }
 
 /// Journal rows read per query while checking a shard's counters.
@@ -601,27 +671,6 @@ pub(super) async fn titles(
     Ok((group_names, user_names))
 }
 
-/// Stored messages of a conversation with seq in `(after, upto]`,
-/// ascending, at most `limit`: (seq, message_id, body).
-pub(super) async fn messages(
-    shared: &Shared,
-    conversation: u64,
-    after: u64,
-    upto: u64,
-    limit: usize,
-) -> StoreResult<Vec<(u64, u64, Vec<u8>)>> {
-    let mut conn = shared
-        .message_shard(shared.messages.shard_of(conversation))
-        .await?;
-    conn.exec(
-        "SELECT seq, message_id, body FROM messages \
-         WHERE conversation_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-        (conversation, after, upto, limit as u64),
-    )
-    .await
-    .map_err(mysql_err)
-}
-
 /// One conversation's share of a [`messages_of_many`] read: seqs in
 /// `(after, upto]`, at most `limit`.
 #[derive(Debug, Clone, Copy)]
@@ -635,8 +684,9 @@ pub(super) struct Range {
 /// Ranges per statement at most (four placeholders each).
 const RANGES_PER_STATEMENT: usize = 256;
 
-/// Stored messages of many conversations at once: for each range, what
-/// [`messages`] would return for it. One statement per shard (per
+/// Stored messages of many conversations at once: for each range, its
+/// rows with seq in `(after, upto]`, ascending, at most `limit`, as (seq,
+/// message_id, body). One statement per shard (per
 /// [`RANGES_PER_STATEMENT`] ranges), the shards asked at once.
 pub(super) async fn messages_of_many(
     shared: &Shared,

@@ -5,6 +5,8 @@
 //! - [`schema`]: connection settings and versioned migrations.
 //! - [`writer`]: the one thread that writes, with group commit.
 //! - [`read`]: the read-only connection pool and every query.
+//! - [`retention`]: removing the oldest messages, and the floors reads
+//!   report.
 //!
 //! Writes are jobs sent over a bounded queue to the writer thread, which
 //! applies them in FIFO order and commits many at once (one fsync for many
@@ -14,6 +16,7 @@
 
 mod read;
 mod recent;
+mod retention;
 mod schema;
 mod sessions;
 mod writer;
@@ -37,8 +40,8 @@ use self::recent::RecentSends;
 use self::writer::{Job, Reply, TypedCall, Writer};
 use super::{
     AppendResult, CursorKind, CursorMove, GroupId, GroupLimits, GroupRecord, NewMessage,
-    NewSession, Page, SessionId, SessionRecord, SessionScope, SessionTouch, Store, StoreError,
-    StoreResult, UserId, UserRecord,
+    NewSession, Page, RetentionMode, SessionId, SessionRecord, SessionScope, SessionTouch, Store,
+    StoreError, StoreResult, UserId, UserRecord,
 };
 
 /// File name of the database inside the data directory.
@@ -361,6 +364,20 @@ impl Store for SqliteStore {
             seq,
             reply,
         })
+    }
+
+    async fn expire_before(&self, cutoff_ms: i64, mode: RetentionMode) -> StoreResult<u64> {
+        let mut removed = 0;
+        // One write job per step, so appends run in between.
+        loop {
+            let n = self
+                .write(move |conn| retention::expire_step(conn, cutoff_ms, mode))
+                .await?;
+            removed += n as u64;
+            if n < retention::STEP_ROWS {
+                return Ok(removed);
+            }
+        }
     }
 
     fn senders_between(

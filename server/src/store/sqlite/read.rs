@@ -17,7 +17,7 @@ use prost::Message as _;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, params};
 use tokio::sync::Semaphore;
 
-use super::schema;
+use super::{retention, schema};
 use crate::store::{GroupId, GroupRecord, Page, StoreError, StoreResult, UserId, UserRecord};
 
 /// Read-only connections handed out one per running query.
@@ -241,7 +241,12 @@ pub(super) fn sync(
                 continue;
             };
             let conversation = conversation.raw();
-            let after = sql_int(cursor.max(joined));
+            let floor = retention::floor(&tx, conversation)?;
+            let visible_from = cursor.max(joined);
+            if floor > visible_from {
+                page.expired.push((conversation, floor));
+            }
+            let after = sql_int(visible_from.max(floor));
             let room = limit - page.messages.len();
             let before = page.messages.len();
             for message in select.query_map(
@@ -273,6 +278,7 @@ pub(super) fn history(
         return Err(StoreError::NotMember);
     };
     let conversation = conversation.raw();
+    let floor = retention::floor(&tx, conversation)?;
     let before = if before_seq == 0 {
         i64::MAX
     } else {
@@ -284,7 +290,7 @@ pub(super) fn history(
              WHERE conversation_id = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq DESC LIMIT ?4"
         ))?
         .query_map(
-            params![conversation, joined, before, probe_limit(limit)],
+            params![conversation, joined.max(floor), before, probe_limit(limit)],
             message_from_row,
         )?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -292,7 +298,17 @@ pub(super) fn history(
     let has_more = messages.len() > limit;
     messages.truncate(limit);
     messages.reverse();
-    Ok(Page { messages, has_more })
+    // The page reached the floor: nothing visible remains below it.
+    let expired = if !has_more && floor > joined {
+        vec![(conversation, floor)]
+    } else {
+        Vec::new()
+    };
+    Ok(Page {
+        messages,
+        has_more,
+        expired,
+    })
 }
 
 pub(super) fn conversations(

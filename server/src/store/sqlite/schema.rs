@@ -20,6 +20,9 @@
 //!   to the table's only index, `(conversation_id, seq, dedup_key)`,
 //!   scanned only for resends the window no longer knows. The writer keeps
 //!   seqs unique per conversation (it is the only writer).
+//! - Version 5 (retention) makes message ids AUTOINCREMENT, so ids of
+//!   expired messages are never given again, adds each conversation's
+//!   floor (`conversations.expired_seq`) and the `messages_archive` table.
 //! - There are no foreign keys: only the writer thread writes, and it checks
 //!   every reference before writing, so enforcing them again on the hot
 //!   append path would only cost time.
@@ -115,6 +118,41 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX sessions_by_user ON sessions (user_id);
     CREATE INDEX sessions_ended ON sessions (ended_ms) WHERE ended_ms IS NOT NULL;",
+    // 5: retention. Expired messages leave as a prefix of the oldest ids,
+    // so ids become AUTOINCREMENT: a table emptied by retention must not
+    // give a deleted message's id to a new one. Each conversation keeps
+    // its floor (the highest seq removed) for sync and history, and
+    // archived messages move to a table of the same shape that no client
+    // request reads.
+    "CREATE TABLE messages_v5 (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        conversation_id INTEGER NOT NULL,
+        seq             INTEGER NOT NULL,
+        sender_id       INTEGER NOT NULL,
+        client_msg_id   TEXT NOT NULL,
+        server_time_ms  INTEGER NOT NULL,
+        content         BLOB NOT NULL,
+        dedup_key       INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (conversation_id, seq, dedup_key)
+    );
+    INSERT INTO messages_v5
+        (id, conversation_id, seq, sender_id, client_msg_id, server_time_ms, content, dedup_key)
+        SELECT id, conversation_id, seq, sender_id, client_msg_id, server_time_ms, content,
+               dedup_key
+        FROM messages;
+    DROP TABLE messages;
+    ALTER TABLE messages_v5 RENAME TO messages;
+    ALTER TABLE conversations ADD COLUMN expired_seq INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE messages_archive (
+        id              INTEGER PRIMARY KEY,
+        conversation_id INTEGER NOT NULL,
+        seq             INTEGER NOT NULL,
+        sender_id       INTEGER NOT NULL,
+        client_msg_id   TEXT NOT NULL,
+        server_time_ms  INTEGER NOT NULL,
+        content         BLOB NOT NULL,
+        dedup_key       INTEGER NOT NULL DEFAULT 0
+    );",
 ];
 
 /// Settings of the single write connection: WAL so readers run beside the

@@ -9,7 +9,7 @@ use im_proto::{ConversationId, pb};
 use super::{SqliteOptions, SqliteStore, schema};
 use crate::store::{
     Ack, AppendOutcome, AppendRejection, AppendResult, CursorKind, CursorMove, GroupLimits,
-    GroupRecord, NewMessage, Store, StoreError, UserId,
+    GroupRecord, NewMessage, RetentionMode, Store, StoreError, UserId,
 };
 
 fn open(dir: &std::path::Path) -> SqliteStore {
@@ -1191,4 +1191,60 @@ async fn sessions_end_by_scope_and_by_the_device_limit_and_touches_only_move_for
         store.set_password(12_345, "x").await,
         Err(StoreError::NotFound)
     ));
+}
+
+/// Archive mode moves the expired messages, whole, to `messages_archive`;
+/// a store emptied by retention never gives a removed message's id again,
+/// even after a restart.
+#[tokio::test]
+async fn archived_messages_keep_their_rows_and_ids_are_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, ab, old_ids);
+    {
+        let store = open(dir.path());
+        let ids = users(&store, &["alice", "bob"]).await;
+        a = ids[0];
+        ab = direct(a, ids[1]);
+        old_ids = send_n(&store, a, ab, "old", 3)
+            .await
+            .iter()
+            .map(|m| m.message_id)
+            .collect::<Vec<_>>();
+        let removed = store
+            .expire_before(im_proto::now_ms() + 1, RetentionMode::Archive)
+            .await
+            .unwrap();
+        assert_eq!(removed, 3);
+        store.close();
+    }
+    let conn = rusqlite::Connection::open(dir.path().join(super::DB_FILE)).unwrap();
+    let archived: Vec<(u64, u64, String)> = conn
+        .prepare("SELECT id, seq, client_msg_id FROM messages_archive ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        archived.iter().map(|r| r.0).collect::<Vec<_>>(),
+        old_ids,
+        "archived whole, under their ids"
+    );
+    assert_eq!(archived[0].1, 1);
+    let left: u64 = conn
+        .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(left, 0);
+    drop(conn);
+
+    let store = open(dir.path());
+    let next = send_n(&store, a, ab, "new", 1).await;
+    assert_eq!(next[0].seq, 4);
+    assert!(
+        next[0].message_id > *old_ids.iter().max().unwrap(),
+        "an id of a removed message was given again"
+    );
+    let page = store.sync(a, &[(ab, 0)], 10).await.unwrap();
+    assert_eq!(page.expired, [(ab.raw(), 3)]);
+    assert_eq!(seqs(&page.messages), [4]);
 }

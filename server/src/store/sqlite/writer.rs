@@ -444,13 +444,17 @@ impl Writer {
         if let Some(&seq) = self.last_seq.get(&conversation) {
             return Ok(seq);
         }
-        // `messages` rather than `conversations`: the latter is only brought
-        // up to date at the end of each append job.
-        let seq: Option<u64> = self
+        // `messages`, because `conversations` is only brought up to date at
+        // the end of each append job; and `conversations`, because retention
+        // may have removed every message.
+        let seq: u64 = self
             .conn
-            .prepare_cached("SELECT max(seq) FROM messages WHERE conversation_id = ?1")?
+            .prepare_cached(
+                "SELECT max(
+                   coalesce((SELECT max(seq) FROM messages WHERE conversation_id = ?1), 0),
+                   coalesce((SELECT last_seq FROM conversations WHERE id = ?1), 0))",
+            )?
             .query_row(params![conversation], |row| row.get(0))?;
-        let seq = seq.unwrap_or(0);
         self.last_seq.insert(conversation, seq);
         Ok(seq)
     }
