@@ -171,6 +171,27 @@ impl Delivery {
         ready
     }
 
+    /// The server removed every seq up to `floor` of `conversation` (its
+    /// retention policy): the cursor moves up to it, and the buffered
+    /// messages right after it are returned, ready. Returns `None` when
+    /// the cursor was already at or past the floor.
+    pub(crate) fn expire(
+        &mut self,
+        conversation: u64,
+        floor: u64,
+        me: u64,
+    ) -> Option<Vec<pb::Message>> {
+        let conv = self.convs.entry(conversation).or_default();
+        if floor <= conv.delivered {
+            return None;
+        }
+        conv.delivered = floor;
+        conv.acked = conv.acked.max(floor);
+        conv.early.retain(|&seq, _| seq > floor);
+        conv.own.retain(|&seq| seq > floor);
+        Some(Self::advance(conv, Vec::new(), me))
+    }
+
     /// A sync from cursor `from` returned `first_seq` as the first message
     /// of `conversation`: nothing between is visible to this user (it
     /// predates joining a group), so the cursor moves up to it.
@@ -419,6 +440,24 @@ mod tests {
         // Unknown conversations are created by the messages themselves.
         d.skip_invisible(C + 1, 0, 5);
         assert_eq!(d.delivered(C + 1), 0);
+    }
+
+    #[test]
+    fn an_expired_prefix_moves_the_cursor_and_releases_what_follows() {
+        let mut d = Delivery::new(&HashMap::new(), 16, false);
+        assert_eq!(seqs(&d.accept(msg(C, 1), ME)), [1]);
+        // 2..=4 were removed; 5 and 6 arrived early and wait for them.
+        assert!(d.accept(msg(C, 6), ME).is_empty());
+        assert!(d.accept(msg(C, 5), ME).is_empty());
+        assert!(d.accept(msg(C, 3), ME).is_empty());
+        assert_eq!(seqs(&d.expire(C, 4, ME).unwrap()), [5, 6]);
+        assert_eq!(d.delivered(C), 6);
+        // A floor at or below the cursor changes nothing.
+        assert!(d.expire(C, 4, ME).is_none());
+        assert!(d.accept(msg(C, 4), ME).is_empty(), "at or below the cursor");
+        // An unknown conversation starts at its floor.
+        assert!(d.expire(C + 1, 9, ME).unwrap().is_empty());
+        assert_eq!(seqs(&d.accept(msg(C + 1, 10), ME)), [10]);
     }
 
     #[test]

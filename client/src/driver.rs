@@ -384,6 +384,25 @@ impl Driver {
         // pushes share one path. It happens before the waiter hears of the
         // reply, so the waiter sees advanced cursors.
         if let Body::SyncResponse(response) = &body {
+            // What retention removed will never come: the cursor moves
+            // past it first.
+            for expired in &response.expired {
+                let ready = lock(&self.shared.delivery).expire(
+                    expired.conversation_id,
+                    expired.seq,
+                    self.me,
+                );
+                if let Some(ready) = ready {
+                    self.emit(Event::Expired {
+                        conversation_id: expired.conversation_id,
+                        seq: expired.seq,
+                    })
+                    .await?;
+                    for message in ready {
+                        self.emit(Event::Message(message)).await?;
+                    }
+                }
+            }
             // The server returns each conversation contiguously from the
             // first message visible after the cursor; a member who joined a
             // group late cannot see below that, so the cursor skips ahead.

@@ -15,6 +15,15 @@ pub enum Event {
     /// seq order within its conversation, whether it came from a live push
     /// or from sync.
     Message(pb::Message),
+    /// The server's retention policy removed every message of a
+    /// conversation up to `seq` before this device received them: they
+    /// will never arrive, and delivery goes on after `seq`.
+    Expired {
+        /// The conversation.
+        conversation_id: u64,
+        /// The highest seq removed.
+        seq: u64,
+    },
     /// Another device or participant acknowledged messages up to a seq.
     Receipt(pb::Receipt),
     /// A subscribed user went online or offline. After every reconnect the

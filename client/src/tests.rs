@@ -115,6 +115,7 @@ impl Store {
         pb::SyncResponse {
             messages: all,
             has_more,
+            expired: Vec::new(),
         }
     }
 }

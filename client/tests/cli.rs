@@ -112,11 +112,13 @@ fn answer(store: &Store, body: Body) -> Body {
             Body::SyncResponse(pb::SyncResponse {
                 messages: messages.iter().filter(|m| m.seq > from).cloned().collect(),
                 has_more: false,
+                expired: Vec::new(),
             })
         }
         Body::History(_) => Body::HistoryResponse(pb::HistoryResponse {
             messages: messages.clone(),
             has_more: false,
+            expired_seq: 0,
         }),
         Body::Ack(_) => Body::Done(pb::Done {}),
         Body::ListGroups(_) => Body::GroupList(pb::GroupList::default()),

@@ -98,6 +98,9 @@ pub struct Metrics {
     pub misrouted: AtomicU64,
     /// Deliveries that only the final sync brought (missed live).
     pub recovered: AtomicU64,
+    /// Seqs the server said its retention policy removed before they
+    /// reached the user (not counted as lost).
+    pub expired: AtomicU64,
     /// Pushes of a message a catch-up sync had already brought (allowed by
     /// the protocol; not a duplicate).
     pub overlaps: AtomicU64,
@@ -174,6 +177,7 @@ impl Metrics {
             cross_node: get(&self.cross_node),
             misrouted: get(&self.misrouted),
             recovered: get(&self.recovered),
+            expired: get(&self.expired),
             rejected: get(&self.rejected),
             overlaps: get(&self.overlaps),
             errors: get(&self.errors),
@@ -239,6 +243,9 @@ pub struct Snapshot {
     pub misrouted: u64,
     /// Deliveries only the final sync brought.
     pub recovered: u64,
+    /// Seqs removed by the server's retention policy before delivery.
+    #[serde(default)]
+    pub expired: u64,
     /// Sends refused as overloaded.
     #[serde(default)]
     pub rejected: u64,

@@ -98,6 +98,10 @@ pub struct Report {
     pub messages_misrouted: u64,
     /// Deliveries that only the final sync brought (missed live).
     pub messages_recovered: u64,
+    /// Seqs the server's retention policy removed before they were
+    /// delivered (reported by sync; not lost).
+    #[serde(default)]
+    pub messages_expired: u64,
     /// Sends the server refused as overloaded (backed off, not stored).
     pub messages_rejected: u64,
     /// Pushes of a message the recipient's catch-up sync had already
@@ -180,6 +184,7 @@ pub fn build(args: &Args, finals: &[Snapshot]) -> Report {
         cross_node_deliveries: sum(|f| f.cross_node),
         messages_misrouted: sum(|f| f.misrouted),
         messages_recovered: sum(|f| f.recovered),
+        messages_expired: sum(|f| f.expired),
         messages_rejected: sum(|f| f.rejected),
         pushes_after_sync: sum(|f| f.overlaps),
         errors: sum(|f| f.errors),
@@ -292,13 +297,14 @@ pub fn summary(r: &Report) -> String {
         out += &lat("  cross node", &r.latency_us.cross_node);
     }
     out += &format!(
-        "verification: {} lost, {} unanswered, {} duplicated, {} pushes out of order, {} misrouted, {} recovered only by the final sync, {} pushes after a sync had them, {} errors; {} cross-node deliveries: {}\n",
+        "verification: {} lost, {} unanswered, {} duplicated, {} pushes out of order, {} misrouted, {} recovered only by the final sync, {} removed by retention, {} pushes after a sync had them, {} errors; {} cross-node deliveries: {}\n",
         r.messages_lost,
         r.sends_unanswered,
         r.messages_duplicated,
         r.pushes_out_of_order,
         r.messages_misrouted,
         r.messages_recovered,
+        r.messages_expired,
         r.pushes_after_sync,
         r.errors,
         r.cross_node_deliveries,

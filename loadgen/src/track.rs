@@ -117,6 +117,23 @@ impl SeqTracker {
         self.max_known
     }
 
+    /// The server removed every seq up to `floor` (retention): those not
+    /// known yet never will be. Marks them known and returns how many.
+    pub fn expire(&mut self, floor: u64) -> u64 {
+        if floor <= self.contiguous {
+            return 0;
+        }
+        let unknown = self.missing_upto(floor);
+        self.ahead.retain(|&s| s > floor);
+        self.synced.retain(|&s| s > floor);
+        self.contiguous = floor;
+        self.max_known = self.max_known.max(floor);
+        while self.ahead.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+        unknown
+    }
+
     /// How many seqs in `1..=last` are not known.
     pub fn missing_upto(&self, last: u64) -> u64 {
         if last <= self.contiguous {
@@ -130,6 +147,19 @@ impl SeqTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn expired_seqs_are_skipped_not_lost() {
+        let mut t = SeqTracker::default();
+        assert_eq!(t.deliver(2, true), Seen::New);
+        assert_eq!(t.deliver(5, true), Seen::New);
+        assert_eq!(t.expire(3), 2, "1 and 3 were never known");
+        assert_eq!(t.contiguous(), 3);
+        assert_eq!(t.missing_upto(5), 1);
+        assert_eq!(t.deliver(4, false), Seen::New);
+        assert_eq!(t.contiguous(), 5);
+        assert_eq!(t.expire(2), 0);
+    }
 
     #[test]
     fn own_and_delivered_seqs_interleave() {

@@ -1202,6 +1202,15 @@ async fn sync(
             handle(m, state, frame, shared)?;
         };
         let mut highest = cursor;
+        // What retention removed is skipped, and counted apart from losses.
+        for expired in page
+            .expired
+            .iter()
+            .filter(|e| e.conversation_id == m.conversation)
+        {
+            Metrics::add(&metrics.expired, state.tracker.expire(expired.seq));
+            highest = highest.max(expired.seq);
+        }
         for message in &page.messages {
             highest = highest.max(message.seq);
             if message.sender_id == m.session.user_id {

@@ -13,6 +13,7 @@ mod protocol;
 mod proxy_protocol;
 mod redis_cluster;
 mod resilience;
+mod retention;
 mod sessions;
 mod shards;
 mod store;

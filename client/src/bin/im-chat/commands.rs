@@ -410,6 +410,12 @@ impl Ctx {
                 eprintln!("(older: im-chat history {to} --before {})", first.seq);
             }
         }
+        if page.expired_seq > 0 && !self.json {
+            eprintln!(
+                "(messages up to #{} were removed by the server's retention policy)",
+                page.expired_seq
+            );
+        }
         conn.client.close().await;
         Ok(ExitCode::SUCCESS)
     }
@@ -817,6 +823,12 @@ impl View {
                 reconnected: true, ..
             } => eprintln!("-- reconnected"),
             Event::Stopped { reason } => bail!("disconnected for good: {reason}"),
+            Event::Expired {
+                conversation_id,
+                seq,
+            } => eprintln!(
+                "-- conversation {conversation_id}: messages up to #{seq} were removed by the server's retention policy"
+            ),
             Event::Message(_) | Event::Connected { .. } | Event::Resynced { .. } => {}
         }
         Ok(())
@@ -825,6 +837,12 @@ impl View {
 
 async fn show_history(conn: &mut Conn, conversation: u64, limit: u32) -> Result<()> {
     let page = conn.client.history(conversation, 0, limit).await?;
+    if page.expired_seq > 0 {
+        eprintln!(
+            "-- messages up to #{} were removed by the server's retention policy",
+            page.expired_seq
+        );
+    }
     for m in &page.messages {
         conn.view.prepare(&conn.client, m).await;
         conn.view.show(m);
