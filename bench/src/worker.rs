@@ -77,6 +77,10 @@ struct Args {
     /// own on each. Default: the messages in --mysql-url's database.
     #[arg(long, value_delimiter = ',')]
     mysql_shards: Vec<String>,
+    /// Drop the index retention sweeps use (`messages_by_time`) before
+    /// the run, to measure what it costs the worker.
+    #[arg(long)]
+    without_time_index: bool,
 }
 
 struct Conv {
@@ -105,6 +109,12 @@ async fn main() -> anyhow::Result<()> {
     let mysql_url = format!("{}/{database}", args.mysql_url.trim_end_matches('/'));
     let pool = mysql_async::Pool::new(mysql_url.as_str());
     im_storage::schema::migrate(&pool).await?;
+    if args.without_time_index {
+        pool.get_conn()
+            .await?
+            .query_drop("ALTER TABLE messages DROP KEY messages_by_time")
+            .await?;
+    }
     let mut shard_urls = Vec::new();
     for (i, server_url) in args.mysql_shards.iter().enumerate() {
         let name = format!("{database}_s{i}");

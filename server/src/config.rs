@@ -476,7 +476,8 @@ pub struct Config {
     /// Seconds the embedded store keeps a message: older ones are removed
     /// (see --message-retention-mode), oldest first, and sync and history
     /// tell clients what is gone. 0 = keep every message forever. On the
-    /// pipeline the storage worker removes them: set it there.
+    /// pipeline the storage workers remove them (set it there too; a
+    /// pipeline node only reads the floors they leave).
     #[arg(long, env = "IM_MESSAGE_RETENTION_SECS", default_value_t = 0)]
     pub message_retention_secs: u64,
 
@@ -586,11 +587,6 @@ impl Config {
         let redis = self.redis_target()?;
         if redis.is_some() != self.mysql_url.is_some() {
             return bad("--redis-url (or --redis-cluster-nodes) and --mysql-url go together");
-        }
-        if redis.is_some() && self.message_retention_secs > 0 {
-            return bad(
-                "on the pipeline the storage worker removes old messages: set --message-retention-secs on im-storage-worker",
-            );
         }
         if self.retention_sweep_secs == 0 {
             return bad("retention-sweep-secs must be positive");

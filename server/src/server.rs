@@ -178,6 +178,11 @@ impl Server<PipelineStore> {
             ))
         })?;
         let store = PipelineStore::open(options).await?;
+        if config.retention().is_some() {
+            tracing::info!(
+                "messages past --message-retention-secs are removed by im-storage-worker, not by this node"
+            );
+        }
         let data_dir = config.data_dir.clone();
         let make_dir = || {
             std::fs::create_dir_all(&data_dir).map_err(|source| ServerError::DataDir {
