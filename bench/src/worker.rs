@@ -77,10 +77,11 @@ struct Args {
     /// own on each. Default: the messages in --mysql-url's database.
     #[arg(long, value_delimiter = ',')]
     mysql_shards: Vec<String>,
-    /// Drop the index retention sweeps use (`messages_by_time`) before
-    /// the run, to measure what it costs the worker.
+    /// Add the index retention sweeps use (`messages_by_time`, created by
+    /// the first sweep with --message-retention-secs) before the run, to
+    /// measure what it costs the worker.
     #[arg(long)]
-    without_time_index: bool,
+    with_time_index: bool,
 }
 
 struct Conv {
@@ -109,11 +110,8 @@ async fn main() -> anyhow::Result<()> {
     let mysql_url = format!("{}/{database}", args.mysql_url.trim_end_matches('/'));
     let pool = mysql_async::Pool::new(mysql_url.as_str());
     im_storage::schema::migrate(&pool).await?;
-    if args.without_time_index {
-        pool.get_conn()
-            .await?
-            .query_drop("ALTER TABLE messages DROP KEY messages_by_time")
-            .await?;
+    if args.with_time_index {
+        im_storage::retention::ensure_time_index(&mut pool.get_conn().await?).await?;
     }
     let mut shard_urls = Vec::new();
     for (i, server_url) in args.mysql_shards.iter().enumerate() {

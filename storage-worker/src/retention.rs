@@ -19,7 +19,10 @@
 //! primary-key order from a time index keeps both, costs one more
 //! secondary-index entry per row (about 30 bytes), and the sweep (one
 //! short transaction per [`SWEEP_ROWS`] rows) keeps up with a billion
-//! messages a day on a handful of shards; see docs/scaling.md.
+//! messages a day on a handful of shards; see docs/scaling.md. The index
+//! ([`TIME_INDEX`]) is created by the first sweep of a database, online,
+//! so that deployments that keep every message do not pay its cost on
+//! every insert (about a tenth of the worker's rows/s here).
 //!
 //! The storage worker runs [`sweep`] on every MySQL shard on a schedule
 //! (`--message-retention-secs`); one worker at a time per database (a
@@ -176,6 +179,32 @@ pub async fn sweep_step(
     Ok(Swept { rows, floors })
 }
 
+/// The index on `messages.server_time_ms` the sweep reads the oldest rows
+/// through; created by [`ensure_time_index`].
+pub const TIME_INDEX: &str = "messages_by_time";
+
+/// Creates [`TIME_INDEX`] unless the database has it (online: writes go
+/// on meanwhile; on a large table this takes a while, once).
+pub async fn ensure_time_index(conn: &mut Conn) -> Result<(), mysql_async::Error> {
+    let present: Option<u8> = conn
+        .exec_first(
+            "SELECT 1 FROM information_schema.STATISTICS \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'messages' AND INDEX_NAME = ? \
+             LIMIT 1",
+            (TIME_INDEX,),
+        )
+        .await?;
+    if present.is_none() {
+        tracing::info!("adding the index retention sweeps read (messages.server_time_ms)");
+        conn.query_drop(format!(
+            "ALTER TABLE messages ADD KEY IF NOT EXISTS {TIME_INDEX} (server_time_ms), \
+             ALGORITHM=INPLACE, LOCK=NONE"
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
 /// Name of the lock that keeps two sweepers off one database.
 const LOCK: &str = "CONCAT('im_retention:', DATABASE())";
 
@@ -184,8 +213,9 @@ const LOCK: &str = "CONCAT('im_retention:', DATABASE())";
 /// on where it stopped.
 pub const STEPS_PER_SWEEP: usize = 100;
 
-/// Sweeps one database for at most [`STEPS_PER_SWEEP`] steps, or returns
-/// at once (nothing swept) while another process sweeps it. The flag says
+/// Sweeps one database for at most [`STEPS_PER_SWEEP`] steps (creating
+/// [`TIME_INDEX`] first if it is missing), or returns at once (nothing
+/// swept) while another process sweeps it. The flag says
 /// whether messages before the cutoff may remain.
 pub async fn sweep_database(
     pool: &mysql_async::Pool,
@@ -200,8 +230,11 @@ pub async fn sweep_database(
         return Ok((Swept::default(), false));
     }
     let mut total = Swept::default();
-    let mut result = Ok(false);
+    let mut result = ensure_time_index(&mut conn).await.map(|()| false);
     for _ in 0..STEPS_PER_SWEEP {
+        if result.is_err() {
+            break;
+        }
         match sweep_step(&mut conn, cutoff_ms, mode, im_proto::now_ms()).await {
             Ok(step) if step.floors.is_empty() => {
                 result = Ok(false);

@@ -117,7 +117,7 @@ mod tests {
     #[test]
     fn migrations_split_into_statements() {
         let all: Vec<String> = MIGRATIONS.iter().flat_map(|m| statements(m.1)).collect();
-        assert_eq!(all.len(), 10);
+        assert_eq!(all.len(), 9);
         assert!(
             all.iter()
                 .all(|s| s.starts_with("CREATE TABLE") || s.starts_with("ALTER TABLE"))
