@@ -158,6 +158,7 @@ impl ScriptCall<'_> {
                 ErrorKind::NoScriptError if !whole => whole = true,
                 _ if unsent(&error) && !reconnected => reconnected = true,
                 kind if migrating(kind) && Instant::now() < deadline => {
+                    tracing::debug!(error = %error, "script call refused while its slot moves; retrying");
                     match kind {
                         ErrorKind::Ask => {
                             asked = error.redirect_node().map(|(node, _)| node.to_string());

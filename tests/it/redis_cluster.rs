@@ -280,3 +280,79 @@ async fn the_worker_commits_only_what_the_replicas_have() {
     assert_eq!(rows, [(1, "m1".to_string()), (2, "m2".to_string())]);
     worker.shutdown().await;
 }
+
+/// The slot of a busy stream shard moves to another master (`SETSLOT
+/// IMPORTING`/`MIGRATING`, `MIGRATE` one key at a time with pauses, the
+/// conversations' caches first and the counters and stream last, `SETSLOT
+/// NODE`) while verified traffic runs into its conversations
+/// (server process, storage worker, MariaDB, on a Redis Cluster of its
+/// own): appends meet the shard's keys split between the two masters, are
+/// refused with -TRYAGAIN or redirected with -ASK and retried, and every
+/// acknowledged message is delivered once, in order, and stored once, with
+/// dense seqs. Then the traffic goes on against the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_shard_slot_moved_under_load_loses_nothing() {
+    // Two-second dedup buckets: the shard's previous bucket exists, as in
+    // any deployment that ran for a while, and new buckets start while the
+    // slot moves.
+    let mut stack = crate::crash::Stack::start_on_cluster_with(&["--dedup-window-secs", "2"]);
+    let load = crate::crash::Load::start(stack.addr, 8).await;
+    // The shard most of the load's conversations are on.
+    let streams = crate::crash::STREAMS.parse().unwrap();
+    let layout = Layout::new(stack.prefix.clone(), streams);
+    let mut per_shard = vec![0usize; streams as usize];
+    for conv in load.conversations() {
+        per_shard[layout.shard_of(conv) as usize] += 1;
+    }
+    let shard = (0..streams).max_by_key(|&s| per_shard[s as usize]).unwrap();
+    let stream = layout.stream_key(shard);
+    let slot = im_storage::redis_target::key_slot(stream.as_bytes());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let from = stack.cluster().master_of(stream.as_bytes());
+    let to = stack
+        .cluster()
+        .masters()
+        .into_iter()
+        .find(|&m| m != from)
+        .expect("another master");
+    let slot_move = stack.cluster().slot_move(slot, to);
+    // Start just after a dedup bucket begins, so that the bucket already
+    // exists on the source while the caches move.
+    loop {
+        let into_bucket = (im_proto::now_ms() - im_storage::layout::MESSAGE_ID_EPOCH_MS) % 2000;
+        if (300..400).contains(&into_bucket) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The recent caches first, the counters and the stream last: the
+    // longest time with a script's keys split between the two masters.
+    let (seq_key, stream_key) = (layout.seq_key(shard), stream.clone());
+    let moved = tokio::task::spawn_blocking(move || {
+        slot_move.run(1, Duration::from_millis(300), |key| {
+            if key.contains(":recent:") {
+                0
+            } else if key == seq_key || key == stream_key {
+                2
+            } else {
+                1
+            }
+        })
+    })
+    .await
+    .unwrap();
+    assert!(moved >= 4, "only {moved} keys moved: was the shard busy?");
+    assert_eq!(stack.cluster().master_of(stream.as_bytes()), to);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (acked, receivers) = load.finish().await;
+    let on_shard = acked
+        .iter()
+        .filter(|a| layout.shard_of(a.conversation) == shard)
+        .count();
+    assert!(
+        on_shard > 20,
+        "the moved shard took only {on_shard} messages"
+    );
+    crate::crash::verify(&stack, acked, receivers).await;
+}
