@@ -123,7 +123,142 @@ macro_rules! on_both_redis {
     };
 }
 
+/// The append script's reply to one call of message `cmid` of `a` in `ab`,
+/// as lane `token`'s call `number` declaring dedup bucket `bucket`.
+async fn append_call(
+    conn: &mut im_storage::redis_target::RedisConn,
+    layout: &Layout,
+    (a, ab): (UserId, ConversationId),
+    cmid: &str,
+    (token, number, bucket): (&str, u64, u64),
+    now_ms: i64,
+) -> redis::Value {
+    use im_storage::layout::{self, TICKS_PER_MS};
+    let script = im_storage::script::LuaScript::new(layout::APPEND_SCRIPT);
+    let shard = layout.shard_of(ab.raw());
+    let body = layout::record_body(&pb::Message {
+        conversation_id: ab.raw(),
+        sender_id: a,
+        client_msg_id: cmid.into(),
+        server_time_ms: now_ms,
+        ..Default::default()
+    });
+    let mut call = script.call();
+    call.key(layout.stream_key(shard))
+        .key(layout.seq_key(shard))
+        .key(layout.stored_key(shard))
+        .key(layout.calls_key(shard))
+        .key(layout.dedup_key(shard, bucket))
+        .key(layout.dedup_key(shard, bucket - 1))
+        .key(layout.recent_key(shard, ab.raw()))
+        .arg(now_ms)
+        .arg(layout::tick_of(now_ms))
+        .arg(TICKS_PER_MS)
+        .arg(600)
+        .arg(200)
+        .arg(3600)
+        .arg(1)
+        .arg(token)
+        .arg(number)
+        .arg(bucket)
+        .arg(ab.raw())
+        .arg(a)
+        .arg(cmid)
+        .arg("d")
+        .arg("")
+        .arg(body);
+    call.run(conn).await.expect("append call")
+}
+
+fn reply_kind(reply: &redis::Value) -> String {
+    match reply {
+        redis::Value::Array(replies) => match replies.first() {
+            Some(redis::Value::Array(parts)) => match parts.first() {
+                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                other => format!("{other:?}"),
+            },
+            other => format!("{other:?}"),
+        },
+        other => format!("{other:?}"),
+    }
+}
+
+/// An append call that runs again (a client library resends a call after
+/// a timeout, when the first may have run) gets the first run's replies
+/// and appends nothing more; a call that names another dedup bucket than
+/// the shard clock's is told which and changes nothing.
+async fn an_append_call_run_again_is_answered_not_appended(env: PipelineEnv) {
+    let store = open(&env, 0).await;
+    let (a, ab) = pair(&store, "memo").await;
+    // Seeds the counter and checks the shard: the calls below just append.
+    assert_eq!(send(&store, a, ab, &["m1"]).await, [1]);
+    let layout = Layout::new(env.prefix.clone(), 4);
+    let stream = layout.stream_key(layout.shard_of(ab.raw()));
+    let mut conn = env.redis_conn().await;
+    let entries = async |conn: &mut im_storage::redis_target::RedisConn| -> u64 {
+        redis::cmd("XLEN")
+            .arg(&stream)
+            .query_async(conn)
+            .await
+            .unwrap()
+    };
+    let before = entries(&mut conn).await;
+    let now = im_proto::now_ms();
+    let own = im_storage::layout::dedup_bucket(im_storage::layout::tick_of(now), 600);
+
+    let wrong = append_call(&mut conn, &layout, (a, ab), "m2", ("lane", 1, own + 1), now).await;
+    let redis::Value::Array(replies) = &wrong else {
+        panic!("{wrong:?}")
+    };
+    let shard_bucket = match &replies[0] {
+        redis::Value::Array(parts) => {
+            assert_eq!(reply_kind(&wrong), "bucket");
+            match parts[1] {
+                redis::Value::Int(b) => b as u64,
+                ref other => panic!("{other:?}"),
+            }
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(entries(&mut conn).await, before, "a wrong bucket appended");
+
+    let first = append_call(
+        &mut conn,
+        &layout,
+        (a, ab),
+        "m2",
+        ("lane", 1, shard_bucket),
+        now,
+    )
+    .await;
+    assert_eq!(reply_kind(&first), "ok", "{first:?}");
+    let again = append_call(
+        &mut conn,
+        &layout,
+        (a, ab),
+        "m2",
+        ("lane", 1, shard_bucket),
+        now,
+    )
+    .await;
+    assert_eq!(again, first, "the call ran again");
+    assert_eq!(entries(&mut conn).await, before + 1);
+    // Another call of the same message is a duplicate, not a new append.
+    let other = append_call(
+        &mut conn,
+        &layout,
+        (a, ab),
+        "m2",
+        ("lane", 2, shard_bucket),
+        now,
+    )
+    .await;
+    assert_eq!(reply_kind(&other), "dup", "{other:?}");
+    assert_eq!(send(&store, a, ab, &["m3"]).await, [3]);
+}
+
 on_both_redis!(deleted_counter_continues_after_unstored_messages);
+on_both_redis!(an_append_call_run_again_is_answered_not_appended);
 on_both_redis!(rolled_back_counter_never_repeats_a_seq);
 
 /// Rows in MySQL: (seq, client_msg_id) of a conversation, by seq.
