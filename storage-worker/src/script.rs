@@ -88,7 +88,10 @@ impl ScriptCall<'_> {
         &self.keys
     }
 
-    fn command(&self, whole: bool) -> Cmd {
+    /// The call as one command: `EVALSHA`, or with `whole` an `EVAL` of
+    /// the code. For pipelines of calls that may run twice (read-only or
+    /// idempotent ones); [`ScriptCall::run`] sends a call alone.
+    pub fn command(&self, whole: bool) -> Cmd {
         let mut cmd = if whole {
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(self.script.code);
