@@ -1,7 +1,19 @@
 -- Appends a batch of messages of one stream shard atomically, in order.
 --
--- KEYS[1]  the shard's stream, "<prefix>:{s<N>}:stream"; every other key
---          is derived from it and shares its hash tag.
+-- Every key the script touches is declared in KEYS, all with the shard's
+-- hash tag, so a Redis Cluster routes the call to where its keys are while
+-- the shard's slot is being migrated: -ASK when they all moved, -TRYAGAIN
+-- when they are split between the two nodes or one does not exist yet. In
+-- either case the script has not run, and the caller retries.
+-- KEYS[1]  the shard's stream, "<prefix>:{s<N>}:stream"
+-- KEYS[2]  its seq hash (":seq"), KEYS[3] its stored watermarks (":stored")
+-- KEYS[4]  its call memo (":calls"): lane token -> the last call's replies
+-- KEYS[5]  the dedup bucket the caller expects (":dedup:<B>", see ARGV[10])
+-- KEYS[6]  the bucket before it (":dedup:<B-1>")
+-- KEYS[7..] the recent cache (":recent:<C>") of every conversation of the
+--          batch, and the member set (":members:<C>") of every group of it,
+--          once each, in any order; a key the script needs that is not
+--          declared is an error raised before anything is written
 -- ARGV[1]  server time, Unix ms (the messages' server_time_ms)
 -- ARGV[2]  the same time as a tick of the shard clock (layout::tick_of)
 -- ARGV[3]  ticks per millisecond (layout::TICKS_PER_MS)
@@ -9,11 +21,23 @@
 -- ARGV[5]  records kept per conversation in the recent cache, beyond
 --          those not yet stored in MySQL
 -- ARGV[6]  seconds an idle conversation's recent cache lives
--- ARGV[7]  number of messages; then 6 arguments per message:
+-- ARGV[7]  number of messages
+-- ARGV[8]  the calling lane's token (unique per lane and process start)
+-- ARGV[9]  the call's number within the lane (never reused by the lane)
+-- ARGV[10] the dedup bucket B the caller expects (layout::dedup_bucket)
+-- ARGV[11..] 6 arguments per message:
 --          conversation id, sender id ("0" for server notices),
 --          client_msg_id ("" for none), kind ("d" direct, "g" group,
 --          "n" notice), attempt ("" first attempt, "r" a resend, "c" a
 --          resend MySQL was checked for), record body
+--
+-- Calls run once. A call that stored something leaves its replies in the
+-- memo under its lane's token; the same call again (a client library
+-- resending it after a timeout or a broken connection, when the first one
+-- may have run) gets those replies back and changes nothing, so its
+-- messages are acknowledged with the seqs they took, never appended twice.
+-- A lane makes one call at a time per shard, so the memo needs only its
+-- last call. Memo entries older than a minute are swept now and then.
 --
 -- The shard clock. `#t` in the seq hash holds the last tick taken; each
 -- stored message takes the next one, which is the wall clock (ARGV[2])
@@ -22,6 +46,20 @@
 -- arrive within one millisecond and whichever node appends them. Dedup
 -- buckets follow the same clock, so where a message's dedup entry lives
 -- is a function of its tick.
+--
+-- The dedup bucket. The bucket is the shard clock's, as computed here
+-- (the clock may run ahead of the caller's wall clock), not the caller's:
+-- a bucket taken from each node's own clock would put a message's entry
+-- wherever that node's clock said, and a resend to a node whose clock is
+-- behind would look in buckets before it and miss it; and the "check"
+-- decision below trusts that every message with a tick past
+-- `window_start` has its entry in the two buckets checked, which holds
+-- only if buckets follow ticks. So the caller names the bucket it expects
+-- (from its clock, or from the shard's last answer) and declares it and
+-- the one before; when the clock's bucket differs the script writes
+-- nothing and answers {"bucket", B} for every message, and the caller
+-- calls again with bucket B. That happens around a bucket's start, or
+-- while the caller's clock is behind the shard clock by a bucket.
 --
 -- All messages appended by one call go into one stream entry, as repeated
 -- "m" fields in order, so the stream costs one entry per call, not per
@@ -50,6 +88,10 @@
 --                           the node checks them (see VERIFY_SCRIPT) and
 --                           resubmits; replid is the master's replication
 --                           id, tick the shard clock's last tick
+--   {"bucket", B}           the shard clock is in dedup bucket B, not the
+--                           one the caller declared: nothing was done; call
+--                           again with bucket B (every message of the call
+--                           gets this reply, like "verify")
 --   {"blocked"}             an earlier message of the same conversation
 --                           needs "load", "seed" or "check" first; resubmit
 --                           (a duplicate or a resend to check is answered
@@ -58,10 +100,53 @@
 -- rest of the batch, so resubmitting keeps its order.
 
 local stream = KEYS[1]
+local seq_key = KEYS[2]
+local stored_key = KEYS[3]
+local calls_key = KEYS[4]
 local base = string.sub(stream, 1, -8)
-local seq_key = base .. ":seq"
-local stored_key = base .. ":stored"
 local count = tonumber(ARGV[7])
+local token = ARGV[8]
+local call = ARGV[9]
+local first_arg = 11
+
+-- The same call again: its replies, and a write, so that a WAIT after it
+-- also covers the first run's. The memo is "<call>:<time>:<replies>".
+local memo = redis.call("HGET", calls_key, token)
+if memo then
+  local colon = string.find(memo, ":", 1, true)
+  if colon and string.sub(memo, 1, colon - 1) == call then
+    redis.call("HINCRBY", seq_key, "#w", 1)
+    local rest = string.sub(memo, colon + 1)
+    return cmsgpack.unpack(string.sub(rest, string.find(rest, ":", 1, true) + 1))
+  end
+end
+
+-- Every key used below must be declared (see the header).
+local declared = {}
+for i = 1, #KEYS do
+  declared[KEYS[i]] = true
+end
+local function check_declared(name)
+  if not declared[name] then
+    error("append script: undeclared key " .. name)
+  end
+end
+for i = 1, count do
+  local at = first_arg + (i - 1) * 6
+  check_declared(base .. ":recent:" .. ARGV[at])
+  if ARGV[at + 3] == "g" then
+    check_declared(base .. ":members:" .. ARGV[at])
+  end
+end
+
+-- Every message of the call gets the same reply.
+local function all(reply)
+  local out = {}
+  for i = 1, count do
+    out[i] = reply
+  end
+  return out
+end
 
 -- Counters are trusted under the master that last checked them (`#r` in
 -- the seq hash, its replication id). A new master (a promoted replica, a
@@ -70,12 +155,7 @@ local count = tonumber(ARGV[7])
 -- are checked again.
 local replid = string.match(redis.call("INFO", "replication"), "master_replid:(%w+)")
 if redis.call("HGET", seq_key, "#r") ~= replid then
-  local tick = redis.call("HGET", seq_key, "#t") or "0"
-  local out = {}
-  for i = 1, count do
-    out[i] = {"verify", replid, tick}
-  end
-  return out
+  return all({"verify", replid, redis.call("HGET", seq_key, "#t") or "0"})
 end
 
 local now = ARGV[1]
@@ -91,8 +171,13 @@ local last_tick = tonumber(redis.call("HGET", seq_key, "#t") or "0")
 local clock = math.max(tonumber(ARGV[2]), last_tick + 1)
 local bucket_ticks = window * 1000 * per_ms
 local bucket = math.floor(clock / bucket_ticks)
+if bucket ~= tonumber(ARGV[10]) then
+  return all({"bucket", bucket})
+end
 local dedup_cur = base .. ":dedup:" .. bucket
 local dedup_prev = base .. ":dedup:" .. (bucket - 1)
+check_declared(dedup_cur)
+check_declared(dedup_prev)
 -- The two buckets checked hold every message with a tick from here on
 -- (a second of margin for ticks taken within one call).
 local window_start = (bucket - 1) * bucket_ticks + 1000 * per_ms
@@ -135,7 +220,7 @@ local dedup = {}
 local dup_seen = false
 
 for i = 1, count do
-  local at = 8 + (i - 1) * 6
+  local at = first_arg + (i - 1) * 6
   local conv = ARGV[at]
   local sender = ARGV[at + 1]
   local cmid = ARGV[at + 2]
@@ -189,18 +274,22 @@ for i = 1, count do
     -- MySQL first.
     local seq = redis.call("HINCRBY", seq_key, conv, 1) - 1
     local recent = base .. ":recent:" .. conv
+    local restart = false
     if seq > 0 then
       -- The cache ends with the conversation's newest record: a counter
       -- that fell behind it (rolled back or rewritten) is moved past it,
       -- so a seq is never given twice; a cache that does not end right
-      -- below the new seq is dropped, so it stays contiguous.
+      -- below the new seq is cut to the new record, so it stays
+      -- contiguous (cut after the push, not deleted before it: a key
+      -- this script deletes and writes again would be missing in between,
+      -- which a cluster node migrating the slot refuses mid-script).
       local tail = redis.call("LINDEX", recent, -1)
       local last = tail and tonumber(string.match(tail, "^(%d+):"))
       if last and last >= seq then
         seq = last + 1
         redis.call("HSET", seq_key, conv, seq + 1)
       elseif last and last ~= seq - 1 then
-        redis.call("DEL", recent)
+        restart = true
       end
     end
     if seq == 0 then
@@ -216,11 +305,15 @@ for i = 1, count do
       entry[#entry + 1] = record
 
       redis.call("RPUSH", recent, record)
+      if restart then
+        redis.call("LTRIM", recent, -1, -1)
+      end
       if seq % 16 == 1 then
         -- Every 16 messages: drop what MySQL has and the cache need not
-        -- keep, and renew the idle timeout.
+        -- keep, and renew the idle timeout. The new record always stays
+        -- (the list never empties within the call).
         local stored = tonumber(redis.call("HGET", stored_key, conv) or "0")
-        local floor = math.min(stored, seq - cache_len)
+        local floor = math.min(stored, seq - cache_len, seq - 1)
         local first = tonumber(string.match(redis.call("LINDEX", recent, 0) or "", "^(%d+):"))
         if first and floor >= first then
           redis.call("LTRIM", recent, floor - first + 1, -1)
@@ -253,5 +346,22 @@ end
 if #dedup > 0 then
   redis.call("HSET", dedup_cur, unpack(dedup))
   redis.call("EXPIRE", dedup_cur, window * 2)
+end
+if #entry > 0 then
+  redis.call("HSET", calls_key, token, call .. ":" .. now .. ":" .. cmsgpack.pack(out))
+  -- About every 16 s of shard clock: forget the calls of lanes that made
+  -- none for a minute (stopped processes). The marker field "#" keeps the
+  -- hash, so it exists whenever the shard does.
+  if math.floor(clock / 1048576) ~= math.floor(last_tick / 1048576) then
+    local fields = redis.call("HGETALL", calls_key)
+    local old = tonumber(now) - 60000
+    for i = 1, #fields, 2 do
+      local t = tonumber(string.match(fields[i + 1], "^%d+:(%d+):"))
+      if fields[i] ~= "#" and (not t or t < old) then
+        redis.call("HDEL", calls_key, fields[i])
+      end
+    end
+    redis.call("HSET", calls_key, "#", "")
+  end
 end
 return out

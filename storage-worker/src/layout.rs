@@ -3,13 +3,18 @@
 //! Messages spread over `streams` stream shards by conversation, so one
 //! stream never caps throughput and each conversation stays ordered. Every
 //! key an append touches carries its shard's hash tag (`{s7}`), so the
-//! append script works unchanged on Redis Cluster. Per shard:
+//! append script works unchanged on Redis Cluster, and every script names
+//! every key it touches in `KEYS` (none derives a key name it was not
+//! given), so that while a shard's slot moves between cluster masters a
+//! call runs where all its keys are, or is answered `-ASK`/`-TRYAGAIN`
+//! without running. Per shard:
 //!
 //! | key | type | what |
 //! |---|---|---|
 //! | `P:{sN}:stream` | stream | one entry per append call: field `m` repeated, one record per message, in order |
 //! | `P:{sN}:seq` | hash | conversation → last seq + 1 (so a missing counter is told apart from a new one); `#t` → the shard clock's last tick; `#r` → the replication id of the Redis primary that last checked the counters against MySQL; `#w` → bumped by calls that answer only duplicates (so a `WAIT` after them covers the originals) |
-//! | `P:{sN}:dedup:B` | hash | `conv:sender:client_msg_id` → `seq:tick:time`, bucket B of the dedup window (buckets follow the shard clock) |
+//! | `P:{sN}:dedup:B` | hash | `conv:sender:client_msg_id` → `seq:tick:time`, bucket B of the dedup window (buckets follow the shard clock: [`dedup_bucket`]) |
+//! | `P:{sN}:calls` | hash | append lane token → `call:time:replies` of its last call that stored something, so a call sent again is answered, not run again; `#` a marker |
 //! | `P:{sN}:recent:C` | list | newest records of conversation C, contiguous in seq |
 //! | `P:{sN}:stored` | hash | conversation → highest seq the worker has stored in MySQL; `#w` → bumped before the worker's `WAIT` |
 //! | `P:{sN}:members:C` | set | member ids of group conversation C, plus `0` as a marker |
@@ -118,6 +123,16 @@ impl Layout {
         self.shard_key(shard, "seq")
     }
 
+    /// Dedup bucket `bucket` (see [`dedup_bucket`]).
+    pub fn dedup_key(&self, shard: u32, bucket: u64) -> String {
+        self.shard_key(shard, &format!("dedup:{bucket}"))
+    }
+
+    /// Append lane token → the replies of its last call.
+    pub fn calls_key(&self, shard: u32) -> String {
+        self.shard_key(shard, "calls")
+    }
+
     /// Conversation → highest seq stored in MySQL.
     pub fn stored_key(&self, shard: u32) -> String {
         self.shard_key(shard, "stored")
@@ -171,6 +186,14 @@ pub const TICKS_PER_MS: u64 = 64;
 /// starts from when its shard's clock is behind the wall clock.
 pub fn tick_of(now_ms: i64) -> u64 {
     (now_ms - MESSAGE_ID_EPOCH_MS).max(0) as u64 * TICKS_PER_MS
+}
+
+/// The dedup bucket of shard-clock tick `tick` with a dedup window of
+/// `window_secs`: what the append script computes from its shard clock,
+/// and what a caller expects from its own clock ([`tick_of`]) when it
+/// declares the bucket's key.
+pub fn dedup_bucket(tick: u64, window_secs: u64) -> u64 {
+    tick / (window_secs.max(1) * 1000 * TICKS_PER_MS)
 }
 
 /// The message id of the message of `shard` that took tick `tick` of the
@@ -296,6 +319,8 @@ mod tests {
             l.members_key(3, 42),
             l.members_version_key(3, 42),
             l.dead_letter_key(3),
+            l.dedup_key(3, 9),
+            l.calls_key(3),
         ] {
             assert!(key.starts_with("im:{s3}:"), "{key}");
             assert!(key.contains(tag));

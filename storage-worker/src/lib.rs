@@ -10,6 +10,8 @@
 //!   stored message, message ids, and the append script.
 //! - [`redis_target`]: one Redis server or a Redis Cluster behind one
 //!   connection type (pipelines split by slot on a cluster).
+//! - [`script`]: Lua script calls that follow a cluster slot's migration
+//!   (`-ASK`, `-TRYAGAIN`) and load the script on whichever node runs it.
 //! - [`schema`]: the MySQL schema and its migrations, run at start-up by
 //!   every process that uses the database.
 //! - [`shards`]: which MySQL database holds a conversation's messages
@@ -41,6 +43,7 @@ pub mod outage;
 pub mod redis_target;
 pub mod retention;
 pub mod schema;
+pub mod script;
 pub mod settings;
 pub mod shards;
 pub mod sql;

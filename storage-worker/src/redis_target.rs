@@ -16,6 +16,10 @@
 //!   sent whole: their keys must share a slot (every key of a stream shard
 //!   carries the shard's hash tag; see [`layout`](crate::layout)).
 //!
+//! Scripts go through [`script`](crate::script), which follows `-ASK` and
+//! `-TRYAGAIN` while a slot migrates, and loads a script on whichever node
+//! runs it.
+//!
 //! [`key_slot`] is the cluster's slot function, and [`RedisTarget::master_of`]
 //! finds the master serving a key, for connections that must sit on that
 //! node (sharded Pub/Sub subscriptions).
@@ -419,6 +423,39 @@ async fn split_query(
             })
         })
         .collect()
+}
+
+impl RedisConn {
+    /// Runs `pipeline` on the cluster node `node` (`host:port`, as an
+    /// `-ASK` names it), in one piece; on one server, on that server.
+    pub async fn query_on_node(
+        &mut self,
+        node: &str,
+        pipeline: &Pipeline,
+    ) -> RedisResult<Vec<Value>> {
+        match self {
+            RedisConn::Cluster(c) => {
+                let (host, port) = node
+                    .rsplit_once(':')
+                    .and_then(|(host, port)| Some((host.to_string(), port.parse().ok()?)))
+                    .ok_or_else(|| {
+                        redis::RedisError::from((
+                            redis::ErrorKind::ClientError,
+                            "bad node address",
+                            node.to_string(),
+                        ))
+                    })?;
+                c.route_pipeline(
+                    pipeline,
+                    0,
+                    pipeline.len(),
+                    redis::cluster_routing::SingleNodeRoutingInfo::ByAddress { host, port },
+                )
+                .await
+            }
+            _ => pipeline.query_async(self).await,
+        }
+    }
 }
 
 impl ConnectionLike for RedisConn {

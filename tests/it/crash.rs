@@ -22,34 +22,45 @@ use im_tests::{ServerProcess, WorkerProcess, free_port};
 use mysql_async::prelude::*;
 use tokio::sync::Mutex;
 
-const STREAMS: &str = "4";
+pub(crate) const STREAMS: &str = "4";
 
 /// Redis (AOF, fsync always), MariaDB, one server node and one storage
 /// worker, each killable.
-struct Stack {
+pub(crate) struct Stack {
     /// One Redis, or (for the failover tests) a Redis Cluster.
     single: Option<RedisServer>,
     cluster: Option<RedisCluster>,
     mysql: MariaDb,
     mysql_url: String,
-    prefix: String,
+    pub(crate) prefix: String,
     data: tempfile::TempDir,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     server: Option<ServerProcess>,
     worker: Option<WorkerProcess>,
+    /// More flags for the server.
+    server_args: Vec<String>,
 }
 
 impl Stack {
     fn start() -> Stack {
-        Stack::start_with(Some(RedisServer::start(true)), None)
+        Stack::start_with(Some(RedisServer::start(true)), None, &[])
     }
 
     /// The same on a Redis Cluster of its own (3 masters, a replica each).
-    fn start_on_cluster() -> Stack {
-        Stack::start_with(None, Some(RedisCluster::start()))
+    pub(crate) fn start_on_cluster() -> Stack {
+        Stack::start_with(None, Some(RedisCluster::start()), &[])
     }
 
-    fn start_with(single: Option<RedisServer>, cluster: Option<RedisCluster>) -> Stack {
+    /// The same, with more flags for the server.
+    pub(crate) fn start_on_cluster_with(server_args: &[&str]) -> Stack {
+        Stack::start_with(None, Some(RedisCluster::start()), server_args)
+    }
+
+    fn start_with(
+        single: Option<RedisServer>,
+        cluster: Option<RedisCluster>,
+        server_args: &[&str],
+    ) -> Stack {
         let mysql = MariaDb::start();
         let mysql_url = fresh_database(&mysql.server_url());
         let mut stack = Stack {
@@ -62,6 +73,7 @@ impl Stack {
             addr: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             server: None,
             worker: None,
+            server_args: server_args.iter().map(|a| a.to_string()).collect(),
         };
         stack.start_server();
         stack.start_worker();
@@ -74,7 +86,7 @@ impl Stack {
     }
 
     /// The Redis Cluster.
-    fn cluster(&mut self) -> &mut RedisCluster {
+    pub(crate) fn cluster(&mut self) -> &mut RedisCluster {
         self.cluster.as_mut().expect("a stack on a Redis Cluster")
     }
 
@@ -89,8 +101,8 @@ impl Stack {
 
     fn start_server(&mut self) {
         let [flag, redis] = self.redis_flags();
-        let args = [
-            &flag,
+        let mut args = vec![
+            flag.as_str(),
             &redis,
             "--mysql-url",
             &self.mysql_url,
@@ -99,6 +111,7 @@ impl Stack {
             "--streams",
             STREAMS,
         ];
+        args.extend(self.server_args.iter().map(String::as_str));
         self.server = Some(ServerProcess::start_on(self.addr, self.data.path(), &args));
     }
 
@@ -176,8 +189,8 @@ impl Drop for Stack {
 
 /// One acknowledged send.
 #[derive(Debug, Clone)]
-struct Acked {
-    conversation: u64,
+pub(crate) struct Acked {
+    pub(crate) conversation: u64,
     seq: u64,
     client_msg_id: String,
 }
@@ -186,14 +199,14 @@ struct Acked {
 type Inbox = Arc<Mutex<Vec<pb::Message>>>;
 
 /// What each receiver got, by conversation; holds the clients open.
-struct Receivers {
+pub(crate) struct Receivers {
     got: Vec<(u64, Inbox)>,
     _clients: Vec<Client>,
 }
 
 /// Senders that keep sending (each send retried by the SDK until acked)
 /// and receivers that collect what they get.
-struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     senders: Vec<tokio::task::JoinHandle<Vec<Acked>>>,
     receivers: Vec<(u64, Inbox, tokio::task::JoinHandle<()>)>,
@@ -211,7 +224,7 @@ async fn collect(mut events: Events, into: Arc<Mutex<Vec<pb::Message>>>) {
 impl Load {
     /// `pairs` sender → receiver pairs; every conversation gets its first
     /// message before this returns, so later sends need no new state.
-    async fn start(addr: SocketAddr, pairs: usize) -> Load {
+    pub(crate) async fn start(addr: SocketAddr, pairs: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
@@ -265,9 +278,14 @@ impl Load {
         }
     }
 
+    /// The conversations the load runs in.
+    pub(crate) fn conversations(&self) -> Vec<u64> {
+        self.receivers.iter().map(|(c, _, _)| *c).collect()
+    }
+
     /// Stops sending and returns every acknowledged send, and the
     /// receivers (whose clients stay connected until `verify` is done).
-    async fn finish(self) -> (Vec<Acked>, Receivers) {
+    pub(crate) async fn finish(self) -> (Vec<Acked>, Receivers) {
         self.stop.store(true, Ordering::Relaxed);
         let mut acked = Vec::new();
         for s in self.senders {
@@ -295,7 +313,7 @@ fn text(s: &str) -> pb::Content {
 }
 
 /// The assertions shared by every crash test.
-async fn verify(stack: &Stack, acked: Vec<Acked>, receivers: Receivers) {
+pub(crate) async fn verify(stack: &Stack, acked: Vec<Acked>, receivers: Receivers) {
     assert!(
         acked.len() > 20,
         "the load barely ran: {} acks",

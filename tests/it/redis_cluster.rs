@@ -123,7 +123,142 @@ macro_rules! on_both_redis {
     };
 }
 
+/// The append script's reply to one call of message `cmid` of `a` in `ab`,
+/// as lane `token`'s call `number` declaring dedup bucket `bucket`.
+async fn append_call(
+    conn: &mut im_storage::redis_target::RedisConn,
+    layout: &Layout,
+    (a, ab): (UserId, ConversationId),
+    cmid: &str,
+    (token, number, bucket): (&str, u64, u64),
+    now_ms: i64,
+) -> redis::Value {
+    use im_storage::layout::{self, TICKS_PER_MS};
+    let script = im_storage::script::LuaScript::new(layout::APPEND_SCRIPT);
+    let shard = layout.shard_of(ab.raw());
+    let body = layout::record_body(&pb::Message {
+        conversation_id: ab.raw(),
+        sender_id: a,
+        client_msg_id: cmid.into(),
+        server_time_ms: now_ms,
+        ..Default::default()
+    });
+    let mut call = script.call();
+    call.key(layout.stream_key(shard))
+        .key(layout.seq_key(shard))
+        .key(layout.stored_key(shard))
+        .key(layout.calls_key(shard))
+        .key(layout.dedup_key(shard, bucket))
+        .key(layout.dedup_key(shard, bucket - 1))
+        .key(layout.recent_key(shard, ab.raw()))
+        .arg(now_ms)
+        .arg(layout::tick_of(now_ms))
+        .arg(TICKS_PER_MS)
+        .arg(600)
+        .arg(200)
+        .arg(3600)
+        .arg(1)
+        .arg(token)
+        .arg(number)
+        .arg(bucket)
+        .arg(ab.raw())
+        .arg(a)
+        .arg(cmid)
+        .arg("d")
+        .arg("")
+        .arg(body);
+    call.run(conn).await.expect("append call")
+}
+
+fn reply_kind(reply: &redis::Value) -> String {
+    match reply {
+        redis::Value::Array(replies) => match replies.first() {
+            Some(redis::Value::Array(parts)) => match parts.first() {
+                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                other => format!("{other:?}"),
+            },
+            other => format!("{other:?}"),
+        },
+        other => format!("{other:?}"),
+    }
+}
+
+/// An append call that runs again (a client library resends a call after
+/// a timeout, when the first may have run) gets the first run's replies
+/// and appends nothing more; a call that names another dedup bucket than
+/// the shard clock's is told which and changes nothing.
+async fn an_append_call_run_again_is_answered_not_appended(env: PipelineEnv) {
+    let store = open(&env, 0).await;
+    let (a, ab) = pair(&store, "memo").await;
+    // Seeds the counter and checks the shard: the calls below just append.
+    assert_eq!(send(&store, a, ab, &["m1"]).await, [1]);
+    let layout = Layout::new(env.prefix.clone(), 4);
+    let stream = layout.stream_key(layout.shard_of(ab.raw()));
+    let mut conn = env.redis_conn().await;
+    let entries = async |conn: &mut im_storage::redis_target::RedisConn| -> u64 {
+        redis::cmd("XLEN")
+            .arg(&stream)
+            .query_async(conn)
+            .await
+            .unwrap()
+    };
+    let before = entries(&mut conn).await;
+    let now = im_proto::now_ms();
+    let own = im_storage::layout::dedup_bucket(im_storage::layout::tick_of(now), 600);
+
+    let wrong = append_call(&mut conn, &layout, (a, ab), "m2", ("lane", 1, own + 1), now).await;
+    let redis::Value::Array(replies) = &wrong else {
+        panic!("{wrong:?}")
+    };
+    let shard_bucket = match &replies[0] {
+        redis::Value::Array(parts) => {
+            assert_eq!(reply_kind(&wrong), "bucket");
+            match parts[1] {
+                redis::Value::Int(b) => b as u64,
+                ref other => panic!("{other:?}"),
+            }
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(entries(&mut conn).await, before, "a wrong bucket appended");
+
+    let first = append_call(
+        &mut conn,
+        &layout,
+        (a, ab),
+        "m2",
+        ("lane", 1, shard_bucket),
+        now,
+    )
+    .await;
+    assert_eq!(reply_kind(&first), "ok", "{first:?}");
+    let again = append_call(
+        &mut conn,
+        &layout,
+        (a, ab),
+        "m2",
+        ("lane", 1, shard_bucket),
+        now,
+    )
+    .await;
+    assert_eq!(again, first, "the call ran again");
+    assert_eq!(entries(&mut conn).await, before + 1);
+    // Another call of the same message is a duplicate, not a new append.
+    let other = append_call(
+        &mut conn,
+        &layout,
+        (a, ab),
+        "m2",
+        ("lane", 2, shard_bucket),
+        now,
+    )
+    .await;
+    assert_eq!(reply_kind(&other), "dup", "{other:?}");
+    assert_eq!(send(&store, a, ab, &["m3"]).await, [3]);
+}
+
 on_both_redis!(deleted_counter_continues_after_unstored_messages);
+on_both_redis!(an_append_call_run_again_is_answered_not_appended);
 on_both_redis!(rolled_back_counter_never_repeats_a_seq);
 
 /// Rows in MySQL: (seq, client_msg_id) of a conversation, by seq.
@@ -279,4 +414,80 @@ async fn the_worker_commits_only_what_the_replicas_have() {
     let rows = wait_rows(&env.mysql_url, ab.raw(), 2).await;
     assert_eq!(rows, [(1, "m1".to_string()), (2, "m2".to_string())]);
     worker.shutdown().await;
+}
+
+/// The slot of a busy stream shard moves to another master (`SETSLOT
+/// IMPORTING`/`MIGRATING`, `MIGRATE` one key at a time with pauses, the
+/// conversations' caches first and the counters and stream last, `SETSLOT
+/// NODE`) while verified traffic runs into its conversations
+/// (server process, storage worker, MariaDB, on a Redis Cluster of its
+/// own): appends meet the shard's keys split between the two masters, are
+/// refused with -TRYAGAIN or redirected with -ASK and retried, and every
+/// acknowledged message is delivered once, in order, and stored once, with
+/// dense seqs. Then the traffic goes on against the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_shard_slot_moved_under_load_loses_nothing() {
+    // Two-second dedup buckets: the shard's previous bucket exists, as in
+    // any deployment that ran for a while, and new buckets start while the
+    // slot moves.
+    let mut stack = crate::crash::Stack::start_on_cluster_with(&["--dedup-window-secs", "2"]);
+    let load = crate::crash::Load::start(stack.addr, 8).await;
+    // The shard most of the load's conversations are on.
+    let streams = crate::crash::STREAMS.parse().unwrap();
+    let layout = Layout::new(stack.prefix.clone(), streams);
+    let mut per_shard = vec![0usize; streams as usize];
+    for conv in load.conversations() {
+        per_shard[layout.shard_of(conv) as usize] += 1;
+    }
+    let shard = (0..streams).max_by_key(|&s| per_shard[s as usize]).unwrap();
+    let stream = layout.stream_key(shard);
+    let slot = im_storage::redis_target::key_slot(stream.as_bytes());
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let from = stack.cluster().master_of(stream.as_bytes());
+    let to = stack
+        .cluster()
+        .masters()
+        .into_iter()
+        .find(|&m| m != from)
+        .expect("another master");
+    let slot_move = stack.cluster().slot_move(slot, to);
+    // Start just after a dedup bucket begins, so that the bucket already
+    // exists on the source while the caches move.
+    loop {
+        let into_bucket = (im_proto::now_ms() - im_storage::layout::MESSAGE_ID_EPOCH_MS) % 2000;
+        if (300..400).contains(&into_bucket) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The recent caches first, the counters and the stream last: the
+    // longest time with a script's keys split between the two masters.
+    let (seq_key, stream_key) = (layout.seq_key(shard), stream.clone());
+    let moved = tokio::task::spawn_blocking(move || {
+        slot_move.run(1, Duration::from_millis(300), |key| {
+            if key.contains(":recent:") {
+                0
+            } else if key == seq_key || key == stream_key {
+                2
+            } else {
+                1
+            }
+        })
+    })
+    .await
+    .unwrap();
+    assert!(moved >= 4, "only {moved} keys moved: was the shard busy?");
+    assert_eq!(stack.cluster().master_of(stream.as_bytes()), to);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (acked, receivers) = load.finish().await;
+    let on_shard = acked
+        .iter()
+        .filter(|a| layout.shard_of(a.conversation) == shard)
+        .count();
+    assert!(
+        on_shard > 20,
+        "the moved shard took only {on_shard} messages"
+    );
+    crate::crash::verify(&stack, acked, receivers).await;
 }

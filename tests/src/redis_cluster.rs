@@ -168,6 +168,46 @@ impl RedisCluster {
             .map(|n| n.port)
     }
 
+    /// Ports of the live masters.
+    pub fn masters(&self) -> Vec<u16> {
+        let live = self.live_ports();
+        live.iter()
+            .find_map(|&port| cluster_nodes(port))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| n.healthy_master && live.contains(&n.port))
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// A move of `slot` from the master serving it now to the master on
+    /// `to`, ready to run.
+    pub fn slot_move(&self, slot: u16, to: u16) -> SlotMove {
+        let live = self.live_ports();
+        let nodes = live
+            .iter()
+            .find_map(|&port| cluster_nodes(port))
+            .expect("a live node answers CLUSTER NODES");
+        let from = nodes
+            .iter()
+            .find(|n| n.healthy_master && n.slots.iter().any(|&(lo, hi)| (lo..=hi).contains(&slot)))
+            .expect("a master serves the slot");
+        let id_of = |port: u16| {
+            let node = nodes.iter().find(|n| n.port == port);
+            node.expect("a node of this cluster").id.clone()
+        };
+        SlotMove {
+            slot,
+            from: (from.port, from.id.clone()),
+            to: (to, id_of(to)),
+            masters: nodes
+                .iter()
+                .filter(|n| n.healthy_master && live.contains(&n.port))
+                .map(|n| n.port)
+                .collect(),
+        }
+    }
+
     /// Sends a signal (`STOP`, `CONT`, ...) to a node's process.
     pub fn signal(&self, port: u16, signal: &str) {
         let node = self.nodes.iter().find(|n| n.port == port);
@@ -218,6 +258,73 @@ impl RedisCluster {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// A slot's move from one master to another, as `redis-cli --cluster
+/// reshard` makes it (`CLUSTER SETSLOT IMPORTING` on the target,
+/// `MIGRATING` on the source, `MIGRATE` of the slot's keys in batches,
+/// `SETSLOT NODE` everywhere), but as slowly as a test wants: a few keys
+/// per batch and a pause between batches, so that traffic meets the slot
+/// half moved.
+#[derive(Debug, Clone)]
+pub struct SlotMove {
+    slot: u16,
+    /// Port and node id.
+    from: (u16, String),
+    to: (u16, String),
+    masters: Vec<u16>,
+}
+
+impl SlotMove {
+    /// Moves the slot (blocking), `batch` keys per `MIGRATE` and `pause`
+    /// after each, the keys in the order of `rank` (lowest first; the order
+    /// `redis-cli` takes is the node's, any order can happen); returns how
+    /// many keys moved.
+    pub fn run(&self, batch: usize, pause: Duration, rank: impl Fn(&str) -> u32) -> usize {
+        let slot = self.slot.to_string();
+        let (from, from_id) = (self.from.0, self.from.1.as_str());
+        let (to, to_id) = (self.to.0, self.to.1.as_str());
+        let ok = |port: u16, args: &[&str]| {
+            let out = cli(port, args).unwrap_or_default();
+            assert!(out.trim() == "OK", "{args:?} on {port}: {out}");
+        };
+        ok(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", from_id]);
+        ok(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", to_id]);
+        let to_port = to.to_string();
+        let mut moved = 0;
+        // Keys created on the source meanwhile (none should be: a missing
+        // key is the target's now) are moved by the next pass.
+        loop {
+            let keys =
+                cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "100000"]).unwrap_or_default();
+            let mut keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            keys.sort_by_key(|k| rank(k));
+            for part in keys.chunks(batch.max(1)) {
+                let mut args = vec!["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS"];
+                args.extend(part);
+                let out = cli(from, &args).unwrap_or_default();
+                assert!(
+                    matches!(out.trim(), "OK" | "NOKEY"),
+                    "MIGRATE {part:?}: {out}"
+                );
+                moved += part.len();
+                std::thread::sleep(pause);
+            }
+        }
+        // The target first, as redis-cli does: it owns the slot before the
+        // source stops redirecting to it.
+        ok(to, &["CLUSTER", "SETSLOT", &slot, "NODE", to_id]);
+        ok(from, &["CLUSTER", "SETSLOT", &slot, "NODE", to_id]);
+        for &port in &self.masters {
+            if port != from && port != to {
+                ok(port, &["CLUSTER", "SETSLOT", &slot, "NODE", to_id]);
+            }
+        }
+        moved
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use im_storage::redis_target::{RedisConn, RedisTarget, Timeouts};
+use im_storage::script::LuaScript;
 use redis::AsyncCommands;
 
 use super::{
@@ -145,11 +146,11 @@ pub(crate) async fn register(
 /// who went offline with this incarnation.
 pub(crate) async fn release(shared: &Shared) {
     let mut conn = shared.lease_conn.clone();
-    let released: Result<i64, _> = redis::Script::new(RELEASE_SCRIPT)
-        .key(shared.keys.lease(&shared.config.node_id))
-        .arg(shared.incarnation())
-        .invoke_async(&mut conn)
-        .await;
+    let script = LuaScript::new(RELEASE_SCRIPT);
+    let mut call = script.call();
+    call.key(shared.keys.lease(&shared.config.node_id))
+        .arg(shared.incarnation());
+    let released = call.run(&mut conn).await;
     if let Err(e) = released {
         tracing::warn!(error = %e, "giving up the lease failed; it will lapse");
     }
@@ -284,13 +285,13 @@ enum Renewal {
 }
 
 async fn renew(conn: &mut RedisConn, shared: &Shared) -> Result<Renewal, ClusterError> {
-    let reply: Vec<String> = redis::Script::new(RENEW_SCRIPT)
-        .key(shared.keys.lease(&shared.config.node_id))
+    let script = LuaScript::new(RENEW_SCRIPT);
+    let mut call = script.call();
+    call.key(shared.keys.lease(&shared.config.node_id))
         .arg(shared.incarnation())
-        .arg(lease_ms(&shared.config))
-        .invoke_async(conn)
-        .await
-        .map_err(redis_err)?;
+        .arg(lease_ms(&shared.config));
+    let reply: Vec<String> =
+        redis::from_redis_value(&call.run(conn).await.map_err(redis_err)?).map_err(redis_err)?;
     match reply.first().map(String::as_str) {
         Some("ok") => Ok(Renewal::Held),
         Some("lapsed") => Ok(Renewal::Lapsed),

@@ -1,9 +1,17 @@
 //! Ordered append lanes. Each lane owns one Redis connection and serves a
 //! fixed subset of the stream shards; it takes every job queued for it,
-//! appends all their messages with one append-script call per shard in one
-//! pipelined round trip, and only then takes the next jobs. So messages of
-//! a conversation are appended in the order their calls were made, and
-//! round trips are shared by every send in flight.
+//! appends all their messages with one append-script call per shard (the
+//! shards concurrently, so one round trip for most rounds), and only then
+//! takes the next jobs. So messages of a conversation are appended in the
+//! order their calls were made, and round trips are shared by every send
+//! in flight.
+//!
+//! Each call declares every key the script touches and is sent alone
+//! (`im_storage::script`), so on a Redis Cluster whose slot of the shard
+//! is moving it runs where all its keys are or is retried (`-ASK`,
+//! `-TRYAGAIN`) without having run; and it carries the lane's token and a
+//! call number, so a call the client library sends again after a timeout
+//! is answered from the shard's call memo instead of appending twice.
 //!
 //! The script may ask for help before it can append to a conversation: its
 //! member set is not cached (`load`), its seq counter is missing (`seed`),
@@ -11,13 +19,14 @@
 //! (`check`). The lane fetches that from MySQL, then resubmits the
 //! conversation's blocked messages, still in order.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use im_proto::ids::ConversationKind;
 use im_proto::pb;
 use im_storage::layout::{self, APPEND_SCRIPT};
 use im_storage::redis_target::RedisConn;
+use im_storage::script::{LuaScript, ScriptCall};
 use redis::Value;
 use tokio::sync::{mpsc, oneshot};
 
@@ -41,14 +50,29 @@ const ROUND_MESSAGES: usize = 8192;
 /// load, one seed and the append itself.
 const MAX_ROUNDS: usize = 7;
 
-/// Replaces a group's cached member set, unless its membership changed
-/// since `ARGV[1]` (its version) was read.
+/// Replaces a group's cached member set (`KEYS[1]`), unless its
+/// membership changed since `ARGV[1]` (its version, `KEYS[2]`) was read.
+/// In place, never deleted and written again: a key one call deletes and
+/// writes again is missing in between, which a cluster node migrating the
+/// slot refuses in the middle of the script.
 const LOAD_MEMBERS_SCRIPT: &str = r#"
 local current = redis.call("GET", KEYS[2]) or ""
 if current ~= ARGV[1] then return 0 end
-redis.call("DEL", KEYS[1])
 redis.call("SADD", KEYS[1], "0")
+local keep = {["0"] = true}
+for i = 3, #ARGV do keep[ARGV[i]] = true end
 local batch = {}
+for _, member in ipairs(redis.call("SMEMBERS", KEYS[1])) do
+  if not keep[member] then
+    batch[#batch + 1] = member
+    if #batch == 1000 then
+      redis.call("SREM", KEYS[1], unpack(batch))
+      batch = {}
+    end
+  end
+end
+if #batch > 0 then redis.call("SREM", KEYS[1], unpack(batch)) end
+batch = {}
 for i = 3, #ARGV do
   batch[#batch + 1] = ARGV[i]
   if #batch == 1000 then
@@ -62,26 +86,27 @@ return 1
 "#;
 
 /// Moves a shard's counters past what MySQL holds, after its master
-/// changed (see the append script's "verify"). `KEYS[1]` the seq hash;
-/// `ARGV[1]` the replication id the check is for, `ARGV[2]` a shard-clock
-/// tick MySQL holds, `ARGV[3]` "1" on the last call of the check; then
-/// conversation, greatest stored seq, ... Only for the master that asked:
-/// if it changed meanwhile, returns 0 and the check starts over. A counter
-/// it moves loses its recent cache (which would no longer be contiguous)
-/// and gets its stored watermark, so reads go to MySQL below.
+/// changed (see the append script's "verify"). `KEYS[1]` the seq hash,
+/// `KEYS[2]` the stored watermarks, then the recent cache of each
+/// conversation given; `ARGV[1]` the replication id the check is for,
+/// `ARGV[2]` a shard-clock tick MySQL holds, `ARGV[3]` "1" on the last
+/// call of the check; then conversation, greatest stored seq, ... (in the
+/// order of their recent-cache keys). Only for the master that asked: if
+/// it changed meanwhile, returns 0 and the check starts over. A counter it
+/// moves loses its recent cache (which would no longer be contiguous) and
+/// gets its stored watermark, so reads go to MySQL below.
 const VERIFY_SCRIPT: &str = r##"
 local replid = string.match(redis.call("INFO", "replication"), "master_replid:(%w+)")
 if replid ~= ARGV[1] then return 0 end
-local base = string.sub(KEYS[1], 1, -5)
 for i = 4, #ARGV, 2 do
   local conv = ARGV[i]
   local seq = tonumber(ARGV[i + 1])
   local counter = tonumber(redis.call("HGET", KEYS[1], conv) or "0")
   if counter <= seq then
     redis.call("HSET", KEYS[1], conv, seq + 1)
-    redis.call("DEL", base .. ":recent:" .. conv)
-    local stored = tonumber(redis.call("HGET", base .. ":stored", conv) or "0")
-    if stored < seq then redis.call("HSET", base .. ":stored", conv, seq) end
+    redis.call("DEL", KEYS[2 + (i - 2) / 2])
+    local stored = tonumber(redis.call("HGET", KEYS[2], conv) or "0")
+    if stored < seq then redis.call("HSET", KEYS[2], conv, seq) end
   end
 end
 local tick = tonumber(redis.call("HGET", KEYS[1], "#t") or "0")
@@ -92,19 +117,23 @@ return 1
 
 /// Seeds missing counters of one shard (`KEYS[1]`, the seq hash) to one
 /// past the greater of what MySQL holds and what the conversation's recent
-/// cache ends with (records the worker has not stored yet).
-/// `ARGV`: conversation, last seq in MySQL, ...
+/// cache (`KEYS[1 + i]` for the i-th conversation) ends with (records the
+/// worker has not stored yet). `ARGV`: conversation, last seq in MySQL,
+/// ...
 const SEED_SCRIPT: &str = r##"
-local base = string.sub(KEYS[1], 1, -5)
 for i = 1, #ARGV, 2 do
   local conv = ARGV[i]
   local last = tonumber(ARGV[i + 1])
-  local tail = redis.call("LINDEX", base .. ":recent:" .. conv, -1)
+  local tail = redis.call("LINDEX", KEYS[1 + (i + 1) / 2], -1)
   local cached = tail and tonumber(string.match(tail, "^(%d+):")) or 0
   redis.call("HSETNX", KEYS[1], conv, math.max(last, cached) + 1)
 end
 return 1
 "##;
+
+/// Bucket replies in a row before a call gives up (the shard clock moved
+/// to another bucket between the tries each time).
+const BUCKET_TRIES: usize = 3;
 
 /// Which attempt of a send an entry is, as the script's argument says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,10 +170,17 @@ struct Entry {
 struct Lane {
     shared: Arc<Shared>,
     conn: RedisConn,
-    append: redis::Script,
-    load_members: redis::Script,
-    verify: redis::Script,
-    seed: redis::Script,
+    append: LuaScript,
+    load_members: LuaScript,
+    verify: LuaScript,
+    seed: LuaScript,
+    /// Names this lane's calls in the shards' call memos: unique per lane
+    /// and process start.
+    token: String,
+    /// Number of the lane's next append call.
+    next_call: u64,
+    /// The dedup bucket each shard's clock was last found in.
+    buckets: HashMap<u32, u64>,
 }
 
 pub(crate) async fn run_lane(
@@ -155,10 +191,13 @@ pub(crate) async fn run_lane(
     let mut lane = Lane {
         shared,
         conn,
-        append: redis::Script::new(APPEND_SCRIPT),
-        load_members: redis::Script::new(LOAD_MEMBERS_SCRIPT),
-        verify: redis::Script::new(VERIFY_SCRIPT),
-        seed: redis::Script::new(SEED_SCRIPT),
+        append: LuaScript::new(APPEND_SCRIPT),
+        load_members: LuaScript::new(LOAD_MEMBERS_SCRIPT),
+        verify: LuaScript::new(VERIFY_SCRIPT),
+        seed: LuaScript::new(SEED_SCRIPT),
+        token: format!("{:016x}", rand::random::<u64>()),
+        next_call: 1,
+        buckets: HashMap::new(),
     };
     let mut jobs: Vec<AppendJob> = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -175,21 +214,6 @@ pub(crate) async fn run_lane(
         }
         lane.round(std::mem::take(&mut jobs)).await;
     }
-}
-
-/// Whether a failed call cannot have reached Redis: the connection was
-/// refused, the manager's reconnection failed, or writing failed (a
-/// broken pipe).
-fn unsent(e: &redis::RedisError) -> bool {
-    use std::error::Error as _;
-    let io_kind = e
-        .source()
-        .and_then(|s| s.downcast_ref::<std::io::Error>())
-        .map(std::io::Error::kind);
-    e.is_connection_refusal()
-        || io_kind == Some(std::io::ErrorKind::BrokenPipe)
-        || (e.kind() == redis::ErrorKind::IoError
-            && e.to_string().starts_with("Reconnecting failed"))
 }
 
 impl Lane {
@@ -318,7 +342,8 @@ impl Lane {
                         seed.insert(entry.message.conversation_id);
                         again.push(i);
                     }
-                    Reply::Blocked => again.push(i),
+                    // (Bucket replies are answered by calling again at once.)
+                    Reply::Blocked | Reply::Bucket(_) => again.push(i),
                     Reply::Verify { replid, tick } => {
                         verify.insert(entry.shard, (replid, tick));
                         again.push(i);
@@ -378,13 +403,13 @@ impl Lane {
         Ok(())
     }
 
-    /// One round trip: for each shard, the script over its pending
-    /// entries (in chunks, in order), and with `--redis-replica-acks` a
-    /// `WAIT` after them. Shards go in pipelines of their own, sent
-    /// together (on a Redis Cluster each to its master), so a shard whose
-    /// pipeline fails or whose replicas do not confirm in time fails its
-    /// own entries only. Replies come back in the order of `pending`;
-    /// `None` where the shard's pipeline failed (the fate of those
+    /// One round trip per shard, the shards concurrently (on a Redis
+    /// Cluster each on its master): for each shard, the script over its
+    /// pending entries, a chunk per call, the calls one after the other,
+    /// each followed with `--redis-replica-acks` by a `WAIT`. A shard whose
+    /// call fails, or whose replicas do not confirm in time, fails its own
+    /// entries only. Replies come back in the order of `pending`; `None`
+    /// where the shard's call failed or was not made (the fate of those
     /// messages is unknown: their resends will tell).
     async fn run_script(
         &mut self,
@@ -393,68 +418,154 @@ impl Lane {
         now_ms: i64,
     ) -> Vec<Option<Reply>> {
         let options = &self.shared.options;
-        let window = options.dedup_window_secs.max(1);
         // Each message takes two values in one XADD and one HSET: stay well
         // below Lua's limit on unpacked values.
         let chunk = options.script_batch.clamp(1, 2000);
-        let acks = options.replica_acks;
-        let wait_ms = u64::try_from(options.replica_timeout.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let own_bucket =
+            layout::dedup_bucket(layout::tick_of(now_ms), options.dedup_window_secs.max(1));
 
         let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
         for &i in pending {
             by_shard.entry(entries[i].shard).or_default().push(i);
         }
-        let mut rounds: Vec<(Vec<usize>, redis::Pipeline)> = Vec::with_capacity(by_shard.len());
+        let mut plans = Vec::with_capacity(by_shard.len());
         for (shard, list) in by_shard {
-            let stream = self.shared.layout.stream_key(shard);
-            let mut pipe = redis::pipe();
-            for part in list.chunks(chunk) {
-                let mut invocation = self.append.key(&stream);
-                invocation
-                    .arg(now_ms)
-                    .arg(layout::tick_of(now_ms))
-                    .arg(layout::TICKS_PER_MS)
-                    .arg(window)
-                    .arg(options.recent_cache_len)
-                    .arg(options.recent_cache_ttl_secs)
-                    .arg(part.len());
-                for &i in part {
-                    let e = &entries[i];
-                    invocation
-                        .arg(e.message.conversation_id)
-                        .arg(e.message.sender_id)
-                        .arg(e.message.client_msg_id.as_str())
-                        .arg(e.kind)
-                        .arg(e.attempt.arg())
-                        .arg(e.body.as_slice());
-                }
-                pipe.invoke_script(&invocation);
-            }
-            if acks > 0 {
-                // WAIT covers every write this connection made before it,
-                // the script's included.
-                pipe.cmd("WAIT").arg(acks).arg(wait_ms);
-            }
-            rounds.push((list, pipe));
+            // The shard clock never goes back and may run ahead of ours.
+            let bucket = own_bucket.max(self.buckets.get(&shard).copied().unwrap_or(0));
+            let first_call = self.next_call;
+            self.next_call += list.len().div_ceil(chunk) as u64;
+            plans.push((shard, list, first_call, bucket));
         }
-        let script = &self.append;
-        let results = futures::future::join_all(rounds.iter().map(|(_, pipe)| {
-            let mut conn = self.conn.clone();
-            async move { query_round(&mut conn, script, pipe).await }
-        }))
+        let lane = &*self;
+        let results = futures::future::join_all(plans.into_iter().map(
+            |(shard, list, first_call, bucket)| {
+                let conn = lane.conn.clone();
+                async move {
+                    let outcome = lane
+                        .shard_calls(conn, entries, &list, now_ms, first_call, bucket)
+                        .await;
+                    (shard, outcome)
+                }
+            },
+        ))
         .await;
 
-        let mut replies: std::collections::HashMap<usize, Reply> =
-            std::collections::HashMap::with_capacity(pending.len());
-        for ((order, _), result) in rounds.into_iter().zip(results) {
-            match result.and_then(|values| parse_round(values, order.len(), acks)) {
-                Ok(parsed) => replies.extend(order.into_iter().zip(parsed)),
-                Err(e) => tracing::warn!(error = %e, "append round of a shard failed"),
+        let mut replies: HashMap<usize, Reply> = HashMap::with_capacity(pending.len());
+        for (shard, (answered, bucket)) in results {
+            replies.extend(answered);
+            if let Some(bucket) = bucket {
+                self.buckets.insert(shard, bucket);
             }
         }
         pending.iter().map(|i| replies.remove(i)).collect()
+    }
+
+    /// The calls of one shard, chunk by chunk; stops at the first call that
+    /// fails (the later ones could reorder a conversation). Returns the
+    /// replies got and the dedup bucket the shard said its clock is in.
+    async fn shard_calls(
+        &self,
+        mut conn: RedisConn,
+        entries: &[Entry],
+        list: &[usize],
+        now_ms: i64,
+        first_call: u64,
+        mut bucket: u64,
+    ) -> (Vec<(usize, Reply)>, Option<u64>) {
+        let options = &self.shared.options;
+        let chunk = options.script_batch.clamp(1, 2000);
+        let acks = options.replica_acks;
+        let wait_ms = u64::try_from(options.replica_timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let wait = (acks > 0).then_some((acks, wait_ms));
+        let mut answered = Vec::with_capacity(list.len());
+        let mut told = None;
+        for (n, part) in list.chunks(chunk).enumerate() {
+            let number = first_call + n as u64;
+            let mut tries = 0;
+            let replies = loop {
+                let call = self.append_call(entries, part, now_ms, number, bucket);
+                let result = call
+                    .run_and_wait(&mut conn, wait)
+                    .await
+                    .map_err(redis_err)
+                    .and_then(|(reply, waited)| parse_call(reply, waited, part.len(), acks));
+                match result {
+                    Ok(replies) => match replies.first() {
+                        Some(&Reply::Bucket(at)) if tries < BUCKET_TRIES => {
+                            tries += 1;
+                            bucket = at;
+                            told = Some(at);
+                        }
+                        Some(Reply::Bucket(_)) => {
+                            tracing::warn!("the shard clock kept changing dedup bucket");
+                            return (answered, told);
+                        }
+                        _ => break replies,
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "append call of a shard failed");
+                        return (answered, told);
+                    }
+                }
+            };
+            answered.extend(part.iter().copied().zip(replies));
+        }
+        (answered, told)
+    }
+
+    /// The append script's call for the entries at `part` (all of one
+    /// shard): every key it touches, then its arguments (see append.lua).
+    fn append_call(
+        &self,
+        entries: &[Entry],
+        part: &[usize],
+        now_ms: i64,
+        number: u64,
+        bucket: u64,
+    ) -> ScriptCall<'_> {
+        let options = &self.shared.options;
+        let layout = &self.shared.layout;
+        let shard = entries[part[0]].shard;
+        let mut call = self.append.call();
+        call.key(layout.stream_key(shard))
+            .key(layout.seq_key(shard))
+            .key(layout.stored_key(shard))
+            .key(layout.calls_key(shard))
+            .key(layout.dedup_key(shard, bucket))
+            .key(layout.dedup_key(shard, bucket.saturating_sub(1)));
+        let mut seen = HashSet::new();
+        for &i in part {
+            let e = &entries[i];
+            let conv = e.message.conversation_id;
+            if seen.insert((conv, false)) {
+                call.key(layout.recent_key(shard, conv));
+            }
+            if e.kind == "g" && seen.insert((conv, true)) {
+                call.key(layout.members_key(shard, conv));
+            }
+        }
+        call.arg(now_ms)
+            .arg(layout::tick_of(now_ms))
+            .arg(layout::TICKS_PER_MS)
+            .arg(options.dedup_window_secs.max(1))
+            .arg(options.recent_cache_len)
+            .arg(options.recent_cache_ttl_secs)
+            .arg(part.len())
+            .arg(self.token.as_str())
+            .arg(number)
+            .arg(bucket);
+        for &i in part {
+            let e = &entries[i];
+            call.arg(e.message.conversation_id)
+                .arg(e.message.sender_id)
+                .arg(e.message.client_msg_id.as_str())
+                .arg(e.kind)
+                .arg(e.attempt.arg())
+                .arg(e.body.as_slice());
+        }
+        call
     }
 
     /// Looks up in MySQL the resends at `indices` that the script could
@@ -497,18 +608,15 @@ impl Lane {
                 .await
                 .map_err(redis_err)?;
             let members = sql::member_ids(&self.shared, conversation).await?;
-            let mut invocation = self.load_members.key(&key);
-            invocation
+            let mut call = self.load_members.call();
+            call.key(&key)
                 .key(&version_key)
                 .arg(version.unwrap_or_default())
                 .arg(MEMBERS_TTL_SECS);
             for m in members {
-                invocation.arg(m);
+                call.arg(m);
             }
-            let loaded: i64 = invocation
-                .invoke_async(&mut self.conn)
-                .await
-                .map_err(redis_err)?;
+            let loaded = int_reply(call.run(&mut self.conn).await)?;
             if loaded == 1 {
                 return Ok(());
             }
@@ -533,17 +641,30 @@ impl Lane {
                 .or_default()
                 .push(conversation);
         }
-        let mut pipe = redis::pipe();
-        for (shard, list) in by_shard {
-            let mut invocation = self.seed.key(self.shared.layout.seq_key(shard));
-            for conversation in list {
-                invocation
-                    .arg(conversation)
-                    .arg(last.get(&conversation).copied().unwrap_or(0));
-            }
-            pipe.invoke_script(&invocation).ignore();
+        let layout = &self.shared.layout;
+        let calls: Vec<ScriptCall<'_>> = by_shard
+            .into_iter()
+            .map(|(shard, list)| {
+                let mut call = self.seed.call();
+                call.key(layout.seq_key(shard));
+                for &conversation in &list {
+                    call.key(layout.recent_key(shard, conversation));
+                }
+                for conversation in list {
+                    call.arg(conversation)
+                        .arg(last.get(&conversation).copied().unwrap_or(0));
+                }
+                call
+            })
+            .collect();
+        let results = futures::future::join_all(calls.iter().map(|call| {
+            let mut conn = self.conn.clone();
+            async move { call.run(&mut conn).await }
+        }))
+        .await;
+        for result in results {
+            result.map_err(redis_err)?;
         }
-        query_round(&mut self.conn, &self.seed, &pipe).await?;
         Ok(())
     }
 
@@ -555,7 +676,9 @@ impl Lane {
     /// nothing of the shard: its counters are all missing and get seeded
     /// one by one as conversations come back, so only the clock is moved.
     async fn verify_shard(&mut self, shard: u32, replid: &str, tick: u64) -> StoreResult<()> {
-        let key = self.shared.layout.seq_key(shard);
+        let layout = &self.shared.layout;
+        let key = layout.seq_key(shard);
+        let stored_key = layout.stored_key(shard);
         let mut moved_to = tick.max(sql::journal_last_tick(&self.shared, shard).await?);
         let mut checked = 0usize;
         let mysql_shards = if tick > 0 {
@@ -583,15 +706,16 @@ impl Lane {
                 checked += greatest.len();
                 let pairs: Vec<(u64, u64)> = greatest.into_iter().collect();
                 for chunk in pairs.chunks(1000) {
-                    let mut invocation = self.verify.key(&key);
-                    invocation.arg(replid).arg(moved_to).arg("0");
-                    for &(conversation, seq) in chunk {
-                        invocation.arg(conversation).arg(seq);
+                    let mut call = self.verify.call();
+                    call.key(&key).key(&stored_key);
+                    for &(conversation, _) in chunk {
+                        call.key(layout.recent_key(shard, conversation));
                     }
-                    let applied: i64 = invocation
-                        .invoke_async(&mut self.conn)
-                        .await
-                        .map_err(redis_err)?;
+                    call.arg(replid).arg(moved_to).arg("0");
+                    for &(conversation, seq) in chunk {
+                        call.arg(conversation).arg(seq);
+                    }
+                    let applied = int_reply(call.run(&mut self.conn).await)?;
                     if applied == 0 {
                         // Another change of master: the next round asks again.
                         return Ok(());
@@ -599,15 +723,13 @@ impl Lane {
                 }
             }
         }
-        let applied: i64 = self
-            .verify
-            .key(&key)
+        let mut call = self.verify.call();
+        call.key(&key)
+            .key(&stored_key)
             .arg(replid)
             .arg(moved_to)
-            .arg("1")
-            .invoke_async(&mut self.conn)
-            .await
-            .map_err(redis_err)?;
+            .arg("1");
+        let applied = int_reply(call.run(&mut self.conn).await)?;
         if applied == 1 && tick > 0 {
             tracing::info!(
                 shard,
@@ -647,58 +769,31 @@ impl Lane {
     }
 }
 
-/// Runs a shard's pipeline, loading the script when Redis forgot it (a
-/// restart, or a master new to the slot) and trying once more when the
-/// connection was found broken before the round could be sent: that is
-/// how the first round after Redis came back finds the old connection, and
-/// the manager reconnects on that error. Not after a timeout or a reset:
-/// the round may have been applied, and a second try would answer its
-/// messages "dup" without their ever being pushed; those stay failed, and
-/// the clients' resends tell.
-async fn query_round(
-    conn: &mut RedisConn,
-    script: &redis::Script,
-    pipe: &redis::Pipeline,
-) -> StoreResult<Vec<Value>> {
-    let mut reconnected = false;
-    let mut loaded = false;
-    loop {
-        match pipe.query_async(conn).await {
-            Ok(values) => return Ok(values),
-            Err(e) if e.kind() == redis::ErrorKind::NoScriptError && !loaded => {
-                loaded = true;
-                script
-                    .prepare_invoke()
-                    .load_async(conn)
-                    .await
-                    .map_err(redis_err)?;
-            }
-            Err(e) if unsent(&e) && !reconnected => {
-                reconnected = true;
-                tracing::info!(error = %e, "append lane reconnecting; retrying the round");
-            }
-            Err(e) => return Err(redis_err(e)),
-        }
+/// A script's integer reply.
+fn int_reply(reply: redis::RedisResult<Value>) -> StoreResult<i64> {
+    match reply.map_err(redis_err)? {
+        Value::Int(n) => Ok(n),
+        other => Err(redis_err(format!("unexpected script reply {other:?}"))),
     }
 }
 
-/// A shard's replies: one array per script call, then (with `acks`) the
+/// One append call's replies: one per message, then (with `acks`) the
 /// number of replicas `WAIT` saw. Stored messages and duplicates that the
 /// replicas did not confirm become [`Reply::Unconfirmed`].
-fn parse_round(values: Vec<Value>, expected: usize, acks: u32) -> StoreResult<Vec<Reply>> {
-    let mut values = values.into_iter();
-    let mut flat = Vec::with_capacity(expected);
-    let scripts = values.len().saturating_sub(usize::from(acks > 0));
-    for value in values.by_ref().take(scripts) {
-        match value {
-            Value::Array(items) => flat.extend(items),
-            other => return Err(redis_err(format!("unexpected script reply {other:?}"))),
-        }
-    }
-    if flat.len() != expected {
+fn parse_call(
+    reply: Value,
+    waited: Option<Value>,
+    expected: usize,
+    acks: u32,
+) -> StoreResult<Vec<Reply>> {
+    let items = match reply {
+        Value::Array(items) => items,
+        other => return Err(redis_err(format!("unexpected script reply {other:?}"))),
+    };
+    if items.len() != expected {
         return Err(redis_err("script answered a different number of messages"));
     }
-    let confirmed = match values.next() {
+    let confirmed = match waited {
         None => true,
         Some(Value::Int(n)) => {
             let confirmed = u64::try_from(n).is_ok_and(|n| n >= u64::from(acks));
@@ -713,7 +808,8 @@ fn parse_round(values: Vec<Value>, expected: usize, acks: u32) -> StoreResult<Ve
         }
         Some(other) => return Err(redis_err(format!("unexpected WAIT reply {other:?}"))),
     };
-    flat.into_iter()
+    items
+        .into_iter()
         .map(|v| {
             Reply::parse(v).map(|r| match r {
                 Reply::Ok { .. } | Reply::Duplicate { .. } if !confirmed => Reply::Unconfirmed,
@@ -753,6 +849,9 @@ enum Reply {
     Check,
     Lag,
     Blocked,
+    /// The shard clock is in this dedup bucket, not the one declared:
+    /// nothing was done, call again with it.
+    Bucket(u64),
     /// The shard's counters must be checked against MySQL first.
     Verify {
         replid: String,
@@ -799,6 +898,7 @@ impl Reply {
             "check" => Reply::Check,
             "lag" => Reply::Lag,
             "blocked" => Reply::Blocked,
+            "bucket" => Reply::Bucket(items.get(1).and_then(int).ok_or_else(bad)?),
             "verify" => Reply::Verify {
                 replid: items.get(1).and_then(text).ok_or_else(bad)?,
                 tick: items

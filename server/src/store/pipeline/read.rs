@@ -18,13 +18,15 @@ use im_proto::{ConversationId, pb};
 use im_storage::layout;
 use prost::Message as _;
 
+use im_storage::script::{LuaScript, ScriptCall};
+
 use super::{Shared, redis_err, sql};
 use crate::store::{CursorKind, CursorMove, Page, StoreError, StoreResult, UserId};
 
 /// Scripts are hashed once, not per call.
-static RECENT_RANGE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(layout::RECENT_RANGE_SCRIPT));
-static ADVANCE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(ADVANCE_SCRIPT));
+static RECENT_RANGE: LazyLock<LuaScript> =
+    LazyLock::new(|| LuaScript::new(layout::RECENT_RANGE_SCRIPT));
+static ADVANCE: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(ADVANCE_SCRIPT));
 
 /// Messages read per conversation when looking for the senders a receipt
 /// concerns.
@@ -173,24 +175,33 @@ async fn cached_ranges(
     if ranges.is_empty() {
         return Ok(Vec::new());
     }
-    let script = &*RECENT_RANGE;
-    let mut pipe = redis::pipe();
-    for &(conv, after, upto) in ranges {
-        let shard = shared.layout.shard_of(conv);
-        let mut invocation = script.key(shared.layout.recent_key(shard, conv));
-        invocation.arg(after).arg(upto).arg(limit);
-        pipe.invoke_script(&invocation);
-    }
+    // Read-only single-key calls, so pipelined: a redirection resends
+    // them all harmlessly. A node that lacks the script (restarted, or new
+    // to a slot) is sent it whole.
+    let calls: Vec<ScriptCall<'_>> = ranges
+        .iter()
+        .map(|&(conv, after, upto)| {
+            let shard = shared.layout.shard_of(conv);
+            let mut call = RECENT_RANGE.call();
+            call.key(shared.layout.recent_key(shard, conv))
+                .arg(after)
+                .arg(upto)
+                .arg(limit);
+            call
+        })
+        .collect();
+    let pipe = |whole: bool| {
+        let mut pipe = redis::pipe();
+        for call in &calls {
+            pipe.add_command(call.command(whole));
+        }
+        pipe
+    };
     let mut conn = shared.redis().await?;
-    let found: Vec<Vec<Vec<u8>>> = match pipe.query_async(&mut conn).await {
+    let found: Vec<Vec<Vec<u8>>> = match pipe(false).query_async(&mut conn).await {
         Ok(found) => found,
         Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-            script
-                .prepare_invoke()
-                .load_async(&mut conn)
-                .await
-                .map_err(redis_err)?;
-            pipe.query_async(&mut conn).await.map_err(redis_err)?
+            pipe(true).query_async(&mut conn).await.map_err(redis_err)?
         }
         Err(e) => return Err(redis_err(e)),
     };
@@ -519,13 +530,21 @@ pub(super) async fn advance_cursor(
             .filter(|m| m.to > m.from)),
         CursorKind::Delivered => {
             let mut conn = shared.redis().await?;
-            let from: u64 = ADVANCE
-                .key(shared.layout.delivered_key(user))
+            let mut call = ADVANCE.call();
+            call.key(shared.layout.delivered_key(user))
                 .arg(conversation.raw())
-                .arg(to)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(redis_err)?;
+                .arg(to);
+            // Only ever moves the cursor forward, so a resent call is
+            // harmless.
+            let from: u64 = match call.command(false).query_async(&mut conn).await {
+                Ok(from) => from,
+                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => call
+                    .command(true)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(redis_err)?,
+                Err(e) => return Err(redis_err(e)),
+            };
             let from = from.max(joined);
             Ok((to > from).then_some(CursorMove { from, to }))
         }
