@@ -39,6 +39,7 @@ use mysql_async::{Conn, Params, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::layout::Layout;
+use crate::script::LuaScript;
 use crate::shards::ShardPools;
 
 /// What happens to a message past the retention limit.
@@ -286,11 +287,12 @@ redis.call("LTRIM", KEYS[1], floor - first + 1, -1)
 return floor - first + 1
 "#;
 
-static TRIM_RECENT: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(TRIM_RECENT_SCRIPT));
+static TRIM_RECENT: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(TRIM_RECENT_SCRIPT));
 
 /// Removes what the floors removed from MySQL from the recent caches, in
-/// one pipeline.
+/// one pipeline: single-key calls that may run twice (a redirection
+/// resends the pipeline) with the same outcome. A node that lacks the
+/// script is sent it whole.
 pub async fn trim_recent<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
     layout: &Layout,
@@ -299,16 +301,25 @@ pub async fn trim_recent<C: redis::aio::ConnectionLike + Send>(
     if floors.is_empty() {
         return Ok(());
     }
-    let script = &*TRIM_RECENT;
-    let mut pipe = redis::pipe();
-    for &(conv, floor) in floors {
-        let key = layout.recent_key(layout.shard_of(conv), conv);
-        pipe.invoke_script(script.key(key).arg(floor)).ignore();
-    }
-    match pipe.query_async::<()>(conn).await {
+    let calls: Vec<_> = floors
+        .iter()
+        .map(|&(conv, floor)| {
+            let mut call = TRIM_RECENT.call();
+            call.key(layout.recent_key(layout.shard_of(conv), conv))
+                .arg(floor);
+            call
+        })
+        .collect();
+    let pipe = |whole: bool| {
+        let mut pipe = redis::pipe();
+        for call in &calls {
+            pipe.add_command(call.command(whole)).ignore();
+        }
+        pipe
+    };
+    match pipe(false).query_async::<()>(conn).await {
         Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-            script.prepare_invoke().load_async(conn).await?;
-            pipe.query_async::<()>(conn).await
+            pipe(true).query_async::<()>(conn).await
         }
         other => other,
     }
