@@ -182,23 +182,71 @@ check_declared(dedup_prev)
 -- (a second of margin for ticks taken within one call).
 local window_start = (bucket - 1) * bucket_ticks + 1000 * per_ms
 
+-- Per conversation appended to in this call: the last seq given
+-- (`counters`; written back with one HSET at the end), the records not yet
+-- pushed to its recent cache (`pending`, pushed with one RPUSH per
+-- conversation), the first seq among them (`first_new`), whether its cache
+-- must be cut to them (`restart`), in the order of first append (`order`).
+-- Most calls carry many messages of few conversations, so the commands a
+-- message costs become commands a conversation costs.
+local counters = {}
+local pending = {}
+local first_new = {}
+local restart = {}
+local order = {}
+
+-- Pushes a conversation's pending records to its recent cache; every 16
+-- seqs also drops what MySQL has and the cache need not keep, and renews
+-- the idle timeout.
+local function flush(conv)
+  local records = pending[conv]
+  if records == nil or #records == 0 then
+    return
+  end
+  local recent = base .. ":recent:" .. conv
+  redis.call("RPUSH", recent, unpack(records))
+  if restart[conv] then
+    redis.call("LTRIM", recent, -#records, -1)
+    restart[conv] = nil
+  end
+  local last = counters[conv]
+  -- Some seq in first_new..last is 1 modulo 16.
+  if math.floor((last - 1) / 16) > math.floor((first_new[conv] - 2) / 16) then
+    -- The newest record always stays (the list never empties here).
+    local stored = tonumber(redis.call("HGET", stored_key, conv) or "0")
+    local floor = math.min(stored, last - cache_len, last - 1)
+    local first = tonumber(string.match(redis.call("LINDEX", recent, 0) or "", "^(%d+):"))
+    if first and floor >= first then
+      redis.call("LTRIM", recent, floor - first + 1, -1)
+    end
+    redis.call("EXPIRE", recent, cache_ttl)
+  end
+  pending[conv] = {}
+  first_new[conv] = nil
+end
+
 -- Whether every message of `conv` that MySQL may not have yet is young
 -- enough for the dedup window, so that a resend the window misses is
 -- either in MySQL or was never stored.
 local function covered(conv)
-  local counter = redis.call("HGET", seq_key, conv)
-  if not counter then
-    -- No counter: a new conversation, or one whose Redis state was lost
-    -- (and with it anything not yet stored); MySQL is all there is.
-    return true
+  local last = counters[conv]
+  if last == nil then
+    local counter = redis.call("HGET", seq_key, conv)
+    if not counter then
+      -- No counter: a new conversation, or one whose Redis state was lost
+      -- (and with it anything not yet stored); MySQL is all there is.
+      return true
+    end
+    last = tonumber(counter) - 1
   end
-  local last = tonumber(counter) - 1
   local stored = tonumber(redis.call("HGET", stored_key, conv) or "0")
   if stored >= last then
     return true
   end
   -- The oldest message MySQL may lack is seq stored + 1; the recent cache
-  -- keeps every record above the stored watermark.
+  -- keeps every record above the stored watermark (this call's too, once
+  -- pushed).
+  flush(conv)
   local recent = base .. ":recent:" .. conv
   local first = tonumber(string.match(redis.call("LINDEX", recent, 0) or "", "^(%d+):"))
   if not first or first > stored + 1 then
@@ -207,6 +255,42 @@ local function covered(conv)
   local record = redis.call("LINDEX", recent, stored + 1 - first)
   local tick = tonumber(string.match(record or "", "^%d+:(%d+):"))
   return tick ~= nil and tick >= window_start
+end
+
+-- The dedup fields of the call's messages, looked up in both buckets with
+-- one HMGET each (the buckets are written only at the end).
+local fields = {}
+local known = {}
+do
+  local want = {}
+  for i = 1, count do
+    local at = first_arg + (i - 1) * 6
+    local cmid = ARGV[at + 2]
+    if cmid ~= "" then
+      local field = ARGV[at] .. ":" .. ARGV[at + 1] .. ":" .. cmid
+      fields[i] = field
+      want[#want + 1] = field
+    end
+  end
+  if #want > 0 then
+    local found = redis.call("HMGET", dedup_cur, unpack(want))
+    local missing = {}
+    for j = 1, #want do
+      if found[j] then
+        known[want[j]] = found[j]
+      else
+        missing[#missing + 1] = want[j]
+      end
+    end
+    if #missing > 0 then
+      found = redis.call("HMGET", dedup_prev, unpack(missing))
+      for j = 1, #missing do
+        if found[j] then
+          known[missing[j]] = found[j]
+        end
+      end
+    end
+  end
 end
 
 local out = {}
@@ -223,22 +307,17 @@ for i = 1, count do
   local at = first_arg + (i - 1) * 6
   local conv = ARGV[at]
   local sender = ARGV[at + 1]
-  local cmid = ARGV[at + 2]
   local kind = ARGV[at + 3]
   local attempt = ARGV[at + 4]
   local body = ARGV[at + 5]
   local reply = nil
-  local field = nil
+  local field = fields[i]
 
   -- Duplicates and resends are answered even in a blocked conversation:
   -- neither takes a seq, so order is kept, and every resend of a batch
   -- is looked up in one round instead of one round each.
-  if cmid ~= "" then
-    field = conv .. ":" .. sender .. ":" .. cmid
-    local seen = written[field] or redis.call("HGET", dedup_cur, field)
-    if not seen then
-      seen = redis.call("HGET", dedup_prev, field)
-    end
+  if field then
+    local seen = written[field] or known[field]
     if seen then
       dup_seen = true
       reply = {"dup", seen}
@@ -269,57 +348,51 @@ for i = 1, count do
   end
 
   if reply == nil then
-    -- Counters hold last seq + 1, so a missing one (a new conversation, or
-    -- a lost counter) shows as 1 here: undo, and let the node seed it from
-    -- MySQL first.
-    local seq = redis.call("HINCRBY", seq_key, conv, 1) - 1
-    local recent = base .. ":recent:" .. conv
-    local restart = false
-    if seq > 0 then
-      -- The cache ends with the conversation's newest record: a counter
-      -- that fell behind it (rolled back or rewritten) is moved past it,
-      -- so a seq is never given twice; a cache that does not end right
-      -- below the new seq is cut to the new record, so it stays
-      -- contiguous (cut after the push, not deleted before it: a key
-      -- this script deletes and writes again would be missing in between,
-      -- which a cluster node migrating the slot refuses mid-script).
-      local tail = redis.call("LINDEX", recent, -1)
-      local last = tail and tonumber(string.match(tail, "^(%d+):"))
-      if last and last >= seq then
-        seq = last + 1
-        redis.call("HSET", seq_key, conv, seq + 1)
-      elseif last and last ~= seq - 1 then
-        restart = true
+    local last = counters[conv]
+    if last == nil then
+      -- Counters hold last seq + 1, so a missing one (a new conversation,
+      -- or a lost counter) is told apart: let the node seed it from MySQL
+      -- first.
+      local counter = redis.call("HGET", seq_key, conv)
+      if counter then
+        last = tonumber(counter) - 1
+        -- The cache ends with the conversation's newest record: a counter
+        -- that fell behind it (rolled back or rewritten) is moved past it,
+        -- so a seq is never given twice; a cache that does not end right
+        -- below the next seq is cut to this call's records once they are
+        -- pushed, so it stays contiguous (cut after the push, not deleted
+        -- before it: a key this script deletes and writes again would be
+        -- missing in between, which a cluster node migrating the slot
+        -- refuses mid-script).
+        local tail = redis.call("LINDEX", base .. ":recent:" .. conv, -1)
+        local tail_seq = tail and tonumber(string.match(tail, "^(%d+):"))
+        if tail_seq and tail_seq > last then
+          last = tail_seq
+        elseif tail_seq and tail_seq ~= last then
+          restart[conv] = true
+        end
+        counters[conv] = last
+        pending[conv] = {}
+        order[#order + 1] = conv
+      else
+        blocked[conv] = true
+        reply = {"seed"}
       end
     end
-    if seq == 0 then
-      redis.call("HDEL", seq_key, conv)
-      blocked[conv] = true
-      reply = {"seed"}
-    else
+    if reply == nil then
+      local seq = last + 1
+      counters[conv] = seq
+      if first_new[conv] == nil then
+        first_new[conv] = seq
+      end
       local tick = clock
       clock = clock + 1
       local head = seq .. ":" .. tick .. ":"
       local record = head .. body
       entry[#entry + 1] = "m"
       entry[#entry + 1] = record
-
-      redis.call("RPUSH", recent, record)
-      if restart then
-        redis.call("LTRIM", recent, -1, -1)
-      end
-      if seq % 16 == 1 then
-        -- Every 16 messages: drop what MySQL has and the cache need not
-        -- keep, and renew the idle timeout. The new record always stays
-        -- (the list never empties within the call).
-        local stored = tonumber(redis.call("HGET", stored_key, conv) or "0")
-        local floor = math.min(stored, seq - cache_len, seq - 1)
-        local first = tonumber(string.match(redis.call("LINDEX", recent, 0) or "", "^(%d+):"))
-        if first and floor >= first then
-          redis.call("LTRIM", recent, floor - first + 1, -1)
-        end
-        redis.call("EXPIRE", recent, cache_ttl)
-      end
+      local list = pending[conv]
+      list[#list + 1] = record
 
       if field then
         local value = head .. now
@@ -335,7 +408,13 @@ for i = 1, count do
 end
 
 if #entry > 0 then
-  redis.call("HSET", seq_key, "#t", clock - 1)
+  local counts = {"#t", clock - 1}
+  for _, conv in ipairs(order) do
+    flush(conv)
+    counts[#counts + 1] = conv
+    counts[#counts + 1] = counters[conv] + 1
+  end
+  redis.call("HSET", seq_key, unpack(counts))
   redis.call("XADD", stream, "*", unpack(entry))
 elseif dup_seen then
   -- A call that answers a duplicate writes something, so that a WAIT after
