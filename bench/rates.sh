@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The standard 1:1 run (im-loadgen --scenario direct, 2,000 connections,
+# every delivery verified) at several offered rates on one deployment: the
+# latency well before saturation, what is refused above it, and the
+# saturated rate (rate 0).
+#
+#   bench/rates.sh pipeline|embedded [RATE...]     (default 20000 50000 0)
+#
+# pipeline: Redis with AOF $AOF (everysec unless set; `always` for fsync
+# before every ack), one storage worker, durable MariaDB, one im-server.
+# embedded: im-server alone (SQLite, fsync at every commit).
+# $DURATION seconds per rate (15), after a 3 s warm-up.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+mode=${1:-pipeline}
+shift || true
+rates=("$@")
+[ ${#rates[@]} -gt 0 ] || rates=(20000 50000 0)
+duration=${DURATION:-15}
+cargo build --release -q -p im-server -p im-storage -p im-loadgen
+bench_init
+if [ "$mode" = pipeline ]; then
+  start_redis --appendfsync "${AOF:-everysec}"
+  start_mariadb
+  start_worker worker
+  start_server node --redis-url "redis://127.0.0.1:$REDIS_PORT" --mysql-url "$MYSQL_URL"
+  echo "pipeline, Redis AOF ${AOF:-everysec}, $(nproc) cores, everything on this machine"
+else
+  start_server node
+  echo "embedded, $(nproc) cores, everything on this machine"
+fi
+for rate in "${rates[@]}"; do
+  target/release/im-loadgen --quiet --server "127.0.0.1:$SERVER_PORT" --scenario direct \
+    --connections 2000 --rate "$rate" --duration "$duration" --warmup 3 \
+    --user-prefix "r$rate" >"$BENCH_DIR/rate-$rate.txt" 2>&1 || true
+  printf 'offered %-6s ' "$([ "$rate" = 0 ] && echo max || echo "$rate")"
+  awk '/^messages:/ {printf "%s msgs/s acked, %s refused; ", $(NF-7), $6}
+       /^  deliver/ {printf "deliver p50 %s ms p99 %s ms; ", $3, $9}
+       /^verification:/ {printf "%s lost, %s duplicated", $2, $6}' "$BENCH_DIR/rate-$rate.txt"
+  echo
+done
