@@ -39,7 +39,7 @@ use mysql_async::{Conn, Params, Value};
 use serde::{Deserialize, Serialize};
 
 use crate::layout::Layout;
-use crate::script::LuaScript;
+use crate::script::{LuaScript, query_idempotent};
 use crate::shards::ShardPools;
 
 /// What happens to a message past the retention limit.
@@ -89,19 +89,19 @@ const CONVERSATIONS_PER_STATEMENT: usize = 256;
 pub struct Swept {
     /// Message rows removed (archived rows included).
     pub rows: u64,
-    /// The new floor of each conversation that lost messages, ascending.
-    pub floors: Vec<(u64, u64)>,
+    /// The new floor of each conversation that lost messages.
+    pub floors: BTreeMap<u64, u64>,
 }
 
 impl Swept {
-    fn merge(&mut self, other: Swept) {
+    /// Adds another sweep's outcome (the higher floor of a conversation
+    /// wins).
+    pub fn merge(&mut self, other: Swept) {
         self.rows += other.rows;
-        let mut floors: BTreeMap<u64, u64> = self.floors.drain(..).collect();
         for (conv, floor) in other.floors {
-            let f = floors.entry(conv).or_insert(floor);
+            let f = self.floors.entry(conv).or_insert(floor);
             *f = (*f).max(floor);
         }
-        self.floors = floors.into_iter().collect();
     }
 }
 
@@ -127,7 +127,7 @@ pub async fn sweep_step(
     mode: RetentionMode,
     now_ms: i64,
 ) -> Result<Swept, mysql_async::Error> {
-    let floors: Vec<(u64, u64)> = conn
+    let found: Vec<(u64, u64)> = conn
         .exec(
             "SELECT conversation_id, MAX(seq) FROM \
                (SELECT conversation_id, seq FROM messages WHERE server_time_ms < ? \
@@ -136,14 +136,14 @@ pub async fn sweep_step(
             (cutoff_ms, SWEEP_ROWS as u64),
         )
         .await?;
-    if floors.is_empty() {
+    if found.is_empty() {
         return Ok(Swept::default());
     }
     let mut tx = conn
         .start_transaction(mysql_async::TxOpts::default())
         .await?;
     let mut rows = 0;
-    for part in floors.chunks(CONVERSATIONS_PER_STATEMENT) {
+    for part in found.chunks(CONVERSATIONS_PER_STATEMENT) {
         let matching = prefixes(part.len());
         if mode == RetentionMode::Archive {
             tx.exec_drop(
@@ -177,7 +177,10 @@ pub async fn sweep_step(
         .await?;
     }
     tx.commit().await?;
-    Ok(Swept { rows, floors })
+    Ok(Swept {
+        rows,
+        floors: found.into_iter().collect(),
+    })
 }
 
 /// The index on `messages.server_time_ms` the sweep reads the oldest rows
@@ -257,19 +260,20 @@ pub async fn sweep_database(
     result.map(|more| (total, more))
 }
 
-/// Sweeps every message shard (one after the other, each for at most
-/// [`STEPS_PER_SWEEP`] steps). The flag says whether messages before the
-/// cutoff may remain (sweep again at once). The floors raised are for the
-/// caller to trim from the recent caches ([`trim_recent`]).
+/// Sweeps every message shard of what was stored before `cutoff_ms` (one
+/// shard after the other, each for at most [`STEPS_PER_SWEEP`] steps). The
+/// flag says whether messages before the cutoff may remain (sweep again at
+/// once). The floors raised are for the caller to trim from the recent
+/// caches ([`trim_recent`]).
 pub async fn sweep(
     shards: &ShardPools,
-    retention: &Retention,
+    cutoff_ms: i64,
+    mode: RetentionMode,
 ) -> Result<(Swept, bool), mysql_async::Error> {
-    let cutoff = retention.cutoff_ms(im_proto::now_ms());
     let mut total = Swept::default();
     let mut more = false;
     for shard in 0..shards.len() {
-        let (swept, left) = sweep_database(shards.get(shard), cutoff, retention.mode).await?;
+        let (swept, left) = sweep_database(shards.get(shard), cutoff_ms, mode).await?;
         total.merge(swept);
         more |= left;
     }
@@ -289,40 +293,30 @@ return floor - first + 1
 
 static TRIM_RECENT: LazyLock<LuaScript> = LazyLock::new(|| LuaScript::new(TRIM_RECENT_SCRIPT));
 
-/// Removes what the floors removed from MySQL from the recent caches, in
-/// one pipeline: single-key calls that may run twice (a redirection
-/// resends the pipeline) with the same outcome. A node that lacks the
-/// script is sent it whole.
+/// Floors trimmed per pipeline.
+const TRIM_PIPELINE: usize = 1000;
+
+/// Removes what the floors removed from MySQL from the recent caches, a
+/// pipeline per [`TRIM_PIPELINE`] conversations: single-key calls that may
+/// run twice with the same outcome.
 pub async fn trim_recent<C: redis::aio::ConnectionLike + Send>(
     conn: &mut C,
     layout: &Layout,
-    floors: &[(u64, u64)],
+    floors: impl IntoIterator<Item = (u64, u64)>,
 ) -> redis::RedisResult<()> {
-    if floors.is_empty() {
-        return Ok(());
-    }
     let calls: Vec<_> = floors
-        .iter()
-        .map(|&(conv, floor)| {
+        .into_iter()
+        .map(|(conv, floor)| {
             let mut call = TRIM_RECENT.call();
             call.key(layout.recent_key(layout.shard_of(conv), conv))
                 .arg(floor);
             call
         })
         .collect();
-    let pipe = |whole: bool| {
-        let mut pipe = redis::pipe();
-        for call in &calls {
-            pipe.add_command(call.command(whole)).ignore();
-        }
-        pipe
-    };
-    match pipe(false).query_async::<()>(conn).await {
-        Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-            pipe(true).query_async::<()>(conn).await
-        }
-        other => other,
+    for part in calls.chunks(TRIM_PIPELINE) {
+        query_idempotent::<_, redis::Value>(conn, part).await?;
     }
+    Ok(())
 }
 
 /// Floors waiting to be trimmed from the recent caches at most (while
@@ -343,7 +337,7 @@ pub async fn run(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(every);
-    let mut untrimmed: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut untrimmed = Swept::default();
     let mut more = false;
     loop {
         if !more {
@@ -355,7 +349,8 @@ pub async fn run(
             return;
         }
         more = false;
-        match sweep(&shards, &retention).await {
+        let cutoff = retention.cutoff_ms(im_proto::now_ms());
+        match sweep(&shards, cutoff, retention.mode).await {
             Ok((swept, left)) => {
                 more = left;
                 stats.expired(swept.rows);
@@ -367,36 +362,34 @@ pub async fn run(
                         "removed messages past the retention limit"
                     );
                 }
-                for (conv, floor) in swept.floors {
-                    let f = untrimmed.entry(conv).or_insert(floor);
-                    *f = (*f).max(floor);
-                }
+                untrimmed.merge(swept);
             }
             Err(e) => {
                 stats.retention_failed();
                 tracing::warn!(error = %e, "the retention sweep failed");
             }
         }
-        if untrimmed.is_empty() {
+        if untrimmed.floors.is_empty() {
             continue;
         }
         let trimmed = async {
             let mut conn = target
                 .connect(crate::redis_target::Timeouts::both(Duration::from_secs(5)))
                 .await?;
-            let floors: Vec<(u64, u64)> = untrimmed.iter().map(|(&c, &f)| (c, f)).collect();
-            for part in floors.chunks(1000) {
-                trim_recent(&mut conn, &layout, part).await?;
-            }
-            Ok::<(), redis::RedisError>(())
+            trim_recent(
+                &mut conn,
+                &layout,
+                untrimmed.floors.iter().map(|(&c, &f)| (c, f)),
+            )
+            .await
         }
         .await;
         match trimmed {
-            Ok(()) => untrimmed.clear(),
+            Ok(()) => untrimmed = Swept::default(),
             Err(e) => {
-                tracing::warn!(error = %e, pending = untrimmed.len(), "trimming expired records from the recent caches failed; retrying after the next sweep");
-                while untrimmed.len() > UNTRIMMED_MAX {
-                    untrimmed.pop_first();
+                tracing::warn!(error = %e, pending = untrimmed.floors.len(), "trimming expired records from the recent caches failed; retrying after the next sweep");
+                while untrimmed.floors.len() > UNTRIMMED_MAX {
+                    untrimmed.floors.pop_first();
                 }
                 // Redis is down: do not spin on MySQL meanwhile.
                 more = false;

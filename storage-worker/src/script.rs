@@ -185,6 +185,32 @@ impl ScriptCall<'_> {
     }
 }
 
+/// Sends `calls` in one pipeline and returns their replies in order; a
+/// node that lacks a script is sent the pipeline again with the scripts
+/// whole. Only for calls that may run twice with the same outcome
+/// (read-only or idempotent ones): the cluster client resends a whole
+/// pipeline when one of its commands is redirected.
+pub async fn query_idempotent<C, T>(conn: &mut C, calls: &[ScriptCall<'_>]) -> RedisResult<Vec<T>>
+where
+    C: redis::aio::ConnectionLike + Send,
+    T: redis::FromRedisValue,
+{
+    if calls.is_empty() {
+        return Ok(Vec::new());
+    }
+    let pipe = |whole: bool| {
+        let mut pipe = redis::pipe();
+        for call in calls {
+            pipe.add_command(call.command(whole));
+        }
+        pipe
+    };
+    match pipe(false).query_async(conn).await {
+        Err(e) if e.kind() == ErrorKind::NoScriptError => pipe(true).query_async(conn).await,
+        other => other,
+    }
+}
+
 fn short_reply() -> RedisError {
     RedisError::from((
         ErrorKind::ResponseError,
@@ -223,33 +249,28 @@ pub fn unsent(e: &RedisError) -> bool {
 mod tests {
     use super::*;
 
+    fn words(cmd: Cmd) -> Vec<Vec<u8>> {
+        cmd.args_iter()
+            .filter_map(|a| match a {
+                redis::Arg::Simple(b) => Some(b.to_vec()),
+                redis::Arg::Cursor => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn calls_are_sent_by_hash_or_whole() {
         let script = LuaScript::new("return KEYS[1]");
         let mut call = script.call();
         call.key("k").arg(7).arg("x");
-        let by_hash: Vec<Vec<u8>> = call
-            .command(false)
-            .args_iter()
-            .filter_map(|a| match a {
-                redis::Arg::Simple(b) => Some(b.to_vec()),
-                redis::Arg::Cursor => None,
-            })
-            .collect();
+        let by_hash = words(call.command(false));
         assert_eq!(by_hash[0], b"EVALSHA");
         assert_eq!(
             by_hash[1],
             redis::Script::new("return KEYS[1]").get_hash().as_bytes()
         );
         assert_eq!(&by_hash[2..], [&b"1"[..], b"k", b"7", b"x"]);
-        let whole: Vec<Vec<u8>> = call
-            .command(true)
-            .args_iter()
-            .filter_map(|a| match a {
-                redis::Arg::Simple(b) => Some(b.to_vec()),
-                redis::Arg::Cursor => None,
-            })
-            .collect();
+        let whole = words(call.command(true));
         assert_eq!(whole[0], b"EVAL");
         assert_eq!(whole[1], b"return KEYS[1]");
         assert_eq!(call.keys(), [b"k".to_vec()]);

@@ -18,7 +18,7 @@ use im_proto::{ConversationId, pb};
 use im_storage::layout;
 use prost::Message as _;
 
-use im_storage::script::{LuaScript, ScriptCall};
+use im_storage::script::{LuaScript, ScriptCall, query_idempotent};
 
 use super::{Shared, redis_err, sql};
 use crate::store::{CursorKind, CursorMove, Page, StoreError, StoreResult, UserId};
@@ -190,21 +190,10 @@ async fn cached_ranges(
             call
         })
         .collect();
-    let pipe = |whole: bool| {
-        let mut pipe = redis::pipe();
-        for call in &calls {
-            pipe.add_command(call.command(whole));
-        }
-        pipe
-    };
     let mut conn = shared.redis().await?;
-    let found: Vec<Vec<Vec<u8>>> = match pipe(false).query_async(&mut conn).await {
-        Ok(found) => found,
-        Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
-            pipe(true).query_async(&mut conn).await.map_err(redis_err)?
-        }
-        Err(e) => return Err(redis_err(e)),
-    };
+    let found: Vec<Vec<Vec<u8>>> = query_idempotent(&mut conn, &calls)
+        .await
+        .map_err(redis_err)?;
     ranges
         .iter()
         .zip(found)
@@ -536,15 +525,11 @@ pub(super) async fn advance_cursor(
                 .arg(to);
             // Only ever moves the cursor forward, so a resent call is
             // harmless.
-            let from: u64 = match call.command(false).query_async(&mut conn).await {
-                Ok(from) => from,
-                Err(e) if e.kind() == redis::ErrorKind::NoScriptError => call
-                    .command(true)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(redis_err)?,
-                Err(e) => return Err(redis_err(e)),
-            };
+            let from: u64 = query_idempotent(&mut conn, &[call])
+                .await
+                .map_err(redis_err)?
+                .pop()
+                .unwrap_or(0);
             let from = from.max(joined);
             Ok((to > from).then_some(CursorMove { from, to }))
         }

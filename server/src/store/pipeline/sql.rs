@@ -438,32 +438,24 @@ where
         .collect()
 }
 
-/// The highest seq stored in MySQL for each of `conversations` that has
-/// any message there (the others are absent): what a conversation's seq
-/// counter resumes from when Redis does not know it.
-pub(super) async fn stored_last_seqs(
+/// A seq per conversation of `conversations`, from each one's shard:
+/// `query(list)` is a statement answering (conversation, seq) rows, where
+/// `list` is the placeholders of the shard's conversations, given as often
+/// as the statement uses it (`lists`).
+async fn seq_per_conversation(
     shared: &Shared,
     conversations: &[u64],
+    lists: usize,
+    query: impl Fn(&str) -> String,
 ) -> StoreResult<HashMap<u64, u64>> {
+    let query = &query;
     let answers = on_shards(
         shared,
         conversations.iter().copied(),
         |&c| c,
         |mut conn, part| async move {
-            // A conversation whose every message expired resumes above
-            // its floor.
-            let list = placeholders(part.len());
-            let sql = format!(
-                "SELECT conversation_id, MAX(s) FROM ( \
-                   SELECT conversation_id, MAX(seq) AS s FROM messages \
-                   WHERE conversation_id IN ({list}) GROUP BY conversation_id \
-                   UNION ALL \
-                   SELECT conversation_id, expired_seq FROM message_expiry \
-                   WHERE conversation_id IN ({list}) \
-                 ) known GROUP BY conversation_id"
-            );
-            let mut params = values(&part);
-            params.extend(values(&part));
+            let sql = query(&placeholders(part.len()));
+            let params = (0..lists).flat_map(|_| values(&part)).collect();
             conn.exec::<(u64, u64), _, _>(sql, Params::Positional(params))
                 .await
                 .map_err(mysql_err)
@@ -473,29 +465,41 @@ pub(super) async fn stored_last_seqs(
     Ok(answers.into_iter().flatten().collect())
 }
 
+/// The highest seq stored in MySQL for each of `conversations` that has
+/// any message there (the others are absent): what a conversation's seq
+/// counter resumes from when Redis does not know it. A conversation whose
+/// every message expired resumes above its floor.
+pub(super) async fn stored_last_seqs(
+    shared: &Shared,
+    conversations: &[u64],
+) -> StoreResult<HashMap<u64, u64>> {
+    seq_per_conversation(shared, conversations, 2, |list| {
+        format!(
+            "SELECT conversation_id, MAX(s) FROM ( \
+               SELECT conversation_id, MAX(seq) AS s FROM messages \
+               WHERE conversation_id IN ({list}) GROUP BY conversation_id \
+               UNION ALL \
+               SELECT conversation_id, expired_seq FROM message_expiry \
+               WHERE conversation_id IN ({list}) \
+             ) known GROUP BY conversation_id"
+        )
+    })
+    .await
+}
+
 /// The retention floor (highest seq removed) of each of `conversations`
 /// that lost messages to retention (the others are absent).
 pub(super) async fn floors(
     shared: &Shared,
     conversations: &[u64],
 ) -> StoreResult<HashMap<u64, u64>> {
-    let answers = on_shards(
-        shared,
-        conversations.iter().copied(),
-        |&c| c,
-        |mut conn, part| async move {
-            let sql = format!(
-                "SELECT conversation_id, expired_seq FROM message_expiry \
-                 WHERE conversation_id IN ({})",
-                placeholders(part.len())
-            );
-            conn.exec::<(u64, u64), _, _>(sql, Params::Positional(values(&part)))
-                .await
-                .map_err(mysql_err)
-        },
-    )
-    .await?;
-    Ok(answers.into_iter().flatten().collect())
+    seq_per_conversation(shared, conversations, 1, |list| {
+        format!(
+            "SELECT conversation_id, expired_seq FROM message_expiry \
+             WHERE conversation_id IN ({list})"
+        )
+    })
+    .await
 }
 
 /// Removes what retention removes (see
@@ -508,24 +512,15 @@ pub(super) async fn expire_before(
 ) -> StoreResult<u64> {
     let mut removed = 0;
     loop {
-        let mut more = false;
-        let mut floors = Vec::new();
-        for shard in 0..shared.messages.len() {
-            let (swept, left) =
-                retention::sweep_database(shared.messages.get(shard), cutoff_ms, mode)
-                    .await
-                    .map_err(mysql_err)?;
-            removed += swept.rows;
-            more |= left;
-            floors.extend(swept.floors);
-        }
-        if !floors.is_empty() {
+        let (swept, more) = retention::sweep(&shared.messages, cutoff_ms, mode)
+            .await
+            .map_err(mysql_err)?;
+        removed += swept.rows;
+        if !swept.floors.is_empty() {
             let mut conn = shared.redis().await?;
-            for part in floors.chunks(1000) {
-                retention::trim_recent(&mut conn, &shared.layout, part)
-                    .await
-                    .map_err(redis_err)?;
-            }
+            retention::trim_recent(&mut conn, &shared.layout, swept.floors)
+                .await
+                .map_err(redis_err)?;
         }
         if !more {
             return Ok(removed);
