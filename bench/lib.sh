@@ -3,8 +3,9 @@
 #
 #   bench_init                    temp dir in $BENCH_DIR, cleanup on exit
 #   free_port                     an unused TCP port
-#   start_redis [flags...]        redis-server (AOF, fsync always, rewritten past 1 GB as
-#                                 docs/operations.md recommends); sets REDIS_PORT, REDIS_PID
+#   start_redis [flags...]        redis-server (AOF, fsync always, rewritten past
+#                                 $AOF_REWRITE_MIN_SIZE, 1gb as docs/operations.md
+#                                 recommends); sets REDIS_PORT, REDIS_PID
 #   start_mariadb [flags...]      durable mariadbd; sets MYSQL_PORT, MYSQL_PID, MYSQL_URL (database im)
 #   start_server NAME [flags...]  release im-server (also given $SERVER_FLAGS); sets SERVER_PORT, SERVER_PID
 #   start_pipeline NAME [flags...] Redis, MariaDB, a storage worker and an im-server on them
@@ -48,7 +49,7 @@ start_redis() {
   mkdir -p "$BENCH_DIR/redis-$REDIS_PORT"
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" \
     --dir "$BENCH_DIR/redis-$REDIS_PORT" --appendonly yes --appendfsync always \
-    --auto-aof-rewrite-min-size 1gb --daemonize no --logfile "$BENCH_DIR/redis-$REDIS_PORT/log" "$@" &
+    --auto-aof-rewrite-min-size "${AOF_REWRITE_MIN_SIZE:-1gb}" --daemonize no --logfile "$BENCH_DIR/redis-$REDIS_PORT/log" "$@" &
   REDIS_PID=$!
   bench_pids+=("$REDIS_PID")
   until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
