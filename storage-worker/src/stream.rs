@@ -165,14 +165,14 @@ impl ShardKeys {
     }
 
     /// Reads up to `count` entries never delivered to the group, waiting
-    /// up to `block` for the first.
+    /// up to `block` for the first (`None`: not waiting, possibly none).
     pub async fn read_new(
         &self,
         conn: &mut RedisConn,
         count: usize,
-        block: Duration,
+        block: Option<Duration>,
     ) -> Result<Vec<Entry>, StreamError> {
-        self.read_group(conn, count, Some(block), ">").await
+        self.read_group(conn, count, block, ">").await
     }
 
     /// Reads up to `count` of this consumer's own pending entries after

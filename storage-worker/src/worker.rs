@@ -235,6 +235,7 @@ impl Worker {
                 next_claim: Instant::now(),
                 next_trim: Instant::now(),
                 reread: false,
+                at_tail: false,
             };
             tasks.push(tokio::spawn(task.run()));
         }
@@ -603,6 +604,9 @@ struct ShardTask {
     /// Set when the batch was dropped unstored: its entries are read
     /// again from this consumer's pending list.
     reread: bool,
+    /// Whether the last read of new entries got fewer than it asked for:
+    /// the shard's consumers are at the end of its stream.
+    at_tail: bool,
 }
 
 impl ShardTask {
@@ -776,16 +780,29 @@ impl ShardTask {
                 return Ok(());
             }
         }
+        // At the end of the stream, a batch that has begun waits out its
+        // age and then takes all that arrived meanwhile with one read:
+        // reading as entries come in would cost a round trip per append
+        // call at low load, for a batch stored at the same moment. Behind
+        // it (a backlog), reads follow each other at once.
         let block = match self.batch.deadline() {
-            Some(d) => d.saturating_duration_since(now).min(self.settings.block),
-            None => self.settings.block,
+            Some(deadline) => {
+                let wait = deadline.saturating_duration_since(now);
+                if self.at_tail && !wait.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.pace.stopped() => return Ok(()),
+                    }
+                }
+                None
+            }
+            None => Some(self.settings.block),
         };
-        if block < Duration::from_millis(1) {
-            return Ok(());
-        }
         tokio::select! {
             read = self.keys.read_new(&mut conn, room, block) => {
-                self.add(read?, Instant::now());
+                let read = read?;
+                self.at_tail = read.len() < room;
+                self.add(read, Instant::now());
             }
             _ = self.pace.stopped() => {
                 // Whatever that read was given stays pending for this

@@ -440,10 +440,12 @@ async fn shutdown_stores_the_batch_in_hand() {
     // Batches would wait a minute: only shutdown makes this one flush.
     config.batch_age_ms = 60_000;
     config.claim_idle_ms = 120_000;
-    let worker = env.start(config).await;
+    // Appended first, so that the worker's first read takes them all (a
+    // batch that has begun reads again only when its age is up).
     for seq in 1..=10 {
         env.append(group(77), 5, seq, "late").await;
     }
+    let worker = env.start(config).await;
     eventually(5, "entries read into the batch", || async {
         env.pending(0).await == 10
     })
