@@ -14,6 +14,8 @@
 #                                 cluster; sets SERVERS (comma list) and NODE_PIDS
 #   redis_snapshot FILE           INFO cpu and commandstats of $REDIS_PORT into FILE
 #   wait_port PORT                until something listens there
+#   client CMD...                 runs CMD, then prints "client-ticks N", the CPU it used
+#   per_message N NAME TICKS ...  " NAME us ...": CPU microseconds per message over N messages
 #   stop_all                      stops everything started so far
 
 bench_pids=()
@@ -144,6 +146,20 @@ start_worker() {
 # CPU time a process has used, in clock ticks (user + system).
 cpu_ticks() {
   awk '{print $14 + $15}' "/proc/$1/stat"
+}
+
+# Runs a bench client: its output, then "client-ticks N", the CPU it used
+# (the waited-for children of the shell that ran it).
+client() {
+  bash -c '"$@"; echo "client-ticks $(awk "{print \$16 + \$17}" /proc/$$/stat)"' client "$@"
+}
+
+# " name us name us ...": CPU microseconds per message (N messages) from
+# name/ticks pairs.
+per_message() {
+  local n=$1
+  shift
+  awk -v n="$n" -v hz="$(getconf CLK_TCK)" 'BEGIN {for (i = 1; i < ARGC; i += 2) printf " %s %.1f", ARGV[i], ARGV[i + 1] / hz * 1e6 / n; exit}' "$@"
 }
 
 # Resident set size of a process, in KiB.

@@ -9,7 +9,9 @@
 # pipeline: Redis with AOF $AOF (everysec unless set; `always` for fsync
 # before every ack), one storage worker, durable MariaDB, one im-server.
 # embedded: im-server alone (SQLite, fsync at every commit).
-# $DURATION seconds per rate (15), after a 3 s warm-up.
+# $DURATION seconds per rate (15), after a 3 s warm-up. Each rate's line
+# ends with the CPU each process used per acknowledged message, in µs
+# (warm-up and connection set-up included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -25,18 +27,28 @@ if [ "$mode" = pipeline ]; then
   start_mariadb
   start_worker worker
   start_server node --redis-url "redis://127.0.0.1:$REDIS_PORT" --mysql-url "$MYSQL_URL"
+  names=(im-server redis-server im-storage-worker mariadbd)
+  pids=("$SERVER_PID" "$REDIS_PID" "$WORKER_PID" "$MYSQL_PID")
   echo "pipeline, Redis AOF ${AOF:-everysec}, $(nproc) cores, everything on this machine"
 else
   start_server node
+  names=(im-server)
+  pids=("$SERVER_PID")
   echo "embedded, $(nproc) cores, everything on this machine"
 fi
 for rate in "${rates[@]}"; do
-  target/release/im-loadgen --quiet --server "127.0.0.1:$SERVER_PORT" --scenario direct \
+  before=()
+  for p in "${pids[@]}"; do before+=("$(cpu_ticks "$p")"); done
+  client target/release/im-loadgen --quiet --server "127.0.0.1:$SERVER_PORT" --scenario direct \
     --connections 2000 --rate "$rate" --duration "$duration" --warmup 3 \
     --user-prefix "r$rate" >"$BENCH_DIR/rate-$rate.txt" 2>&1 || true
+  used=(im-loadgen "$(awk '/^client-ticks/ {print $2}' "$BENCH_DIR/rate-$rate.txt")")
+  for i in "${!pids[@]}"; do used+=("${names[$i]}" $(( $(cpu_ticks "${pids[$i]}") - before[i] ))); done
+  acked=$(awk '/^messages:/ {print $4}' "$BENCH_DIR/rate-$rate.txt")
   printf 'offered %-6s ' "$([ "$rate" = 0 ] && echo max || echo "$rate")"
   awk '/^messages:/ {printf "%s msgs/s acked, %s refused; ", $(NF-7), $6}
        /^  deliver/ {printf "deliver p50 %s ms p99 %s ms; ", $3, $9}
        /^verification:/ {printf "%s lost, %s duplicated", $2, $6}' "$BENCH_DIR/rate-$rate.txt"
   echo
+  echo "  CPU us per message:$(per_message "${acked:-1}" "${used[@]}")"
 done

@@ -29,19 +29,6 @@ bench_init
 echo "$(nproc) cores; $(redis-server --version | awk '{print $3}'), $(mariadbd --version | awk '{print $2, $3}'), nats-server $(nats-server --version | awk '{print $2}')"
 echo "$pairs pairs ($((2 * pairs)) connections), $messages messages of 128 B each"
 
-hz=$(getconf CLK_TCK)
-# Runs a bench client: its output, then "client-ticks N", the CPU it used
-# (the waited-for children of the shell that ran it).
-client() {
-  bash -c '"$@"; echo "client-ticks $(awk "{print \$16 + \$17}" /proc/$$/stat)"' client "$@"
-}
-# " name us name us ...": CPU microseconds per message (N messages) from
-# name/ticks pairs.
-per_message() {
-  local n=$1
-  shift
-  awk -v n="$n" -v hz="$hz" 'BEGIN {for (i = 1; i < ARGC; i += 2) printf " %s %.1f", ARGV[i], ARGV[i + 1] / hz * 1e6 / n; exit}' "$@"
-}
 total=$((pairs * messages))
 
 declare -A rate cpu
