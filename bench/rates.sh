@@ -9,9 +9,13 @@
 # pipeline: Redis with AOF $AOF (everysec unless set; `always` for fsync
 # before every ack), one storage worker, durable MariaDB, one im-server.
 # embedded: im-server alone (SQLite, fsync at every commit).
-# $DURATION seconds per rate (15), after a 3 s warm-up. Each rate's line
+# $DURATION seconds per rate (15), after a 3 s warm-up; $LOADGEN_FLAGS are
+# added to every im-loadgen run (e.g. "--window 16": fewer sends in flight
+# at saturation, so none is refused). Each rate's line
 # ends with the CPU each process used per acknowledged message, in µs
-# (warm-up and connection set-up included).
+# (warm-up and connection set-up included). In pipeline mode each line
+# also says how long after the run MySQL held every acknowledged message
+# (the backlog must drain within 60 s for them to count as persisted).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -36,12 +40,13 @@ else
   pids=("$SERVER_PID")
   echo "embedded, $(nproc) cores, everything on this machine"
 fi
+total_acked=0
 for rate in "${rates[@]}"; do
   before=()
   for p in "${pids[@]}"; do before+=("$(cpu_ticks "$p")"); done
   client target/release/im-loadgen --quiet --server "127.0.0.1:$SERVER_PORT" --scenario direct \
     --connections 2000 --rate "$rate" --duration "$duration" --warmup 3 \
-    --user-prefix "r$rate" >"$BENCH_DIR/rate-$rate.txt" 2>&1 || true
+    --user-prefix "r$rate" ${LOADGEN_FLAGS:-} >"$BENCH_DIR/rate-$rate.txt" 2>&1 || true
   used=(im-loadgen "$(awk '/^client-ticks/ {print $2}' "$BENCH_DIR/rate-$rate.txt")")
   for i in "${!pids[@]}"; do used+=("${names[$i]}" $(( $(cpu_ticks "${pids[$i]}") - before[i] ))); done
   acked=$(awk '/^messages:/ {print $4}' "$BENCH_DIR/rate-$rate.txt")
@@ -49,6 +54,18 @@ for rate in "${rates[@]}"; do
   awk '/^messages:/ {printf "%s msgs/s acked, %s refused; ", $(NF-7), $6}
        /^  deliver/ {printf "deliver p50 %s ms p99 %s ms; ", $3, $9}
        /^verification:/ {printf "%s lost, %s duplicated", $2, $6}' "$BENCH_DIR/rate-$rate.txt"
+  if [ "$mode" = pipeline ]; then
+    total_acked=$((total_acked + ${acked:-0}))
+    start=$(date +%s.%N)
+    stored=0
+    for _ in $(seq 600); do
+      stored=$(mariadb -h127.0.0.1 -P"$MYSQL_PORT" -uroot im -N -e 'SELECT COUNT(*) FROM messages' 2>/dev/null || echo 0)
+      [ "$stored" -ge "$total_acked" ] && break
+      sleep 0.1
+    done
+    awk -v s="$stored" -v t="$total_acked" -v a="$start" -v b="$(date +%s.%N)" \
+      'BEGIN {if (s >= t) printf "; all in MySQL %.1f s after", b - a; else printf "; only %d of %d in MySQL after 60 s", s, t}'
+  fi
   echo
   echo "  CPU us per message:$(per_message "${acked:-1}" "${used[@]}")"
 done
