@@ -15,7 +15,9 @@
 # ends with the CPU each process used per acknowledged message, in µs
 # (warm-up and connection set-up included). In pipeline mode each line
 # also says how long after the run MySQL held every acknowledged message
-# (the backlog must drain within 60 s for them to count as persisted).
+# (the backlog must drain within 60 s for them to count as persisted), and
+# Redis's own counters: messages and µs per append-script call, and the
+# storage worker's reads per second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -44,12 +46,16 @@ total_acked=0
 for rate in "${rates[@]}"; do
   before=()
   for p in "${pids[@]}"; do before+=("$(cpu_ticks "$p")"); done
+  [ "$mode" = pipeline ] && redis-cli -p "$REDIS_PORT" config resetstat >/dev/null
+  began=$(date +%s.%N)
   client target/release/im-loadgen --quiet --server "127.0.0.1:$SERVER_PORT" --scenario direct \
     --connections 2000 --rate "$rate" --duration "$duration" --warmup 3 \
     --user-prefix "r$rate" ${LOADGEN_FLAGS:-} >"$BENCH_DIR/rate-$rate.txt" 2>&1 || true
   used=(im-loadgen "$(awk '/^client-ticks/ {print $2}' "$BENCH_DIR/rate-$rate.txt")")
   for i in "${!pids[@]}"; do used+=("${names[$i]}" $(( $(cpu_ticks "${pids[$i]}") - before[i] ))); done
+  ended=$(date +%s.%N)
   acked=$(awk '/^messages:/ {print $4}' "$BENCH_DIR/rate-$rate.txt")
+  [ "$mode" = pipeline ] && redis-cli -p "$REDIS_PORT" info commandstats >"$BENCH_DIR/stats-$rate.txt"
   printf 'offered %-6s ' "$([ "$rate" = 0 ] && echo max || echo "$rate")"
   awk '/^messages:/ {printf "%s msgs/s acked, %s refused; ", $(NF-7), $6}
        /^  deliver/ {printf "deliver p50 %s ms p99 %s ms; ", $3, $9}
@@ -68,4 +74,13 @@ for rate in "${rates[@]}"; do
   fi
   echo
   echo "  CPU us per message:$(per_message "${acked:-1}" "${used[@]}")"
+  if [ "$mode" = pipeline ]; then
+    # The append script's calls (EVALSHA) and the worker's reads of new
+    # entries (XREADGROUP), from Redis's own counters over the run.
+    awk -F'[:=,]' -v n="${acked:-1}" -v t="$(awk -v a="$began" -v b="$ended" 'BEGIN {print b - a}')" '
+      $1 == "cmdstat_evalsha" {calls = $3; usec = $7}
+      $1 == "cmdstat_xreadgroup" {reads = $3}
+      END {printf "  Redis: %.1f messages and %.0f us per script call (nearly all appends); %.0f worker reads/s\n",
+        n / (calls ? calls : 1), usec, reads / t}' "$BENCH_DIR/stats-$rate.txt"
+  fi
 done

@@ -20,6 +20,7 @@ pub struct WorkerStats {
     seq_conflicts: AtomicU64,
     expired: AtomicU64,
     retention_failures: AtomicU64,
+    reads: AtomicU64,
     shards: Vec<ShardStats>,
     /// Rows deferred, per MySQL shard.
     deferred: Vec<AtomicU64>,
@@ -61,6 +62,8 @@ pub struct WorkerStatsSnapshot {
     pub expired: u64,
     /// Retention sweeps that failed (retried at the next).
     pub retention_failures: u64,
+    /// Reads of new stream entries (XREADGROUP `>`), answered or empty.
+    pub reads: u64,
     /// Per stream shard, as of the last trim pass.
     pub shards: Vec<ShardBacklog>,
     /// Per MySQL shard: rows left pending because the shard was down
@@ -128,6 +131,11 @@ impl WorkerStats {
         self.trimmed.fetch_add(n, Relaxed);
     }
 
+    /// New stream entries were read (or a read of them came back empty).
+    pub fn read(&self) {
+        self.reads.fetch_add(1, Relaxed);
+    }
+
     /// A batch's entries were not confirmed by enough replicas.
     pub fn unconfirmed(&self) {
         self.unconfirmed.fetch_add(1, Relaxed);
@@ -181,6 +189,7 @@ impl WorkerStats {
             seq_conflicts: self.seq_conflicts.load(Relaxed),
             expired: self.expired.load(Relaxed),
             retention_failures: self.retention_failures.load(Relaxed),
+            reads: self.reads.load(Relaxed),
             deferred: self.deferred.iter().map(|d| d.load(Relaxed)).collect(),
             shards: self
                 .shards
@@ -270,6 +279,11 @@ impl WorkerStatsSnapshot {
             "Retention sweeps that failed; the next sweep goes on where it stopped.",
             self.retention_failures,
         );
+        out.counter(
+            "im_storage_stream_reads_total",
+            "Reads of new stream entries (XREADGROUP), including empty ones; per batch at the end of a stream, one as it begins and one at its age.",
+            self.reads,
+        );
         out.counter_by(
             "im_storage_rows_deferred_total",
             "Message rows left pending because their MySQL shard was down, per MySQL shard; they are stored once it is back.",
@@ -331,6 +345,7 @@ mod tests {
         stats.deferred(1, 4);
         stats.deferred(7, 1); // out of range: ignored
         stats.backlog(1, 7, Some(3));
+        stats.read();
         let mut out = Exposition::new();
         stats.snapshot().export(&mut out);
         let text = out.encode().unwrap();
@@ -347,6 +362,7 @@ mod tests {
             ("im_storage_retention_removed_total", "counter"),
             ("im_storage_retention_failures_total", "counter"),
             ("im_storage_rows_deferred_total", "counter"),
+            ("im_storage_stream_reads_total", "counter"),
             ("im_storage_stream_pending", "gauge"),
             ("im_storage_stream_lag", "gauge"),
         ] {
@@ -361,6 +377,7 @@ mod tests {
             "im_storage_bytes_total 100\n",
             "im_storage_dead_letters_total 2\n",
             "im_storage_seq_conflicts_total 1\n",
+            "im_storage_stream_reads_total 1\n",
             "im_storage_rows_deferred_total{mysql_shard=\"0\"} 0\n",
             "im_storage_rows_deferred_total{mysql_shard=\"1\"} 4\n",
             "im_storage_stream_pending{shard=\"0\"} 0\n",

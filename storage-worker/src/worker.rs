@@ -801,6 +801,7 @@ impl ShardTask {
         tokio::select! {
             read = self.keys.read_new(&mut conn, room, block) => {
                 let read = read?;
+                self.stats.read();
                 self.at_tail = read.len() < room;
                 self.add(read, Instant::now());
             }

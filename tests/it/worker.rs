@@ -456,6 +456,44 @@ async fn shutdown_stores_the_batch_in_hand() {
     assert_eq!(env.pending(0).await, 0, "acknowledged before stopping");
 }
 
+/// At the end of a stream a batch that has begun reads once more, at its
+/// age, however many append calls arrive meanwhile: not once per entry.
+#[tokio::test]
+async fn a_begun_batch_reads_once_at_its_age() {
+    let env = Env::new(1).await;
+    let mut config = env.config("w1");
+    config.batch_age_ms = 800;
+    config.claim_idle_ms = 5_000;
+    // No empty reads timing out while the test runs.
+    config.block_ms = 60_000;
+    let worker = env.start(config).await;
+    // The worker is at the end of the stream, blocked in a read.
+    env.append(direct(1, 2), 1, 1, "first").await;
+    eventually(5, "the first batch stored", || async {
+        worker.stats().rows == 1
+    })
+    .await;
+    let before = worker.stats();
+    for seq in 2..=21 {
+        env.append(direct(1, 2), 1, seq, "spaced").await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eventually(5, "every entry stored", || async {
+        worker.stats().rows == 21
+    })
+    .await;
+    let after = worker.stats();
+    assert_eq!(after.batches - before.batches, 1, "one batch for the 20");
+    // The read the first entry answered, the one at the batch's age, and
+    // at most one empty non-blocking read besides.
+    assert!(
+        after.reads - before.reads <= 3,
+        "{} reads for one batch of 20 entries",
+        after.reads - before.reads
+    );
+    worker.shutdown().await;
+}
+
 #[tokio::test]
 async fn entries_of_a_dead_consumer_are_claimed() {
     let env = Env::new(1).await;
