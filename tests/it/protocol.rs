@@ -241,3 +241,41 @@ async fn connections_over_the_limit_get_server_full() {
     let mut c = RawConn::connect(server.addr).await;
     assert_closed_with(&c.until_closed().await, ErrorCode::ServerFull);
 }
+
+/// A peer that sends a request and half-closes, with the FIN in the
+/// same segment as the data (corked) or a moment later in an event of its
+/// own, gets its answer and then the close at once, not at the auth
+/// timeout: the server stops reading a socket at a short read, and must
+/// still read on to the end when the event says the peer closed.
+#[tokio::test]
+async fn a_request_then_fin_is_answered_and_closed_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start_with(|c| c.auth_timeout_secs = 60).await;
+    for corked in [true, false] {
+        let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        // Corked, the frame waits in the socket and leaves with the FIN.
+        socket2::SockRef::from(&stream)
+            .set_tcp_cork(corked)
+            .unwrap();
+        let mut conn = RawConn::over(Box::new(stream));
+        conn.send(Body::Ping(pb::Ping {})).await;
+        if !corked {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        conn.framed.get_mut().shutdown().await.unwrap();
+        let started = std::time::Instant::now();
+        let mut frames = Vec::new();
+        while let Some(f) = conn.recv_within(5).await {
+            frames.push(f);
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "the close took {:?} (corked: {corked})",
+            started.elapsed()
+        );
+        assert!(
+            frames.iter().any(|f| matches!(f.body, Some(Body::Pong(_)))),
+            "no pong before the close: {frames:?}"
+        );
+    }
+}

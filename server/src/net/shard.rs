@@ -305,8 +305,10 @@ impl Loop {
                         if event.is_writable() {
                             self.on_writable(slot);
                         }
-                        if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.on_readable(slot);
+                        if event.is_read_closed() || event.is_error() {
+                            self.on_readable(slot, true);
+                        } else if event.is_readable() {
+                            self.on_readable(slot, false);
                         }
                     }
                 }
@@ -489,14 +491,22 @@ impl Loop {
 
     // ---- reading ----
 
-    fn on_readable(&mut self, slot: usize) {
+    /// Reads what the connection has. With `to_end` it reads until the
+    /// socket says it would block (or the peer's FIN); without, a read that
+    /// does not fill the buffer ends it: the socket's queue was empty then,
+    /// and bytes arriving later raise a new edge-triggered event. That
+    /// saves a system call per wake-up, most of the reads at low load.
+    /// `to_end` is for events that also report the peer's FIN or an error
+    /// (nothing new would follow them) and for connections resumed from
+    /// the ready list (whose last event may have been one).
+    fn on_readable(&mut self, slot: usize, to_end: bool) {
         let Some(conn) = self.conns.get(slot) else {
             return;
         };
         if conn.state == State::Closing {
             self.discard_input(slot);
         } else {
-            self.read_frames(slot);
+            self.read_frames(slot, to_end);
         }
     }
 
@@ -511,7 +521,7 @@ impl Loop {
             }
     }
 
-    fn read_frames(&mut self, slot: usize) {
+    fn read_frames(&mut self, slot: usize, to_end: bool) {
         let mut budget = READ_BUDGET;
         // Frames held back while paused come before new bytes.
         if self.conns.get(slot).is_some_and(Conn::has_inbound) {
@@ -545,6 +555,9 @@ impl Loop {
                         self.ingest_tls(slot, n);
                     } else {
                         self.ingest(slot, n);
+                    }
+                    if !to_end && n < self.scratch.len() {
+                        return;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -960,7 +973,7 @@ impl Loop {
             let slot = slot as usize;
             if let Some(conn) = self.conns.get_mut(slot) {
                 conn.clear(READY);
-                self.on_readable(slot);
+                self.on_readable(slot, true);
             }
         }
     }
