@@ -55,8 +55,8 @@ impl LuaScript {
     pub fn call(&self) -> ScriptCall<'_> {
         ScriptCall {
             script: self,
-            keys: Vec::new(),
-            args: Vec::new(),
+            keys: Words::default(),
+            args: Words::default(),
         }
     }
 }
@@ -66,26 +66,84 @@ impl LuaScript {
 #[derive(Debug, Clone)]
 pub struct ScriptCall<'a> {
     script: &'a LuaScript,
-    keys: Vec<Vec<u8>>,
-    args: Vec<Vec<u8>>,
+    keys: Words,
+    args: Words,
+}
+
+/// Command words packed end to end in one buffer, so that a call of a
+/// hundred messages costs a few growing buffers rather than an allocation
+/// per argument.
+#[derive(Debug, Clone, Default)]
+struct Words {
+    bytes: Vec<u8>,
+    /// Where each word ends in `bytes`.
+    ends: Vec<usize>,
+}
+
+impl Words {
+    fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(self.ends.iter().copied())
+            .map(|(start, end)| &self.bytes[start..end])
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+}
+
+impl redis::RedisWrite for Words {
+    fn write_arg(&mut self, arg: &[u8]) {
+        self.bytes.extend_from_slice(arg);
+        self.ends.push(self.bytes.len());
+    }
+
+    fn write_arg_fmt(&mut self, arg: impl std::fmt::Display) {
+        use std::io::Write as _;
+        let _ = write!(self.bytes, "{arg}");
+        self.ends.push(self.bytes.len());
+    }
+
+    fn writer_for_next_arg(&mut self) -> impl std::io::Write + '_ {
+        self.ends.push(self.bytes.len());
+        WordWriter(self)
+    }
+}
+
+/// Writes into the last word of a [`Words`].
+struct WordWriter<'a>(&'a mut Words);
+
+impl std::io::Write for WordWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.bytes.extend_from_slice(buf);
+        if let Some(end) = self.0.ends.last_mut() {
+            *end = self.0.bytes.len();
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl ScriptCall<'_> {
     /// Adds a key (`KEYS[i]`).
     pub fn key<T: ToRedisArgs>(&mut self, key: T) -> &mut Self {
-        self.keys.extend(key.to_redis_args());
+        key.write_redis_args(&mut self.keys);
         self
     }
 
     /// Adds an argument (`ARGV[i]`).
     pub fn arg<T: ToRedisArgs>(&mut self, arg: T) -> &mut Self {
-        self.args.extend(arg.to_redis_args());
+        arg.write_redis_args(&mut self.args);
         self
     }
 
     /// Its keys, in order.
-    pub fn keys(&self) -> &[Vec<u8>] {
-        &self.keys
+    pub fn keys(&self) -> impl Iterator<Item = &[u8]> {
+        self.keys.iter()
     }
 
     /// The call as one command: `EVALSHA`, or with `whole` an `EVAL` of
@@ -102,11 +160,8 @@ impl ScriptCall<'_> {
             cmd
         };
         cmd.arg(self.keys.len());
-        for key in &self.keys {
-            cmd.arg(key.as_slice());
-        }
-        for arg in &self.args {
-            cmd.arg(arg.as_slice());
+        for word in self.keys.iter().chain(self.args.iter()) {
+            cmd.arg(word);
         }
         cmd
     }
@@ -262,17 +317,17 @@ mod tests {
     fn calls_are_sent_by_hash_or_whole() {
         let script = LuaScript::new("return KEYS[1]");
         let mut call = script.call();
-        call.key("k").arg(7).arg("x");
+        call.key("k").arg(7).arg("x").arg(&b""[..]).arg(-2.5);
         let by_hash = words(call.command(false));
         assert_eq!(by_hash[0], b"EVALSHA");
         assert_eq!(
             by_hash[1],
             redis::Script::new("return KEYS[1]").get_hash().as_bytes()
         );
-        assert_eq!(&by_hash[2..], [&b"1"[..], b"k", b"7", b"x"]);
+        assert_eq!(&by_hash[2..], [&b"1"[..], b"k", b"7", b"x", b"", b"-2.5"]);
         let whole = words(call.command(true));
         assert_eq!(whole[0], b"EVAL");
         assert_eq!(whole[1], b"return KEYS[1]");
-        assert_eq!(call.keys(), [b"k".to_vec()]);
+        assert_eq!(call.keys().collect::<Vec<_>>(), [b"k"]);
     }
 }

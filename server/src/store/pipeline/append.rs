@@ -315,9 +315,16 @@ impl Lane {
                 let Some(reply) = reply else { continue };
                 match reply {
                     Reply::Ok { seq, tick } => {
-                        let mut message = entry.message.clone();
-                        message.seq = seq;
-                        message.message_id = layout::message_id(entry.shard, tick);
+                        // The entry is done: its content and client id move
+                        // into the outcome rather than being copied (the
+                        // ids stay for the direct-conversation index).
+                        let message = pb::Message {
+                            seq,
+                            message_id: layout::message_id(entry.shard, tick),
+                            client_msg_id: std::mem::take(&mut entry.message.client_msg_id),
+                            content: entry.message.content.take(),
+                            ..entry.message
+                        };
                         entry.outcome = Some(Ok(AppendOutcome::Stored(message)));
                     }
                     Reply::Duplicate { seq, tick, time } => {
