@@ -762,3 +762,51 @@ async fn redis_cluster_retention_removes_a_prefix_and_reports_its_floor() {
     let nodes = im_tests::redis_cluster::shared_cluster_nodes().to_string();
     pipeline_retention_on(PipelineEnv::fresh_on_cluster(nodes)).await;
 }
+
+/// A dedup bucket always expires, and never sooner than two windows after
+/// its last write, though its expiry is not renewed by every append.
+#[tokio::test]
+async fn pipeline_dedup_buckets_expire_two_windows_after_their_last_write() {
+    let env = PipelineEnv::fresh();
+    let window = 30;
+    let store = PipelineStore::open(pipeline_options(&env, window))
+        .await
+        .unwrap();
+    let (a, _, ab) = pair(&store, "dedupttl").await;
+    let layout = im_storage::layout::Layout::new(env.prefix.clone(), 4);
+    let mut conn = env.redis_conn().await;
+    let mut ttls = Vec::new();
+    for i in 0..8 {
+        let result = store
+            .append_batch(vec![message(a, ab, &format!("t{i}"), false)])
+            .await
+            .unwrap();
+        // The message's tick (its id above the shard's 10 bits) names
+        // the bucket its dedup entry went to.
+        let tick = stored(&result[0]).message_id >> 10;
+        let bucket = im_storage::layout::dedup_bucket(tick, window);
+        let key = layout.dedup_key(layout.shard_of(ab.raw()), bucket);
+        let pttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let ms = window as i64 * 2000;
+        assert!(
+            pttl > ms - 100 && pttl <= ms + 1000,
+            "append {i}: {key} expires in {pttl} ms, not two windows on"
+        );
+        ttls.push(pttl);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // Over 2.1 s the expiry was renewed (it went up), but not by every
+    // append (it also ran down between two).
+    assert!(
+        ttls.windows(2).any(|w| w[1] > w[0] + 200),
+        "never renewed: {ttls:?}"
+    );
+    assert!(
+        ttls.windows(2).any(|w| w[0] > w[1] + 200),
+        "renewed by every append: {ttls:?}"
+    );
+}
