@@ -5,11 +5,12 @@
 #   free_port                     an unused TCP port
 #   start_redis [flags...]        redis-server (AOF, fsync always, rewritten past
 #                                 $AOF_REWRITE_MIN_SIZE, 1gb as docs/operations.md
-#                                 recommends); sets REDIS_PORT, REDIS_PID
+#                                 recommends; also given $REDIS_FLAGS); sets REDIS_PORT, REDIS_PID
 #   start_mariadb [flags...]      durable mariadbd; sets MYSQL_PORT, MYSQL_PID, MYSQL_URL (database im)
 #   start_server NAME [flags...]  release im-server (also given $SERVER_FLAGS); sets SERVER_PORT, SERVER_PID
 #   start_pipeline NAME [flags...] Redis, MariaDB, a storage worker and an im-server on them
-#   start_worker NAME [flags...]  release im-storage-worker against $REDIS_PORT / $MYSQL_URL; sets WORKER_PID
+#   start_worker NAME [flags...]  release im-storage-worker against $REDIS_PORT / $MYSQL_URL (also
+#                                 given $WORKER_FLAGS); sets WORKER_PID
 #   start_cluster N [flags...]    Redis, MariaDB, a storage worker and N im-server nodes of one
 #                                 cluster; sets SERVERS (comma list) and NODE_PIDS
 #   redis_snapshot FILE           INFO cpu and commandstats of $REDIS_PORT into FILE
@@ -49,9 +50,11 @@ wait_port() {
 start_redis() {
   REDIS_PORT=$(free_port)
   mkdir -p "$BENCH_DIR/redis-$REDIS_PORT"
+  # shellcheck disable=SC2086 # REDIS_FLAGS holds several flags
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" \
     --dir "$BENCH_DIR/redis-$REDIS_PORT" --appendonly yes --appendfsync always \
-    --auto-aof-rewrite-min-size "${AOF_REWRITE_MIN_SIZE:-1gb}" --daemonize no --logfile "$BENCH_DIR/redis-$REDIS_PORT/log" "$@" &
+    --auto-aof-rewrite-min-size "${AOF_REWRITE_MIN_SIZE:-1gb}" --daemonize no --logfile "$BENCH_DIR/redis-$REDIS_PORT/log" \
+    ${REDIS_FLAGS:-} "$@" &
   REDIS_PID=$!
   bench_pids+=("$REDIS_PID")
   until redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; do sleep 0.1; done
@@ -137,8 +140,9 @@ redis_snapshot() {
 start_worker() {
   local name=$1
   shift
+  # shellcheck disable=SC2086 # WORKER_FLAGS holds several flags
   target/release/im-storage-worker --redis-url "redis://127.0.0.1:$REDIS_PORT" \
-    --mysql-url "$MYSQL_URL" --consumer "$name" "$@" >"$BENCH_DIR/$name.log" 2>&1 &
+    --mysql-url "$MYSQL_URL" --consumer "$name" ${WORKER_FLAGS:-} "$@" >"$BENCH_DIR/$name.log" 2>&1 &
   WORKER_PID=$!
   bench_pids+=("$WORKER_PID")
 }

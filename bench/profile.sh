@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Where the time goes in a 1:1 run: starts a throwaway deployment, runs the
 # load generator against it and samples every CPU of the machine with perf
-# in the middle of the run. Prints the CPU share of each process and thread
-# group, then the hottest functions of the server (and of Redis).
+# in the middle of the run. Prints the system calls the server and the
+# load generator make per acknowledged message, the CPU share of each
+# process and thread group, then the hottest functions of the server (and
+# of Redis).
 #
 #   bench/profile.sh embedded|pipeline [im-loadgen flags...]
 #
@@ -31,9 +33,26 @@ target/release/im-loadgen --quiet --server "127.0.0.1:$SERVER_PORT" "${flags[@]}
 lg=$!
 # Connections are up and the load steady by then.
 sleep 12
+# System calls over the same 10 s, the server's and the load generator's
+# (its worker processes included).
+counting=()
+for who in server loadgen; do
+  case $who in
+    server) targets=$SERVER_PID ;;
+    loadgen) targets=$(pgrep -d, -f target/release/im-loadgen) ;;
+  esac
+  perf stat -x, -e raw_syscalls:sys_enter -p "$targets" -o "$BENCH_DIR/syscalls-$who.txt" -- sleep 10 &
+  counting+=($!)
+done
 perf record -a -g -F 499 -o "$data" -- sleep 10 2>/dev/null
-wait "$lg" || true
+wait "$lg" "${counting[@]}" || true
 grep -E '^(scenario|messages|latency|  ack|  deliver|verification)' "$BENCH_DIR/loadgen.txt"
+rate=$(awk '/^messages:/ {print $(NF-7)}' "$BENCH_DIR/loadgen.txt")
+for who in server loadgen; do
+  awk -F, -v who="$who" -v r="${rate:-0}" '/raw_syscalls/ && r > 0 {
+    printf "system calls per acknowledged message (%s, over the 10 s): %.2f\n", who, $1 / (r * 10)}' \
+    "$BENCH_DIR/syscalls-$who.txt"
+done
 echo
 echo "CPU share by thread name over 10 s (100% = all $(nproc) CPUs):"
 perf report -i "$data" --sort comm --stdio --no-children -g none 2>/dev/null \
