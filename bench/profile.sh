@@ -53,14 +53,16 @@ for who in server loadgen; do
     printf "system calls per acknowledged message (%s, over the 10 s): %.2f\n", who, $1 / (r * 10)}' \
     "$BENCH_DIR/syscalls-$who.txt"
 done
+# The lists are cut with awk, which reads to the end: head would stop
+# perf report with SIGPIPE, which pipefail makes fatal.
 echo
 echo "CPU share by thread name over 10 s (100% = all $(nproc) CPUs):"
 perf report -i "$data" --sort comm --stdio --no-children -g none 2>/dev/null \
-  | grep -E '^ +[0-9]' | head -15
+  | grep -E '^ +[0-9]' | awk 'n++ < 15'
 for comm in im-worker im-store-writer im-shard-0 redis-server; do
   perf report -i "$data" --comm "$comm" --stdio -q >/dev/null 2>&1 || continue
   echo
   echo "hottest functions in $comm threads (share of all samples):"
   perf report -i "$data" --comm "$comm" --sort dso,sym --stdio --no-children -g none 2>/dev/null \
-    | grep -E '^ +[0-9]' | head -12
+    | grep -E '^ +[0-9]' | awk 'n++ < 12'
 done
