@@ -41,7 +41,8 @@ for who in server loadgen; do
     server) targets=$SERVER_PID ;;
     loadgen) targets=$(pgrep -d, -f target/release/im-loadgen) ;;
   esac
-  perf stat -x, -e raw_syscalls:sys_enter -p "$targets" -o "$BENCH_DIR/syscalls-$who.txt" -- sleep 10 &
+  perf stat -x, -e raw_syscalls:sys_enter,syscalls:sys_enter_recvfrom -p "$targets" \
+    -o "$BENCH_DIR/syscalls-$who.txt" -- sleep 10 &
   counting+=($!)
 done
 perf record -a -g -F 499 -o "$data" -- sleep 10 2>/dev/null
@@ -49,9 +50,10 @@ wait "$lg" "${counting[@]}" || true
 grep -E '^(scenario|messages|latency|  ack|  deliver|verification)' "$BENCH_DIR/loadgen.txt"
 rate=$(awk '/^messages:/ {print $(NF-7)}' "$BENCH_DIR/loadgen.txt")
 for who in server loadgen; do
-  awk -F, -v who="$who" -v r="${rate:-0}" '/raw_syscalls/ && r > 0 {
-    printf "system calls per acknowledged message (%s, over the 10 s): %.2f\n", who, $1 / (r * 10)}' \
-    "$BENCH_DIR/syscalls-$who.txt"
+  awk -F, -v who="$who" -v r="${rate:-0}" 'r > 0 && /raw_syscalls/ {all = $1}
+    r > 0 && /sys_enter_recvfrom/ {reads = $1}
+    END {if (r > 0) printf "system calls per acknowledged message (%s, over the 10 s): %.2f, of which reads %.2f\n",
+      who, all / (r * 10), reads / (r * 10)}' "$BENCH_DIR/syscalls-$who.txt"
 done
 # The lists are cut with awk, which reads to the end: head would stop
 # perf report with SIGPIPE, which pipefail makes fatal.
