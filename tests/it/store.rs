@@ -769,11 +769,10 @@ async fn redis_cluster_retention_removes_a_prefix_and_reports_its_floor() {
 async fn pipeline_dedup_buckets_expire_two_windows_after_their_last_write() {
     let env = PipelineEnv::fresh();
     let window = 30;
-    let store = PipelineStore::open(pipeline_options(&env, window))
-        .await
-        .unwrap();
+    let options = pipeline_options(&env, window);
+    let layout = im_storage::layout::Layout::new(options.prefix.clone(), options.streams);
+    let store = PipelineStore::open(options).await.unwrap();
     let (a, _, ab) = pair(&store, "dedupttl").await;
-    let layout = im_storage::layout::Layout::new(env.prefix.clone(), 4);
     let mut conn = env.redis_conn().await;
     let mut ttls = Vec::new();
     for i in 0..8 {
